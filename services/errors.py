@@ -1,0 +1,53 @@
+"""Errors a core raises; the server interceptor turns each into its gRPC status.
+
+Cores stay plain Python: they raise these instead of touching a gRPC context,
+and the message is what the client reads, so it should say what to do.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class AiosError(Exception):
+    """Base class: an error with a gRPC status code and an actionable message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(AiosError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(AiosError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class PermissionDenied(AiosError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(AiosError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(AiosError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(AiosError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(AiosError):
+    code = grpc.StatusCode.CANCELLED
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises InvalidArgument(message) unless condition holds."""
+    if not condition:
+        raise InvalidArgument(message)

@@ -1,0 +1,78 @@
+"""Token sampling in NumPy with a seeded PCG64 generator.
+
+Sampling lives here rather than in llama.cpp's sampler chain so that the RNG
+state is a plain value the core can save with a sequence snapshot and restore.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.errors import InvalidArgument
+
+DEFAULT_MAX_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def checked(
+        cls,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+        stop: list[str],
+    ) -> "SamplingConfig":
+        """Applies defaults (0 means unset) and refuses out-of-range values."""
+        if not 0.0 <= temperature <= 2.0:
+            raise InvalidArgument(f"temperature is {temperature}; it must be between 0 (greedy) and 2")
+        if not 0.0 <= top_p <= 1.0:
+            raise InvalidArgument(f"top_p is {top_p}; it must be in (0, 1], or 0 for disabled")
+        if len(stop) > 8 or any(not s or len(s) > 64 for s in stop):
+            raise InvalidArgument("stop takes at most 8 non-empty strings of at most 64 characters")
+        return cls(
+            max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+            temperature=temperature,
+            top_p=top_p or 1.0,
+            top_k=top_k,
+            seed=seed if seed is not None else int.from_bytes(os.urandom(8), "little"),
+            stop=tuple(stop),
+        )
+
+
+class TokenSampler:
+    """Greedy at temperature 0; otherwise temperature, top-k, top-p, then a seeded draw."""
+
+    def __init__(self, config: SamplingConfig) -> None:
+        self.config = config
+        self.rng = np.random.Generator(np.random.PCG64(config.seed))
+
+    def sample(self, logits: np.ndarray) -> int:
+        config = self.config
+        if config.temperature <= 0.0:
+            return int(np.argmax(logits))
+        if 0 < config.top_k < logits.shape[0]:
+            candidates = np.argpartition(logits, -config.top_k)[-config.top_k :]
+        else:
+            candidates = np.arange(logits.shape[0])
+        scaled = logits[candidates].astype(np.float64) / config.temperature
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        candidates, probs = candidates[order], probs[order]
+        if config.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), config.top_p)) + 1
+            candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
+        return int(candidates[self.rng.choice(len(candidates), p=probs)])

@@ -1,0 +1,170 @@
+"""The kernel core: identity check, syscall record, resource queue, dispatch.
+
+Every syscall takes the same path: check the agent, create its record, wait for
+its turn in its resource's queue, call the manager that owns the resource, and
+close the record with the outcome. Managers' gRPC errors come back to the agent
+with the same status code, prefixed with the manager's name.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import grpc
+
+from aios.v1 import (
+    kernel_pb2,
+    llm_core_pb2,
+    llm_core_pb2_grpc,
+    memory_pb2_grpc,
+    storage_pb2_grpc,
+    tools_pb2_grpc,
+)
+from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.scheduler.agents import AgentRegistry
+from services.scheduler.queues import ResourceQueue
+from services.scheduler.syscalls import Resource, SyscallRecord, SyscallTable
+
+log = logging.getLogger("aios.kernel")
+
+# SyscallRequest.call field -> (resource, manager RPC method).
+SYSCALLS: dict[str, tuple[Resource, str]] = {
+    "memory_add": (Resource.MEMORY, "Add"),
+    "memory_get": (Resource.MEMORY, "Get"),
+    "memory_list": (Resource.MEMORY, "List"),
+    "memory_delete": (Resource.MEMORY, "Delete"),
+    "storage_write": (Resource.STORAGE, "Write"),
+    "storage_read": (Resource.STORAGE, "Read"),
+    "storage_list": (Resource.STORAGE, "List"),
+    "storage_delete": (Resource.STORAGE, "Delete"),
+    "tool_list": (Resource.TOOLS, "ListTools"),
+    "tool_call": (Resource.TOOLS, "CallTool"),
+}
+
+MANAGER_NAMES = {
+    Resource.LLM: "llm_core",
+    Resource.MEMORY: "memory",
+    Resource.STORAGE: "storage",
+    Resource.TOOLS: "tools",
+}
+
+STUBS = {
+    Resource.LLM: llm_core_pb2_grpc.LLMCoreStub,
+    Resource.MEMORY: memory_pb2_grpc.MemoryStub,
+    Resource.STORAGE: storage_pb2_grpc.StorageStub,
+    Resource.TOOLS: tools_pb2_grpc.ToolsStub,
+}
+
+
+class CallerError(AiosError):
+    """A manager's gRPC error, passed on to the agent with its own status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def manager_error(resource: Resource, exc: grpc.aio.AioRpcError) -> AiosError:
+    name = MANAGER_NAMES[resource]
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"the {name} service is unavailable ({exc.details()}); retry when it is back")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"the {name} service did not answer before the deadline")
+    return CallerError(code, f"{name}: {exc.details()}")
+
+
+@dataclass
+class Managers:
+    """gRPC channels to the manager services, one per resource."""
+
+    addresses: dict[Resource, str]
+
+    def __post_init__(self) -> None:
+        self.channels = {r: grpc.aio.insecure_channel(a) for r, a in self.addresses.items()}
+        self.stubs: dict[Resource, Any] = {r: STUBS[r](self.channels[r]) for r in self.addresses}
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+
+
+class Kernel:
+    def __init__(self, agents: AgentRegistry, managers: Managers, queues: dict[Resource, ResourceQueue]) -> None:
+        self.agents = agents
+        self.managers = managers
+        self.queues = queues
+        self.table = SyscallTable()
+
+    async def register(self, name: str) -> str:
+        return (await self.agents.register(name)).id
+
+    @asynccontextmanager
+    async def _syscall(self, agent_id: str, kind: str, resource: Resource) -> AsyncIterator[SyscallRecord]:
+        """Opens the record, waits for the resource, and closes the record with the outcome."""
+        await self.agents.get(agent_id)
+        record = self.table.create(agent_id, kind, resource)
+        try:
+            async with self.queues[resource].turn(record):
+                try:
+                    yield record
+                except grpc.aio.AioRpcError as exc:
+                    raise manager_error(resource, exc) from None
+        except AiosError as exc:
+            record.finish(exc.code.name, exc.message)
+            raise
+        except BaseException as exc:
+            record.finish("CANCELLED", f"the caller went away ({type(exc).__name__})")
+            raise
+        else:
+            record.finish()
+        finally:
+            self.table.finished(record)
+
+    async def syscall(self, request: kernel_pb2.SyscallRequest, timeout: float | None) -> kernel_pb2.SyscallResponse:
+        kind = request.WhichOneof("call")
+        if kind is None:
+            raise InvalidArgument(f"SyscallRequest sets no call; set one of: {', '.join(SYSCALLS)}")
+        resource, method = SYSCALLS[kind]
+        inner = getattr(request, kind)
+        if "agent_id" in inner.DESCRIPTOR.fields_by_name:
+            inner.agent_id = request.agent_id
+        async with self._syscall(request.agent_id, kind, resource) as record:
+            result = await getattr(self.managers.stubs[resource], method)(inner, timeout=timeout)
+        response = kernel_pb2.SyscallResponse(syscall_id=record.id)
+        getattr(response, kind).CopyFrom(result)
+        return response
+
+    async def generate(
+        self, request: kernel_pb2.KernelGenerateRequest, timeout: float | None
+    ) -> AsyncIterator[llm_core_pb2.GenerateChunk]:
+        async with self._syscall(request.agent_id, "llm_generate", Resource.LLM) as record:
+            call = self.managers.stubs[Resource.LLM].Generate(
+                llm_core_pb2.GenerateRequest(
+                    agent_id=request.agent_id,
+                    prompt=request.prompt,
+                    messages=request.messages,
+                    sampling=request.sampling,
+                    syscall_id=record.id,
+                ),
+                timeout=timeout,
+            )
+            try:
+                async for chunk in call:
+                    chunk.syscall_id = record.id
+                    record.tokens_out = chunk.completion_tokens
+                    record.tokens_in = chunk.prompt_tokens or record.tokens_in
+                    yield chunk
+            finally:
+                call.cancel()
+
+    def get_syscall(self, agent_id: str, syscall_id: str) -> SyscallRecord:
+        record = self.table.get(syscall_id)
+        if record is None:
+            raise NotFound(f"no syscall {syscall_id!r} (unknown, or finished long ago)")
+        if record.agent_id != agent_id:
+            raise PermissionDenied(f"syscall {syscall_id!r} belongs to another agent")
+        return record

@@ -1,0 +1,32 @@
+"""Runs the storage manager: `python -m services.storage --data-dir DIR`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from aios.v1 import storage_pb2_grpc
+from services.server import Service, common_arguments, run
+from services.storage.core import DEFAULT_MAX_RECORD_BYTES, RecordStore
+from services.storage.servicer import StorageServicer
+
+
+def build(args: argparse.Namespace) -> Service:
+    store = RecordStore(args.data_dir / "storage.sqlite3", max_record_bytes=args.max_record_bytes)
+    return Service(
+        name="storage",
+        grpc_services=["aios.v1.Storage"],
+        register=lambda server: storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store), server),
+        on_stop=store.close,
+    )
+
+
+def main() -> None:
+    parser = common_arguments("AIOS storage manager")
+    parser.add_argument("--data-dir", type=Path, required=True, help="directory for the SQLite database")
+    parser.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES)
+    run(build, parser)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Built-in tools: a safe calculator and a clock."""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import math
+import operator
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from services.errors import InvalidArgument
+from services.tools.core import Tool
+
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCTIONS = {"sqrt": math.sqrt, "abs": abs, "round": round, "log": math.log, "exp": math.exp,
+              "sin": math.sin, "cos": math.cos, "tan": math.tan, "min": min, "max": max}
+_CONSTANTS = {"pi": math.pi, "e": math.e}
+MAX_EXPRESSION_CHARS = 500
+MAX_EXPONENT = 10_000
+MAX_MAGNITUDE = 10**300
+
+
+def evaluate(expression: str) -> int | float:
+    """Evaluates arithmetic by walking the AST: numbers, + - * / // % **, a few math functions."""
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise InvalidArgument(f"expression is longer than {MAX_EXPRESSION_CHARS} characters")
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        raise InvalidArgument(f"cannot parse expression {expression!r}: {exc.msg}") from None
+    try:
+        return _eval(tree.body)
+    except ZeroDivisionError:
+        raise InvalidArgument(f"division by zero in {expression!r}") from None
+    except (ValueError, OverflowError, TypeError) as exc:
+        raise InvalidArgument(f"cannot evaluate {expression!r}: {exc}") from None
+
+
+def _eval(node: ast.AST) -> Any:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+            raise InvalidArgument(f"exponent {right} is larger than {MAX_EXPONENT}")
+        result = _BINARY[type(node.op)](left, right)
+        if isinstance(result, int) and abs(result) > MAX_MAGNITUDE:
+            raise InvalidArgument("result is too large (more than 300 digits)")
+        return result
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_eval(node.operand))
+    if isinstance(node, ast.Name) and node.id in _CONSTANTS:
+        return _CONSTANTS[node.id]
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _FUNCTIONS
+        and not node.keywords
+    ):
+        return _FUNCTIONS[node.func.id](*[_eval(arg) for arg in node.args])
+    raise InvalidArgument(f"unsupported element in expression: {ast.unparse(node)!r}")
+
+
+def calculator(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"expression": arguments["expression"], "result": evaluate(arguments["expression"])}
+
+
+def clock(arguments: dict[str, Any]) -> dict[str, Any]:
+    name = arguments.get("timezone", "UTC")
+    try:
+        zone = ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidArgument(f"unknown timezone {name!r}; use an IANA name such as 'Europe/Paris'") from None
+    now = dt.datetime.now(zone)
+    return {"iso": now.isoformat(), "unix": now.timestamp(), "timezone": name}
+
+
+BUILTIN_TOOLS = [
+    Tool(
+        name="calculator",
+        description="Evaluates an arithmetic expression (+ - * / // % **, sqrt, log, sin, pi...) exactly.",
+        parameters={
+            "type": "object",
+            "properties": {"expression": {"type": "string", "minLength": 1, "description": "e.g. '(2+3)*7'"}},
+            "required": ["expression"],
+            "additionalProperties": False,
+        },
+        function=calculator,
+    ),
+    Tool(
+        name="clock",
+        description="Returns the current date and time in a timezone (default UTC).",
+        parameters={
+            "type": "object",
+            "properties": {"timezone": {"type": "string", "description": "IANA timezone, e.g. 'Asia/Tokyo'"}},
+            "additionalProperties": False,
+        },
+        function=clock,
+    ),
+]
