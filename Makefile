@@ -35,7 +35,7 @@ redis:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
 model: $(STAMP)
-	@$(PY) -m deploy.model
+	@$(AIOS) model
 
 run: install
 	@bash deploy/run_demo.sh

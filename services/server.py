@@ -39,8 +39,37 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the service log"
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the handler can refuse it clearly."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the client's bad input
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+async def _check_decoded(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid protobuf message for this method ({request.error}); "
+            "use the stubs generated from protos/aios/v1",
+        )
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions escaping a handler into gRPC statuses with clear messages."""
+    """Turns exceptions escaping a handler, and undecodable requests, into clear gRPC statuses."""
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
         handler = await continuation(handler_call_details)
@@ -50,34 +79,32 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
+                await _check_decoded(request, context)
                 try:
                     return await inner(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except (asyncio.CancelledError, GeneratorExit):
+                except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - every error becomes a status
                     await context.abort(*_status_for(exc))
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
+                await _check_decoded(request, context)
                 try:
                     async for item in inner_stream(request, context):
                         yield item
-                except grpc.aio.AbortError:
-                    raise
-                except (asyncio.CancelledError, GeneratorExit):
+                except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                     raise
                 except Exception as exc:  # noqa: BLE001
                     await context.abort(*_status_for(exc))
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         return handler
 

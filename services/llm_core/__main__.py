@@ -10,6 +10,7 @@ from services import redis_state
 from services.llm_core.core import LLMCore
 from services.llm_core.engine import BatchEngine, EngineConfig
 from services.llm_core.model import LlamaModel, default_model_path
+from services.llm_core.prompt import FORMATS
 from services.llm_core.servicer import LLMCoreServicer
 from services.server import Service, common_arguments, run
 
@@ -32,7 +33,7 @@ def build(args: argparse.Namespace) -> Service:
         engine.stop()
         model.close()
 
-    core = LLMCore(model, engine)
+    core = LLMCore(model, engine, FORMATS[args.prompt_format]())
     return Service(
         name="llm_core",
         grpc_services=["aios.v1.LLMCore"],
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=defaults.n_ctx, help="KV cache tokens shared by all slots")
     parser.add_argument("--max-sequence-tokens", type=int, default=defaults.max_sequence_tokens)
     parser.add_argument("--n-batch", type=int, default=defaults.n_batch, help="most tokens per decode step")
+    parser.add_argument("--prompt-format", default="transcript", choices=sorted(FORMATS),
+                        help="how chat messages become a prompt (transcript suits base models)")
     run(build, parser)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -9,7 +10,7 @@ from typing import Callable
 from services.errors import InvalidArgument
 from services.llm_core.engine import BatchEngine, Event, Sequence
 from services.llm_core.model import LlamaModel
-from services.llm_core.prompt import GemmaTurnFormat
+from services.llm_core.prompt import PromptFormat
 from services.llm_core.sampling import SamplingConfig
 
 
@@ -22,10 +23,10 @@ class GenerationRequest:
 
 
 class LLMCore:
-    def __init__(self, model: LlamaModel, engine: BatchEngine) -> None:
+    def __init__(self, model: LlamaModel, engine: BatchEngine, prompt_format: PromptFormat) -> None:
         self.model = model
         self.engine = engine
-        self.format = GemmaTurnFormat()
+        self.format = prompt_format
         self._ids = itertools.count(1)
 
     def tokens_for(self, prompt: str, messages: list[tuple[str, str]]) -> list[int]:
@@ -41,7 +42,11 @@ class LLMCore:
     def start(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
         """Tokenizes, checks limits and queues the sequence; events arrive through `emit`."""
         tokens = self.tokens_for(request.prompt, request.messages)
-        seq = Sequence(request.request_id or f"gen-{next(self._ids)}", tokens, request.sampling, emit)
+        sampling = request.sampling
+        if request.messages:
+            # The model must stop where it would start writing the next (user's) turn.
+            sampling = dataclasses.replace(sampling, stop=sampling.stop + self.format.stop)
+        seq = Sequence(request.request_id or f"gen-{next(self._ids)}", tokens, sampling, emit)
         self.engine.submit(seq)
         return seq
 

@@ -8,6 +8,7 @@ with the same status code, prefixed with the manager's name.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -77,6 +78,18 @@ def manager_error(resource: Resource, exc: grpc.aio.AioRpcError) -> AiosError:
     return CallerError(code, f"{name}: {exc.details()}")
 
 
+# How long a syscall waits for a manager that is not connected before UNAVAILABLE.
+CONNECT_TIMEOUT_S = 2.0
+CHANNEL_OPTIONS = [
+    # Reconnect quickly to a manager that restarts instead of backing off for up to 2 minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
 @dataclass
 class Managers:
     """gRPC channels to the manager services, one per resource."""
@@ -84,8 +97,21 @@ class Managers:
     addresses: dict[Resource, str]
 
     def __post_init__(self) -> None:
-        self.channels = {r: grpc.aio.insecure_channel(a) for r, a in self.addresses.items()}
+        self.channels = {r: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for r, a in self.addresses.items()}
         self.stubs: dict[Resource, Any] = {r: STUBS[r](self.channels[r]) for r in self.addresses}
+
+    async def connected(self, resource: Resource) -> None:
+        """Returns once the manager's channel is ready; UNAVAILABLE after CONNECT_TIMEOUT_S."""
+        channel = self.channels[resource]
+        if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"the {MANAGER_NAMES[resource]} service at {self.addresses[resource]} is unreachable "
+                f"(no connection within {CONNECT_TIMEOUT_S:.0f} s); check `aios status`"
+            ) from None
 
     async def close(self) -> None:
         for channel in self.channels.values():
@@ -109,6 +135,7 @@ class Kernel:
         record = self.table.create(agent_id, kind, resource)
         try:
             async with self.queues[resource].turn(record):
+                await self.managers.connected(resource)
                 try:
                     yield record
                 except grpc.aio.AioRpcError as exc:

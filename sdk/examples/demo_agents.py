@@ -1,0 +1,95 @@
+"""`make run`'s demo: four agents work concurrently, every syscall through the kernel.
+
+Each agent remembers a fact (memory), keeps a note (storage), asks the
+calculator (tools) and then asks the model (LLM, streamed) with what it gathered.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import aios
+
+
+@dataclass
+class Task:
+    name: str
+    fact: str
+    expression: str
+    question: str
+    report: list[str] = field(default_factory=list)
+    syscalls: int = 0
+    tokens: int = 0
+
+
+TASKS = [
+    Task("travel-planner", "The trip is 3 days in Lisbon.", "3 * 120 + 45", "Suggest one thing to do in Lisbon."),
+    Task("math-tutor", "The student is learning multiplication.", "12 * 12", "Explain what 12 times 12 means."),
+    Task("story-writer", "The story is about a lighthouse keeper.", "1850 + 25", "Write the first line of the story."),
+    Task("grocery-helper", "The budget is 40 euros.", "40 - 3 * 7.5", "Name three cheap healthy foods."),
+]
+
+
+def run_agent(kernel: aios.Kernel, task: Task) -> None:
+    agent = kernel.register(task.name)
+    memory = agent.memory_add(task.fact, {"kind": "fact"})
+    agent.storage_write(f"notes/{task.name}.txt", f"{task.fact} Started at {time.ctime()}.")
+    result = agent.call_tool("calculator", expression=task.expression)["result"]
+    recalled = agent.memory_get(memory.id).text
+    note = agent.storage_read(f"notes/{task.name}.txt").decode()
+    task.syscalls = 5
+    prompt = [("system", f"{recalled} A calculation gave {task.expression} = {result}."), ("user", task.question)]
+    pieces: list[str] = []
+    for chunk in agent.generate(messages=prompt, max_tokens=64, temperature=0.6, top_k=40, top_p=0.95, seed=7):
+        pieces.append(chunk.text)
+        task.tokens = chunk.completion_tokens
+    task.syscalls += 1
+    answer = " ".join("".join(pieces).split())
+    task.report = [
+        f"memory  : {recalled!r} ({memory.id})",
+        f"storage : {note[:60]!r}",
+        f"tool    : {task.expression} = {result}",
+        f"llm     : {answer[:220]!r} ({task.tokens} tokens)",
+    ]
+
+
+def main() -> int:
+    kernel = aios.connect()
+    print(f"demo: {len(TASKS)} agents talking to the kernel at {kernel.address}", flush=True)
+    start = time.monotonic()
+    errors: list[str] = []
+
+    def guarded(task: Task) -> None:
+        try:
+            run_agent(kernel, task)
+        except aios.SyscallError as exc:
+            errors.append(f"{task.name}: {exc}")
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in TASKS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - start
+    for task in TASKS:
+        print(f"\n[{task.name}]")
+        for line in task.report:
+            print(f"  {line}")
+    status = kernel.status()
+    tokens = sum(t.tokens for t in TASKS)
+    print(
+        f"\nsummary: {len(TASKS)} agents, {sum(t.syscalls for t in TASKS)} syscalls "
+        f"(kernel total {status.syscalls_total}, failed {status.syscalls_failed}), "
+        f"{tokens} tokens generated, wall time {wall:.2f} s ({tokens / wall:.1f} tok/s aggregate)"
+    )
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    kernel.close()
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

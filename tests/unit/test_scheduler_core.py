@@ -1,0 +1,104 @@
+"""The scheduler's pure parts: FIFO policy, resource queues, syscall records."""
+
+import asyncio
+
+import pytest
+
+from services.scheduler.policy import FifoPolicy, make_policy
+from services.scheduler.queues import ResourceQueue
+from services.scheduler.syscalls import Resource, SyscallState, SyscallTable
+
+
+def test_fifo_serves_in_arrival_order_and_forgets_removed_items():
+    policy = FifoPolicy()
+    for item in "abcd":
+        policy.push(item)
+    policy.remove("b")
+    assert [policy.pop() for _ in range(len(policy))] == ["a", "c", "d"]
+    with pytest.raises(IndexError):
+        policy.pop()
+
+
+def test_unknown_policy_name_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="fifo"):
+        make_policy("lottery")
+
+
+def test_syscall_records_move_through_their_states_and_are_counted():
+    table = SyscallTable()
+    record = table.create("agt-1", "memory_add", Resource.MEMORY)
+    assert record.state == SyscallState.QUEUED and record.id == "sc-1"
+    record.start()
+    record.finish("NOT_FOUND", "gone")
+    table.finished(record)
+    assert record.state == SyscallState.FAILED and record.finished_at >= record.started_at > 0
+    assert (table.total, table.failed) == (1, 1)
+    assert table.get("sc-1") is record
+
+
+def test_syscall_table_keeps_only_the_newest_finished_records():
+    table = SyscallTable(keep_finished=3)
+    records = [table.create("a", "k", Resource.TOOLS) for _ in range(5)]
+    for record in records:
+        record.finish()
+    table.create("a", "k", Resource.TOOLS)
+    assert table.get(records[0].id) is None and table.get(records[-1].id) is records[-1]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_queue_never_runs_more_than_capacity_and_dispatches_fifo():
+    async def scenario():
+        table = SyscallTable()
+        queue = ResourceQueue(Resource.LLM, FifoPolicy(), capacity=2)
+        started: list[str] = []
+        release = asyncio.Event()
+        peak = 0
+
+        async def syscall(name: str):
+            nonlocal peak
+            record = table.create(name, "llm_generate", Resource.LLM)
+            async with queue.turn(record):
+                started.append(name)
+                peak = max(peak, queue.running)
+                await release.wait()
+
+        tasks = [asyncio.create_task(syscall(f"agent-{i}")) for i in range(5)]
+        while len(started) < 2:
+            await asyncio.sleep(0)
+        assert queue.running == 2 and queue.queued == 3
+        release.set()
+        await asyncio.gather(*tasks)
+        return started, peak, queue
+
+    started, peak, queue = run(scenario())
+    assert started == [f"agent-{i}" for i in range(5)]
+    assert peak == 2 and queue.running == 0 and queue.completed == 5
+
+
+def test_a_caller_that_leaves_while_queued_gives_up_its_place():
+    async def scenario():
+        table = SyscallTable()
+        queue = ResourceQueue(Resource.TOOLS, FifoPolicy(), capacity=1)
+        hold = asyncio.Event()
+
+        async def syscall(agent: str):
+            async with queue.turn(table.create(agent, "tool_call", Resource.TOOLS)):
+                await hold.wait()
+
+        first = asyncio.create_task(syscall("a"))
+        second = asyncio.create_task(syscall("b"))
+        while queue.queued < 1:
+            await asyncio.sleep(0)
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert queue.queued == 0
+        hold.set()
+        await first
+        return queue
+
+    queue = run(scenario())
+    assert queue.running == 0 and queue.queued == 0
