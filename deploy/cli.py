@@ -16,6 +16,7 @@ from deploy.cluster import (
     ClusterConfig,
     StartError,
     default_home,
+    process_alive,
     read_endpoints,
     terminate_group,
 )
@@ -66,14 +67,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def cmd_down(args: argparse.Namespace) -> int:
     try:
         state = read_endpoints(args.home)
@@ -86,9 +79,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         pid = pids[name]
         terminate_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)  # not our child: no waitpid, poll until it is gone
-        if _alive(pid):
+        if process_alive(pid):
             terminate_group(pid, signal.SIGKILL)
         _say(f"stopped {name} (pid {pid})")
     (args.home / "endpoints.json").unlink(missing_ok=True)

@@ -261,6 +261,15 @@ def terminate_group(pid: int, sig: int) -> None:
         pass
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie whose parent has not reaped it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def read_endpoints(home: Path | None = None) -> dict:
     path = (home or default_home()) / ENDPOINTS_FILE
     if not path.exists():

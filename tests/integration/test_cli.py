@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import aios
+from deploy.cluster import process_alive
 
 AIOS = [sys.executable, "-m", "deploy.cli"]
 
@@ -14,14 +15,6 @@ AIOS = [sys.executable, "-m", "deploy.cli"]
 def run(args: list[str], home: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, AIOS_HOME=str(home))
     return subprocess.run(AIOS + args, env=env, capture_output=True, text=True, timeout=180)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_up_status_down_leaves_no_process_behind(tmp_path):
@@ -42,5 +35,5 @@ def test_up_status_down_leaves_no_process_behind(tmp_path):
         down = run(["down"], tmp_path)
     assert down.returncode == 0
     assert not (tmp_path / "endpoints.json").exists()
-    assert not [name for name, pid in state["pids"].items() if alive(pid)]
+    assert not [name for name, pid in state["pids"].items() if process_alive(pid)]
     assert run(["status"], tmp_path).returncode == 1

@@ -2,7 +2,6 @@
 
 import grpc
 
-import aios
 from aios.v1 import common_pb2, llm_core_pb2
 
 
