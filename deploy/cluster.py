@@ -216,12 +216,10 @@ class Cluster:
     def _start_service(self, name: str) -> None:
         ready = self.config.home / f"{name}.ready"
         ready.unlink(missing_ok=True)
-        previous = self._args.get(name)
-        if previous is None:
-            previous = ["--port", "0", *self._service_args(name)]
+        args = self._args.get(name) or ["--port", "0", *self._service_args(name)]
         log_path = self.logs / f"{name}.log"
         argv = [sys.executable, "-m", f"services.{'scheduler' if name == 'kernel' else name}",
-                "--ready-file", str(ready), *previous]
+                "--ready-file", str(ready), *args]
         started = time.monotonic()
         popen = subprocess.Popen(argv, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
         process = ManagedProcess(name, popen, log_path)
@@ -236,7 +234,7 @@ class Cluster:
         process.address = json.loads(ready.read_text())["address"]
         ready.unlink()
         # A restart reuses the port so clients' channels reconnect to the same address.
-        self._args[name] = ["--port", process.address.rsplit(":", 1)[1], *previous[2:]]
+        self._args[name] = ["--port", process.address.rsplit(":", 1)[1], *args[2:]]
         wait_healthy(process.address, START_TIMEOUT_S)
         self.progress(f"started {name:<12} {process.address}  (pid {popen.pid}, {time.monotonic() - started:.1f} s)")
 

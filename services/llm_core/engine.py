@@ -15,7 +15,6 @@ import enum
 import logging
 import os
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -76,7 +75,6 @@ class Sequence:
     next_token: int | None = None
     cancelled: bool = False
     finished: bool = False
-    submitted_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.sampler = TokenSampler(self.config)

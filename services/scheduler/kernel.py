@@ -149,7 +149,7 @@ class Kernel:
         else:
             record.finish()
         finally:
-            self.table.finished(record)
+            self.table.count_finished(record)
 
     async def syscall(self, request: kernel_pb2.SyscallRequest, timeout: float | None) -> kernel_pb2.SyscallResponse:
         kind = request.WhichOneof("call")

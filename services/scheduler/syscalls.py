@@ -78,8 +78,8 @@ class SyscallTable:
             self._trim_locked()
             return record
 
-    def finished(self, record: SyscallRecord) -> None:
-        """Counts a record once it is DONE or FAILED."""
+    def count_finished(self, record: SyscallRecord) -> None:
+        """Adds a record that just became DONE or FAILED to the counters."""
         with self._lock:
             self.failed += record.state == SyscallState.FAILED
             self.tokens_out += record.tokens_out
@@ -89,8 +89,15 @@ class SyscallTable:
             return self._records.get(syscall_id)
 
     def _trim_locked(self) -> None:
+        """Drops the oldest finished records; stops scanning once it has found enough."""
         excess = len(self._records) - self.keep_finished
         if excess <= 0:
             return
-        for key in [k for k, r in self._records.items() if r.finished][:excess]:
+        victims: list[str] = []
+        for key, record in self._records.items():
+            if record.finished:
+                victims.append(key)
+                if len(victims) == excess:
+                    break
+        for key in victims:
             del self._records[key]

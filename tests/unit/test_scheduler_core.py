@@ -30,7 +30,7 @@ def test_syscall_records_move_through_their_states_and_are_counted():
     assert record.state == SyscallState.QUEUED and record.id == "sc-1"
     record.start()
     record.finish("NOT_FOUND", "gone")
-    table.finished(record)
+    table.count_finished(record)
     assert record.state == SyscallState.FAILED and record.finished_at >= record.started_at > 0
     assert (table.total, table.failed) == (1, 1)
     assert table.get("sc-1") is record
