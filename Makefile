@@ -49,6 +49,11 @@ test-unit: install
 test-integration: install
 	@$(PY) -m pytest tests/integration
 
+# Benchmarks, not tests: AIOS (fifo, rr, fair) vs sequential, snapshots; ~10 min. Results in bench/results/.
+bench: install
+	@$(PIP) install --quiet -e '.[bench]'
+	@$(PY) -m bench.run
+
 up: install
 	@$(AIOS) up
 

@@ -20,6 +20,7 @@ from deploy.cluster import (
     read_endpoints,
     terminate_group,
 )
+from services.scheduler.policy import POLICIES
 
 
 def _say(line: str) -> None:
@@ -39,7 +40,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"an AIOS is already running from {home} (see `aios status`); stop it with `aios down`")
         return 1
     model = args.model or default_model_path(progress=True)
-    config = ClusterConfig(home=home, redis_url=args.redis_url, model=model, slots=args.slots, policy=args.policy)
+    config = ClusterConfig(home=home, redis_url=args.redis_url, model=model, slots=args.slots, policy=args.policy,
+                           slice_tokens=args.slice_tokens)
     cluster = Cluster(config, progress=_say)
     _say(f"starting in {home} (logs in {home / 'logs'})")
     try:
@@ -110,12 +112,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("queues:")
     for q in status.queues:
         name = common_pb2.Resource.Name(q.resource).removeprefix("RESOURCE_").lower()
-        print(f"  {name:<8} policy={q.policy:<5} queued={q.queued:<4} running={q.running}/{q.capacity:<4} "
-              f"completed={q.completed}")
+        print(f"  {name:<8} policy={q.policy:<8} queued={q.queued:<4} (preempted {q.preempted}) "
+              f"running={q.running}/{q.capacity:<4} completed={q.completed}  preemptions={q.preemptions}")
     if status.HasField("llm"):
         llm = status.llm
-        print(f"llm: {llm.model_description}  slots {llm.slots_busy}/{llm.slots} busy, {llm.waiting} waiting, "
-              f"n_ctx {llm.n_ctx}, {llm.tokens_generated} tokens generated")
+        print(f"llm: {llm.model_description}")
+        print(f"  slots {llm.slots_busy}/{llm.slots} decoding, {llm.slots_parked} parked, "
+              f"{llm.prefix_cache_entries} cached prefixes (of {llm.resident_slots} resident), {llm.waiting} waiting")
+        print(f"  {llm.tokens_generated} tokens generated in {llm.steps} steps; prefill {llm.prefill_tokens} tokens, "
+              f"{llm.prefill_tokens_saved} saved by shared prefixes")
+        print(f"  preemptions {llm.preemptions} ({llm.resumes_resident} resumed resident); snapshots in redis "
+              f"{llm.snapshots_in_redis}, saved {llm.snapshots_saved} ({llm.snapshot_bytes_saved / 1e6:.1f} MB), "
+              f"restored {llm.snapshots_restored}")
     if status.HasField("memory"):
         m = status.memory
         print(f"memory: {m.entries} entries of {m.agents} agents, {m.resident_bytes} bytes resident")
@@ -137,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--detach", action="store_true", help="return once everything is serving")
     up.add_argument("--redis-url", help="use this Redis instead of starting one")
     up.add_argument("--model", type=Path, help="GGUF model (default: bundled Gemma 3 270M)")
-    up.add_argument("--slots", type=int, default=8, help="LLM sequences decoded together")
-    up.add_argument("--policy", default="fifo", help="scheduling policy")
+    up.add_argument("--slots", type=int, default=ClusterConfig.slots, help="LLM sequences decoded together")
+    up.add_argument("--policy", default="fifo", choices=sorted(POLICIES), help="scheduling policy")
+    up.add_argument("--slice-tokens", type=int, default=ClusterConfig.slice_tokens,
+                    help="time slice in generated tokens (rr, fair)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `aios up --detach` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="services, health, queues").set_defaults(func=cmd_status)

@@ -48,8 +48,12 @@ class ClusterConfig:
     redis_url: str | None = None
     # GGUF model; None means the bundled default.
     model: Path | None = None
-    slots: int = 8
+    # LLM sequences decoded together (measured best on 2 cores: 16).
+    slots: int = 16
+    # Scheduling policy: fifo, rr, priority or fair.
     policy: str = "fifo"
+    # Round robin / fair share time slice, in generated tokens.
+    slice_tokens: int = 32
     # Extra command-line options per service, e.g. {"memory": ["--max-entry-bytes", "1024"]}.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
 
@@ -159,6 +163,11 @@ class Cluster:
             process.popen.wait()
         self.progress(f"stopped {name} (pid {process.pid})")
 
+    def add_replica(self, name: str, kind: str, extra_args: list[str] = ()) -> str:
+        """Starts another instance of a service (e.g. a second LLM core on the same Redis); returns its address."""
+        self._start_service(name, kind, list(extra_args))
+        return self.processes[name].address
+
     def restart_service(self, name: str) -> str:
         """Starts a stopped service again on the address it had, so its clients reconnect."""
         self._start_service(name)
@@ -208,17 +217,18 @@ class Cluster:
         elif name == "storage":
             args += ["--data-dir", str(self.data / "storage")]
         elif name == "kernel":
-            args += ["--policy", config.policy, "--llm-slots", str(config.slots)]
+            args += ["--policy", config.policy, "--slice-tokens", str(config.slice_tokens), "--llm-slots", str(config.slots)]
             for manager in MANAGERS:
                 args += [f"--{manager.replace('_', '-')}", self.processes[manager].address]
         return args + config.extra_args.get(name, [])
 
-    def _start_service(self, name: str) -> None:
+    def _start_service(self, name: str, kind: str = "", extra_args: list[str] = ()) -> None:
+        kind = kind or name
         ready = self.config.home / f"{name}.ready"
         ready.unlink(missing_ok=True)
-        args = self._args.get(name) or ["--port", "0", *self._service_args(name)]
+        args = self._args.get(name) or ["--port", "0", *self._service_args(kind), *extra_args]
         log_path = self.logs / f"{name}.log"
-        argv = [sys.executable, "-m", f"services.{'scheduler' if name == 'kernel' else name}",
+        argv = [sys.executable, "-m", f"services.{'scheduler' if kind == 'kernel' else kind}",
                 "--ready-file", str(ready), *args]
         started = time.monotonic()
         popen = subprocess.Popen(argv, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -35,6 +35,12 @@ class ResourceExhausted(AiosError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class FailedPrecondition(AiosError):
+    """The request is valid but the system is not in a state to serve it (e.g. incompatible snapshot)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(AiosError):
     code = grpc.StatusCode.UNAVAILABLE
 

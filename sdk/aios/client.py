@@ -16,7 +16,15 @@ from typing import Any, Iterable, Iterator
 
 import grpc
 
-from aios.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2, storage_pb2, tools_pb2
+from aios.v1 import (
+    common_pb2,
+    kernel_pb2,
+    kernel_pb2_grpc,
+    llm_core_pb2,
+    memory_pb2,
+    storage_pb2,
+    tools_pb2,
+)
 
 
 class SyscallError(Exception):
@@ -54,6 +62,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     syscall_id: str
+    token_ids: list[int]
+    prefix_tokens_reused: int
 
 
 class Kernel:
@@ -64,9 +74,11 @@ class Kernel:
         self.channel = grpc.insecure_channel(address)
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
 
-    def register(self, name: str) -> "Agent":
+    def register(self, name: str, priority: int = 0, weight: float = 0.0) -> "Agent":
+        """`priority` 0-10 (higher first, priority policy); `weight` > 0 (fair-share policy), 0 = 1."""
+        request = kernel_pb2.RegisterAgentRequest(name=name, priority=priority, weight=weight)
         try:
-            reply = self.stub.RegisterAgent(kernel_pb2.RegisterAgentRequest(name=name), timeout=30)
+            reply = self.stub.RegisterAgent(request, timeout=30)
         except grpc.RpcError as exc:
             raise _raise(exc) from None
         return Agent(self, reply.agent_id, name)
@@ -115,6 +127,7 @@ class Agent:
         top_k: int = 0,
         seed: int | None = None,
         stop: Iterable[str] = (),
+        ignore_eos: bool = False,
         timeout: float | None = None,
     ) -> Iterator[llm_core_pb2.GenerateChunk]:
         """Streams chunks as tokens are generated; the last chunk has finish_reason set."""
@@ -123,7 +136,13 @@ class Agent:
             prompt=prompt,
             messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
             sampling=common_pb2.SamplingParams(
-                max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop)
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,
+                stop=list(stop),
+                ignore_eos=ignore_eos,
             ),
         )
         stream = self.kernel.stub.Generate(request, timeout=timeout)
@@ -137,9 +156,12 @@ class Agent:
     def complete(self, prompt: str = "", messages: Messages = (), **sampling: Any) -> Completion:
         """Runs a generation to the end and returns the whole text."""
         parts: list[str] = []
+        token_ids: list[int] = []
         last = llm_core_pb2.GenerateChunk()
         for chunk in self.generate(prompt, messages, **sampling):
             parts.append(chunk.text)
+            if chunk.HasField("token_id"):
+                token_ids.append(chunk.token_id)
             last = chunk
         return Completion(
             text="".join(parts),
@@ -147,6 +169,8 @@ class Agent:
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             syscall_id=last.syscall_id,
+            token_ids=token_ids,
+            prefix_tokens_reused=last.prefix_tokens_reused,
         )
 
     def chat(self, messages: Messages, **sampling: Any) -> str:

@@ -12,16 +12,23 @@ from services.llm_core.engine import BatchEngine, EngineConfig
 from services.llm_core.model import LlamaModel, default_model_path
 from services.llm_core.prompt import FORMATS
 from services.llm_core.servicer import LLMCoreServicer
+from services.llm_core.snapshot import KvSnapshotStore
 from services.server import Service, common_arguments, run
 
 
 def build(args: argparse.Namespace) -> Service:
     model = LlamaModel(args.model or default_model_path())
+    snapshots = KvSnapshotStore(args.redis_url, ttl_s=args.snapshot_ttl)
     engine = BatchEngine(
         model,
         EngineConfig(
-            slots=args.slots, n_ctx=args.n_ctx, max_sequence_tokens=args.max_sequence_tokens, n_batch=args.n_batch
+            slots=args.slots,
+            resident=args.resident or 2 * args.slots,
+            max_sequence_tokens=args.max_sequence_tokens,
+            n_batch=args.n_batch,
+            prefix_cache=not args.no_prefix_cache,
         ),
+        swap_out=snapshots.put,
     )
     engine.start()
     redis = redis_state.connect(args.redis_url)
@@ -30,10 +37,11 @@ def build(args: argparse.Namespace) -> Service:
         return await redis_state.is_up(redis)
 
     def stop() -> None:
-        engine.stop()
+        engine.stop()  # writes parked sequences out, so another core can resume them
+        snapshots.close()
         model.close()
 
-    core = LLMCore(model, engine, FORMATS[args.prompt_format]())
+    core = LLMCore(model, engine, FORMATS[args.prompt_format](), snapshots)
     return Service(
         name="llm_core",
         grpc_services=["aios.v1.LLMCore"],
@@ -51,8 +59,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="GGUF file; default: the bundled Gemma 3 270M")
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--slots", type=int, default=defaults.slots, help="sequences decoded together")
-    parser.add_argument("--n-ctx", type=int, default=defaults.n_ctx, help="KV cache tokens shared by all slots")
-    parser.add_argument("--max-sequence-tokens", type=int, default=defaults.max_sequence_tokens)
+    parser.add_argument("--resident", type=int, default=0,
+                        help="sequences kept resident (decoding + preempted + cached prefixes); default 2 x slots. "
+                             "Cores that resume each other's snapshots need the same value")
+    parser.add_argument("--max-sequence-tokens", type=int, default=defaults.max_sequence_tokens,
+                        help="KV cells per resident sequence (prompt + generated)")
+    parser.add_argument("--snapshot-ttl", type=float, default=600.0, help="seconds a snapshot lives in Redis")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
     parser.add_argument("--n-batch", type=int, default=defaults.n_batch, help="most tokens per decode step")
     parser.add_argument("--prompt-format", default="transcript", choices=sorted(FORMATS),
                         help="how chat messages become a prompt (transcript suits base models)")

@@ -1,4 +1,4 @@
-"""The LLM core as a plain object: request -> tokens -> a sequence in the batch engine."""
+"""The LLM core as a plain object: requests -> sequences in the batch engine, and back again after a preemption."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from services.llm_core.engine import BatchEngine, Event, Sequence
 from services.llm_core.model import LlamaModel
 from services.llm_core.prompt import PromptFormat
 from services.llm_core.sampling import SamplingConfig
+from services.llm_core.snapshot import KvSnapshotStore
 
 
 @dataclass(frozen=True)
@@ -20,13 +21,17 @@ class GenerationRequest:
     messages: list[tuple[str, str]]
     sampling: SamplingConfig
     request_id: str = ""
+    agent_id: str = ""
 
 
 class LLMCore:
-    def __init__(self, model: LlamaModel, engine: BatchEngine, prompt_format: PromptFormat) -> None:
+    def __init__(
+        self, model: LlamaModel, engine: BatchEngine, prompt_format: PromptFormat, snapshots: KvSnapshotStore
+    ) -> None:
         self.model = model
         self.engine = engine
         self.format = prompt_format
+        self.snapshots = snapshots
         self._ids = itertools.count(1)
 
     def tokens_for(self, prompt: str, messages: list[tuple[str, str]]) -> list[int]:
@@ -46,9 +51,36 @@ class LLMCore:
         if request.messages:
             # The model must stop where it would start writing the next (user's) turn.
             sampling = dataclasses.replace(sampling, stop=sampling.stop + self.format.stop)
-        seq = Sequence(request.request_id or f"gen-{next(self._ids)}", tokens, sampling, emit)
+        seq = Sequence(request.request_id or f"gen-{next(self._ids)}", request.agent_id, tokens, sampling, emit)
         self.engine.submit(seq)
         return seq
+
+    def resume(self, request_id: str, agent_id: str, emit: Callable[[Event], None]) -> Sequence:
+        """Continues a preempted generation: in place if still resident, else from its snapshot.
+
+        Blocks on Redis when the snapshot must be fetched; call it off the event loop.
+        """
+        if not request_id:
+            raise InvalidArgument("resume needs the syscall_id of the preempted generation")
+        seq = self.engine.resume(request_id, agent_id, emit)
+        if seq is not None:
+            return seq
+        snapshot = self.snapshots.take(request_id, agent_id)
+        seq = self.engine.restored(snapshot, emit)
+        self.engine.submit(seq)
+        self.snapshots.restored += 1
+        self.snapshots.forget(request_id)  # consumed; a later preemption writes a fresh one
+        return seq
+
+    def preempt(self, request_id: str, swap_out: bool) -> bool:
+        return self.engine.preempt(request_id, swap_out)
+
+    def discard(self, request_id: str, agent_id: str) -> bool:
+        """Forgets a preempted generation wherever it is (resident slot or snapshot). Blocks on Redis."""
+        if self.engine.discard(request_id, agent_id):
+            return True
+        self.snapshots.take(request_id, agent_id)  # ownership check; NOT_FOUND when already gone
+        return self.snapshots.forget(request_id)
 
     def cancel(self, seq: Sequence) -> None:
         self.engine.cancel(seq)

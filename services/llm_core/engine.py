@@ -1,29 +1,53 @@
-"""Continuous batching over one llama.cpp context.
+"""Continuous batching over one llama.cpp context, with context switching.
 
-The engine owns a fixed number of sequence slots (llama.cpp seq_ids) in one
-context and a thread that, each step, puts every running sequence into the same
-`llama_decode` call: one token for each decoding sequence, plus prompt chunks of
-sequences still prefilling, up to `n_batch` tokens. New sequences join between
-steps and finished ones leave without stalling the others, as in llama.cpp's
-server. Events go back through each sequence's `emit` callback, called on the
-engine thread in order.
+The engine owns `resident` llama.cpp sequences (seq_ids, one KV stream each)
+and decodes up to `slots` of them together: each step puts every decoding
+sequence into the same `llama_decode` call (one token each), plus prompt chunks
+of sequences still prefilling, up to `n_batch` tokens. New sequences join
+between steps; finished ones leave without stalling the others.
+
+A seq_id not decoding holds one of:
+- a *parked* sequence: preempted, its KV still resident. Resuming it costs
+  nothing; only when its seq_id is needed is it snapshotted (lazy swapping)
+  and handed to `swap_out`, which writes it to Redis.
+- a *cached prefix*: the KV of a finished sequence, kept so that a new prompt
+  sharing its beginning (the same system prompt, or an agent's growing
+  conversation) skips prefilling that part. Cached prefixes are dropped first.
+
+Streams are not unified (`kv_unified = False`): each sequence attends over its
+own cells only, which measured 186 vs 131 tok/s at 16 sequences of 500 tokens.
+Prefix reuse therefore copies a whole stream (`llama_memory_seq_cp`) and trims
+it, unless it can adopt the cached sequence's own stream.
+
+Events go back through each sequence's `emit` callback, on the engine thread,
+in order. All llama.cpp calls happen on the engine thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 import os
 import threading
-from collections import deque
+from collections import OrderedDict, deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import llama_cpp as llama
+import numpy as np
 
-from services.errors import AiosError, ResourceExhausted, Unavailable
+from services.errors import (
+    AiosError,
+    FailedPrecondition,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.llm_core.model import LlamaModel
 from services.llm_core.sampling import SamplingConfig, TokenSampler
+from services.llm_core.snapshot import ContextShape, Snapshot
 from services.llm_core.text import TextStream
 
 log = logging.getLogger("aios.llm_core.engine")
@@ -41,6 +65,7 @@ class TokenEvent:
     text: str
     token_id: int
     completion_tokens: int
+    slot: int
 
 
 @dataclass
@@ -49,6 +74,12 @@ class FinishEvent:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    prefix_reused: int
+
+
+@dataclass
+class PreemptedEvent:
+    completion_tokens: int
 
 
 @dataclass
@@ -56,7 +87,7 @@ class ErrorEvent:
     error: AiosError
 
 
-Event = Union[TokenEvent, FinishEvent, ErrorEvent]
+Event = Union[TokenEvent, FinishEvent, PreemptedEvent, ErrorEvent]
 
 
 @dataclass(eq=False)
@@ -64,63 +95,125 @@ class Sequence:
     """One generation: its prompt, sampler, progress and where its events go."""
 
     request_id: str
+    agent_id: str
     prompt: list[int]
     config: SamplingConfig
     emit: Callable[[Event], None]
     sampler: TokenSampler = field(init=False)
     text: TextStream = field(init=False)
+    prompt_array: np.ndarray = field(init=False, repr=False)
     slot: int = -1
     n_past: int = 0
     generated: list[int] = field(default_factory=list)
     next_token: int | None = None
+    prefix_reused: int = 0
+    restore: Snapshot | None = None  # KV state to load when admitted
+    preempt: str = ""  # "", "park" or "swap": requested at the next step boundary
+    kv_ready: bool = False  # its stream's cells are computed (a prefix source)
     cancelled: bool = False
     finished: bool = False
 
     def __post_init__(self) -> None:
         self.sampler = TokenSampler(self.config)
         self.text = TextStream(self.config.stop)
+        self.prompt_array = np.asarray(self.prompt, dtype=np.int32)
 
     @property
     def prefilling(self) -> bool:
         return self.n_past < len(self.prompt)
 
+    def tokens_in_kv(self) -> np.ndarray:
+        """The tokens whose KV this sequence's stream holds, positions 0..n_past-1."""
+        if self.n_past <= len(self.prompt):
+            return self.prompt_array[: self.n_past]
+        return np.concatenate([self.prompt_array, np.asarray(self.generated, dtype=np.int32)])[: self.n_past]
+
 
 @dataclass(frozen=True)
 class EngineConfig:
-    slots: int = 8
-    n_ctx: int = 16384
-    max_sequence_tokens: int = 4096
+    slots: int = 16  # sequences decoded together (measured: 152 tok/s at 8, 186 at 16, 198 at 32)
+    resident: int = 32  # seq_ids: decoding + parked + cached prefixes
+    max_sequence_tokens: int = 2048  # cells per seq_id stream (prompt + generated)
     n_batch: int = 512
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    # While other sequences decode, a step prefills at most this many prompt tokens, so a long
+    # prompt costs everyone a short pause per step instead of freezing their streams.
+    prefill_chunk: int = 256
+    prefix_cache: bool = True
+    min_prefix_tokens: int = 32  # shorter shared prefixes are prefilled (a stream copy costs ~a few tokens)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens_generated: int = 0
+    prefill_tokens: int = 0
+    prefill_tokens_saved: int = 0
+    preemptions: int = 0
+    resumes_resident: int = 0
+    swap_outs: int = 0
+    restores: int = 0
+
+
+def read_sequence_state(ctx: llama.llama_context_p, seq_id: int) -> memoryview:
+    """One sequence's llama.cpp state (its KV cells), copied once into a fresh buffer."""
+    size = llama.llama_state_seq_get_size(ctx, seq_id)
+    kv = bytearray(size)
+    written = llama.llama_state_seq_get_data(ctx, (ctypes.c_uint8 * size).from_buffer(kv), size, seq_id)
+    return memoryview(kv)[:written]
+
+
+def write_sequence_state(ctx: llama.llama_context_p, seq_id: int, kv: bytes | bytearray | memoryview) -> bool:
+    """Loads state from read_sequence_state into `seq_id`; zero-copy, also from read-only bytes."""
+    data = np.frombuffer(kv, dtype=np.uint8)
+    return llama.llama_state_seq_set_data(ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), len(data), seq_id) > 0
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    equal = a[:n] == b[:n]
+    return n if bool(equal.all()) else int(np.argmin(equal))
 
 
 class BatchEngine:
-    def __init__(self, model: LlamaModel, config: EngineConfig) -> None:
-        if config.max_sequence_tokens > config.n_ctx:
-            raise ValueError("max_sequence_tokens cannot exceed n_ctx")
+    def __init__(
+        self,
+        model: LlamaModel,
+        config: EngineConfig,
+        swap_out: Callable[[Snapshot], Future],
+    ) -> None:
+        if config.resident < config.slots:
+            raise ValueError("resident must be at least slots")
         self.model = model
         self.config = config
+        self.swap_out = swap_out
         params = llama.llama_context_default_params()
-        params.n_ctx = config.n_ctx
+        params.n_ctx = config.resident * config.max_sequence_tokens
         params.n_batch = config.n_batch
         params.n_ubatch = config.n_batch
-        params.n_seq_max = config.slots
-        params.kv_unified = True
+        params.n_seq_max = config.resident
+        params.kv_unified = False
         params.n_threads = config.threads
         params.n_threads_batch = config.threads
         self.ctx = llama.llama_init_from_model(model.model, params)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context")
+        self.shape = ContextShape(model.description, model.n_vocab, config.resident, False)
+        self.n_swa = llama.llama_model_n_swa(model.model)
         self.memory = llama.llama_get_memory(self.ctx)
         self.batch = llama.llama_batch_init(config.n_batch, 0, 1)
+        self.stats = EngineStats()
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
-        self._free_slots = list(range(config.slots))
+        self._parked: OrderedDict[str, Sequence] = OrderedDict()  # oldest first: the swap victim
+        self._cached: OrderedDict[int, np.ndarray] = OrderedDict()  # slot -> tokens; LRU first
+        self._to_release: list[Sequence] = []
+        self._free_slots = list(range(config.resident))
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
-        self.tokens_generated = 0
-        self.steps = 0
 
     # ---- API used from other threads -------------------------------------------------
 
@@ -139,6 +232,7 @@ class BatchEngine:
             )
 
     def submit(self, seq: Sequence) -> None:
+        """Queues a new sequence, or a restored one (`seq.restore` set)."""
         self.check_fits(len(seq.prompt), seq.config.max_tokens)
         with self._cond:
             if self._stopping:
@@ -152,16 +246,84 @@ class BatchEngine:
             seq.cancelled = True
             if seq in self._waiting:
                 self._waiting.remove(seq)
-                seq.finished = True
+                self._to_release.append(seq)
             self._cond.notify()
 
-    def stats(self) -> dict[str, int]:
+    def preempt(self, request_id: str, swap: bool = False) -> bool:
+        """Asks a decoding sequence to leave its slot at the next step boundary.
+
+        Returns False when it is not decoding (finished, waiting or unknown).
+        Its emit then receives a PreemptedEvent; `resume` brings it back.
+        """
+        with self._cond:
+            for seq in self._active:
+                if seq.request_id == request_id and not seq.cancelled:
+                    seq.preempt = "swap" if swap else "park"
+                    self._cond.notify()
+                    return True
+            return False
+
+    def resume(self, request_id: str, agent_id: str, emit: Callable[[Event], None]) -> Sequence | None:
+        """Re-queues a parked (resident) sequence; None if it is not resident here."""
+        with self._cond:
+            seq = self._parked.get(request_id)
+            if seq is None:
+                return None
+            if seq.agent_id != agent_id:
+                raise PermissionDenied(f"generation {request_id!r} belongs to another agent")
+            del self._parked[request_id]
+            seq.emit = emit
+            self._waiting.appendleft(seq)
+            self.stats.resumes_resident += 1
+            self._cond.notify()
+            return seq
+
+    def discard(self, request_id: str, agent_id: str) -> bool:
+        """Frees a parked sequence's slot."""
+        with self._cond:
+            seq = self._parked.get(request_id)
+            if seq is None:
+                return False
+            if seq.agent_id != agent_id:
+                raise PermissionDenied(f"generation {request_id!r} belongs to another agent")
+            del self._parked[request_id]
+            self._to_release.append(seq)
+            self._cond.notify()
+            return True
+
+    def restored(self, snapshot: Snapshot, emit: Callable[[Event], None]) -> Sequence:
+        """A sequence rebuilt from a snapshot, ready to `submit` (its KV loads on admission)."""
+        if snapshot.shape != self.shape:
+            raise FailedPrecondition(
+                f"snapshot {snapshot.request_id!r} was taken on a core with {snapshot.shape}; this core has "
+                f"{self.shape}. Resume it on a core started with the same model and --resident."
+            )
+        seq = Sequence(snapshot.request_id, snapshot.agent_id, snapshot.prompt, snapshot.sampling, emit)
+        seq.generated = list(snapshot.generated)
+        seq.n_past = snapshot.n_past
+        seq.next_token = snapshot.next_token
+        seq.prefix_reused = snapshot.prefix_reused
+        seq.sampler.rng.bit_generator.state = snapshot.rng_state
+        for token in seq.generated:  # rebuilds the stop-string holdback exactly as it was
+            seq.text.feed(self.model.piece(token))
+        seq.restore = snapshot
+        return seq
+
+    def status(self) -> dict[str, int]:
         with self._cond:
             return {
                 "slots": self.config.slots,
                 "slots_busy": len(self._active),
+                "slots_parked": len(self._parked),
+                "prefix_cache_entries": len(self._cached),
+                "resident_slots": self.config.resident,
                 "waiting": len(self._waiting),
-                "tokens_generated": self.tokens_generated,
+                "steps": self.stats.steps,
+                "tokens_generated": self.stats.tokens_generated,
+                "preemptions": self.stats.preemptions,
+                "resumes_resident": self.stats.resumes_resident,
+                "prefill_tokens": self.stats.prefill_tokens,
+                "prefill_tokens_saved": self.stats.prefill_tokens_saved,
             }
 
     def start(self) -> None:
@@ -175,31 +337,163 @@ class BatchEngine:
         llama.llama_batch_free(self.batch)
         llama.llama_free(self.ctx)
 
-    # ---- engine thread -------------------------------------------------------------
+    # ---- engine thread: slots -------------------------------------------------------
 
-    def _reserved(self, seq: Sequence) -> int:
-        return len(seq.prompt) + seq.config.max_tokens
+    def _housekeeping_locked(self) -> None:
+        for seq in self._to_release:
+            self._release_locked(seq)
+        self._to_release.clear()
+        for seq in [s for s in self._active if s.cancelled]:
+            self._release_locked(seq)
+        for seq in [s for s in self._active if s.preempt]:
+            self._active.remove(seq)
+            self._parked[seq.request_id] = seq
+            self.stats.preemptions += 1
+            event = PreemptedEvent(len(seq.generated))
+            if seq.preempt == "swap":  # announced once the snapshot is in Redis, so any core can resume it
+                written = self._swap_out_locked(seq)
+                written.add_done_callback(lambda _, seq=seq, event=event: seq.emit(event))
+            else:
+                seq.emit(event)
+            seq.preempt = ""
+
+    def _take_slot_locked(self) -> int | None:
+        """A free seq_id: drops the least recently used cached prefix, else swaps out the oldest parked."""
+        if self._free_slots:  # the lowest free seq_id keeps decoding sequences consecutive (see _step)
+            slot = min(self._free_slots)
+            self._free_slots.remove(slot)
+            return slot
+        if self._cached:
+            slot, _ = self._cached.popitem(last=False)
+            llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            return slot
+        if self._parked:
+            victim = next(iter(self._parked.values()))
+            slot = victim.slot
+            self._swap_out_locked(victim)
+            self._free_slots.remove(slot)
+            return slot
+        return None
+
+    def _swap_out_locked(self, seq: Sequence) -> Future:
+        """Snapshots a parked sequence and frees its seq_id; the future completes once it is written."""
+        written = self.swap_out(self._snapshot(seq))
+        self.stats.swap_outs += 1
+        self._parked.pop(seq.request_id, None)
+        llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+        self._free_slots.append(seq.slot)
+        seq.slot = -1
+        return written
+
+    def _snapshot(self, seq: Sequence) -> Snapshot:
+        return Snapshot(
+            request_id=seq.request_id,
+            agent_id=seq.agent_id,
+            shape=self.shape,
+            prompt=seq.prompt,
+            generated=list(seq.generated),
+            n_past=seq.n_past,
+            next_token=seq.next_token,
+            sampling=seq.config,
+            rng_state=seq.sampler.rng.bit_generator.state,
+            prefix_reused=seq.prefix_reused,
+            kv=read_sequence_state(self.ctx, seq.slot),
+        )
+
+    def _load(self, seq: Sequence, snapshot: Snapshot) -> None:
+        if not write_sequence_state(self.ctx, seq.slot, snapshot.kv) or (
+            llama.llama_memory_seq_pos_max(self.memory, seq.slot) != seq.n_past - 1
+        ):
+            llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+            raise FailedPrecondition(
+                f"llama.cpp refused the snapshot of {seq.request_id!r} (corrupt, or from another model build)"
+            )
+        self.stats.restores += 1
+
+    def _reuse_prefix_locked(self, seq: Sequence) -> int | None:
+        """Gives `seq` a seq_id holding the longest resident prefix of its prompt; None if no slot."""
+        want = seq.prompt_array[:-1]  # the last prompt token is always decoded, for its logits
+        best, source, cached = 0, -1, False
+        if self.config.prefix_cache:
+            for slot, tokens in self._cached.items():
+                n = common_prefix(tokens, want)
+                if n > best:
+                    best, source, cached = n, slot, True
+            for other in [*self._active, *self._parked.values()]:
+                if not other.kv_ready:  # admitted this round: its cells are not computed yet
+                    continue
+                n = common_prefix(other.tokens_in_kv(), want)
+                if n > best:
+                    best, source, cached = n, other.slot, False
+        if best < self.config.min_prefix_tokens:
+            return self._take_slot_locked()
+        if cached:
+            del self._cached[source]  # adopt the cached stream itself: no copy
+            slot = source
+        else:
+            slot = self._take_slot_locked()
+            if slot is None:
+                return None
+            llama.llama_memory_seq_cp(self.memory, source, slot, -1, -1)
+        llama.llama_memory_seq_rm(self.memory, slot, best, -1)
+        pos_min = llama.llama_memory_seq_pos_min(self.memory, slot)
+        if pos_min > max(0, best - self.n_swa):  # sliding-window layers lost cells we need: prefill all
+            llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            return slot
+        seq.n_past = seq.prefix_reused = best
+        self.stats.prefill_tokens_saved += best
+        return slot
 
     def _admit_locked(self) -> None:
-        """Moves waiting sequences into free slots while their worst-case KV fits the context."""
-        used = sum(self._reserved(s) for s in self._active)
-        while self._waiting and self._free_slots:
+        while self._waiting and len(self._active) < self.config.slots:
             seq = self._waiting[0]
-            if used + self._reserved(seq) > self.config.n_ctx:
-                break
+            if seq.slot >= 0:  # a resumed resident sequence
+                self._waiting.popleft()
+                self._active.append(seq)
+                continue
+            slot = self._reuse_prefix_locked(seq) if seq.restore is None else self._take_slot_locked()
+            if slot is None:
+                return
             self._waiting.popleft()
-            seq.slot = self._free_slots.pop(0)
+            seq.slot = slot
+            if seq.restore is not None:
+                snapshot, seq.restore = seq.restore, None
+                try:
+                    self._load(seq, snapshot)
+                except AiosError as exc:
+                    seq.emit(ErrorEvent(exc))
+                    seq.finished = True
+                    self._free_slots.append(slot)
+                    continue
+                seq.kv_ready = True
             self._active.append(seq)
-            used += self._reserved(seq)
+
+    def _release_locked(self, seq: Sequence, keep_as_prefix: bool = False) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq in self._active:
+            self._active.remove(seq)
+        if seq.slot < 0:
+            return
+        if keep_as_prefix and self.config.prefix_cache and seq.n_past >= self.config.min_prefix_tokens:
+            self._cached[seq.slot] = seq.tokens_in_kv().copy()
+        else:
+            llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+            self._free_slots.append(seq.slot)
+        seq.slot = -1
+        self._cond.notify()
+
+    # ---- engine thread: decoding ------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                for seq in [s for s in self._active if s.cancelled]:
-                    self._release_locked(seq)
+                self._housekeeping_locked()
                 self._admit_locked()
                 while not self._active and not self._stopping:
                     self._cond.wait()
+                    self._housekeeping_locked()
                     self._admit_locked()
                 if self._stopping:
                     break
@@ -212,6 +506,11 @@ class BatchEngine:
         with self._cond:
             pending = list(self._waiting) + list(self._active)
             self._waiting.clear()
+            for seq in list(self._parked.values()):  # let another core resume them
+                try:
+                    self._swap_out_locked(seq)
+                except AiosError:
+                    log.warning("could not save parked sequence %s at shutdown", seq.request_id)
         self._fail(pending, Unavailable("the LLM core is shutting down; retry on another replica"))
 
     def _step(self, active: list[Sequence]) -> None:
@@ -230,12 +529,18 @@ class BatchEngine:
             if want_logits:
                 outputs.append((seq, i))
 
+        # llama.cpp splits a multi-stream batch into one ubatch (one pass over the weights) per run of
+        # consecutive seq_ids in batch order, so the batch lists sequences by seq_id.
+        active = sorted(active, key=lambda s: s.slot)
         for seq in active:
             if seq.next_token is not None:
                 add(seq.next_token, seq.n_past, seq, True)
                 seq.n_past += 1
                 seq.next_token = None
-        budget = self.config.n_batch - batch.n_tokens
+        decoding = batch.n_tokens
+        budget = self.config.n_batch - decoding
+        if decoding:
+            budget = min(budget, self.config.prefill_chunk)
         for seq in active:
             if budget <= 0:
                 break
@@ -245,46 +550,38 @@ class BatchEngine:
                     add(seq.prompt[j], j, seq, j == len(seq.prompt) - 1)
                 seq.n_past += take
                 budget -= take
+                self.stats.prefill_tokens += take
         if batch.n_tokens == 0:
             return
         rc = llama.llama_decode(self.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        self.steps += 1
+        self.stats.steps += 1
+        for seq in active:
+            seq.kv_ready = True
         for seq, index in outputs:
             self._accept(seq, seq.sampler.sample(self.model.logits_view(self.ctx, index)))
 
     def _accept(self, seq: Sequence, token: int) -> None:
-        if self.model.is_end_of_generation(token):
+        if self.model.is_end_of_generation(token) and not seq.config.ignore_eos:
             self._finish(seq, FinishReason.STOP)
             return
         seq.generated.append(token)
-        self.tokens_generated += 1
+        self.stats.tokens_generated += 1
         text = seq.text.feed(self.model.piece(token))
-        seq.emit(TokenEvent(text, token, len(seq.generated)))
+        seq.emit(TokenEvent(text, token, len(seq.generated), seq.slot))
+        seq.next_token = token
         if seq.text.stopped:
             self._finish(seq, FinishReason.STOP_STRING)
         elif len(seq.generated) >= seq.config.max_tokens:
             self._finish(seq, FinishReason.LENGTH)
         elif seq.n_past + 1 >= self.config.max_sequence_tokens:
             self._finish(seq, FinishReason.CONTEXT)
-        else:
-            seq.next_token = token
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated)))
+        seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), seq.prefix_reused))
         with self._cond:
-            self._release_locked(seq)
-
-    def _release_locked(self, seq: Sequence) -> None:
-        if seq.finished:
-            return
-        seq.finished = True
-        if seq in self._active:
-            self._active.remove(seq)
-            llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
-            self._free_slots.append(seq.slot)
-            self._cond.notify()
+            self._release_locked(seq, keep_as_prefix=True)
 
     def _fail(self, sequences: list[Sequence], error: AiosError) -> None:
         for seq in sequences:

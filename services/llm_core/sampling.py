@@ -24,6 +24,7 @@ class SamplingConfig:
     top_k: int = 0
     seed: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
 
     @classmethod
     def checked(
@@ -34,6 +35,7 @@ class SamplingConfig:
         top_k: int,
         seed: int | None,
         stop: list[str],
+        ignore_eos: bool = False,
     ) -> "SamplingConfig":
         """Applies defaults (0 means unset) and refuses out-of-range values."""
         if not 0.0 <= temperature <= 2.0:
@@ -49,6 +51,7 @@ class SamplingConfig:
             top_k=top_k,
             seed=seed if seed is not None else int.from_bytes(os.urandom(8), "little"),
             stop=tuple(stop),
+            ignore_eos=ignore_eos,
         )
 
 

@@ -6,8 +6,16 @@ import asyncio
 from typing import Awaitable, Callable
 
 from aios.v1 import llm_core_pb2, llm_core_pb2_grpc
+from services.errors import InvalidArgument
 from services.llm_core.core import GenerationRequest, LLMCore
-from services.llm_core.engine import ErrorEvent, Event, FinishEvent, FinishReason
+from services.llm_core.engine import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    FinishReason,
+    PreemptedEvent,
+    TokenEvent,
+)
 from services.llm_core.sampling import SamplingConfig
 
 FINISH_REASONS = {
@@ -24,9 +32,35 @@ def request_from_proto(request: llm_core_pb2.GenerateRequest) -> GenerationReque
         prompt=request.prompt,
         messages=[(m.role, m.content) for m in request.messages],
         sampling=SamplingConfig.checked(
-            s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed if s.HasField("seed") else None, list(s.stop)
+            s.max_tokens,
+            s.temperature,
+            s.top_p,
+            s.top_k,
+            s.seed if s.HasField("seed") else None,
+            list(s.stop),
+            s.ignore_eos,
         ),
         request_id=request.syscall_id,
+        agent_id=request.agent_id,
+    )
+
+
+def chunk_for(event: Event) -> llm_core_pb2.GenerateChunk:
+    if isinstance(event, TokenEvent):
+        return llm_core_pb2.GenerateChunk(
+            text=event.text, token_id=event.token_id, completion_tokens=event.completion_tokens, slot=event.slot
+        )
+    if isinstance(event, PreemptedEvent):
+        return llm_core_pb2.GenerateChunk(
+            finish_reason=llm_core_pb2.FINISH_REASON_PREEMPTED, completion_tokens=event.completion_tokens
+        )
+    assert isinstance(event, FinishEvent)
+    return llm_core_pb2.GenerateChunk(
+        text=event.text,
+        finish_reason=FINISH_REASONS[event.reason],
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        prefix_tokens_reused=event.prefix_reused,
     )
 
 
@@ -38,34 +72,54 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
     async def Generate(self, request, context):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        seq = self.core.start(request_from_proto(request), lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+
+        def emit(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        if request.resume:
+            if request.prompt or request.messages or request.HasField("sampling"):
+                raise InvalidArgument("a resume continues the generation as it was: leave prompt, messages and sampling empty")
+            seq = await asyncio.to_thread(self.core.resume, request.syscall_id, request.agent_id, emit)
+        else:
+            seq = self.core.start(request_from_proto(request), emit)
+        parked = False
         try:
             while True:
                 event = await events.get()
                 if isinstance(event, ErrorEvent):
                     raise event.error
-                if isinstance(event, FinishEvent):
-                    yield llm_core_pb2.GenerateChunk(
-                        text=event.text,
-                        finish_reason=FINISH_REASONS[event.reason],
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                    )
+                parked = isinstance(event, PreemptedEvent)
+                yield chunk_for(event)
+                if parked or isinstance(event, FinishEvent):
                     return
-                yield llm_core_pb2.GenerateChunk(
-                    text=event.text, token_id=event.token_id, completion_tokens=event.completion_tokens
-                )
         finally:
-            if not seq.finished:
+            if not seq.finished and not parked:  # the caller went away mid-generation
                 self.core.cancel(seq)
+
+    async def Preempt(self, request, context):
+        if not request.syscall_id:
+            raise InvalidArgument("syscall_id is required")
+        return llm_core_pb2.PreemptResponse(preempted=self.core.preempt(request.syscall_id, request.swap_out))
+
+    async def Discard(self, request, context):
+        if not request.syscall_id:
+            raise InvalidArgument("syscall_id is required")
+        discarded = await asyncio.to_thread(self.core.discard, request.syscall_id, request.agent_id)
+        return llm_core_pb2.DiscardResponse(discarded=discarded)
 
     async def Info(self, request, context):
         engine = self.core.engine
+        store = self.core.snapshots
+        in_redis = await asyncio.to_thread(store.count_in_redis)
         return llm_core_pb2.InfoResponse(
             model_path=str(self.core.model.path),
             model_description=self.core.model.description,
-            n_ctx=engine.config.n_ctx,
+            n_ctx=engine.config.resident * engine.config.max_sequence_tokens,
             max_sequence_tokens=engine.config.max_sequence_tokens,
             redis_ok=await self.redis_ok(),
-            **engine.stats(),
+            snapshots_saved=store.saved,
+            snapshots_restored=store.restored,
+            snapshot_bytes_saved=store.saved_bytes,
+            snapshots_in_redis=in_redis,
+            **engine.status(),
         )

@@ -34,7 +34,7 @@ def build(args: argparse.Namespace) -> Service:
         Resource.STORAGE: args.manager_concurrency,
         Resource.TOOLS: args.manager_concurrency,
     }
-    queues = {r: ResourceQueue(r, make_policy(args.policy), c) for r, c in capacities.items()}
+    queues = {r: ResourceQueue(r, make_policy(args.policy, args.slice_tokens), c) for r, c in capacities.items()}
     kernel = Kernel(AgentRegistry(redis), managers, queues)
 
     async def redis_ok() -> bool:
@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--storage", required=True, help="host:port of the storage manager")
     parser.add_argument("--tools", required=True, help="host:port of the tool manager")
     parser.add_argument("--policy", default="fifo", choices=sorted(POLICIES))
-    parser.add_argument("--llm-slots", type=int, default=8, help="LLM syscalls dispatched at once (= core slots)")
+    parser.add_argument("--slice-tokens", type=int, default=32,
+                        help="round robin / fair share: tokens a generation runs before it may be preempted")
+    parser.add_argument("--llm-slots", type=int, default=16, help="LLM syscalls dispatched at once (= core slots)")
     parser.add_argument("--manager-concurrency", type=int, default=16, help="calls in flight per other manager")
     run(build, parser)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -24,7 +25,14 @@ from aios.v1 import (
     storage_pb2_grpc,
     tools_pb2_grpc,
 )
-from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.errors import (
+    AiosError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from services.scheduler.agents import AgentRegistry
 from services.scheduler.queues import ResourceQueue
 from services.scheduler.syscalls import Resource, SyscallRecord, SyscallTable
@@ -78,6 +86,16 @@ def manager_error(resource: Resource, exc: grpc.aio.AioRpcError) -> AiosError:
     return CallerError(code, f"{name}: {exc.details()}")
 
 
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left until the caller's deadline; DEADLINE_EXCEEDED once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("the caller's deadline passed while its generation was preempted")
+    return left
+
+
 # How long a syscall waits for a manager that is not connected before UNAVAILABLE.
 CONNECT_TIMEOUT_S = 2.0
 CHANNEL_OPTIONS = [
@@ -123,16 +141,18 @@ class Kernel:
         self.agents = agents
         self.managers = managers
         self.queues = queues
+        self.queues[Resource.LLM].preempt = self._preempt
         self.table = SyscallTable()
+        self._background: set[asyncio.Task] = set()
 
-    async def register(self, name: str) -> str:
-        return (await self.agents.register(name)).id
+    async def register(self, name: str, priority: int = 0, weight: float = 0.0) -> str:
+        return (await self.agents.register(name, priority, weight)).id
 
     @asynccontextmanager
     async def _syscall(self, agent_id: str, kind: str, resource: Resource) -> AsyncIterator[SyscallRecord]:
         """Opens the record, waits for the resource, and closes the record with the outcome."""
-        await self.agents.get(agent_id)
-        record = self.table.create(agent_id, kind, resource)
+        agent = await self.agents.get(agent_id)
+        record = self.table.create(agent_id, kind, resource, agent.priority, agent.weight)
         try:
             async with self.queues[resource].turn(record):
                 await self.managers.connected(resource)
@@ -168,25 +188,76 @@ class Kernel:
     async def generate(
         self, request: kernel_pb2.KernelGenerateRequest, timeout: float | None
     ) -> AsyncIterator[llm_core_pb2.GenerateChunk]:
+        """One LLM syscall, as one uninterrupted stream for the agent across any number of preemptions."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        queue = self.queues[Resource.LLM]
+        stub = self.managers.stubs[Resource.LLM]
         async with self._syscall(request.agent_id, "llm_generate", Resource.LLM) as record:
-            call = self.managers.stubs[Resource.LLM].Generate(
-                llm_core_pb2.GenerateRequest(
-                    agent_id=request.agent_id,
-                    prompt=request.prompt,
-                    messages=request.messages,
-                    sampling=request.sampling,
-                    syscall_id=record.id,
-                ),
-                timeout=timeout,
+            message = llm_core_pb2.GenerateRequest(
+                agent_id=request.agent_id,
+                prompt=request.prompt,
+                messages=request.messages,
+                sampling=request.sampling,
+                syscall_id=record.id,
             )
+            parked = False  # the core holds a preempted sequence of ours
             try:
-                async for chunk in call:
-                    chunk.syscall_id = record.id
-                    record.tokens_out = chunk.completion_tokens
-                    record.tokens_in = chunk.prompt_tokens or record.tokens_in
-                    yield chunk
+                while True:
+                    call = stub.Generate(message, timeout=_remaining(deadline))
+                    parked = False
+                    record.preemptible = True
+                    try:
+                        async for chunk in call:
+                            if chunk.finish_reason == llm_core_pb2.FINISH_REASON_PREEMPTED:
+                                parked = True
+                                break
+                            chunk.syscall_id = record.id
+                            new_tokens = chunk.completion_tokens - record.tokens_out
+                            record.tokens_out = chunk.completion_tokens
+                            record.tokens_in = chunk.prompt_tokens or record.tokens_in
+                            if chunk.finish_reason:
+                                record.preemptible = False
+                            yield chunk
+                            queue.progress(record, chunk.prompt_tokens, new_tokens)
+                    finally:
+                        record.preemptible = False
+                        call.cancel()
+                    if not parked:
+                        return
+                    await queue.requeue(record)
+                    await self.managers.connected(Resource.LLM)
+                    message = llm_core_pb2.GenerateRequest(agent_id=request.agent_id, syscall_id=record.id, resume=True)
             finally:
-                call.cancel()
+                if parked:  # the caller left (or the deadline passed) while we were switched out
+                    self._spawn(self._discard(request.agent_id, record.id))
+
+    def _preempt(self, record: SyscallRecord) -> None:
+        self._spawn(self._ask_core_to_preempt(record))
+
+    async def _ask_core_to_preempt(self, record: SyscallRecord) -> None:
+        try:
+            reply = await self.managers.stubs[Resource.LLM].Preempt(
+                llm_core_pb2.PreemptRequest(syscall_id=record.id), timeout=CONNECT_TIMEOUT_S
+            )
+            preempted = reply.preempted
+        except grpc.aio.AioRpcError as exc:
+            log.warning("preempting %s failed: %s", record.id, exc.details())
+            preempted = False
+        if not preempted:  # it finished first, or is not decoding yet: let the policy choose again later
+            record.preempt_requested = False
+
+    async def _discard(self, agent_id: str, syscall_id: str) -> None:
+        try:
+            await self.managers.stubs[Resource.LLM].Discard(
+                llm_core_pb2.DiscardRequest(syscall_id=syscall_id, agent_id=agent_id), timeout=CONNECT_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not discard preempted %s (its snapshot will expire): %s", syscall_id, exc.details())
+
+    def _spawn(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def get_syscall(self, agent_id: str, syscall_id: str) -> SyscallRecord:
         record = self.table.get(syscall_id)

@@ -1,60 +1,109 @@
-"""One queue per resource: at most `capacity` syscalls run at once, the policy picks the next."""
+"""One queue per resource: at most `capacity` syscalls run at once, the policy picks the next.
+
+For the LLM the queue also preempts: when every place is taken and someone
+waits, it asks the policy for a victim after each piece of service and calls
+`preempt(victim)` (which asks the LLM core to context-switch it out). The
+victim's generate loop then calls `requeue`, giving its place to the next
+syscall and waiting, PREEMPTED, for its own next turn.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from services.scheduler.policy import SchedulingPolicy
-from services.scheduler.syscalls import Resource, SyscallRecord
+from services.scheduler.syscalls import Resource, SyscallRecord, SyscallState
 
 
 class ResourceQueue:
-    def __init__(self, resource: Resource, policy: SchedulingPolicy, capacity: int) -> None:
+    def __init__(
+        self,
+        resource: Resource,
+        policy: SchedulingPolicy,
+        capacity: int,
+        preempt: Callable[[SyscallRecord], None] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.resource = resource
         self.policy = policy
         self.capacity = capacity
-        self.running = 0
+        self.preempt = preempt
+        self.running: set[SyscallRecord] = set()
         self.completed = 0
+        self.preemptions = 0
         self._grants: dict[SyscallRecord, asyncio.Future[None]] = {}
 
     @property
     def queued(self) -> int:
         return len(self.policy)
 
+    @property
+    def waiting_to_resume(self) -> int:
+        return sum(1 for r in self._grants if r.state == SyscallState.PREEMPTED)
+
     @asynccontextmanager
     async def turn(self, record: SyscallRecord) -> AsyncIterator[None]:
         """Waits until the policy dispatches `record`, holds a running place while inside."""
+        await self._wait_for_grant(record)
+        try:
+            yield
+        finally:
+            if record in self.running:
+                self.running.discard(record)
+                self.completed += 1
+                self._dispatch()
+
+    async def requeue(self, record: SyscallRecord) -> None:
+        """Gives up the running place after a preemption and waits, PREEMPTED, for the next one."""
+        self.running.discard(record)
+        record.preempt_requested = False
+        record.preempt()
+        await self._wait_for_grant(record)
+
+    def progress(self, record: SyscallRecord, tokens_in: int, tokens_out: int) -> None:
+        """Accounts service a running syscall received; may order a preemption."""
+        record.slice_used += tokens_out
+        self.policy.charge(record, tokens_in, tokens_out)
+        self._maybe_preempt()
+
+    async def _wait_for_grant(self, record: SyscallRecord) -> None:
         granted = asyncio.get_running_loop().create_future()
         self._grants[record] = granted
-        self.policy.push(record)
+        self.policy.push(record, time.monotonic())
         self._dispatch()
         try:
             await granted
         except BaseException:
             self._grants.pop(record, None)
             if granted.done() and not granted.cancelled():
-                self._release()  # dispatched in the same instant the caller left
+                self.running.discard(record)  # dispatched in the same instant the caller left
+                self._dispatch()
             else:
                 self.policy.remove(record)
             raise
         record.start()
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        self.running -= 1
-        self.completed += 1
-        self._dispatch()
 
     def _dispatch(self) -> None:
-        while self.running < self.capacity and len(self.policy):
-            record = self.policy.pop()
+        while len(self.running) < self.capacity and len(self.policy):
+            record = self.policy.pop(time.monotonic())
             future = self._grants.pop(record)
-            self.running += 1
+            self.running.add(record)
             future.set_result(None)
+        self._maybe_preempt()
+
+    def _maybe_preempt(self) -> None:
+        if self.preempt is None or len(self.running) < self.capacity:
+            return
+        pending = sum(1 for r in self.running if r.preempt_requested)
+        if len(self.policy) <= pending:
+            return
+        candidates = [r for r in self.running if r.preemptible and not r.preempt_requested]
+        victim = self.policy.victim(candidates, time.monotonic())
+        if victim is not None:
+            victim.preempt_requested = True
+            self.preemptions += 1
+            self.preempt(victim)

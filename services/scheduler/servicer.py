@@ -29,6 +29,10 @@ def record_to_proto(record: SyscallRecord) -> common_pb2.SyscallInfo:
         error_code=record.error_code,
         tokens_in=record.tokens_in,
         tokens_out=record.tokens_out,
+        queued_seconds=record.queued_s,
+        running_seconds=record.running_s,
+        preempted_seconds=record.preempted_s,
+        preemptions=record.preemptions,
     )
 
 
@@ -42,7 +46,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         self.kernel = kernel
 
     async def RegisterAgent(self, request, context):
-        return kernel_pb2.RegisterAgentResponse(agent_id=await self.kernel.register(request.name))
+        return kernel_pb2.RegisterAgentResponse(agent_id=await self.kernel.register(request.name, request.priority, request.weight))
 
     async def Generate(self, request, context):
         async for chunk in self.kernel.generate(request, _timeout(context)):
@@ -88,9 +92,11 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                     resource=int(q.resource),
                     policy=q.policy.name,
                     queued=q.queued,
-                    running=q.running,
+                    running=len(q.running),
                     capacity=q.capacity,
                     completed=q.completed,
+                    preempted=q.waiting_to_resume,
+                    preemptions=q.preemptions,
                 )
                 for q in kernel.queues.values()
             ],

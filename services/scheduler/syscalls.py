@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -31,10 +32,14 @@ class SyscallState(enum.IntEnum):
 
 @dataclass(eq=False)
 class SyscallRecord:
+    """One syscall's life. Time is split by state: queued, running, preempted."""
+
     id: str
     agent_id: str
     kind: str
     resource: Resource
+    priority: int = 0
+    weight: float = 1.0
     state: SyscallState = SyscallState.QUEUED
     created_at: float = field(default_factory=time.time)
     started_at: float = 0.0
@@ -43,13 +48,42 @@ class SyscallRecord:
     error_code: str = ""
     tokens_in: int = 0
     tokens_out: int = 0
+    queued_s: float = 0.0
+    running_s: float = 0.0
+    preempted_s: float = 0.0
+    preemptions: int = 0
+    # Scheduling state read by the policies.
+    slice_used: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+    submitted_at: float = field(default_factory=time.monotonic)
+    preemptible: bool = False  # an LLM stream is open that the core can context-switch
+    preempt_requested: bool = False
+    _mark: float = field(default_factory=time.monotonic, repr=False)
+
+    def _move(self, state: SyscallState) -> None:
+        now = time.monotonic()
+        elapsed = now - self._mark
+        if self.state == SyscallState.QUEUED:
+            self.queued_s += elapsed
+        elif self.state == SyscallState.RUNNING:
+            self.running_s += elapsed
+        elif self.state == SyscallState.PREEMPTED:
+            self.preempted_s += elapsed
+        self.state, self._mark = state, now
 
     def start(self) -> None:
-        self.state = SyscallState.RUNNING
-        self.started_at = time.time()
+        """Dispatched (first time, or resumed after a preemption)."""
+        self._move(SyscallState.RUNNING)
+        self.started_at = self.started_at or time.time()
+        self.slice_used = 0
+
+    def preempt(self) -> None:
+        self._move(SyscallState.PREEMPTED)
+        self.preemptions += 1
+        self.enqueued_at = time.monotonic()
 
     def finish(self, error_code: str = "", error: str = "") -> None:
-        self.state = SyscallState.FAILED if error_code else SyscallState.DONE
+        self._move(SyscallState.FAILED if error_code else SyscallState.DONE)
         self.error_code, self.error = error_code, error
         self.finished_at = time.time()
 
@@ -65,14 +99,16 @@ class SyscallTable:
         self.keep_finished = keep_finished
         self._records: OrderedDict[str, SyscallRecord] = OrderedDict()
         self._ids = itertools.count(1)
+        # Ids stay unique across kernel restarts: LLM snapshots in Redis are keyed by them.
+        self.boot = secrets.token_hex(3)
         self._lock = threading.Lock()
         self.total = 0
         self.failed = 0
         self.tokens_out = 0
 
-    def create(self, agent_id: str, kind: str, resource: Resource) -> SyscallRecord:
+    def create(self, agent_id: str, kind: str, resource: Resource, priority: int = 0, weight: float = 1.0) -> SyscallRecord:
         with self._lock:
-            record = SyscallRecord(f"sc-{next(self._ids)}", agent_id, kind, resource)
+            record = SyscallRecord(f"sc-{self.boot}-{next(self._ids)}", agent_id, kind, resource, priority, weight)
             self._records[record.id] = record
             self.total += 1
             self._trim_locked()

@@ -30,7 +30,7 @@ def test_up_status_down_leaves_no_process_behind(tmp_path):
             assert kernel.register("cli").call_tool("calculator", expression="3*3")["result"] == 9
         status = run(["status"], tmp_path)
         assert status.returncode == 0 and status.stdout.count("SERVING") == 6, status.stdout
-        assert "slots 0/2 busy" in status.stdout
+        assert "slots 0/2 decoding" in status.stdout and "snapshots in redis 0" in status.stdout
     finally:
         down = run(["down"], tmp_path)
     assert down.returncode == 0

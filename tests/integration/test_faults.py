@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 import aios
+from aios.v1 import common_pb2
 
 
 def test_a_stopped_manager_gives_unavailable_then_recovers(cluster, agent):
@@ -29,3 +30,25 @@ def test_a_deadline_shorter_than_the_generation_is_exceeded(agent):
         agent.complete("Once upon a time", max_tokens=2000, timeout=0.5)
     assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert agent.complete("1, 2, 3,", max_tokens=2).completion_tokens == 2
+    wait_for_free_slots(agent.kernel)
+
+
+def wait_for_free_slots(kernel: aios.Kernel, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        llm = kernel.status().llm
+        if llm.slots_busy == 0 and llm.waiting == 0:
+            return
+        assert time.monotonic() < deadline, f"the LLM core still holds slots: {llm}"
+        time.sleep(0.02)  # polling the status itself; the deadline bounds it
+
+
+def test_an_agent_that_closes_its_stream_frees_its_slot(agent):
+    stream = agent.generate("Once upon a time", max_tokens=1000, ignore_eos=True)
+    first = next(stream)
+    assert first.HasField("token_id")
+    stream.close()  # the agent goes away mid-generation
+    wait_for_free_slots(agent.kernel)
+    record = agent.syscall(first.syscall_id)
+    assert record.state == common_pb2.SYSCALL_STATE_FAILED and record.error_code == "CANCELLED"
+    assert record.tokens_out < 1000

@@ -1,4 +1,4 @@
-"""The scheduler's pure parts: FIFO policy, resource queues, syscall records."""
+"""The scheduler's pure parts: resource queues and syscall records (policies: test_policies.py)."""
 
 import asyncio
 
@@ -9,16 +9,6 @@ from services.scheduler.queues import ResourceQueue
 from services.scheduler.syscalls import Resource, SyscallState, SyscallTable
 
 
-def test_fifo_serves_in_arrival_order_and_forgets_removed_items():
-    policy = FifoPolicy()
-    for item in "abcd":
-        policy.push(item)
-    policy.remove("b")
-    assert [policy.pop() for _ in range(len(policy))] == ["a", "c", "d"]
-    with pytest.raises(IndexError):
-        policy.pop()
-
-
 def test_unknown_policy_name_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="fifo"):
         make_policy("lottery")
@@ -27,13 +17,14 @@ def test_unknown_policy_name_is_refused_with_the_choices():
 def test_syscall_records_move_through_their_states_and_are_counted():
     table = SyscallTable()
     record = table.create("agt-1", "memory_add", Resource.MEMORY)
-    assert record.state == SyscallState.QUEUED and record.id == "sc-1"
+    assert record.state == SyscallState.QUEUED and record.id == f"sc-{table.boot}-1"
     record.start()
     record.finish("NOT_FOUND", "gone")
     table.count_finished(record)
     assert record.state == SyscallState.FAILED and record.finished_at >= record.started_at > 0
     assert (table.total, table.failed) == (1, 1)
-    assert table.get("sc-1") is record
+    assert table.get(record.id) is record
+    assert record.queued_s >= 0 and record.running_s >= 0 and record.preemptions == 0
 
 
 def test_syscall_table_keeps_only_the_newest_finished_records():
@@ -62,20 +53,20 @@ def test_queue_never_runs_more_than_capacity_and_dispatches_fifo():
             record = table.create(name, "llm_generate", Resource.LLM)
             async with queue.turn(record):
                 started.append(name)
-                peak = max(peak, queue.running)
+                peak = max(peak, len(queue.running))
                 await release.wait()
 
         tasks = [asyncio.create_task(syscall(f"agent-{i}")) for i in range(5)]
         while len(started) < 2:
             await asyncio.sleep(0)
-        assert queue.running == 2 and queue.queued == 3
+        assert len(queue.running) == 2 and queue.queued == 3
         release.set()
         await asyncio.gather(*tasks)
         return started, peak, queue
 
     started, peak, queue = run(scenario())
     assert started == [f"agent-{i}" for i in range(5)]
-    assert peak == 2 and queue.running == 0 and queue.completed == 5
+    assert peak == 2 and not queue.running and queue.completed == 5
 
 
 def test_a_caller_that_leaves_while_queued_gives_up_its_place():
@@ -101,4 +92,4 @@ def test_a_caller_that_leaves_while_queued_gives_up_its_place():
         return queue
 
     queue = run(scenario())
-    assert queue.running == 0 and queue.queued == 0
+    assert not queue.running and queue.queued == 0

@@ -1,0 +1,349 @@
+"""`make bench`: AIOS against running the same agent calls one at a time, side by side in one run.
+
+Modes, on the same workload (bench/workload.py):
+- sequential: the LLM calls one after another straight on llama-cpp-python in
+  this process (the paper's "without AIOS"), memory and tool work done inline;
+- AIOS with the fifo, rr and fair policies: a real cluster (`aios up`'s
+  processes, Redis, the model), one thread per agent through the SDK.
+Plus a snapshot microbenchmark: save/restore time and size against context length.
+
+Prints a table and saves JSON (bench/results/bench-<time>.json and latest.json)
+and a PNG chart. Environment knobs: BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
+(3), BENCH_MODES (fifo,rr,fair), BENCH_SEQ_AGENTS (4: for larger N the
+sequential baseline runs the first 4 agents' calls; one-at-a-time throughput
+does not depend on N).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as llama
+import numpy as np
+
+import aios
+from aios.v1 import common_pb2
+from bench.workload import Call, plan
+from deploy.cluster import Cluster, ClusterConfig
+from services.llm_core.engine import (
+    EngineConfig,
+    read_sequence_state,
+    write_sequence_state,
+)
+from services.llm_core.model import LlamaModel, default_model_path
+from services.llm_core.snapshot import KvSnapshotStore
+from services.tools.builtin import evaluate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 2024
+
+
+def say(line: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def jain(values: list[float]) -> float:
+    """Jain's fairness index: 1.0 when every agent got the same, 1/n when one got everything."""
+    if not values or not any(values):
+        return 0.0
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+class SequentialRunner:
+    """One llama.cpp sequence, one call at a time: prefill in n_batch chunks, then greedy decode."""
+
+    def __init__(self, model: LlamaModel, n_ctx: int = 2048, n_batch: int = 512) -> None:
+        self.model = model
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = EngineConfig().threads
+        self.ctx = llama.llama_init_from_model(model.model, params)
+        self.memory = llama.llama_get_memory(self.ctx)
+        self.batch = llama.llama_batch_init(n_batch, 0, 1)
+        self.n_batch = n_batch
+
+    def _decode(self, tokens: list[int], start: int) -> None:
+        batch = self.batch
+        for offset in range(0, len(tokens), self.n_batch):
+            chunk = tokens[offset : offset + self.n_batch]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + offset + i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = offset + i == len(tokens) - 1
+            if llama.llama_decode(self.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+    def prefill(self, tokens: list[int]) -> None:
+        llama.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        self._decode(tokens, 0)
+
+    def generate(self, prompt: str, max_tokens: int) -> int:
+        tokens = self.model.tokenize(prompt, add_bos=True, special=True)
+        self.prefill(tokens)
+        logits_index = (len(tokens) - 1) % self.n_batch
+        for n in range(max_tokens):
+            token = int(np.argmax(self.model.logits_view(self.ctx, logits_index)))
+            if n + 1 == max_tokens:
+                break
+            self._decode([token], len(tokens) + n)
+            logits_index = 0
+        return max_tokens
+
+
+def run_sequential(runner: SequentialRunner, calls: list[list[Call]], cap: int) -> dict[str, Any]:
+    agents = calls[:cap]
+    latencies: list[float] = []
+    tokens = syscalls = 0
+    memory: dict[int, list[str]] = {}
+    start = time.monotonic()
+    for agent_calls in agents:
+        for call in agent_calls:
+            t0 = time.monotonic()
+            tokens += runner.generate(call.prompt, call.max_tokens)
+            latencies.append(time.monotonic() - t0)
+            memory.setdefault(call.agent, []).append(f"round {call.round}")  # the memory syscall, inline
+            evaluate(f"{call.a} * {call.b}")  # the tool syscall, inline
+            syscalls += 3
+    wall = time.monotonic() - start
+    return {
+        "agents_run": len(agents),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+        "syscalls_per_s": syscalls / wall,
+        "llm_latency_p50_s": percentile(latencies, 50),
+        "llm_latency_p95_s": percentile(latencies, 95),
+    }
+
+
+def run_aios(kernel: aios.Kernel, calls: list[list[Call]]) -> dict[str, Any]:
+    before = kernel.status()
+    barrier = threading.Barrier(len(calls))
+    per_agent: list[dict[str, Any]] = []
+
+    def agent_loop(agent_calls: list[Call]) -> dict[str, Any]:
+        agent = kernel.register(f"bench-{agent_calls[0].agent}")
+        lat: dict[str, list[float]] = {"llm": [], "memory": [], "tool": []}
+        ids: list[str] = []
+        tokens = 0
+        barrier.wait()
+        start = time.monotonic()
+        for call in agent_calls:
+            t0 = time.monotonic()
+            done = agent.complete(call.prompt, max_tokens=call.max_tokens, ignore_eos=True, timeout=600)
+            lat["llm"].append(time.monotonic() - t0)
+            tokens += done.completion_tokens
+            ids.append(done.syscall_id)
+            t0 = time.monotonic()
+            agent.memory_add(f"round {call.round}: {done.text[:200]}")
+            lat["memory"].append(time.monotonic() - t0)
+            t0 = time.monotonic()
+            agent.call_tool("calculator", expression=f"{call.a} * {call.b}")
+            lat["tool"].append(time.monotonic() - t0)
+        end = time.monotonic()
+        waits = []
+        for syscall_id in ids:
+            record = agent.syscall(syscall_id)
+            waits.append(record.queued_seconds + record.preempted_seconds)
+        return {"tokens": tokens, "start": start, "end": end, "lat": lat, "waits": waits}
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        per_agent = list(pool.map(agent_loop, calls))
+    after = kernel.status()
+    start = min(a["start"] for a in per_agent)
+    wall = max(a["end"] for a in per_agent) - start
+    tokens = sum(a["tokens"] for a in per_agent)
+    lat = {k: [x for a in per_agent for x in a["lat"][k]] for k in ("llm", "memory", "tool")}
+    waits = [w for a in per_agent for w in a["waits"]]
+    [q_before] = [q for q in before.queues if q.resource == common_pb2.RESOURCE_LLM]
+    [q_after] = [q for q in after.queues if q.resource == common_pb2.RESOURCE_LLM]
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+        "syscalls_per_s": sum(len(v) for v in lat.values()) / wall,
+        **{f"{k}_latency_p50_s": percentile(v, 50) for k, v in lat.items()},
+        **{f"{k}_latency_p95_s": percentile(v, 95) for k, v in lat.items()},
+        "llm_wait_p50_s": percentile(waits, 50),
+        "llm_wait_p95_s": percentile(waits, 95),
+        "jain_fairness": jain([a["tokens"] / (a["end"] - a["start"]) for a in per_agent]),
+        "preemptions": q_after.preemptions - q_before.preemptions,
+        "snapshots_saved": after.llm.snapshots_saved - before.llm.snapshots_saved,
+        "prefill_tokens": after.llm.prefill_tokens - before.llm.prefill_tokens,
+        "prefill_tokens_saved": after.llm.prefill_tokens_saved - before.llm.prefill_tokens_saved,
+    }
+
+
+def bench_snapshots(runner: SequentialRunner, redis_url: str, lengths: list[int], reps: int = 15) -> list[dict[str, Any]]:
+    """Save = read the sequence's KV state; restore = load it back. Also the same through Redis."""
+    store = KvSnapshotStore(redis_url, ttl_s=60)
+    text = " ".join(["the kernel schedules every agent request as a system call"] * 200)
+    tokens = runner.model.tokenize(text, add_bos=True, special=False)
+    rows = []
+    for length in lengths:
+        runner.prefill(tokens[:length])
+        save, restore, via_redis = [], [], []
+        size = 0
+        for i in range(reps):
+            t0 = time.perf_counter()
+            kv = read_sequence_state(runner.ctx, 0)
+            t1 = time.perf_counter()
+            llama.llama_memory_seq_rm(runner.memory, 0, -1, -1)
+            t2 = time.perf_counter()
+            ok = write_sequence_state(runner.ctx, 0, kv)
+            t3 = time.perf_counter()
+            assert ok and llama.llama_memory_seq_pos_max(runner.memory, 0) == length - 1
+            save.append(t1 - t0)
+            restore.append(t3 - t2)
+            size = len(kv)
+            t4 = time.perf_counter()
+            store.redis.set("aios:snap:bench", kv, px=60_000)
+            blob = store.redis.get("aios:snap:bench")
+            via_redis.append(time.perf_counter() - t4)
+            assert len(blob) == size
+        store.redis.delete("aios:snap:bench")
+        rows.append(
+            {
+                "context_tokens": length,
+                "size_mb": size / 1e6,
+                "save_ms_p50": 1e3 * statistics.median(save),
+                "restore_ms_p50": 1e3 * statistics.median(restore),
+                "save_plus_restore_ms_p50": 1e3 * statistics.median([a + b for a, b in zip(save, restore)]),
+                "redis_write_plus_read_ms_p50": 1e3 * statistics.median(via_redis),
+            }
+        )
+        say(f"snapshot {length:>5} tokens: {rows[-1]['size_mb']:.1f} MB, save {rows[-1]['save_ms_p50']:.2f} ms, "
+            f"restore {rows[-1]['restore_ms_p50']:.2f} ms, Redis round trip {rows[-1]['redis_write_plus_read_ms_p50']:.1f} ms")
+    store.close()
+    return rows
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = result["config"]["agents"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    seq = [result["sequential"][str(n)]["tok_per_s"] for n in ns]
+    axes[0].plot(ns, seq, "k--o", label="sequential (no AIOS)")
+    for mode in result["config"]["modes"]:
+        rows = [result["aios"][mode][str(n)] for n in ns]
+        axes[0].plot(ns, [r["tok_per_s"] for r in rows], "-o", label=f"AIOS {mode}")
+        axes[1].plot(ns, [r["ratio_vs_sequential"] for r in rows], "-o", label=f"AIOS {mode}")
+    axes[0].set(title="generated tokens/s", xlabel="concurrent agents", xscale="log", xticks=ns, xticklabels=ns)
+    axes[1].axhline(3.0, color="grey", linestyle=":", label="floor 3x")
+    axes[1].set(title="throughput vs sequential", xlabel="concurrent agents", xscale="log", xticks=ns, xticklabels=ns)
+    snaps = result["snapshots"]
+    lengths = [s["context_tokens"] for s in snaps]
+    axes[2].plot(lengths, [s["save_ms_p50"] for s in snaps], "-o", label="save (state get)")
+    axes[2].plot(lengths, [s["restore_ms_p50"] for s in snaps], "-o", label="restore (state set)")
+    axes[2].plot(lengths, [s["redis_write_plus_read_ms_p50"] for s in snaps], "-o", label="Redis write + read")
+    axes[2].set(title="snapshot median ms", xlabel="context tokens")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{'mode':<11}{'N':>4}{'tok/s':>9}{'x seq':>7}{'sysc/s':>8}{'llm p50':>9}{'llm p95':>9}"
+        f"{'wait p50':>10}{'wait p95':>10}{'jain':>6}{'preempt':>8}{'prefill saved':>15}"
+    ]
+    for n in result["config"]["agents"]:
+        s = result["sequential"][str(n)]
+        lines.append(f"{'sequential':<11}{n:>4}{s['tok_per_s']:>9.1f}{1.0:>7.2f}{s['syscalls_per_s']:>8.1f}"
+                     f"{s['llm_latency_p50_s']:>9.2f}{s['llm_latency_p95_s']:>9.2f}")
+        for mode in result["config"]["modes"]:
+            r = result["aios"][mode][str(n)]
+            saved = f"{r['prefill_tokens_saved']}/{r['prefill_tokens'] + r['prefill_tokens_saved']}"
+            lines.append(
+                f"{'aios ' + mode:<11}{n:>4}{r['tok_per_s']:>9.1f}{r['ratio_vs_sequential']:>7.2f}{r['syscalls_per_s']:>8.1f}"
+                f"{r['llm_latency_p50_s']:>9.2f}{r['llm_latency_p95_s']:>9.2f}{r['llm_wait_p50_s']:>10.2f}"
+                f"{r['llm_wait_p95_s']:>10.2f}{r['jain_fairness']:>6.2f}{r['preemptions']:>8}{saved:>15}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ns = [int(x) for x in os.environ.get("BENCH_NS", "1,4,8,16,32").split(",")]
+    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
+    modes = os.environ.get("BENCH_MODES", "fifo,rr,fair").split(",")
+    seq_cap = int(os.environ.get("BENCH_SEQ_AGENTS", "4"))
+    slots = ClusterConfig.slots
+    began = time.monotonic()
+    result: dict[str, Any] = {
+        "config": {"agents": ns, "rounds": rounds, "modes": modes, "slots": slots, "slice_tokens": 32,
+                   "sequential_agents_cap": seq_cap, "cpus": os.cpu_count()},
+        "sequential": {},
+        "aios": {m: {} for m in modes},
+    }
+    say(f"workload: agents {ns}, {rounds} rounds each (LLM call + memory_add + calculator), modes sequential + {modes}")
+    model = LlamaModel(default_model_path(progress=True))
+    runner = SequentialRunner(model)
+    for n in ns:
+        say(f"sequential, {n} agents ({min(n, seq_cap)} run) ...")
+        result["sequential"][str(n)] = run_sequential(runner, plan(n, rounds, SEED, f"n{n}"), seq_cap)
+        say(f"  {result['sequential'][str(n)]['tok_per_s']:.1f} tok/s")
+    for mode in modes:
+        with tempfile.TemporaryDirectory(prefix=f"aios-bench-{mode}-") as home:
+            say(f"starting AIOS ({mode}, {slots} slots) ...")
+            with Cluster(ClusterConfig(home=Path(home), policy=mode, slots=slots, model=default_model_path())) as cluster:
+                with aios.connect(cluster.kernel_address) as kernel:
+                    for n in ns:
+                        say(f"AIOS {mode}, {n} agents ...")
+                        row = run_aios(kernel, plan(n, rounds, SEED, f"n{n}"))
+                        row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
+                        result["aios"][mode][str(n)] = row
+                        say(f"  {row['tok_per_s']:.1f} tok/s ({row['ratio_vs_sequential']:.2f}x sequential), "
+                            f"{row['preemptions']} preemptions, jain {row['jain_fairness']:.2f}")
+                if mode == modes[-1]:
+                    say("snapshot save/restore ...")
+                    result["snapshots"] = bench_snapshots(runner, cluster.redis_url, [128, 512, 1024])
+    result["elapsed_s"] = time.monotonic() - began
+    floors = {}
+    if "16" in result["aios"].get("fifo", {}):
+        floors["throughput_16_agents_vs_sequential"] = result["aios"]["fifo"]["16"]["ratio_vs_sequential"]
+    if "16" in result["aios"].get("rr", {}) and "16" in result["aios"].get("fifo", {}):
+        floors["rr_loss_vs_fifo_16_agents"] = 1 - result["aios"]["rr"]["16"]["tok_per_s"] / result["aios"]["fifo"]["16"]["tok_per_s"]
+    if "32" in result["aios"].get("rr", {}) and "32" in result["aios"].get("fifo", {}):
+        floors["rr_loss_vs_fifo_32_agents"] = 1 - result["aios"]["rr"]["32"]["tok_per_s"] / result["aios"]["fifo"]["32"]["tok_per_s"]
+    floors["snapshot_plus_restore_512_ms"] = next(
+        (s["save_plus_restore_ms_p50"] for s in result.get("snapshots", []) if s["context_tokens"] == 512), None
+    )
+    result["floors"] = floors
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (f"bench-{stamp}.json", "latest.json"):
+        (RESULTS / name).write_text(json.dumps(result, indent=2))
+    chart(result, RESULTS / "latest.png")
+    print()
+    print(table(result))
+    print()
+    for key, value in floors.items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    say(f"done in {result['elapsed_s'] / 60:.1f} min; saved {RESULTS / f'bench-{stamp}.json'} and {RESULTS / 'latest.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The batch engine with the real model, in-process: context switching, lazy swapping, prefix reuse, cancellation.
+
+Snapshots that the engine swaps out are captured in a list here; the Redis
+store and resuming on another process are covered in tests/integration.
+Token-identity is checked with the same batch shape on both sides (the
+sequence decoding alone), as batched numerics differ from solo ones.
+"""
+
+from __future__ import annotations
+
+import queue
+from concurrent.futures import Future
+from typing import Iterator
+
+import pytest
+
+from services.errors import FailedPrecondition, PermissionDenied
+from services.llm_core.engine import (
+    BatchEngine,
+    EngineConfig,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    PreemptedEvent,
+    Sequence,
+    TokenEvent,
+)
+from services.llm_core.model import LlamaModel, default_model_path
+from services.llm_core.sampling import SamplingConfig
+from services.llm_core.snapshot import Snapshot
+
+PROMPT = "Question: Name three rivers in Europe and say where each one flows.\nAnswer:"
+GREEDY = SamplingConfig(max_tokens=40, ignore_eos=True)
+SAMPLED = SamplingConfig(max_tokens=40, temperature=0.9, top_k=40, seed=1234, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[LlamaModel]:
+    loaded = LlamaModel(default_model_path())
+    yield loaded
+    loaded.close()
+
+
+class Harness:
+    """An engine plus what it swapped out, and helpers to drive one sequence."""
+
+    def __init__(self, model: LlamaModel, **config: int) -> None:
+        self.model = model
+        self.swapped: list[Snapshot] = []
+        self.engine = BatchEngine(model, EngineConfig(**{"max_sequence_tokens": 512, **config}), swap_out=self.keep)
+        self.engine.start()
+
+    def keep(self, snapshot: Snapshot) -> Future:
+        self.swapped.append(snapshot)
+        written: Future = Future()
+        written.set_result(None)
+        return written
+
+    def start(self, request_id: str, sampling: SamplingConfig, prompt: str = PROMPT) -> tuple[Sequence, "queue.Queue[Event]"]:
+        events: queue.Queue[Event] = queue.Queue()
+        seq = Sequence(request_id, "agent-a", self.model.tokenize(prompt, True, True), sampling, events.put)
+        self.engine.submit(seq)
+        return seq, events
+
+    @staticmethod
+    def tokens_until(events: "queue.Queue[Event]", stop_after: int | None = None) -> tuple[list[int], Event]:
+        """Token ids until the sequence finishes, is preempted, or (stop_after) has produced that many."""
+        tokens: list[int] = []
+        while True:
+            event = events.get(timeout=60)
+            if isinstance(event, TokenEvent):
+                tokens.append(event.token_id)
+                if stop_after is not None and len(tokens) == stop_after:
+                    return tokens, event
+            else:
+                return tokens, event
+
+    def run_alone(self, request_id: str, sampling: SamplingConfig) -> list[int]:
+        _, events = self.start(request_id, sampling)
+        tokens, end = self.tokens_until(events)
+        assert isinstance(end, FinishEvent)
+        return tokens
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+@pytest.fixture
+def harness(model: LlamaModel) -> Iterator[Harness]:
+    h = Harness(model, slots=2, resident=3)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def reference(model: LlamaModel) -> Iterator[Harness]:
+    """A second engine with the same shape: the never-interrupted run."""
+    h = Harness(model, slots=2, resident=3)
+    yield h
+    h.close()
+
+
+def preempt_after(h: Harness, request_id: str, sampling: SamplingConfig, n: int, swap: bool) -> tuple[list[int], int, "queue.Queue[Event]"]:
+    seq, events = h.start(request_id, sampling)
+    first, last = h.tokens_until(events, stop_after=n)
+    slot = last.slot
+    assert h.engine.preempt(request_id, swap=swap)
+    more, end = h.tokens_until(events)
+    assert isinstance(end, PreemptedEvent), end
+    return first + more, slot, events
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_a_swapped_out_generation_resumes_token_identical_in_another_slot(harness, reference, sampling):
+    expected = reference.run_alone("ref", sampling)
+
+    before, old_slot, _ = preempt_after(harness, "g1", sampling, 12, swap=True)
+    [snapshot] = harness.swapped
+    assert snapshot.n_past > 0 and snapshot.size > 0
+    assert harness.engine.status()["slots_parked"] == 0  # written out: the slot is free
+    _, blocker_slot, _ = preempt_after(harness, "blocker", SamplingConfig(max_tokens=8), 2, swap=False)
+    assert blocker_slot == old_slot  # parked in the freed slot, so the resume lands in another one
+
+    events: queue.Queue[Event] = queue.Queue()
+    harness.engine.submit(harness.engine.restored(Snapshot.from_bytes(snapshot.to_bytes()), events.put))
+    first = events.get(timeout=60)
+    assert isinstance(first, TokenEvent) and first.slot != old_slot
+    after, end = harness.tokens_until(events)
+    assert isinstance(end, FinishEvent)
+    assert before + [first.token_id] + after == expected
+    assert harness.engine.stats.restores == 1
+
+
+def test_resuming_a_parked_generation_costs_no_snapshot(harness, reference):
+    expected = reference.run_alone("ref", GREEDY)
+    before, slot, _ = preempt_after(harness, "g1", GREEDY, 10, swap=False)
+    assert harness.engine.status()["slots_parked"] == 1
+
+    events: queue.Queue[Event] = queue.Queue()
+    assert harness.engine.resume("g1", "agent-a", events.put) is not None
+    after, end = harness.tokens_until(events)
+    assert isinstance(end, FinishEvent)
+    assert before + after == expected
+    assert harness.swapped == [] and harness.engine.stats.resumes_resident == 1
+
+
+def test_a_parked_generation_is_swapped_out_only_when_its_slot_is_needed(model):
+    h = Harness(model, slots=1, resident=1)
+    try:
+        before, _, _ = preempt_after(h, "parked", GREEDY, 8, swap=False)
+        assert h.swapped == []  # lazy: still resident
+        h.run_alone("newcomer", SamplingConfig(max_tokens=5))
+        [snapshot] = h.swapped  # the newcomer needed the only seq_id
+        assert snapshot.request_id == "parked" and len(snapshot.generated) == len(before)
+        assert h.engine.resume("parked", "agent-a", lambda e: None) is None  # no longer resident
+    finally:
+        h.close()
+
+
+def test_cancel_frees_the_slot_within_one_decode_step(harness):
+    seq, events = harness.start("c1", SamplingConfig(max_tokens=400, ignore_eos=True))
+    harness.tokens_until(events, stop_after=3)
+    harness.engine.cancel(seq)
+    steps_at_cancel = harness.engine.stats.steps
+    while harness.engine.status()["slots_busy"]:
+        events.get(timeout=10)  # tokens decoded before the engine saw the cancel
+    assert harness.engine.stats.steps - steps_at_cancel <= 1
+    assert harness.run_alone("after", SamplingConfig(max_tokens=4)) is not None
+
+
+def test_a_shared_prompt_prefix_is_reused_instead_of_prefilled(harness):
+    system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 4
+    _, events = harness.start("first", SamplingConfig(max_tokens=4), prompt=system + "Question: What is 2+2?\nAnswer:")
+    harness.tokens_until(events)
+    saved_before = harness.engine.stats.prefill_tokens_saved
+    _, events = harness.start("second", SamplingConfig(max_tokens=4), prompt=system + "Question: What time is it?\nAnswer:")
+    _, end = harness.tokens_until(events)
+    assert isinstance(end, FinishEvent)
+    shared = len(harness.model.tokenize(system, True, True))
+    assert end.prefix_reused >= shared - 2  # the boundary token may tokenize differently
+    assert harness.engine.stats.prefill_tokens_saved - saved_before == end.prefix_reused
+
+
+def test_another_agents_generation_cannot_be_resumed_or_discarded(harness):
+    preempt_after(harness, "mine", GREEDY, 4, swap=False)
+    with pytest.raises(PermissionDenied):
+        harness.engine.resume("mine", "agent-b", lambda e: None)
+    with pytest.raises(PermissionDenied):
+        harness.engine.discard("mine", "agent-b")
+    assert harness.engine.discard("mine", "agent-a")
+    harness.run_alone("next", SamplingConfig(max_tokens=2))  # housekeeping ran: the slot is free again
+    assert harness.engine.status()["slots_parked"] == 0
+
+
+def test_a_snapshot_from_a_differently_shaped_core_is_refused(harness, model):
+    preempt_after(harness, "g", GREEDY, 4, swap=True)
+    other = Harness(model, slots=1, resident=1)
+    try:
+        with pytest.raises(FailedPrecondition, match="same model and --resident"):
+            other.engine.restored(harness.swapped[0], lambda e: None)
+    finally:
+        other.close()
+
+
+def test_a_snapshot_llama_cpp_rejects_fails_the_resume_and_frees_the_slot(harness):
+    preempt_after(harness, "g", GREEDY, 4, swap=True)
+    broken = harness.swapped[0]
+    broken.kv = bytes(16)
+    events: queue.Queue[Event] = queue.Queue()
+    harness.engine.submit(harness.engine.restored(broken, events.put))
+    assert isinstance(events.get(timeout=30), ErrorEvent)
+    harness.run_alone("next", SamplingConfig(max_tokens=2))
+    assert harness.engine.status()["slots_busy"] == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_streaming(model):
+    h = Harness(model, slots=2, resident=2, max_sequence_tokens=2048, prefill_chunk=128)
+    try:
+        _, streaming = h.start("stream", SamplingConfig(max_tokens=300, ignore_eos=True))
+        streaming.get(timeout=30)  # it is decoding
+        long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 200)
+        _, long_events = h.start("long", SamplingConfig(max_tokens=1), prompt=long_prompt)
+        assert isinstance(long_events.get(timeout=120), (TokenEvent, FinishEvent))
+        prompt_tokens = len(model.tokenize(long_prompt, True, True))
+        assert prompt_tokens > 1500
+        # The streaming sequence got a token with every 128-token prefill chunk of the long prompt.
+        assert streaming.qsize() >= prompt_tokens // 128 - 1
+    finally:
+        h.close()
