@@ -266,30 +266,30 @@ class BatchEngine:
     def resume(self, request_id: str, agent_id: str, emit: Callable[[Event], None]) -> Sequence | None:
         """Re-queues a parked (resident) sequence; None if it is not resident here."""
         with self._cond:
-            seq = self._parked.get(request_id)
-            if seq is None:
-                return None
-            if seq.agent_id != agent_id:
-                raise PermissionDenied(f"generation {request_id!r} belongs to another agent")
-            del self._parked[request_id]
-            seq.emit = emit
-            self._waiting.appendleft(seq)
-            self.stats.resumes_resident += 1
-            self._cond.notify()
+            seq = self._unpark_locked(request_id, agent_id)
+            if seq is not None:
+                seq.emit = emit
+                self._waiting.appendleft(seq)
+                self.stats.resumes_resident += 1
             return seq
 
     def discard(self, request_id: str, agent_id: str) -> bool:
         """Frees a parked sequence's slot."""
         with self._cond:
-            seq = self._parked.get(request_id)
-            if seq is None:
-                return False
-            if seq.agent_id != agent_id:
-                raise PermissionDenied(f"generation {request_id!r} belongs to another agent")
-            del self._parked[request_id]
-            self._to_release.append(seq)
-            self._cond.notify()
-            return True
+            seq = self._unpark_locked(request_id, agent_id)
+            if seq is not None:
+                self._to_release.append(seq)
+            return seq is not None
+
+    def _unpark_locked(self, request_id: str, agent_id: str) -> Sequence | None:
+        seq = self._parked.get(request_id)
+        if seq is None:
+            return None
+        if seq.agent_id != agent_id:
+            raise PermissionDenied(f"generation {request_id!r} belongs to another agent")
+        del self._parked[request_id]
+        self._cond.notify()
+        return seq
 
     def restored(self, snapshot: Snapshot, emit: Callable[[Event], None]) -> Sequence:
         """A sequence rebuilt from a snapshot, ready to `submit` (its KV loads on admission)."""

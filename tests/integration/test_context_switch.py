@@ -7,7 +7,6 @@ interrupted. Both sides decode the sequence alone (same batch shape).
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import grpc
@@ -17,6 +16,7 @@ import redis
 from aios.v1 import common_pb2, llm_core_pb2, llm_core_pb2_grpc
 from deploy.cluster import Cluster, ClusterConfig
 from services.llm_core.snapshot import snapshot_key
+from tests.integration.waiting import wait_until
 
 AGENT = "agt-contract"
 PROMPT = "Question: Describe how a bicycle gear system works, step by step.\nAnswer:"
@@ -76,15 +76,14 @@ def preempt_midway(stub, syscall_id: str, prompt: str, sampled: bool, swap_out: 
     return first + more, slots[0]
 
 
-def wait_idle(stub, within_s: float = 10.0) -> llm_core_pb2.InfoResponse:
+def wait_idle(stub) -> llm_core_pb2.InfoResponse:
     """Info once no slot decodes: every failure and cancellation must give its slot back."""
-    deadline = time.monotonic() + within_s
-    while True:
+
+    def idle() -> llm_core_pb2.InfoResponse | None:
         info = stub.Info(llm_core_pb2.InfoRequest(), timeout=5)
-        if info.slots_busy == 0 and info.waiting == 0:
-            return info
-        assert time.monotonic() < deadline, f"slots still busy after {within_s} s: {info}"
-        time.sleep(0.02)  # polling the condition itself; the deadline bounds it
+        return info if info.slots_busy == 0 and info.waiting == 0 else None
+
+    return wait_until(idle, what="no busy slot")
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampling"])

@@ -18,6 +18,7 @@ import pytest
 import aios
 from aios.v1 import common_pb2
 from deploy.cluster import Cluster, ClusterConfig
+from tests.integration.waiting import wait_until
 
 PROMPTS = [
     "Question: What makes a good night's sleep?\nAnswer:",
@@ -98,13 +99,11 @@ def test_a_client_that_leaves_while_preempted_gets_its_slot_discarded(kernel):
     stream.close()  # the agent goes away while switched out
     worker.join(timeout=60)
     assert done.is_set()
-    deadline = time.monotonic() + 10
-    while True:
+    def no_slot_held() -> bool:
         llm = kernel.status().llm
-        if llm.slots_parked == 0 and llm.slots_busy == 0:
-            break
-        assert time.monotonic() < deadline, f"a preempted sequence leaked: {llm}"
-        time.sleep(0.05)  # polling the status itself; the deadline bounds it
+        return llm.slots_parked == 0 and llm.slots_busy == 0
+
+    wait_until(no_slot_held, what="the preempted sequence discarded")
     assert leaving.syscall(first.syscall_id).state == common_pb2.SYSCALL_STATE_FAILED
 
 
