@@ -16,8 +16,10 @@ A seq_id not decoding holds one of:
 
 Streams are not unified (`kv_unified = False`): each sequence attends over its
 own cells only, which measured 186 vs 131 tok/s at 16 sequences of 500 tokens.
-Prefix reuse therefore copies a whole stream (`llama_memory_seq_cp`) and trims
-it, unless it can adopt the cached sequence's own stream.
+Prefix reuse therefore copies the source sequence's state into the new one's
+stream and trims it, unless it can adopt the cached sequence's own stream.
+llama.cpp decodes one run of consecutive seq_ids per pass over the weights, so
+decoding sequences are kept on the lowest seq_ids and resting ones are moved up.
 
 Events go back through each sequence's `emit` callback, on the engine thread,
 in order. All llama.cpp calls happen on the engine thread.
@@ -357,23 +359,69 @@ class BatchEngine:
                 seq.emit(event)
             seq.preempt = ""
 
-    def _take_slot_locked(self) -> int | None:
-        """A free seq_id: drops the least recently used cached prefix, else swaps out the oldest parked."""
-        if self._free_slots:  # the lowest free seq_id keeps decoding sequences consecutive (see _step)
-            slot = min(self._free_slots)
-            self._free_slots.remove(slot)
-            return slot
-        if self._cached:
-            slot, _ = self._cached.popitem(last=False)
-            llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
-            return slot
-        if self._parked:
-            victim = next(iter(self._parked.values()))
-            slot = victim.slot
-            self._swap_out_locked(victim)
-            self._free_slots.remove(slot)
-            return slot
+    def _lowest_idle_slot_locked(self) -> int:
+        """The lowest seq_id no decoding sequence holds (one exists: active < slots <= resident).
+
+        llama.cpp makes one pass over the weights per run of consecutive seq_ids in a batch
+        (see _step), so decoding sequences are kept low and together.
+        """
+        busy = {s.slot for s in self._active}
+        return next(i for i in range(self.config.resident) if i not in busy)
+
+    def _spare_slot_locked(self, above: int) -> int | None:
+        """A free seq_id above `above` to move a resting sequence to; drops the LRU cached prefix there if needed."""
+        higher = [i for i in self._free_slots if i > above]
+        if higher:
+            self._free_slots.remove(max(higher))
+            return max(higher)
+        for slot in self._cached:  # least recently used first
+            if slot > above:
+                del self._cached[slot]
+                llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                return slot
         return None
+
+    def _copy_locked(self, src: int, dst: int) -> None:
+        """Copies one sequence's KV to another seq_id, now.
+
+        Not llama_memory_seq_cp: across streams it defers the data copy to the next decode, and a
+        restore or a snapshot of either seq_id before then would read or clobber the wrong data.
+        """
+        if not write_sequence_state(self.ctx, dst, read_sequence_state(self.ctx, src)):
+            raise RuntimeError(f"llama.cpp refused to copy seq_id {src} to {dst}")
+
+    def _move_locked(self, src: int, dst: int) -> None:
+        self._copy_locked(src, dst)
+        llama.llama_memory_seq_rm(self.memory, src, -1, -1)
+
+    def _vacate_locked(self, slot: int) -> int:
+        """Makes `slot` free. A cached prefix or parked sequence resting there moves to a spare seq_id;
+        with none, the prefix is dropped and the parked sequence written out. Returns where it went (-1: gone)."""
+        if slot in self._free_slots:
+            self._free_slots.remove(slot)
+            return -1
+        spare = self._spare_slot_locked(slot)
+        if slot in self._cached:
+            tokens = self._cached.pop(slot)
+            if spare is None:
+                llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                return -1
+            self._move_locked(slot, spare)
+            self._cached[spare] = tokens
+            return spare
+        parked = next(p for p in self._parked.values() if p.slot == slot)
+        if spare is None:
+            self._swap_out_locked(parked)
+            self._free_slots.remove(slot)
+            return -1
+        self._move_locked(slot, spare)
+        parked.slot = spare
+        return spare
+
+    def _claim_slot_locked(self) -> int:
+        slot = self._lowest_idle_slot_locked()
+        self._vacate_locked(slot)
+        return slot
 
     def _swap_out_locked(self, seq: Sequence) -> Future:
         """Snapshots a parked sequence and frees its seq_id; the future completes once it is written."""
@@ -410,8 +458,8 @@ class BatchEngine:
             )
         self.stats.restores += 1
 
-    def _reuse_prefix_locked(self, seq: Sequence) -> int | None:
-        """Gives `seq` a seq_id holding the longest resident prefix of its prompt; None if no slot."""
+    def _reuse_prefix_locked(self, seq: Sequence) -> int:
+        """Gives `seq` a seq_id holding the longest resident prefix of its prompt."""
         want = seq.prompt_array[:-1]  # the last prompt token is always decoded, for its logits
         best, source, cached = 0, -1, False
         if self.config.prefix_cache:
@@ -426,15 +474,17 @@ class BatchEngine:
                 if n > best:
                     best, source, cached = n, other.slot, False
         if best < self.config.min_prefix_tokens:
-            return self._take_slot_locked()
-        if cached:
-            del self._cached[source]  # adopt the cached stream itself: no copy
-            slot = source
+            return self._claim_slot_locked()
+        slot = self._lowest_idle_slot_locked()
+        if cached and source == slot:
+            del self._cached[slot]  # adopt the cached stream where it is: no copy
         else:
-            slot = self._take_slot_locked()
-            if slot is None:
-                return None
-            llama.llama_memory_seq_cp(self.memory, source, slot, -1, -1)
+            moved_to = self._vacate_locked(slot)
+            if source == slot:  # the source was resting here and moved (or was written out)
+                source = moved_to
+            if source < 0:
+                return slot
+            self._copy_locked(source, slot)
         llama.llama_memory_seq_rm(self.memory, slot, best, -1)
         pos_min = llama.llama_memory_seq_pos_min(self.memory, slot)
         if pos_min > max(0, best - self.n_swa):  # sliding-window layers lost cells we need: prefill all
@@ -446,15 +496,17 @@ class BatchEngine:
 
     def _admit_locked(self) -> None:
         while self._waiting and len(self._active) < self.config.slots:
-            seq = self._waiting[0]
-            if seq.slot >= 0:  # a resumed resident sequence
-                self._waiting.popleft()
+            seq = self._waiting.popleft()
+            if seq.slot >= 0:  # a resumed resident sequence: brought down next to the others
+                low = self._lowest_idle_slot_locked()
+                if low < seq.slot:
+                    self._vacate_locked(low)
+                    self._move_locked(seq.slot, low)
+                    self._free_slots.append(seq.slot)
+                    seq.slot = low
                 self._active.append(seq)
                 continue
-            slot = self._reuse_prefix_locked(seq) if seq.restore is None else self._take_slot_locked()
-            if slot is None:
-                return
-            self._waiting.popleft()
+            slot = self._reuse_prefix_locked(seq) if seq.restore is None else self._claim_slot_locked()
             seq.slot = slot
             if seq.restore is not None:
                 snapshot, seq.restore = seq.restore, None

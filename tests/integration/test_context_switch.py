@@ -102,16 +102,15 @@ def test_resume_on_a_second_core_process_is_token_identical(core_a, core_b, clus
     assert wait_idle(core_a).slots_parked == 0
 
 
-def test_resume_in_the_same_core_lands_in_another_slot_with_identical_tokens(core_a, core_b):
+def test_a_swapped_out_generation_resumes_identically_on_its_own_core(core_a, core_b):
+    """(Restoring into a different seq_id than it left from: tests/unit/test_llm_engine.py.)"""
     prompt = "Question: List the planets of the solar system in order.\nAnswer:"
     expected, _, _ = read(generate(core_b, "ref-slot", prompt))
-    before, old_slot = preempt_midway(core_a, "same-core", prompt, False, swap_out=True)
-    _, blocker_slot = preempt_midway(core_a, "blocker", PROMPT + " Blocker.", False, swap_out=False)
-    assert blocker_slot == old_slot  # the lowest free slot; parked there, so the resume must go elsewhere
-    after, slots, _ = read(generate(core_a, "same-core", resume=True))
+    saved = wait_idle(core_a).snapshots_saved
+    before, _ = preempt_midway(core_a, "same-core", prompt, False, swap_out=True)
+    assert wait_idle(core_a).snapshots_saved == saved + 1
+    after, _, _ = read(generate(core_a, "same-core", resume=True))
     assert before + after == expected
-    assert slots[0] != old_slot
-    assert core_a.Discard(llm_core_pb2.DiscardRequest(syscall_id="blocker", agent_id=AGENT), timeout=10).discarded
 
 
 def test_a_lazily_parked_generation_resumes_without_a_snapshot(core_a, core_b):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
@@ -111,20 +112,41 @@ def preempt_after(h: Harness, request_id: str, sampling: SamplingConfig, n: int,
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
-def test_a_swapped_out_generation_resumes_token_identical_in_another_slot(harness, reference, sampling):
+def test_a_swapped_out_generation_resumes_token_identical_in_another_slot(model, sampling):
+    with two_slot_engines(model) as (harness, reference):
+        check_swap_and_restore(harness, reference, sampling)
+
+
+@contextmanager
+def two_slot_engines(model: LlamaModel) -> Iterator[tuple[Harness, Harness]]:
+    """Two slots, two resident seq_ids: the engine under test and the never-interrupted reference."""
+    harness, reference = Harness(model, slots=2, resident=2), Harness(model, slots=2, resident=2)
+    try:
+        yield harness, reference
+    finally:
+        harness.close()
+        reference.close()
+
+
+def check_swap_and_restore(harness: Harness, reference: Harness, sampling: SamplingConfig) -> None:
     expected = reference.run_alone("ref", sampling)
 
-    before, old_slot, _ = preempt_after(harness, "g1", sampling, 12, swap=True)
+    before, first_slot, _ = preempt_after(harness, "g1", sampling, 12, swap=False)
+    assert first_slot == 0  # decoding sequences take the lowest seq_ids
+    # x needs seq_id 0: the parked g1 moves up to seq_id 1 (a stream copy) ...
+    _, x_events = harness.start("x", SamplingConfig(max_tokens=30, ignore_eos=True))
+    harness.tokens_until(x_events, stop_after=2)
+    # ... and y needs seq_id 1 while 0 decodes: with no spare seq_id left, g1 is written out from seq_id 1.
+    _, y_events = harness.start("y", SamplingConfig(max_tokens=3))
+    harness.tokens_until(y_events)
     [snapshot] = harness.swapped
-    assert snapshot.n_past > 0 and snapshot.size > 0
-    assert harness.engine.status()["slots_parked"] == 0  # written out: the slot is free
-    _, blocker_slot, _ = preempt_after(harness, "blocker", SamplingConfig(max_tokens=8), 2, swap=False)
-    assert blocker_slot == old_slot  # parked in the freed slot, so the resume lands in another one
+    assert snapshot.request_id == "g1" and snapshot.n_past > 0 and snapshot.size > 0
+    assert isinstance(harness.tokens_until(x_events)[1], FinishEvent)  # x done: g1 will decode alone, as before
 
     events: queue.Queue[Event] = queue.Queue()
     harness.engine.submit(harness.engine.restored(Snapshot.from_bytes(snapshot.to_bytes()), events.put))
     first = events.get(timeout=60)
-    assert isinstance(first, TokenEvent) and first.slot != old_slot
+    assert isinstance(first, TokenEvent) and first.slot == 0  # restored into another seq_id than it left from
     after, end = harness.tokens_until(events)
     assert isinstance(end, FinishEvent)
     assert before + [first.token_id] + after == expected
