@@ -365,7 +365,7 @@ class BatchEngine:
         llama.cpp makes one pass over the weights per run of consecutive seq_ids in a batch
         (see _step), so decoding sequences are kept low and together.
         """
-        busy = {s.slot for s in self._active}
+        busy = {s.slot for s in self._active} | {s.slot for s in self._waiting if s.slot >= 0}  # + resumed, resident
         return next(i for i in range(self.config.resident) if i not in busy)
 
     def _spare_slot_locked(self, above: int) -> int | None:
@@ -497,28 +497,33 @@ class BatchEngine:
     def _admit_locked(self) -> None:
         while self._waiting and len(self._active) < self.config.slots:
             seq = self._waiting.popleft()
-            if seq.slot >= 0:  # a resumed resident sequence: brought down next to the others
-                low = self._lowest_idle_slot_locked()
-                if low < seq.slot:
-                    self._vacate_locked(low)
-                    self._move_locked(seq.slot, low)
-                    self._free_slots.append(seq.slot)
-                    seq.slot = low
-                self._active.append(seq)
+            try:
+                self._place_locked(seq)
+            except Exception as exc:  # noqa: BLE001 - fail this sequence, keep the engine alive
+                log.exception("could not admit %s", seq.request_id)
+                error = exc if isinstance(exc, AiosError) else Unavailable(f"the LLM core could not admit it: {exc}")
+                seq.emit(ErrorEvent(error))
+                self._release_locked(seq)
                 continue
-            slot = self._reuse_prefix_locked(seq) if seq.restore is None else self._claim_slot_locked()
-            seq.slot = slot
-            if seq.restore is not None:
-                snapshot, seq.restore = seq.restore, None
-                try:
-                    self._load(seq, snapshot)
-                except AiosError as exc:
-                    seq.emit(ErrorEvent(exc))
-                    seq.finished = True
-                    self._free_slots.append(slot)
-                    continue
-                seq.kv_ready = True
             self._active.append(seq)
+
+    def _place_locked(self, seq: Sequence) -> None:
+        """Gives an admitted sequence its seq_id, with its KV (a restored snapshot or a reused prefix)."""
+        if seq.slot >= 0:  # a resumed resident sequence: brought down next to the others
+            low = self._lowest_idle_slot_locked()
+            if low < seq.slot:
+                self._vacate_locked(low)
+                self._move_locked(seq.slot, low)
+                self._free_slots.append(seq.slot)
+                seq.slot = low
+            return
+        if seq.restore is None:
+            seq.slot = self._reuse_prefix_locked(seq)
+            return
+        seq.slot = self._claim_slot_locked()
+        snapshot, seq.restore = seq.restore, None
+        self._load(seq, snapshot)
+        seq.kv_ready = True
 
     def _release_locked(self, seq: Sequence, keep_as_prefix: bool = False) -> None:
         if seq.finished:
