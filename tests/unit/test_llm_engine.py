@@ -249,3 +249,28 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_streaming(model)
         assert streaming.qsize() >= prompt_tokens // 128 - 1
     finally:
         h.close()
+
+
+def test_resumed_sequences_waiting_together_keep_their_kv(model):
+    """Two parked sequences resumed at once: placing the first must not take the second's seq_id."""
+    h = Harness(model, slots=3, resident=4)
+    try:
+        _, a_events = h.start("a", SamplingConfig(max_tokens=200, ignore_eos=True))
+        h.tokens_until(a_events, stop_after=1)  # a decodes on seq_id 0
+        b1_tokens, b1_slot, _ = preempt_after(h, "b1", GREEDY, 3, swap=False)
+        _, x_events = h.start("x", SamplingConfig(max_tokens=40, ignore_eos=True))
+        h.tokens_until(x_events, stop_after=1)
+        b2_tokens, b2_slot, _ = preempt_after(h, "b2", GREEDY, 3, swap=False)
+        assert b1_slot != b2_slot
+        assert isinstance(h.tokens_until(x_events)[1], FinishEvent)  # x rests on seq_id 2 as a cached prefix
+        resumed: dict[str, queue.Queue[Event]] = {"b1": queue.Queue(), "b2": queue.Queue()}
+        with h.engine._cond:  # both wait at the same admission
+            h.engine.resume("b1", "agent-a", resumed["b1"].put)
+            h.engine.resume("b2", "agent-a", resumed["b2"].put)
+        for name, before in (("b1", b1_tokens), ("b2", b2_tokens)):
+            rest, end = h.tokens_until(resumed[name])
+            assert isinstance(end, FinishEvent), end
+            assert len(before) + len(rest) == GREEDY.max_tokens
+        assert h.swapped == []  # everything stayed resident
+    finally:
+        h.close()
