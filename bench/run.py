@@ -29,6 +29,7 @@ from typing import Any
 
 import llama_cpp as llama
 import numpy as np
+import redis
 
 import aios
 from aios.v1 import common_pb2
@@ -40,7 +41,6 @@ from services.llm_core.engine import (
     write_sequence_state,
 )
 from services.llm_core.model import LlamaModel, default_model_path
-from services.llm_core.snapshot import KvSnapshotStore
 from services.tools.builtin import evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -192,7 +192,7 @@ def run_aios(kernel: aios.Kernel, calls: list[list[Call]]) -> dict[str, Any]:
 
 def bench_snapshots(runner: SequentialRunner, redis_url: str, lengths: list[int], reps: int = 15) -> list[dict[str, Any]]:
     """Save = read the sequence's KV state; restore = load it back. Also the same through Redis."""
-    store = KvSnapshotStore(redis_url, ttl_s=60)
+    client = redis.Redis.from_url(redis_url)
     text = " ".join(["the kernel schedules every agent request as a system call"] * 200)
     tokens = runner.model.tokenize(text, add_bos=True, special=False)
     rows = []
@@ -213,11 +213,11 @@ def bench_snapshots(runner: SequentialRunner, redis_url: str, lengths: list[int]
             restore.append(t3 - t2)
             size = len(kv)
             t4 = time.perf_counter()
-            store.redis.set("aios:snap:bench", kv, px=60_000)
-            blob = store.redis.get("aios:snap:bench")
+            client.set("aios:snap:bench", kv, px=60_000)
+            blob = client.get("aios:snap:bench")
             via_redis.append(time.perf_counter() - t4)
             assert len(blob) == size
-        store.redis.delete("aios:snap:bench")
+        client.delete("aios:snap:bench")
         rows.append(
             {
                 "context_tokens": length,
@@ -230,7 +230,7 @@ def bench_snapshots(runner: SequentialRunner, redis_url: str, lengths: list[int]
         )
         say(f"snapshot {length:>5} tokens: {rows[-1]['size_mb']:.1f} MB, save {rows[-1]['save_ms_p50']:.2f} ms, "
             f"restore {rows[-1]['restore_ms_p50']:.2f} ms, Redis round trip {rows[-1]['redis_write_plus_read_ms_p50']:.1f} ms")
-    store.close()
+    client.close()
     return rows
 
 

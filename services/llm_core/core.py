@@ -68,7 +68,6 @@ class LLMCore:
         snapshot = self.snapshots.take(request_id, agent_id)
         seq = self.engine.restored(snapshot, emit)
         self.engine.submit(seq)
-        self.snapshots.restored += 1
         self.snapshots.forget(request_id)  # consumed; a later preemption writes a fresh one
         return seq
 

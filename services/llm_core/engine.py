@@ -153,7 +153,6 @@ class EngineStats:
     prefill_tokens_saved: int = 0
     preemptions: int = 0
     resumes_resident: int = 0
-    swap_outs: int = 0
     restores: int = 0
 
 
@@ -324,6 +323,7 @@ class BatchEngine:
                 "tokens_generated": self.stats.tokens_generated,
                 "preemptions": self.stats.preemptions,
                 "resumes_resident": self.stats.resumes_resident,
+                "snapshots_restored": self.stats.restores,
                 "prefill_tokens": self.stats.prefill_tokens,
                 "prefill_tokens_saved": self.stats.prefill_tokens_saved,
             }
@@ -426,7 +426,6 @@ class BatchEngine:
     def _swap_out_locked(self, seq: Sequence) -> Future:
         """Snapshots a parked sequence and frees its seq_id; the future completes once it is written."""
         written = self.swap_out(self._snapshot(seq))
-        self.stats.swap_outs += 1
         self._parked.pop(seq.request_id, None)
         llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
         self._free_slots.append(seq.slot)

@@ -118,7 +118,6 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
             max_sequence_tokens=engine.config.max_sequence_tokens,
             redis_ok=await self.redis_ok(),
             snapshots_saved=store.saved,
-            snapshots_restored=store.restored,
             snapshot_bytes_saved=store.saved_bytes,
             snapshots_in_redis=in_redis,
             **engine.status(),

@@ -125,8 +125,6 @@ class KvSnapshotStore:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
         self.saved = 0
         self.saved_bytes = 0
-        self.save_failures = 0
-        self.restored = 0
 
     # ---- writing (from the engine thread) -----------------------------------------
 
@@ -152,7 +150,6 @@ class KvSnapshotStore:
         try:
             self.redis.set(snapshot_key(snapshot.request_id), blob, px=self.ttl_ms)
         except (RedisError, OSError) as exc:
-            self.save_failures += 1
             log.warning("snapshot %s stays local: Redis refused it (%s)", snapshot.request_id, exc)
             return
         with self._lock:
