@@ -360,13 +360,13 @@ class BatchEngine:
             seq.preempt = ""
 
     def _lowest_idle_slot_locked(self) -> int:
-        """The lowest seq_id no decoding sequence holds (one exists: active < slots <= resident).
+        """The lowest seq_id no decoding sequence holds; `resident` if none (not when admitting: active < slots).
 
         llama.cpp makes one pass over the weights per run of consecutive seq_ids in a batch
         (see _step), so decoding sequences are kept low and together.
         """
         busy = {s.slot for s in self._active} | {s.slot for s in self._waiting if s.slot >= 0}  # + resumed, resident
-        return next(i for i in range(self.config.resident) if i not in busy)
+        return next((i for i in range(self.config.resident) if i not in busy), self.config.resident)
 
     def _spare_slot_locked(self, above: int) -> int | None:
         """A free seq_id above `above` to move a resting sequence to; drops the LRU cached prefix there if needed."""
@@ -418,6 +418,54 @@ class BatchEngine:
         parked.slot = spare
         return spare
 
+    def _compact_locked(self) -> None:
+        """Moves decoding sequences down into the seq_ids that finished or preempted ones left, so that
+        they stay one run of consecutive seq_ids: each gap would cost a pass over the weights every step
+        (measured: 15 sequences with one gap 112 ms per step, 16 without 70 ms)."""
+        while self._active:
+            top = max(self._active, key=lambda s: s.slot)
+            if top.slot < len(self._active):  # they hold seq_ids 0..n-1
+                return
+            gap = self._lowest_idle_slot_locked()
+            if gap > top.slot or not self._exchange_locked(gap, top):
+                return
+
+    def _exchange_locked(self, gap: int, top: Sequence) -> bool:
+        """Swaps the KV and bookkeeping of seq_id `gap` and `top`'s seq_id: what rested at `gap`
+        (a cached prefix or a parked sequence, if anything) moves up to where `top` was.
+        False if llama.cpp refused to load `top` at `gap` (it then stays where it was)."""
+        high = top.slot
+        resting = None if gap in self._free_slots else read_sequence_state(self.ctx, gap)
+        moving = read_sequence_state(self.ctx, high)
+        llama.llama_memory_seq_rm(self.memory, gap, -1, -1)
+        if not write_sequence_state(self.ctx, gap, moving):  # top keeps its KV at `high`
+            self._drop_resting_locked(gap)
+            return False
+        llama.llama_memory_seq_rm(self.memory, high, -1, -1)
+        relabel = {gap: high, high: gap}
+        for seq in [*self._parked.values(), *self._waiting, top]:
+            seq.slot = relabel.get(seq.slot, seq.slot)
+        self._cached = OrderedDict((relabel.get(slot, slot), tokens) for slot, tokens in self._cached.items())
+        self._free_slots = [relabel.get(slot, slot) for slot in self._free_slots]
+        if resting is not None and not write_sequence_state(self.ctx, high, resting):
+            self._drop_resting_locked(high)
+        return True
+
+    def _drop_resting_locked(self, slot: int) -> None:
+        """What rested at `slot` lost its KV in a move that llama.cpp refused: forget it, or fail it."""
+        log.error("llama.cpp refused to move seq_id %d; dropping what rested there", slot)
+        llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        if self._cached.pop(slot, None) is not None:
+            self._free_slots.append(slot)
+            return
+        for seq in [*self._parked.values(), *self._waiting]:
+            if seq.slot == slot:
+                self._parked.pop(seq.request_id, None)
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+                seq.emit(ErrorEvent(Unavailable(f"generation {seq.request_id!r} lost its context on this LLM core")))
+                self._release_locked(seq)
+
     def _claim_slot_locked(self) -> int:
         slot = self._lowest_idle_slot_locked()
         self._vacate_locked(slot)
@@ -457,8 +505,8 @@ class BatchEngine:
             )
         self.stats.restores += 1
 
-    def _reuse_prefix_locked(self, seq: Sequence) -> int:
-        """Gives `seq` a seq_id holding the longest resident prefix of its prompt."""
+    def _best_prefix_locked(self, seq: Sequence) -> tuple[int, int, bool]:
+        """The longest computed prefix of `seq`'s prompt resident here: (tokens, seq_id, is a cached prefix)."""
         want = seq.prompt_array[:-1]  # the last prompt token is always decoded, for its logits
         best, source, cached = 0, -1, False
         if self.config.prefix_cache:
@@ -472,6 +520,24 @@ class BatchEngine:
                 n = common_prefix(other.tokens_in_kv(), want)
                 if n > best:
                     best, source, cached = n, other.slot, False
+        return best, source, cached
+
+    def _prefix_coming_locked(self, seq: Sequence) -> bool:
+        """True when a sequence prefilling now will soon hold a longer prefix of `seq`'s prompt than any
+        resident one: agents that start together with the same system prompt then prefill it once."""
+        if not self.config.prefix_cache or seq.slot >= 0 or seq.restore is not None:
+            return False
+        want = seq.prompt_array[:-1]
+        enough = self._best_prefix_locked(seq)[0] + self.config.min_prefix_tokens
+        return any(
+            other.prefilling and not other.cancelled and not other.preempt
+            and common_prefix(other.prompt_array, want) >= max(enough, other.n_past + 1)
+            for other in self._active
+        )
+
+    def _reuse_prefix_locked(self, seq: Sequence) -> int:
+        """Gives `seq` a seq_id holding the longest resident prefix of its prompt."""
+        best, source, cached = self._best_prefix_locked(seq)
         if best < self.config.min_prefix_tokens:
             return self._claim_slot_locked()
         slot = self._lowest_idle_slot_locked()
@@ -494,8 +560,12 @@ class BatchEngine:
         return slot
 
     def _admit_locked(self) -> None:
+        later: list[Sequence] = []  # waiting for a shared prefix another sequence is prefilling
         while self._waiting and len(self._active) < self.config.slots:
             seq = self._waiting.popleft()
+            if self._prefix_coming_locked(seq):
+                later.append(seq)
+                continue
             try:
                 self._place_locked(seq)
             except Exception as exc:  # noqa: BLE001 - fail this sequence, keep the engine alive
@@ -505,16 +575,11 @@ class BatchEngine:
                 self._release_locked(seq)
                 continue
             self._active.append(seq)
+        self._waiting.extendleft(reversed(later))
 
     def _place_locked(self, seq: Sequence) -> None:
         """Gives an admitted sequence its seq_id, with its KV (a restored snapshot or a reused prefix)."""
-        if seq.slot >= 0:  # a resumed resident sequence: brought down next to the others
-            low = self._lowest_idle_slot_locked()
-            if low < seq.slot:
-                self._vacate_locked(low)
-                self._move_locked(seq.slot, low)
-                self._free_slots.append(seq.slot)
-                seq.slot = low
+        if seq.slot >= 0:  # a resumed resident sequence: _compact_locked brings it down next to the others
             return
         if seq.restore is None:
             seq.slot = self._reuse_prefix_locked(seq)
@@ -551,6 +616,7 @@ class BatchEngine:
                     self._cond.wait()
                     self._housekeeping_locked()
                     self._admit_locked()
+                self._compact_locked()
                 if self._stopping:
                     break
                 active = list(self._active)

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Iterator
 
+import llama_cpp as llama
 import pytest
 
 from services.errors import FailedPrecondition, PermissionDenied
@@ -201,6 +202,52 @@ def test_a_shared_prompt_prefix_is_reused_instead_of_prefilled(harness):
     shared = len(harness.model.tokenize(system, True, True))
     assert end.prefix_reused >= shared - 2  # the boundary token may tokenize differently
     assert harness.engine.stats.prefill_tokens_saved - saved_before == end.prefix_reused
+
+
+def test_agents_starting_together_prefill_their_shared_prompt_once(model):
+    h = Harness(model, slots=3, resident=4)
+    try:
+        prompt = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
+        n = len(model.tokenize(prompt, True, True))
+        with h.engine._cond:  # all three reach the same admission
+            streams = [h.start(name, SamplingConfig(max_tokens=4), prompt=prompt)[1] for name in "abc"]
+        ends = [h.tokens_until(events)[1] for events in streams]
+        assert all(isinstance(end, FinishEvent) for end in ends)
+        # a prefilled the prompt; b and c waited one step for it, copied it and decoded only its last token.
+        assert [end.prefix_reused for end in ends] == [0, n - 1, n - 1]
+        assert h.engine.stats.prefill_tokens == n + 2
+    finally:
+        h.close()
+
+
+def test_decoding_sequences_close_the_gap_a_finished_one_leaves(model):
+    """llama.cpp makes a pass over the weights per run of consecutive seq_ids, so a gap costs a pass per step."""
+    h = Harness(model, slots=3, resident=4)
+    try:
+        prompt = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
+        with h.engine._cond:
+            _, short = h.start("short", SamplingConfig(max_tokens=4, ignore_eos=True), prompt=prompt)
+            _, b = h.start("b", GREEDY, prompt=prompt)
+            _, c = h.start("c", GREEDY, prompt=prompt)
+        assert isinstance(h.tokens_until(short)[1], FinishEvent)  # it leaves seq_id 0, keeping its KV as a prefix
+        b_events, c_events = drain(b), drain(c)
+        assert {e.slot for e in b_events} == {1}
+        assert c_events[0].slot == 2 and c_events[-1].slot == 0  # c moved down into the gap ...
+        assert [e.token_id for e in c_events] == [e.token_id for e in b_events]  # ... with its KV intact
+        with h.engine._cond:  # ... and the finished sequence's prefix moved up to seq_id 2 with its KV
+            tokens = h.engine._cached[2]
+            assert llama.llama_memory_seq_pos_max(h.engine.memory, 2) == len(tokens) - 1
+    finally:
+        h.close()
+
+
+def drain(events: "queue.Queue[Event]") -> list[TokenEvent]:
+    """Every token event until the sequence finishes."""
+    tokens: list[TokenEvent] = []
+    while isinstance(event := events.get(timeout=60), TokenEvent):
+        tokens.append(event)
+    assert isinstance(event, FinishEvent), event
+    return tokens
 
 
 def test_another_agents_generation_cannot_be_resumed_or_discarded(harness):
