@@ -126,7 +126,9 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"restored {llm.snapshots_restored}")
     if status.HasField("memory"):
         m = status.memory
-        print(f"memory: {m.entries} entries of {m.agents} agents, {m.resident_bytes} bytes resident")
+        print(f"memory: {m.entries} entries of {m.agents} agents; {m.resident_bytes} of {m.ram_budget_bytes} budget "
+              f"bytes resident, blocks {m.blocks_resident} resident / {m.blocks_spilled} spilled; LRU-{m.lru_k}: "
+              f"{m.hits} hits, {m.faults} faults (hit ratio {m.hit_ratio:.2f}), {m.evictions} evictions")
     return 0
 
 

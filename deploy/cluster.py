@@ -214,8 +214,8 @@ class Cluster:
             args += ["--slots", str(config.slots)]
             if config.model:
                 args += ["--model", str(config.model)]
-        elif name == "storage":
-            args += ["--data-dir", str(self.data / "storage")]
+        elif name in ("storage", "memory"):
+            args += ["--data-dir", str(self.data / name)]
         elif name == "kernel":
             args += ["--policy", config.policy, "--slice-tokens", str(config.slice_tokens), "--llm-slots", str(config.slots)]
             for manager in MANAGERS:

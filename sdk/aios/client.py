@@ -128,10 +128,17 @@ class Agent:
         seed: int | None = None,
         stop: Iterable[str] = (),
         ignore_eos: bool = False,
+        history_turns: int = 0,
+        remember: bool = False,
         timeout: float | None = None,
     ) -> Iterator[llm_core_pb2.GenerateChunk]:
-        """Streams chunks as tokens are generated; the last chunk has finish_reason set."""
+        """Streams chunks as tokens are generated; the last chunk has finish_reason set.
+
+        With `messages`: `history_turns` replays the agent's newest turns from memory before them,
+        and `remember` stores them and the reply in memory as turns."""
         request = kernel_pb2.KernelGenerateRequest(
+            history_turns=history_turns,
+            remember=remember,
             agent_id=self.id,
             prompt=prompt,
             messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
@@ -186,8 +193,24 @@ class Agent:
             raise _raise(exc) from None
         return getattr(reply, kind)
 
-    def memory_add(self, text: str, metadata: dict[str, str] | None = None) -> memory_pb2.MemoryEntry:
-        return self._syscall(memory_add=memory_pb2.MemoryAddRequest(text=text, metadata=metadata or {}))
+    def memory_add(self, text: str, metadata: dict[str, str] | None = None, role: str = "") -> memory_pb2.MemoryEntry:
+        """A note, or with role "user"/"assistant" a conversation turn."""
+        return self._syscall(memory_add=memory_pb2.MemoryAddRequest(text=text, metadata=metadata or {}, role=role))
+
+    def memory_update(
+        self, entry_id: str, text: str = "", metadata: dict[str, str] | None = None, remove_metadata: Iterable[str] = ()
+    ) -> memory_pb2.MemoryEntry:
+        return self._syscall(memory_update=memory_pb2.MemoryUpdateRequest(
+            id=entry_id, text=text, metadata=metadata or {}, remove_metadata=list(remove_metadata)))
+
+    def memory_search(self, query: str, limit: int = 10, metadata: dict[str, str] | None = None) -> list[memory_pb2.MemorySearchHit]:
+        """Entries containing any word of `query`, most relevant (BM25) first."""
+        request = memory_pb2.MemorySearchRequest(query=query, limit=limit, metadata=metadata or {})
+        return list(self._syscall(memory_search=request).hits)
+
+    def memory_turns(self, limit: int) -> list[memory_pb2.MemoryEntry]:
+        """The newest `limit` conversation turns, oldest first."""
+        return list(self._syscall(memory_turns=memory_pb2.MemoryTurnsRequest(limit=limit)).entries)
 
     def memory_get(self, entry_id: str) -> memory_pb2.MemoryEntry:
         return self._syscall(memory_get=memory_pb2.MemoryGetRequest(id=entry_id))

@@ -1,104 +1,298 @@
-"""Per-agent working memory held in RAM.
+"""Per-agent working memory under a RAM budget, paged by LRU-K, durable on every write.
 
-This is the first, resident-only version: entries live in an ordered dict per
-agent. Paging to disk under a RAM budget (LRU-K) builds on this class.
+Where entries live:
+- on disk, always: each agent's SQLite file (services/memory/agent_db.py). A
+  write is committed there (WAL, fsync) before it is acknowledged, so an
+  acknowledged entry survives `kill -9`, and a write that was not acknowledged
+  leaves all or nothing (SQLite transactions).
+- in RAM, in blocks: a block is `entries_per_block` consecutive ids of one
+  agent. Fixed id ranges, not one block per agent: an agent with a long
+  history keeps its recent block resident without its whole past, and the
+  block of any id is known without a lookup. RAM is a write-through cache: a
+  resident block is updated after its write commits, so evicting a block never
+  writes and a "page fault" is one indexed read of the block's id range.
+
+When resident bytes exceed the budget, blocks are evicted by LRU-K (K = 2 by
+default; K = 1 is plain LRU). The clock counts requests: touches of one block
+within one request are one correlated reference. Search runs on the full-text
+index in the agent's file, so it sees every entry, resident or not, and does
+not pull blocks into RAM (a search is a scan; it should not flush the hot set).
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, require
+from services.memory.agent_db import AgentDatabase, AgentDatabases, MemoryEntry, SearchHit, agent_key
+from services.memory.lru_k import LruKCache
+
+log = logging.getLogger("aios.memory")
 
 DEFAULT_MAX_ENTRY_BYTES = 64 * 1024
+DEFAULT_RAM_BUDGET_BYTES = 64 * 1024 * 1024
+DEFAULT_ENTRIES_PER_BLOCK = 32
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_SEARCH_RESULTS = 100
+MAX_TURNS = 1000
+ROLES = ("", "user", "assistant")  # a note, or a conversation turn a prompt can replay
+ENTRY_ID = re.compile(r"mem-([0-9a-f]{16})-([1-9][0-9]{0,17})")
+
+BlockKey = tuple[str, int]  # (agent key, block number)
 
 
 @dataclass
-class MemoryEntry:
-    id: str
-    agent_id: str
-    text: str
-    metadata: dict[str, str] = field(default_factory=dict)
-    created_at: float = 0.0
-    updated_at: float = 0.0
+class Block:
+    entries: dict[int, MemoryEntry] = field(default_factory=dict)  # by number, in id order
+    size: int = 0
 
-    @property
-    def size(self) -> int:
-        return len(self.text.encode()) + sum(len(k) + len(v) for k, v in self.metadata.items())
+
+@dataclass
+class PagingCounters:
+    hits: int = 0
+    faults: int = 0
+    evictions: int = 0
+
+
+def entry_id(entry: MemoryEntry) -> str:
+    return f"mem-{agent_key(entry.agent_id)}-{entry.number}"
 
 
 class MemoryStore:
-    """Entries by agent, ids unique across agents so a foreign id is recognisable."""
-
-    def __init__(self, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ram_budget_bytes: int = DEFAULT_RAM_BUDGET_BYTES,
+        entries_per_block: int = DEFAULT_ENTRIES_PER_BLOCK,
+        k: int = 2,
+        correlated_period: int = 0,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+    ) -> None:
+        require(ram_budget_bytes > 0, "the RAM budget must be positive")
+        require(entries_per_block > 0, "entries_per_block must be positive")
+        self.files = AgentDatabases(directory)
+        self.ram_budget_bytes = ram_budget_bytes
+        self.entries_per_block = entries_per_block
         self.max_entry_bytes = max_entry_bytes
-        self._by_agent: dict[str, dict[str, MemoryEntry]] = {}
-        self._owner: dict[str, str] = {}
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self.policy = LruKCache(k=k, correlated_period=correlated_period)
+        self.counters = PagingCounters()
         self.resident_bytes = 0
+        self._resident: dict[BlockKey, Block] = {}
+        self._on_disk: set[BlockKey] = set()  # blocks holding at least one entry
+        self._entries: dict[str, int] = {}  # agent key -> entries
+        self._bytes: dict[str, int] = {}  # agent key -> bytes of text and metadata on disk
+        self._clock = 0
+        self._lock = threading.Lock()
+        self._scan()
 
-    def add(self, agent_id: str, text: str, metadata: dict[str, str] | None = None) -> MemoryEntry:
+    def _scan(self) -> None:
+        """Rebuilds the counters from the files on disk (after a restart nothing is resident)."""
+        started = time.monotonic()
+        for path in self.files.existing():
+            db = self.files.get(AgentDatabase.owner_of(path))
+            key = path.stem
+            self._entries[key], self._bytes[key] = db.totals()
+            self._on_disk.update((key, block) for block in db.block_numbers(self.entries_per_block))
+        if self._entries:
+            log.info("found %d agents' memory (%d entries) in %.2f s", len(self._entries), sum(self._entries.values()),
+                     time.monotonic() - started)
+
+    # ---- API -------------------------------------------------------------------------
+
+    def add(self, agent_id: str, text: str, metadata: dict[str, str] | None = None, role: str = "") -> MemoryEntry:
         require(bool(agent_id), "agent_id is required")
-        require(bool(text.strip()), "memory text must not be empty")
-        entry = MemoryEntry("", agent_id, text, dict(metadata or {}))
-        if entry.size > self.max_entry_bytes:
-            raise ResourceExhausted(
-                f"memory entry is {entry.size} bytes; the limit is {self.max_entry_bytes} bytes per entry"
-            )
+        metadata = dict(metadata or {})
+        self._check_content(text, metadata)
+        require(role in ROLES, f"role {role!r} is not one of {', '.join(repr(r) for r in ROLES)}")
         with self._lock:
-            entry.id = f"mem-{next(self._ids)}"
-            entry.created_at = entry.updated_at = time.time()
-            self._by_agent.setdefault(agent_id, {})[entry.id] = entry
-            self._owner[entry.id] = agent_id
-            self.resident_bytes += entry.size
-        return entry
+            now = self._tick()
+            entry = self.files.get(agent_id).add(text, metadata, role, time.time())  # committed: durable
+            key = agent_key(agent_id)
+            self._entries[key] = self._entries.get(key, 0) + 1
+            self._bytes[key] = self._bytes.get(key, 0) + entry.size
+            self._on_disk.add(self._block_key(key, entry.number))
+            self._write_through(key, entry.number, entry)
+            self._touch(agent_id, entry.number, now)
+            return entry
 
     def get(self, agent_id: str, entry_id: str) -> MemoryEntry:
         with self._lock:
-            return self._find(agent_id, entry_id)
+            return self._find(agent_id, entry_id, self._tick())
 
-    def list(self, agent_id: str, page_size: int = 0, page_token: str = "") -> tuple[list[MemoryEntry], str]:
-        """Entries oldest first; the token is the offset of the next page."""
-        size = page_size or DEFAULT_PAGE_SIZE
-        require(0 < size <= MAX_PAGE_SIZE, f"page_size must be between 1 and {MAX_PAGE_SIZE}")
-        try:
-            start = int(page_token) if page_token else 0
-        except ValueError:
-            raise InvalidArgument(f"page_token {page_token!r} is not one this service issued") from None
-        require(start >= 0, "page_token must not be negative")
+    def update(
+        self, agent_id: str, entry_id: str, text: str = "", metadata: dict[str, str] | None = None,
+        remove_metadata: list[str] | None = None,
+    ) -> MemoryEntry:
+        """Replaces the text (if given), sets the given metadata keys and removes the listed ones."""
         with self._lock:
-            entries = list(self._by_agent.get(agent_id, {}).values())
-        page = entries[start : start + size]
-        next_token = str(start + size) if start + size < len(entries) else ""
-        return page, next_token
+            now = self._tick()
+            old = self._find(agent_id, entry_id, now)
+            merged = {k: v for k, v in old.metadata.items() if k not in set(remove_metadata or [])}
+            merged.update(metadata or {})
+            new_text = text or old.text
+            self._check_content(new_text, merged)
+            new = MemoryEntry(old.number, agent_id, new_text, merged, old.role, old.created_at, time.time())
+            self.files.get(agent_id).update(new)
+            key = agent_key(agent_id)
+            self._bytes[key] += new.size - old.size
+            self._write_through(key, new.number, new)
+            self._evict_over_budget(now)
+            return new
 
     def delete(self, agent_id: str, entry_id: str) -> MemoryEntry:
         with self._lock:
-            entry = self._find(agent_id, entry_id)
-            del self._by_agent[agent_id][entry_id]
-            del self._owner[entry_id]
-            self.resident_bytes -= entry.size
+            now = self._tick()
+            entry = self._find(agent_id, entry_id, now)
+            self.files.get(agent_id).delete(entry.number)
+            key = agent_key(agent_id)
+            self._entries[key] -= 1
+            self._bytes[key] -= entry.size
+            self._write_through(key, entry.number, None)
             return entry
 
-    def stats(self) -> dict[str, int]:
+    def list(self, agent_id: str, page_size: int = 0, page_token: str = "") -> tuple[list[MemoryEntry], str]:
+        """Entries oldest first; the token is the last id of the page."""
+        size = page_size or DEFAULT_PAGE_SIZE
+        require(0 < size <= MAX_PAGE_SIZE, f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        after = 0
+        if page_token:
+            match = ENTRY_ID.fullmatch(page_token)
+            if match is None or match.group(1) != agent_key(agent_id):
+                raise InvalidArgument(f"page_token {page_token!r} is not one this service issued to this agent")
+            after = int(match.group(2))
         with self._lock:
+            now = self._tick()
+            numbers = self.files.get(agent_id).numbers_after(after, size + 1)
+            entries = self._load(agent_id, numbers[:size], now)
+        return entries, entry_id(entries[-1]) if len(numbers) > size else ""
+
+    def recent_turns(self, agent_id: str, limit: int) -> list[MemoryEntry]:
+        """The newest `limit` conversation turns (entries with a role), oldest first: a prompt's history."""
+        require(0 < limit <= MAX_TURNS, f"the number of turns must be between 1 and {MAX_TURNS}")
+        with self._lock:
+            now = self._tick()
+            return self._load(agent_id, self.files.get(agent_id).last_turns(limit), now)
+
+    def search(self, agent_id: str, query: str, limit: int = 10, metadata: dict[str, str] | None = None) -> list[SearchHit]:
+        require(bool(query.strip()), "the search query must not be empty")
+        require(0 < limit <= MAX_SEARCH_RESULTS, f"limit must be between 1 and {MAX_SEARCH_RESULTS}")
+        with self._lock:
+            self._tick()
+            return self.files.get(agent_id).search(query, limit, dict(metadata or {}))
+
+    def stats(self) -> dict[str, int | float]:
+        with self._lock:
+            c = self.counters
+            touches = c.hits + c.faults
             return {
-                "agents": sum(1 for entries in self._by_agent.values() if entries),
-                "entries": len(self._owner),
+                "agents": sum(1 for n in self._entries.values() if n > 0),
+                "entries": sum(self._entries.values()),
                 "resident_bytes": self.resident_bytes,
+                "ram_budget_bytes": self.ram_budget_bytes,
+                "total_bytes": sum(self._bytes.values()),
+                "blocks_resident": len(self._resident),
+                "blocks_spilled": len(self._on_disk) - len(self._resident),  # resident blocks are on disk too
+                "hits": c.hits,
+                "faults": c.faults,
+                "evictions": c.evictions,
+                "hit_ratio": c.hits / touches if touches else 0.0,
+                "lru_k": self.policy.k,
             }
 
-    def _find(self, agent_id: str, entry_id: str) -> MemoryEntry:
+    def close(self) -> None:
+        with self._lock:
+            self.files.close()
+
+    # ---- paging ----------------------------------------------------------------------
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _block_key(self, key: str, number: int) -> BlockKey:
+        return key, (number - 1) // self.entries_per_block
+
+    def _touch(self, agent_id: str, number: int, now: int) -> Block:
+        """The resident block holding `number`, faulting it in from the agent's file if needed."""
+        key = self._block_key(agent_key(agent_id), number)
+        self.policy.reference(key, now)
+        block = self._resident.get(key)
+        if block is not None:
+            self.counters.hits += 1
+            self._evict_over_budget(now)  # a write may have grown it
+            return block
+        self.counters.faults += 1
+        first = key[1] * self.entries_per_block + 1
+        entries = self.files.get(agent_id).range(first, first + self.entries_per_block - 1)
+        block = Block({e.number: e for e in entries}, sum(e.size for e in entries))
+        if not entries:  # nothing there (all deleted): nothing to keep resident
+            self.policy.forget(key)
+            return block
+        self._resident[key] = block
+        self.resident_bytes += block.size
+        self._evict_over_budget(now)
+        return block
+
+    def _evict_over_budget(self, now: int) -> None:
+        while self.resident_bytes > self.ram_budget_bytes and len(self._resident) > 1:
+            victim = self.policy.victim(now)
+            self.policy.evict(victim)
+            self.resident_bytes -= self._resident.pop(victim).size  # already on disk: nothing to write
+            self.counters.evictions += 1
+
+    def _write_through(self, key: str, number: int, entry: MemoryEntry | None) -> None:
+        """Applies a committed write (None: a delete) to the block's resident copy, if it is resident.
+
+        Updates and deletes found the entry first, so their block is resident; an add to a spilled
+        block faults it in afterwards, reading the committed entry with it."""
+        bkey = self._block_key(key, number)
+        block = self._resident.get(bkey)
+        if block is None:
+            return
+        old = block.entries.get(number)
+        change = (entry.size if entry else 0) - (old.size if old else 0)
+        if entry is None:
+            del block.entries[number]
+        else:
+            block.entries[number] = entry  # in place for an update; appended (highest id) for an add
+        block.size += change
+        self.resident_bytes += change
+        if not block.entries:  # its last entry was deleted: the block is gone
+            del self._resident[bkey]
+            self.policy.forget(bkey)
+            self._on_disk.discard(bkey)
+
+    def _load(self, agent_id: str, numbers: list[int], now: int) -> list[MemoryEntry]:
+        return [self._touch(agent_id, n, now).entries[n] for n in numbers]
+
+    # ---- checks ----------------------------------------------------------------------
+
+    def _check_content(self, text: str, metadata: dict[str, str]) -> None:
+        require(bool(text.strip()), "memory text must not be empty")
+        size = MemoryEntry(0, "", text, metadata).size
+        if size > self.max_entry_bytes:
+            raise ResourceExhausted(
+                f"memory entry is {size} bytes (text and metadata); the limit is {self.max_entry_bytes} bytes per entry"
+            )
+
+    def _find(self, agent_id: str, entry_id: str, now: int) -> MemoryEntry:
+        require(bool(agent_id), "agent_id is required")
         require(bool(entry_id), "memory entry id is required")
-        owner = self._owner.get(entry_id)
-        if owner is None:
+        match = ENTRY_ID.fullmatch(entry_id)
+        if match is None:
+            raise InvalidArgument(f"{entry_id!r} is not a memory entry id (they look like mem-<16 hex>-<number>)")
+        owner, number = match.group(1), int(match.group(2))
+        if owner != agent_key(agent_id):
+            if self.files.holds(owner, number):
+                raise PermissionDenied(f"memory entry {entry_id!r} belongs to another agent")
             raise NotFound(f"memory entry {entry_id!r} does not exist (deleted, or never added)")
-        if owner != agent_id:
-            raise PermissionDenied(f"memory entry {entry_id!r} belongs to another agent")
-        return self._by_agent[agent_id][entry_id]
+        entry = self._touch(agent_id, number, now).entries.get(number)
+        if entry is None:
+            raise NotFound(f"memory entry {entry_id!r} does not exist (deleted, or never added)")
+        return entry

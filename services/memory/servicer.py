@@ -1,19 +1,27 @@
-"""aios.v1.Memory over gRPC: translates messages to MemoryStore calls."""
+"""aios.v1.Memory over gRPC: translates messages to MemoryStore calls.
+
+Store calls block on disk (an fsync per write), so they run in worker threads
+and the event loop keeps serving other requests meanwhile.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
 from aios.v1 import memory_pb2, memory_pb2_grpc
-from services.memory.core import MemoryEntry, MemoryStore
+from services.memory.agent_db import MemoryEntry
+from services.memory.core import MemoryStore, entry_id
 
 
 def entry_to_proto(entry: MemoryEntry) -> memory_pb2.MemoryEntry:
     return memory_pb2.MemoryEntry(
-        id=entry.id,
+        id=entry_id(entry),
         agent_id=entry.agent_id,
         text=entry.text,
         metadata=entry.metadata,
         created_at=entry.created_at,
         updated_at=entry.updated_at,
+        role=entry.role,
     )
 
 
@@ -22,17 +30,37 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self.store = store
 
     async def Add(self, request, context):
-        return entry_to_proto(self.store.add(request.agent_id, request.text, dict(request.metadata)))
+        entry = await asyncio.to_thread(self.store.add, request.agent_id, request.text, dict(request.metadata), request.role)
+        return entry_to_proto(entry)
 
     async def Get(self, request, context):
-        return entry_to_proto(self.store.get(request.agent_id, request.id))
+        return entry_to_proto(await asyncio.to_thread(self.store.get, request.agent_id, request.id))
+
+    async def Update(self, request, context):
+        entry = await asyncio.to_thread(
+            self.store.update, request.agent_id, request.id, request.text, dict(request.metadata), list(request.remove_metadata)
+        )
+        return entry_to_proto(entry)
 
     async def List(self, request, context):
-        entries, token = self.store.list(request.agent_id, request.page_size, request.page_token)
+        entries, token = await asyncio.to_thread(self.store.list, request.agent_id, request.page_size, request.page_token)
         return memory_pb2.MemoryListResponse(entries=[entry_to_proto(e) for e in entries], next_page_token=token)
 
     async def Delete(self, request, context):
-        return memory_pb2.MemoryDeleteResponse(id=self.store.delete(request.agent_id, request.id).id)
+        entry = await asyncio.to_thread(self.store.delete, request.agent_id, request.id)
+        return memory_pb2.MemoryDeleteResponse(id=entry_id(entry))
+
+    async def Search(self, request, context):
+        hits = await asyncio.to_thread(
+            self.store.search, request.agent_id, request.query, request.limit or 10, dict(request.metadata)
+        )
+        return memory_pb2.MemorySearchResponse(
+            hits=[memory_pb2.MemorySearchHit(entry=entry_to_proto(h.entry), score=h.score, snippet=h.snippet) for h in hits]
+        )
+
+    async def RecentTurns(self, request, context):
+        entries = await asyncio.to_thread(self.store.recent_turns, request.agent_id, request.limit)
+        return memory_pb2.MemoryListResponse(entries=[entry_to_proto(e) for e in entries])
 
     async def Stats(self, request, context):
-        return memory_pb2.MemoryStatsResponse(**self.store.stats())
+        return memory_pb2.MemoryStatsResponse(**await asyncio.to_thread(self.store.stats))

@@ -18,9 +18,11 @@ from typing import Any, AsyncIterator
 import grpc
 
 from aios.v1 import (
+    common_pb2,
     kernel_pb2,
     llm_core_pb2,
     llm_core_pb2_grpc,
+    memory_pb2,
     memory_pb2_grpc,
     storage_pb2_grpc,
     tools_pb2_grpc,
@@ -45,6 +47,9 @@ SYSCALLS: dict[str, tuple[Resource, str]] = {
     "memory_get": (Resource.MEMORY, "Get"),
     "memory_list": (Resource.MEMORY, "List"),
     "memory_delete": (Resource.MEMORY, "Delete"),
+    "memory_update": (Resource.MEMORY, "Update"),
+    "memory_search": (Resource.MEMORY, "Search"),
+    "memory_turns": (Resource.MEMORY, "RecentTurns"),
     "storage_write": (Resource.STORAGE, "Write"),
     "storage_read": (Resource.STORAGE, "Read"),
     "storage_list": (Resource.STORAGE, "List"),
@@ -192,11 +197,14 @@ class Kernel:
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self.queues[Resource.LLM]
         stub = self.managers.stubs[Resource.LLM]
+        messages = await self._with_history(request, timeout)
+        reply: list[str] = []
+        finished = False
         async with self._syscall(request.agent_id, "llm_generate", Resource.LLM) as record:
             message = llm_core_pb2.GenerateRequest(
                 agent_id=request.agent_id,
                 prompt=request.prompt,
-                messages=request.messages,
+                messages=messages,
                 sampling=request.sampling,
                 syscall_id=record.id,
             )
@@ -217,19 +225,54 @@ class Kernel:
                             record.tokens_in = chunk.prompt_tokens or record.tokens_in
                             if chunk.finish_reason:
                                 record.preemptible = False
+                                finished = True
+                            reply.append(chunk.text)
                             yield chunk
                             queue.progress(record, chunk.prompt_tokens, new_tokens)
                     finally:
                         record.preemptible = False
                         call.cancel()
                     if not parked:
-                        return
+                        break
                     await queue.requeue(record)
                     await self.managers.connected(Resource.LLM)
                     message = llm_core_pb2.GenerateRequest(agent_id=request.agent_id, syscall_id=record.id, resume=True)
             finally:
                 if parked:  # the caller left (or the deadline passed) while we were switched out
                     self._spawn(self._discard(request.agent_id, record.id))
+        if request.remember and finished:
+            await self._remember(request, "".join(reply), None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    async def _with_history(self, request: kernel_pb2.KernelGenerateRequest, timeout: float | None) -> list[common_pb2.ChatMessage]:
+        """The request's messages with the agent's newest turns from memory after its system messages."""
+        messages = list(request.messages)
+        if not (request.history_turns or request.remember):
+            return messages
+        if not messages:
+            raise InvalidArgument("history_turns and remember work on chat turns: send `messages`, not a raw `prompt`")
+        await self.agents.get(request.agent_id)  # an unknown agent must not reach its memory
+        if not request.history_turns:
+            return messages
+        turns = await self._memory("RecentTurns", memory_pb2.MemoryTurnsRequest(agent_id=request.agent_id, limit=request.history_turns), timeout)
+        system = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
+        history = [common_pb2.ChatMessage(role=e.role, content=e.text) for e in turns.entries]
+        return messages[:system] + history + messages[system:]
+
+    async def _remember(self, request: kernel_pb2.KernelGenerateRequest, reply: str, timeout: float | None) -> None:
+        """Stores the call's user/assistant messages and the reply as conversation turns, in order."""
+        turns = [(m.role, m.content) for m in request.messages if m.role in ("user", "assistant")]
+        if reply.strip():
+            turns.append(("assistant", reply))
+        for role, text in turns:
+            await self._memory("Add", memory_pb2.MemoryAddRequest(agent_id=request.agent_id, text=text, role=role), timeout)
+
+    async def _memory(self, method: str, message: Any, timeout: float | None) -> Any:
+        """A memory call the kernel makes for an LLM syscall (history), with the memory service's errors."""
+        await self.managers.connected(Resource.MEMORY)
+        try:
+            return await getattr(self.managers.stubs[Resource.MEMORY], method)(message, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise manager_error(Resource.MEMORY, exc) from None
 
     def _preempt(self, record: SyscallRecord) -> None:
         self._spawn(self._ask_core_to_preempt(record))

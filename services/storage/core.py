@@ -7,12 +7,12 @@ fsync, so it survives a crash of the process or the machine.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.durable_sqlite import connect_durable
 from services.errors import InvalidArgument, NotFound, ResourceExhausted, require
 
 MAX_KEY_CHARS = 256
@@ -47,11 +47,8 @@ class RecordStore:
     """Named records per agent namespace; one SQLite database for all agents."""
 
     def __init__(self, path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.max_record_bytes = max_record_bytes
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect_durable(path)
         self._db.execute(
             """CREATE TABLE IF NOT EXISTS records (
                    agent_id TEXT NOT NULL,

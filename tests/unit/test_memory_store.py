@@ -1,54 +1,181 @@
-"""MemoryStore: per-agent entries, ownership and limits."""
+"""MemoryStore: entries, paging under a RAM budget with LRU-K, restarts, search, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from services.memory.core import MemoryStore
+from services.memory.agent_db import agent_key
+from services.memory.core import MemoryStore, entry_id
+
+NOTE = "a note of about fifty bytes, padded out to that...."  # 50 bytes
 
 
-def test_add_get_list_delete_round_trip():
-    store = MemoryStore()
-    a = store.add("agt-a", "likes tea", {"kind": "preference"})
-    b = store.add("agt-a", "lives in Lisbon")
-    assert store.get("agt-a", a.id).metadata == {"kind": "preference"}
-    entries, token = store.list("agt-a")
-    assert [e.text for e in entries] == ["likes tea", "lives in Lisbon"] and token == ""
-    store.delete("agt-a", a.id)
-    assert [e.id for e in store.list("agt-a")[0]] == [b.id]
-    assert store.stats()["entries"] == 1 and store.resident_bytes == b.size
+def store_at(path: Path, **options: int) -> MemoryStore:
+    return MemoryStore(path, **{"ram_budget_bytes": 1 << 20, "entries_per_block": 4, **options})
 
 
-def test_listing_pages_through_all_entries_in_order():
-    store = MemoryStore()
-    for i in range(7):
-        store.add("agt-a", f"note {i}")
-    seen, token = [], ""
+@pytest.fixture
+def store(tmp_path: Path):
+    s = store_at(tmp_path)
+    yield s
+    s.close()
+
+
+def fill(store: MemoryStore, agent: str, n: int) -> list[str]:
+    return [entry_id(store.add(agent, f"{NOTE[:-3]}{i:03d}")) for i in range(n)]
+
+
+def test_entries_round_trip_and_list_oldest_first_in_pages(store):
+    ids = fill(store, "alice", 10)
+    assert len(set(ids)) == 10
+    first = store.get("alice", ids[0])
+    assert first.text == NOTE[:-3] + "000" and first.created_at == first.updated_at > 0
+
+    updated = store.update("alice", ids[0], text="changed", metadata={"topic": "rivers"})
+    assert (updated.text, updated.metadata) == ("changed", {"topic": "rivers"})
+    again = store.update("alice", ids[0], metadata={"mood": "calm"}, remove_metadata=["topic"])
+    assert (again.text, again.metadata) == ("changed", {"mood": "calm"})
+    assert store.get("alice", ids[0]).metadata == {"mood": "calm"}
+
+    store.delete("alice", ids[1])
+    with pytest.raises(NotFound):
+        store.get("alice", ids[1])
+
+    pages, token = [], ""
     while True:
-        page, token = store.list("agt-a", page_size=3, page_token=token)
-        seen += [e.text for e in page]
+        page, token = store.list("alice", page_size=4, page_token=token)
+        pages.append([entry_id(e) for e in page])
         if not token:
             break
-    assert seen == [f"note {i}" for i in range(7)]
+    assert pages == [[ids[0], *ids[2:5]], ids[5:9], ids[9:]]
+    assert store.stats()["entries"] == 9
 
 
-def test_other_agents_entries_are_denied_and_unknown_ids_not_found():
-    store = MemoryStore()
-    entry = store.add("agt-a", "secret")
+def test_resident_bytes_stay_under_the_budget_and_spilled_entries_come_back_on_touch(tmp_path):
+    # 4 entries of 50 bytes per block = 200 bytes a block; a budget of 500 bytes holds 2 blocks.
+    store = store_at(tmp_path, ram_budget_bytes=500)
+    ids = fill(store, "alice", 40)  # 10 blocks
+    stats = store.stats()
+    assert stats["resident_bytes"] <= 500
+    assert (stats["blocks_resident"], stats["blocks_spilled"]) == (2, 8)
+    assert stats["evictions"] == 8
+
+    faults = stats["faults"]
+    assert store.get("alice", ids[0]).text.endswith("000")  # block 0 was spilled: a page fault
+    after = store.stats()
+    assert after["faults"] == faults + 1 and after["resident_bytes"] <= 500
+    store.get("alice", ids[1])  # same block: now a hit
+    assert store.stats()["hits"] == after["hits"] + 1
+    store.close()
+
+
+def test_lru_2_keeps_a_hot_block_through_a_scan_that_flushes_it_under_lru(tmp_path):
+    def hot_block_survives_scan(k: int, path: Path) -> bool:
+        store = store_at(path, ram_budget_bytes=500, k=k)  # room for 2 blocks of 4
+        ids = fill(store, "alice", 40)
+        for _ in range(3):  # block 0 is hot: touched in several requests
+            store.get("alice", ids[0])
+        for i in range(4, 40, 4):  # a scan: every other block once
+            store.get("alice", ids[i])
+        faults = store.stats()["faults"]
+        store.get("alice", ids[1])
+        survived = store.stats()["faults"] == faults
+        store.close()
+        return survived
+
+    assert hot_block_survives_scan(2, tmp_path / "lru2")
+    assert not hot_block_survives_scan(1, tmp_path / "lru")
+
+
+def test_everything_acknowledged_is_there_after_a_restart(tmp_path):
+    store = store_at(tmp_path, ram_budget_bytes=500)
+    ids = fill(store, "alice", 21)
+    bob = store.add("bob", "bob's only note", {"k": "v"}, role="user")
+    store.delete("alice", ids[20])
+    before = store.stats()
+    store.close()
+
+    reopened = store_at(tmp_path, ram_budget_bytes=500)
+    stats = reopened.stats()
+    for key in ("agents", "entries", "total_bytes"):
+        assert stats[key] == before[key]
+    assert stats["agents"] == 2 and stats["entries"] == 21
+    assert (stats["resident_bytes"], stats["blocks_resident"], stats["blocks_spilled"]) == (0, 0, 6)
+    assert [reopened.get("alice", i).text[-3:] for i in ids[:20]] == [f"{i:03d}" for i in range(20)]
+    assert reopened.get("bob", entry_id(bob)).metadata == {"k": "v"}
+    new = reopened.add("alice", "after the restart")
+    assert entry_id(new) not in ids  # ids are never reused, not even the deleted one
+    reopened.close()
+
+
+def test_search_ranks_by_bm25_over_resident_and_spilled_entries_without_paging_them_in(tmp_path):
+    store = store_at(tmp_path, ram_budget_bytes=300)
+    store.add("alice", "the river Danube flows to the Black Sea; the river is long", {"kind": "fact"})
+    store.add("alice", "a river runs through the city", {"kind": "fact"})
+    fill(store, "alice", 20)  # pushes the first block out
+    store.add("alice", "rivers of Europe: notes", {"kind": "todo"})
+    store.add("bob", "the river Thames")
+    faults = store.stats()["faults"]
+
+    hits = store.search("alice", "river Danube")
+    assert [h.entry.text[:13] for h in hits] == ["the river Dan", "a river runs "]
+    assert hits[0].score > hits[1].score > 0
+    assert "[Danube]" in hits[0].snippet
+    assert [h.entry.text for h in store.search("alice", "river", metadata={"kind": "todo"})] == []
+    assert [h.entry.text for h in store.search("alice", "notes", metadata={"kind": "todo"})] == ["rivers of Europe: notes"]
+    assert store.search("alice", "Thames") == []  # bob's entry is in bob's file
+    assert store.stats()["faults"] == faults
+    store.close()
+
+
+def test_recent_turns_are_the_newest_entries_with_a_role_oldest_first(store):
+    store.add("alice", "What is the capital of France?", role="user")
+    store.add("alice", "a note, not a turn")
+    store.add("alice", "Paris.", role="assistant")
+    store.add("alice", "And of Italy?", role="user")
+    assert [(e.role, e.text) for e in store.recent_turns("alice", 2)] == [("assistant", "Paris."), ("user", "And of Italy?")]
+    assert len(store.recent_turns("alice", 10)) == 3
+
+
+def test_each_agent_has_its_own_file_that_holds_only_its_entries(store, tmp_path):
+    store.add("alice", "alice's secret plan")
+    store.add("bob", "bob's shopping list")
+    files = sorted(p.name for p in tmp_path.glob("*.sqlite3"))
+    assert files == sorted(f"{agent_key(a)}.sqlite3" for a in ("alice", "bob"))
+    bob_bytes = b"".join(p.read_bytes() for p in tmp_path.glob(f"{agent_key('bob')}.sqlite3*"))
+    assert b"bob's shopping list" in bob_bytes and b"alice" not in bob_bytes
+
+
+def test_bad_input_gets_a_clear_error_and_loses_nothing(store):
+    [mine] = fill(store, "alice", 1)
+    theirs = entry_id(store.add("bob", "bob's note"))
+    with pytest.raises(InvalidArgument, match="must not be empty"):
+        store.add("alice", "   ")
+    with pytest.raises(ResourceExhausted, match="limit is 65536 bytes"):
+        store.add("alice", "x" * 70_000)
+    with pytest.raises(InvalidArgument, match="role"):
+        store.add("alice", "hi", role="wizard")
+    with pytest.raises(PermissionDenied, match="another agent"):
+        store.get("alice", theirs)
     with pytest.raises(PermissionDenied):
-        store.get("agt-b", entry.id)
-    with pytest.raises(PermissionDenied):
-        store.delete("agt-b", entry.id)
+        store.delete("alice", theirs)
     with pytest.raises(NotFound):
-        store.get("agt-a", "mem-999")
-    assert store.get("agt-a", entry.id).text == "secret"
-
-
-def test_empty_and_oversized_entries_are_refused():
-    store = MemoryStore(max_entry_bytes=16)
-    with pytest.raises(InvalidArgument):
-        store.add("agt-a", "   ")
-    with pytest.raises(ResourceExhausted, match="16 bytes"):
-        store.add("agt-a", "x" * 17)
-    with pytest.raises(InvalidArgument):
-        store.list("agt-a", page_token="not-a-token")
-    assert store.stats()["entries"] == 0
+        store.get("alice", mine[:-1] + "9")
+    with pytest.raises(NotFound):  # a well-formed id of an agent that does not exist
+        store.get("alice", "mem-0123456789abcdef-1")
+    with pytest.raises(InvalidArgument, match="not a memory entry id"):
+        store.get("alice", "mem-../../etc/passwd")
+    with pytest.raises(InvalidArgument, match="page_token"):
+        store.list("alice", page_token=theirs)
+    with pytest.raises(InvalidArgument, match="page_size"):
+        store.list("alice", page_size=5000)
+    with pytest.raises(InvalidArgument, match="query"):
+        store.search("alice", " ")
+    with pytest.raises(ResourceExhausted):
+        store.update("alice", mine, text="y" * 70_000)
+    assert store.get("alice", mine).text == NOTE[:-3] + "000"
+    assert store.get("bob", theirs).text == "bob's note"
+    assert store.stats()["entries"] == 2
