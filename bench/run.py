@@ -5,10 +5,11 @@ Modes, on the same workload (bench/workload.py):
   this process (the paper's "without AIOS"), memory and tool work done inline;
 - AIOS with the fifo, rr and fair policies: a real cluster (`aios up`'s
   processes, Redis, the model), one thread per agent through the SDK.
-Plus a snapshot microbenchmark: save/restore time and size against context length.
+Plus a snapshot microbenchmark (save/restore time and size against context
+length) and the memory paging benchmark (bench/memory.py).
 
 Prints a table and saves JSON (bench/results/bench-<time>.json and latest.json)
-and a PNG chart. Environment knobs: BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
+and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory), BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
 (3), BENCH_MODES (fifo,rr,fair), BENCH_SEQ_AGENTS (4: for larger N the
 sequential baseline runs the first 4 agents' calls; one-at-a-time throughput
 does not depend on N).
@@ -33,6 +34,7 @@ import redis
 
 import aios
 from aios.v1 import common_pb2
+from bench.memory import memory_table, run_memory_bench
 from bench.workload import Call, plan
 from deploy.cluster import Cluster, ClusterConfig
 from services.llm_core.engine import (
@@ -241,25 +243,34 @@ def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ns = result["config"]["agents"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    seq = [result["sequential"][str(n)]["tok_per_s"] for n in ns]
-    axes[0].plot(ns, seq, "k--o", label="sequential (no AIOS)")
-    for mode in result["config"]["modes"]:
-        rows = [result["aios"][mode][str(n)] for n in ns]
-        axes[0].plot(ns, [r["tok_per_s"] for r in rows], "-o", label=f"AIOS {mode}")
-        axes[1].plot(ns, [r["ratio_vs_sequential"] for r in rows], "-o", label=f"AIOS {mode}")
-    axes[0].set(title="generated tokens/s", xlabel="concurrent agents", xscale="log", xticks=ns, xticklabels=ns)
-    axes[1].axhline(3.0, color="grey", linestyle=":", label="floor 3x")
-    axes[1].set(title="throughput vs sequential", xlabel="concurrent agents", xscale="log", xticks=ns, xticklabels=ns)
-    snaps = result["snapshots"]
-    lengths = [s["context_tokens"] for s in snaps]
-    axes[2].plot(lengths, [s["save_ms_p50"] for s in snaps], "-o", label="save (state get)")
-    axes[2].plot(lengths, [s["restore_ms_p50"] for s in snaps], "-o", label="restore (state set)")
-    axes[2].plot(lengths, [s["redis_write_plus_read_ms_p50"] for s in snaps], "-o", label="Redis write + read")
-    axes[2].set(title="snapshot median ms", xlabel="context tokens")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    panels = (["tokens", "ratio"] if ns else []) + (["snapshots"] if "snapshots" in result else [])
+    panels += ["memory"] if "memory" in result else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    ax = dict(zip(panels, axes[0]))
+    if ns:
+        seq = [result["sequential"][str(n)]["tok_per_s"] for n in ns]
+        ax["tokens"].plot(ns, seq, "k--o", label="sequential (no AIOS)")
+        for mode in result["config"]["modes"]:
+            rows = [result["aios"][mode][str(n)] for n in ns]
+            ax["tokens"].plot(ns, [r["tok_per_s"] for r in rows], "-o", label=f"AIOS {mode}")
+            ax["ratio"].plot(ns, [r["ratio_vs_sequential"] for r in rows], "-o", label=f"AIOS {mode}")
+        ax["tokens"].set(title="generated tokens/s", xlabel="concurrent agents", xscale="log", xticks=ns, xticklabels=ns)
+        ax["ratio"].axhline(3.0, color="grey", linestyle=":", label="floor 3x")
+        ax["ratio"].set(title="throughput vs sequential", xlabel="concurrent agents", xscale="log", xticks=ns, xticklabels=ns)
+    if "snapshots" in result:
+        snaps = result["snapshots"]
+        lengths = [s["context_tokens"] for s in snaps]
+        ax["snapshots"].plot(lengths, [s["save_ms_p50"] for s in snaps], "-o", label="save (state get)")
+        ax["snapshots"].plot(lengths, [s["restore_ms_p50"] for s in snaps], "-o", label="restore (state set)")
+        ax["snapshots"].plot(lengths, [s["redis_write_plus_read_ms_p50"] for s in snaps], "-o", label="Redis write + read")
+        ax["snapshots"].set(title="snapshot median ms", xlabel="context tokens")
+    if "memory" in result:
+        modes = result["memory"]["modes"]
+        ax["memory"].bar(list(modes), [row["hit_ratio"] for row in modes.values()], label="hit ratio")
+        ax["memory"].set(title="memory paging at a 10% RAM budget", ylabel="hit ratio", ylim=(0, 1))
+    for a in ax.values():
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -284,19 +295,9 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    ns = [int(x) for x in os.environ.get("BENCH_NS", "1,4,8,16,32").split(",")]
-    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
-    modes = os.environ.get("BENCH_MODES", "fifo,rr,fair").split(",")
-    seq_cap = int(os.environ.get("BENCH_SEQ_AGENTS", "4"))
-    slots = ClusterConfig.slots
-    began = time.monotonic()
-    result: dict[str, Any] = {
-        "config": {"agents": ns, "rounds": rounds, "modes": modes, "slots": slots, "slice_tokens": 32,
-                   "sequential_agents_cap": seq_cap, "cpus": os.cpu_count()},
-        "sequential": {},
-        "aios": {m: {} for m in modes},
-    }
+def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int) -> None:
+    """Sequential against AIOS per policy, then the snapshot microbenchmark; fills `result`."""
+    slots = result["config"]["slots"]
     say(f"workload: agents {ns}, {rounds} rounds each (LLM call + memory_add + calculator), modes sequential + {modes}")
     model = LlamaModel(default_model_path(progress=True))
     runner = SequentialRunner(model)
@@ -319,6 +320,25 @@ def main() -> int:
                 if mode == modes[-1]:
                     say("snapshot save/restore ...")
                     result["snapshots"] = bench_snapshots(runner, cluster.redis_url, [128, 512, 1024])
+
+
+def main() -> int:
+    parts = os.environ.get("BENCH_PARTS", "llm,memory").split(",")
+    ns = [int(x) for x in os.environ.get("BENCH_NS", "1,4,8,16,32").split(",")] if "llm" in parts else []
+    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
+    modes = os.environ.get("BENCH_MODES", "fifo,rr,fair").split(",") if "llm" in parts else []
+    seq_cap = int(os.environ.get("BENCH_SEQ_AGENTS", "4"))
+    began = time.monotonic()
+    result: dict[str, Any] = {
+        "config": {"parts": parts, "agents": ns, "rounds": rounds, "modes": modes, "slots": ClusterConfig.slots,
+                   "slice_tokens": 32, "sequential_agents_cap": seq_cap, "cpus": os.cpu_count()},
+        "sequential": {},
+        "aios": {m: {} for m in modes},
+    }
+    if "llm" in parts:
+        run_llm_bench(result, ns, rounds, modes, seq_cap)
+    if "memory" in parts:
+        result["memory"] = run_memory_bench(say)
     result["elapsed_s"] = time.monotonic() - began
     floors = {}
     if "16" in result["aios"].get("fifo", {}):
@@ -327,9 +347,12 @@ def main() -> int:
         floors["rr_loss_vs_fifo_16_agents"] = 1 - result["aios"]["rr"]["16"]["tok_per_s"] / result["aios"]["fifo"]["16"]["tok_per_s"]
     if "32" in result["aios"].get("rr", {}) and "32" in result["aios"].get("fifo", {}):
         floors["rr_loss_vs_fifo_32_agents"] = 1 - result["aios"]["rr"]["32"]["tok_per_s"] / result["aios"]["fifo"]["32"]["tok_per_s"]
-    floors["snapshot_plus_restore_512_ms"] = next(
-        (s["save_plus_restore_ms_p50"] for s in result.get("snapshots", []) if s["context_tokens"] == 512), None
-    )
+    for s in result.get("snapshots", []):
+        if s["context_tokens"] == 512:
+            floors["snapshot_plus_restore_512_ms"] = s["save_plus_restore_ms_p50"]
+    if "memory" in result:
+        hit = {label: row["hit_ratio"] for label, row in result["memory"]["modes"].items()}
+        floors["memory_hit_ratio_lru2_minus_lru"] = hit["LRU-2"] - hit["LRU"]
     result["floors"] = floors
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -337,8 +360,12 @@ def main() -> int:
         (RESULTS / name).write_text(json.dumps(result, indent=2))
     chart(result, RESULTS / "latest.png")
     print()
-    print(table(result))
-    print()
+    if ns:
+        print(table(result))
+        print()
+    if "memory" in result:
+        print(memory_table(result["memory"]))
+        print()
     for key, value in floors.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     say(f"done in {result['elapsed_s'] / 60:.1f} min; saved {RESULTS / f'bench-{stamp}.json'} and {RESULTS / 'latest.png'}")

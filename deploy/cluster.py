@@ -207,26 +207,27 @@ class Cluster:
         client.close()
         self.progress(f"started redis        {self.redis_url}  (pid {popen.pid})")
 
-    def _service_args(self, name: str) -> list[str]:
+    def _service_args(self, name: str, kind: str) -> list[str]:
         config = self.config
-        args = ["--redis-url", self.redis_url] if name in ("llm_core", "kernel") else []
-        if name == "llm_core":
+        args = ["--redis-url", self.redis_url] if kind in ("llm_core", "kernel") else []
+        if kind == "llm_core":
             args += ["--slots", str(config.slots)]
             if config.model:
                 args += ["--model", str(config.model)]
-        elif name in ("storage", "memory"):
-            args += ["--data-dir", str(self.data / name)]
-        elif name == "kernel":
+        elif kind in ("storage", "memory"):
+            args += ["--data-dir", str(self.data / name)]  # a replica gets its own
+        elif kind == "kernel":
             args += ["--policy", config.policy, "--slice-tokens", str(config.slice_tokens), "--llm-slots", str(config.slots)]
             for manager in MANAGERS:
                 args += [f"--{manager.replace('_', '-')}", self.processes[manager].address]
-        return args + config.extra_args.get(name, [])
+        return args + config.extra_args.get(kind, [])
 
     def _start_service(self, name: str, kind: str = "", extra_args: list[str] = ()) -> None:
         kind = kind or name
         ready = self.config.home / f"{name}.ready"
         ready.unlink(missing_ok=True)
-        args = self._args.get(name) or ["--port", "0", *self._service_args(kind), *extra_args]
+        self.logs.mkdir(parents=True, exist_ok=True)
+        args = self._args.get(name) or ["--port", "0", *self._service_args(name, kind), *extra_args]
         log_path = self.logs / f"{name}.log"
         argv = [sys.executable, "-m", f"services.{'scheduler' if kind == 'kernel' else kind}",
                 "--ready-file", str(ready), *args]

@@ -269,7 +269,15 @@ class MemoryStore:
             self._on_disk.discard(bkey)
 
     def _load(self, agent_id: str, numbers: list[int], now: int) -> list[MemoryEntry]:
-        return [self._touch(agent_id, n, now).entries[n] for n in numbers]
+        """Entries by number, touching each block once (one reference per block per request)."""
+        blocks: dict[int, Block] = {}
+        entries = []
+        for n in numbers:
+            index = (n - 1) // self.entries_per_block
+            if index not in blocks:
+                blocks[index] = self._touch(agent_id, n, now)
+            entries.append(blocks[index].entries[n])
+        return entries
 
     # ---- checks ----------------------------------------------------------------------
 
