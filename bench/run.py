@@ -6,10 +6,11 @@ Modes, on the same workload (bench/workload.py):
 - AIOS with the fifo, rr and fair policies: a real cluster (`aios up`'s
   processes, Redis, the model), one thread per agent through the SDK.
 Plus a snapshot microbenchmark (save/restore time and size against context
-length) and the memory paging benchmark (bench/memory.py).
+length), the memory paging benchmark (bench/memory.py), and storage throughput
+and tool-call latency (bench/storage_tools.py).
 
 Prints a table and saves JSON (bench/results/bench-<time>.json and latest.json)
-and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory), BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
+and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage), BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
 (3), BENCH_MODES (fifo,rr,fair), BENCH_SEQ_AGENTS (4: for larger N the
 sequential baseline runs the first 4 agents' calls; one-at-a-time throughput
 does not depend on N).
@@ -35,6 +36,7 @@ import redis
 import aios
 from aios.v1 import common_pb2
 from bench.memory import memory_table, run_memory_bench
+from bench.storage_tools import run_storage_tools_bench, storage_tools_table
 from bench.workload import Call, plan
 from deploy.cluster import Cluster, ClusterConfig
 from services.llm_core.engine import (
@@ -323,7 +325,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
 
 
 def main() -> int:
-    parts = os.environ.get("BENCH_PARTS", "llm,memory").split(",")
+    parts = os.environ.get("BENCH_PARTS", "llm,memory,storage").split(",")
     ns = [int(x) for x in os.environ.get("BENCH_NS", "1,4,8,16,32").split(",")] if "llm" in parts else []
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     modes = os.environ.get("BENCH_MODES", "fifo,rr,fair").split(",") if "llm" in parts else []
@@ -339,6 +341,8 @@ def main() -> int:
         run_llm_bench(result, ns, rounds, modes, seq_cap)
     if "memory" in parts:
         result["memory"] = run_memory_bench(say)
+    if "storage" in parts:
+        result["storage_tools"] = run_storage_tools_bench(say)
     result["elapsed_s"] = time.monotonic() - began
     floors = {}
     if "16" in result["aios"].get("fifo", {}):
@@ -365,6 +369,9 @@ def main() -> int:
         print()
     if "memory" in result:
         print(memory_table(result["memory"]))
+        print()
+    if "storage_tools" in result:
+        print(storage_tools_table(result["storage_tools"]))
         print()
     for key, value in floors.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")

@@ -111,7 +111,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"redis     {state['redis_url']:<22} {'SERVING' if status.redis_ok else 'DOWN'}")
     print("queues:")
     for q in status.queues:
-        name = common_pb2.Resource.Name(q.resource).removeprefix("RESOURCE_").lower()
+        name = f"tool {q.name}" if q.name else common_pb2.Resource.Name(q.resource).removeprefix("RESOURCE_").lower()
         print(f"  {name:<8} policy={q.policy:<8} queued={q.queued:<4} (preempted {q.preempted}) "
               f"running={q.running}/{q.capacity:<4} completed={q.completed}  preemptions={q.preemptions}")
     if status.HasField("llm"):

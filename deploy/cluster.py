@@ -131,6 +131,7 @@ class Cluster:
         """Starts Redis (unless given) and every service; returns name -> address."""
         self.logs.mkdir(parents=True, exist_ok=True)
         self.data.mkdir(parents=True, exist_ok=True)
+        self.data.chmod(0o700)  # agents' data: not readable by the tool sandbox's uids
         try:
             if not self.redis_url:
                 self._start_redis()
@@ -216,6 +217,8 @@ class Cluster:
                 args += ["--model", str(config.model)]
         elif kind in ("storage", "memory"):
             args += ["--data-dir", str(self.data / name)]  # a replica gets its own
+        elif kind == "tools":
+            args += ["--storage", self.processes["storage"].address]
         elif kind == "kernel":
             args += ["--policy", config.policy, "--slice-tokens", str(config.slice_tokens), "--llm-slots", str(config.slots)]
             for manager in MANAGERS:

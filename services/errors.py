@@ -53,6 +53,14 @@ class Cancelled(AiosError):
     code = grpc.StatusCode.CANCELLED
 
 
+class ForwardedError(AiosError):
+    """Another service's gRPC error, passed on with its own status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def require(condition: bool, message: str) -> None:
     """Raises InvalidArgument(message) unless condition holds."""
     if not condition:

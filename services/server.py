@@ -123,6 +123,8 @@ class Service:
     register: Callable[[grpc.aio.Server], None]
     # Health probes; all must pass for SERVING.
     probes: list[HealthProbe] = field(default_factory=list)
+    # Awaited once in the server's event loop before it serves (connect to what it depends on).
+    on_start: Callable[[], Awaitable[None]] | None = None
     # Called once after the server stopped (release models, files, threads).
     on_stop: Callable[[], Awaitable[None] | None] | None = None
 
@@ -173,6 +175,8 @@ async def serve(service: Service, host: str, port: int, ready_file: Path | None 
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ],
     )
+    if service.on_start is not None:
+        await service.on_start()
     service.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -232,17 +232,60 @@ class Agent:
         payload = data.encode() if isinstance(data, str) else data
         return self._syscall(storage_write=storage_pb2.StorageWriteRequest(key=key, data=payload, metadata=metadata or {}))
 
-    def storage_read(self, key: str) -> bytes:
-        return self._syscall(storage_read=storage_pb2.StorageReadRequest(key=key)).data
+    def storage_read(self, key: str, version: int = 0, owner: str = "") -> bytes:
+        """The newest version's data (or `version`'s); `owner`: another agent that granted access."""
+        return self.storage_record(key, version, owner).data
+
+    def storage_record(self, key: str, version: int = 0, owner: str = "") -> storage_pb2.StorageRecord:
+        request = storage_pb2.StorageReadRequest(key=key, version=version, owner_agent_id=owner)
+        return self._syscall(storage_read=request)
 
     def storage_list(self, prefix: str = "") -> list[storage_pb2.StorageRecordInfo]:
         return list(self._syscall(storage_list=storage_pb2.StorageListRequest(prefix=prefix)).records)
 
-    def storage_delete(self, key: str) -> None:
-        self._syscall(storage_delete=storage_pb2.StorageDeleteRequest(key=key))
+    def storage_delete(self, key: str, purge: bool = False) -> storage_pb2.StorageDeleteResponse:
+        """A tombstone version (undo with storage_rollback), or with `purge` every version erased."""
+        return self._syscall(storage_delete=storage_pb2.StorageDeleteRequest(key=key, purge=purge))
+
+    def storage_history(self, key: str, owner: str = "") -> list[storage_pb2.StorageRecordInfo]:
+        return list(self._syscall(storage_history=storage_pb2.StorageHistoryRequest(key=key, owner_agent_id=owner)).records)
+
+    def storage_rollback(self, key: str, version: int) -> storage_pb2.StorageRecordInfo:
+        return self._syscall(storage_rollback=storage_pb2.StorageRollbackRequest(key=key, version=version))
+
+    def storage_search(
+        self, query: str, limit: int = 10, prefix: str = "", metadata: dict[str, str] | None = None
+    ) -> list[storage_pb2.StorageSearchHit]:
+        request = storage_pb2.StorageSearchRequest(query=query, limit=limit, prefix=prefix, metadata=metadata or {})
+        return list(self._syscall(storage_search=request).hits)
+
+    def storage_grant(self, grantee: str, key: str, prefix: bool = False) -> storage_pb2.StorageGrant:
+        """Lets agent `grantee` read `key` (or, with `prefix`, every key starting with it)."""
+        return self._syscall(storage_grant=storage_pb2.StorageGrantRequest(grantee_agent_id=grantee, key=key, prefix=prefix))
+
+    def storage_revoke(self, grantee: str, key: str, prefix: bool = False) -> storage_pb2.StorageGrant:
+        return self._syscall(storage_revoke=storage_pb2.StorageGrantRequest(grantee_agent_id=grantee, key=key, prefix=prefix))
+
+    def storage_grants(self) -> list[storage_pb2.StorageGrant]:
+        return list(self._syscall(storage_grants=storage_pb2.StorageListGrantsRequest()).grants)
+
+    def storage_usage(self) -> storage_pb2.StorageUsage:
+        return self._syscall(storage_usage=storage_pb2.StorageUsageRequest())
 
     def tools(self) -> list[tools_pb2.ToolSpec]:
         return list(self._syscall(tool_list=tools_pb2.ListToolsRequest()).tools)
+
+    def sandbox_isolation(self) -> dict[str, bool]:
+        """What the tool service's code sandbox isolates on its machine (network, own uid, ...)."""
+        return dict(self._syscall(tool_list=tools_pb2.ListToolsRequest()).sandbox_isolation)
+
+    def tools_openai(self) -> list[dict[str, Any]]:
+        """The tools in OpenAI's function-calling format, ready for a chat-completions `tools` list."""
+        return [
+            {"type": "function",
+             "function": {"name": t.name, "description": t.description, "parameters": json.loads(t.parameters_schema)}}
+            for t in self.tools()
+        ]
 
     def call_tool(self, name: str, **arguments: Any) -> Any:
         reply = self._syscall(tool_call=tools_pb2.CallToolRequest(name=name, arguments_json=json.dumps(arguments)))

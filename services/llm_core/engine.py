@@ -368,14 +368,15 @@ class BatchEngine:
         busy = {s.slot for s in self._active} | {s.slot for s in self._waiting if s.slot >= 0}  # + resumed, resident
         return next((i for i in range(self.config.resident) if i not in busy), self.config.resident)
 
-    def _spare_slot_locked(self, above: int) -> int | None:
-        """A free seq_id above `above` to move a resting sequence to; drops the LRU cached prefix there if needed."""
+    def _spare_slot_locked(self, above: int, keep: int) -> int | None:
+        """A free seq_id above `above` to move a resting sequence to; drops the LRU cached prefix there
+        if needed, but not the one at `keep` (the source of a prefix copy about to happen)."""
         higher = [i for i in self._free_slots if i > above]
         if higher:
             self._free_slots.remove(max(higher))
             return max(higher)
         for slot in self._cached:  # least recently used first
-            if slot > above:
+            if slot > above and slot != keep:
                 del self._cached[slot]
                 llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
                 return slot
@@ -394,13 +395,14 @@ class BatchEngine:
         self._copy_locked(src, dst)
         llama.llama_memory_seq_rm(self.memory, src, -1, -1)
 
-    def _vacate_locked(self, slot: int) -> int:
+    def _vacate_locked(self, slot: int, keep: int = -1) -> int:
         """Makes `slot` free. A cached prefix or parked sequence resting there moves to a spare seq_id;
-        with none, the prefix is dropped and the parked sequence written out. Returns where it went (-1: gone)."""
+        with none, the prefix is dropped and the parked sequence written out. Returns where it went (-1: gone).
+        The cached prefix at `keep` is not dropped to make room."""
         if slot in self._free_slots:
             self._free_slots.remove(slot)
             return -1
-        spare = self._spare_slot_locked(slot)
+        spare = self._spare_slot_locked(slot, keep)
         if slot in self._cached:
             tokens = self._cached.pop(slot)
             if spare is None:
@@ -544,13 +546,18 @@ class BatchEngine:
         if cached and source == slot:
             del self._cached[slot]  # adopt the cached stream where it is: no copy
         else:
-            moved_to = self._vacate_locked(slot)
+            moved_to = self._vacate_locked(slot, keep=source)
             if source == slot:  # the source was resting here and moved (or was written out)
                 source = moved_to
             if source < 0:
                 return slot
             self._copy_locked(source, slot)
         llama.llama_memory_seq_rm(self.memory, slot, best, -1)
+        if llama.llama_memory_seq_pos_max(self.memory, slot) != best - 1:  # never decode on the wrong prefix
+            log.error("prefix copy for %s left seq_id %d at pos_max %d, not %d; prefilling in full", seq.request_id,
+                      slot, llama.llama_memory_seq_pos_max(self.memory, slot), best - 1)
+            llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            return slot
         pos_min = llama.llama_memory_seq_pos_min(self.memory, slot)
         if pos_min > max(0, best - self.n_swa):  # sliding-window layers lost cells we need: prefill all
             llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
@@ -677,6 +684,11 @@ class BatchEngine:
             return
         rc = llama.llama_decode(self.ctx, batch)
         if rc != 0:
+            state = ", ".join(
+                f"{s.request_id}@{s.slot}: n_past {s.n_past}, kv pos_max {llama.llama_memory_seq_pos_max(self.memory, s.slot)}"
+                for s in active
+            )
+            log.error("llama_decode returned %d; batch of %d tokens; sequences: %s", rc, batch.n_tokens, state)
             raise RuntimeError(f"llama_decode returned {rc}")
         self.stats.steps += 1
         for seq in active:

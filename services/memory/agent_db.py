@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sqlite3
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.durable_sqlite import connect_durable
+from services.durable_sqlite import connect_durable, fts_query
 from services.errors import PermissionDenied
 
 SCHEMA = """
@@ -74,12 +73,6 @@ class SearchHit:
 def agent_key(agent_id: str) -> str:
     """The agent's file name and id prefix: stable, and not the raw agent id (which may hold any character)."""
     return hashlib.sha256(agent_id.encode()).hexdigest()[:16]
-
-
-def fts_query(text: str) -> str:
-    """Free text as an FTS5 query: every word quoted (no operator syntax), any of them may match."""
-    words = re.findall(r"\w+", text.lower())
-    return " OR ".join(f'"{w}"' for w in words)
 
 
 class AgentDatabase:

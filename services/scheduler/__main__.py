@@ -35,7 +35,7 @@ def build(args: argparse.Namespace) -> Service:
         Resource.TOOLS: args.manager_concurrency,
     }
     queues = {r: ResourceQueue(r, make_policy(args.policy, args.slice_tokens), c) for r, c in capacities.items()}
-    kernel = Kernel(AgentRegistry(redis), managers, queues)
+    kernel = Kernel(AgentRegistry(redis), managers, queues, lambda: make_policy(args.policy, args.slice_tokens))
 
     async def redis_ok() -> bool:
         return await redis_state.is_up(redis)

@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -25,17 +25,20 @@ from aios.v1 import (
     memory_pb2,
     memory_pb2_grpc,
     storage_pb2_grpc,
+    tools_pb2,
     tools_pb2_grpc,
 )
 from services.errors import (
     AiosError,
     DeadlineExceeded,
+    ForwardedError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     Unavailable,
 )
 from services.scheduler.agents import AgentRegistry
+from services.scheduler.policy import SchedulingPolicy
 from services.scheduler.queues import ResourceQueue
 from services.scheduler.syscalls import Resource, SyscallRecord, SyscallTable
 
@@ -54,6 +57,13 @@ SYSCALLS: dict[str, tuple[Resource, str]] = {
     "storage_read": (Resource.STORAGE, "Read"),
     "storage_list": (Resource.STORAGE, "List"),
     "storage_delete": (Resource.STORAGE, "Delete"),
+    "storage_history": (Resource.STORAGE, "History"),
+    "storage_rollback": (Resource.STORAGE, "Rollback"),
+    "storage_search": (Resource.STORAGE, "Search"),
+    "storage_grant": (Resource.STORAGE, "Grant"),
+    "storage_revoke": (Resource.STORAGE, "Revoke"),
+    "storage_grants": (Resource.STORAGE, "ListGrants"),
+    "storage_usage": (Resource.STORAGE, "Usage"),
     "tool_list": (Resource.TOOLS, "ListTools"),
     "tool_call": (Resource.TOOLS, "CallTool"),
 }
@@ -73,14 +83,6 @@ STUBS = {
 }
 
 
-class CallerError(AiosError):
-    """A manager's gRPC error, passed on to the agent with its own status code."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def manager_error(resource: Resource, exc: grpc.aio.AioRpcError) -> AiosError:
     name = MANAGER_NAMES[resource]
     code = exc.code()
@@ -88,7 +90,7 @@ def manager_error(resource: Resource, exc: grpc.aio.AioRpcError) -> AiosError:
         return Unavailable(f"the {name} service is unavailable ({exc.details()}); retry when it is back")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"the {name} service did not answer before the deadline")
-    return CallerError(code, f"{name}: {exc.details()}")
+    return ForwardedError(code, f"{name}: {exc.details()}")
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -142,10 +144,19 @@ class Managers:
 
 
 class Kernel:
-    def __init__(self, agents: AgentRegistry, managers: Managers, queues: dict[Resource, ResourceQueue]) -> None:
+    def __init__(
+        self,
+        agents: AgentRegistry,
+        managers: Managers,
+        queues: dict[Resource, ResourceQueue],
+        new_policy: Callable[[], SchedulingPolicy],
+    ) -> None:
         self.agents = agents
         self.managers = managers
         self.queues = queues
+        self.new_policy = new_policy
+        # One queue per tool, as wide as the tool's declared concurrency (read from the tool service).
+        self.tool_queues: dict[str, ResourceQueue] = {}
         self.queues[Resource.LLM].preempt = self._preempt
         self.table = SyscallTable()
         self._background: set[asyncio.Task] = set()
@@ -154,12 +165,14 @@ class Kernel:
         return (await self.agents.register(name, priority, weight)).id
 
     @asynccontextmanager
-    async def _syscall(self, agent_id: str, kind: str, resource: Resource) -> AsyncIterator[SyscallRecord]:
-        """Opens the record, waits for the resource, and closes the record with the outcome."""
+    async def _syscall(
+        self, agent_id: str, kind: str, resource: Resource, queue: ResourceQueue | None = None
+    ) -> AsyncIterator[SyscallRecord]:
+        """Opens the record, waits for the resource (or `queue`), and closes the record with the outcome."""
         agent = await self.agents.get(agent_id)
         record = self.table.create(agent_id, kind, resource, agent.priority, agent.weight)
         try:
-            async with self.queues[resource].turn(record):
+            async with (queue or self.queues[resource]).turn(record):
                 await self.managers.connected(resource)
                 try:
                     yield record
@@ -184,11 +197,25 @@ class Kernel:
         inner = getattr(request, kind)
         if "agent_id" in inner.DESCRIPTOR.fields_by_name:
             inner.agent_id = request.agent_id
-        async with self._syscall(request.agent_id, kind, resource) as record:
+        queue = await self._tool_queue(inner.name) if kind == "tool_call" else None
+        async with self._syscall(request.agent_id, kind, resource, queue) as record:
             result = await getattr(self.managers.stubs[resource], method)(inner, timeout=timeout)
         response = kernel_pb2.SyscallResponse(syscall_id=record.id)
         getattr(response, kind).CopyFrom(result)
         return response
+
+    async def _tool_queue(self, name: str) -> ResourceQueue | None:
+        """The tool's own queue; None (the tools queue) for a tool the tool service does not list."""
+        if name not in self.tool_queues:
+            try:
+                await self.managers.connected(Resource.TOOLS)
+                listed = await self.managers.stubs[Resource.TOOLS].ListTools(tools_pb2.ListToolsRequest(), timeout=CONNECT_TIMEOUT_S)
+            except (grpc.aio.AioRpcError, AiosError):
+                return None  # the call itself will meet the same trouble and report it
+            for tool in listed.tools:
+                if tool.name not in self.tool_queues:
+                    self.tool_queues[tool.name] = ResourceQueue(Resource.TOOLS, self.new_policy(), tool.concurrency or 1)
+        return self.tool_queues.get(name)
 
     async def generate(
         self, request: kernel_pb2.KernelGenerateRequest, timeout: float | None

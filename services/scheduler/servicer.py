@@ -97,8 +97,9 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                     completed=q.completed,
                     preempted=q.waiting_to_resume,
                     preemptions=q.preemptions,
+                    name=name,
                 )
-                for q in kernel.queues.values()
+                for name, q in [*(("", q) for q in kernel.queues.values()), *sorted(kernel.tool_queues.items())]
             ],
             services=[
                 kernel_pb2.ServiceStatus(name=MANAGER_NAMES[r], address=managers.addresses[r], healthy=h)

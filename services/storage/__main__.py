@@ -7,12 +7,17 @@ from pathlib import Path
 
 from aios.v1 import storage_pb2_grpc
 from services.server import Service, common_arguments, run
-from services.storage.core import DEFAULT_MAX_RECORD_BYTES, RecordStore
+from services.storage.core import DEFAULT_MAX_RECORD_BYTES, DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_RECORDS, RecordStore
 from services.storage.servicer import StorageServicer
 
 
 def build(args: argparse.Namespace) -> Service:
-    store = RecordStore(args.data_dir / "storage.sqlite3", max_record_bytes=args.max_record_bytes)
+    store = RecordStore(
+        args.data_dir / "storage.sqlite3",
+        max_record_bytes=args.max_record_bytes,
+        quota_bytes=args.quota_bytes,
+        quota_records=args.quota_records,
+    )
     return Service(
         name="storage",
         grpc_services=["aios.v1.Storage"],
@@ -25,6 +30,8 @@ def main() -> None:
     parser = common_arguments("AIOS storage manager")
     parser.add_argument("--data-dir", type=Path, required=True, help="directory for the SQLite database")
     parser.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES)
+    parser.add_argument("--quota-bytes", type=int, default=DEFAULT_QUOTA_BYTES, help="per agent, every version counted")
+    parser.add_argument("--quota-records", type=int, default=DEFAULT_QUOTA_RECORDS, help="live records per agent")
     run(build, parser)
 
 

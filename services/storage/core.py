@@ -1,7 +1,15 @@
-"""Durable per-agent records in SQLite (WAL mode, synchronous=FULL).
+"""Durable, versioned per-agent records in SQLite (WAL mode, fsync on commit).
 
-A write is acknowledged only after SQLite has committed it to the WAL with
-fsync, so it survives a crash of the process or the machine.
+Every write adds a version; nothing is overwritten. A delete adds a tombstone
+version (the history stays and a rollback can undo it) unless it purges the
+record, which erases every version and frees its bytes. A rollback copies an
+old version forward as a new one. The newest version of each text record is
+indexed for full-text search (FTS5, BM25). Another agent reads a record only
+under a grant from its owner, for that key or a prefix. Quotas count the bytes
+of every stored version and the number of live records per agent.
+
+A write is acknowledged only after its transaction committed, so it survives
+`kill -9` of the service or a crash of the machine.
 """
 
 from __future__ import annotations
@@ -12,98 +20,341 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.durable_sqlite import connect_durable
-from services.errors import InvalidArgument, NotFound, ResourceExhausted, require
+from services.durable_sqlite import connect_durable, fts_query, transaction
+from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, require
 
 MAX_KEY_CHARS = 256
 DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
+DEFAULT_QUOTA_BYTES = 256 * 1024 * 1024
+DEFAULT_QUOTA_RECORDS = 10_000
+MAX_SEARCH_RESULTS = 100
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    agent_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,        -- 1, 2, ... per record
+    data BLOB NOT NULL,              -- empty for a tombstone
+    metadata TEXT NOT NULL,          -- JSON object of strings
+    deleted INTEGER NOT NULL,        -- 1: a tombstone
+    restored_from INTEGER,           -- set on a version a rollback made: the version it copied
+    created_at REAL NOT NULL,
+    PRIMARY KEY (agent_id, key, version)
+);
+CREATE TABLE IF NOT EXISTS usage (
+    agent_id TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL,          -- data of every stored version
+    records INTEGER NOT NULL         -- records whose newest version is not a tombstone
+);
+CREATE TABLE IF NOT EXISTS grants (
+    owner TEXT NOT NULL,
+    grantee TEXT NOT NULL,
+    key TEXT NOT NULL,
+    prefix INTEGER NOT NULL,         -- 1: every key starting with `key`
+    PRIMARY KEY (owner, grantee, key, prefix)
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(body, agent_id UNINDEXED, key UNINDEXED);
+"""
 
 
 @dataclass
 class RecordInfo:
     key: str
     size: int
+    version: int
     metadata: dict[str, str] = field(default_factory=dict)
     updated_at: float = 0.0
+    deleted: bool = False
+    restored_from: int = 0
+    owner: str = ""
+
+
+@dataclass
+class SearchHit:
+    info: RecordInfo
+    score: float  # BM25, higher is better
+    snippet: str
+
+
+@dataclass
+class Grant:
+    grantee: str
+    key: str
+    prefix: bool
+
+
+@dataclass
+class Usage:
+    bytes: int
+    records: int
+    quota_bytes: int
+    quota_records: int
 
 
 def validate_key(key: str) -> str:
     """Keys are relative, "/"-separated names; anything path-like that escapes is refused."""
     require(bool(key), "storage key is required")
-    require(len(key) <= MAX_KEY_CHARS, f"storage key is {len(key)} characters; the limit is {MAX_KEY_CHARS}")
-    if any(ord(c) < 32 or c in "\\\x7f" for c in key):
-        raise InvalidArgument(f"storage key {key!r} contains a backslash or control character")
-    if key.startswith("/"):
-        raise InvalidArgument(f"storage key {key!r} must be relative (no leading '/')")
+    _check_name(key, "storage key")
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
-            raise InvalidArgument(
-                f"storage key {key!r} has an empty, '.' or '..' segment; use names like 'notes/today'"
-            )
+            raise InvalidArgument(f"storage key {key!r} has an empty, '.' or '..' segment; use names like 'notes/today'")
     return key
 
 
-class RecordStore:
-    """Named records per agent namespace; one SQLite database for all agents."""
+def validate_prefix(prefix: str) -> str:
+    """A key prefix such as "shared/" or "notes/2026-": a key's rules, but it may end anywhere."""
+    require(bool(prefix), "a prefix grant needs a non-empty prefix (granting everything is not supported)")
+    _check_name(prefix, "prefix")
+    if any(segment in (".", "..") for segment in prefix.split("/")) or "//" in prefix:
+        raise InvalidArgument(f"prefix {prefix!r} has an empty, '.' or '..' segment")
+    return prefix
 
-    def __init__(self, path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
+
+def _check_name(name: str, what: str) -> None:
+    require(len(name) <= MAX_KEY_CHARS, f"{what} is {len(name)} characters; the limit is {MAX_KEY_CHARS}")
+    if any(ord(c) < 32 or c in "\\\x7f" for c in name):
+        raise InvalidArgument(f"{what} {name!r} contains a backslash or control character")
+    if name.startswith("/"):
+        raise InvalidArgument(f"{what} {name!r} must be relative (no leading '/')")
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _text(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class RecordStore:
+    """All agents' records in one database; each call is one transaction."""
+
+    def __init__(
+        self,
+        path: Path,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        quota_bytes: int = DEFAULT_QUOTA_BYTES,
+        quota_records: int = DEFAULT_QUOTA_RECORDS,
+    ) -> None:
         self.max_record_bytes = max_record_bytes
+        self.quota_bytes = quota_bytes
+        self.quota_records = quota_records
         self._db = connect_durable(path)
-        self._db.execute(
-            """CREATE TABLE IF NOT EXISTS records (
-                   agent_id TEXT NOT NULL,
-                   key TEXT NOT NULL,
-                   data BLOB NOT NULL,
-                   metadata TEXT NOT NULL,
-                   updated_at REAL NOT NULL,
-                   PRIMARY KEY (agent_id, key))"""
-        )
+        with self._db:
+            self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+
+    # ---- writes ----------------------------------------------------------------------
 
     def write(self, agent_id: str, key: str, data: bytes, metadata: dict[str, str] | None = None) -> RecordInfo:
         require(bool(agent_id), "agent_id is required")
         validate_key(key)
         if len(data) > self.max_record_bytes:
-            raise ResourceExhausted(
-                f"record is {len(data)} bytes; the limit is {self.max_record_bytes} bytes per record"
-            )
-        info = RecordInfo(key, len(data), dict(metadata or {}), time.time())
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)",
-                (agent_id, key, data, json.dumps(info.metadata), info.updated_at),
-            )
-        return info
+            raise ResourceExhausted(f"record is {len(data)} bytes; the limit is {self.max_record_bytes} bytes per record")
+        with self._lock, transaction(self._db):
+            return self._add_version(agent_id, key, data, dict(metadata or {}), deleted=False, restored_from=None)
 
-    def read(self, agent_id: str, key: str) -> tuple[RecordInfo, bytes]:
+    def rollback(self, agent_id: str, key: str, version: int) -> RecordInfo:
+        """Makes `version`'s content the newest again, as a new version."""
         validate_key(key)
-        with self._lock:
-            row = self._db.execute(
-                "SELECT data, metadata, updated_at FROM records WHERE agent_id=? AND key=?", (agent_id, key)
+        require(version > 0, "version must be a positive version number (see the record's history)")
+        with self._lock, transaction(self._db):
+            old = self._version(agent_id, key, version)
+            data, metadata, deleted = old
+            return self._add_version(agent_id, key, data, json.loads(metadata), deleted=bool(deleted), restored_from=version)
+
+    def delete(self, agent_id: str, key: str, purge: bool = False) -> RecordInfo:
+        """Adds a tombstone (the history stays), or with `purge` erases every version."""
+        validate_key(key)
+        with self._lock, transaction(self._db):
+            head = self._head(agent_id, key)
+            if head is None or (head.deleted and not purge):
+                raise NotFound(f"no record {key!r} in this agent's storage")
+            if not purge:
+                return self._add_version(agent_id, key, b"", {}, deleted=True, restored_from=None)
+            (size,) = self._db.execute(
+                "SELECT coalesce(sum(length(data)), 0) FROM versions WHERE agent_id=? AND key=?", (agent_id, key)
             ).fetchone()
-        if row is None:
+            self._db.execute("DELETE FROM versions WHERE agent_id=? AND key=?", (agent_id, key))
+            self._db.execute("DELETE FROM search WHERE agent_id=? AND key=?", (agent_id, key))
+            self._account(agent_id, -size, -1 if not head.deleted else 0)
+            return head
+
+    def grant(self, owner: str, grantee: str, key: str, prefix: bool) -> Grant:
+        require(bool(grantee), "grantee_agent_id is required")
+        require(grantee != owner, "an agent always reads its own records; grant to another agent")
+        validate_prefix(key) if prefix else validate_key(key)
+        with self._lock, transaction(self._db):
+            self._db.execute("INSERT OR IGNORE INTO grants VALUES (?, ?, ?, ?)", (owner, grantee, key, int(prefix)))
+        return Grant(grantee, key, prefix)
+
+    def revoke(self, owner: str, grantee: str, key: str, prefix: bool) -> Grant:
+        with self._lock, transaction(self._db):
+            cursor = self._db.execute(
+                "DELETE FROM grants WHERE owner=? AND grantee=? AND key=? AND prefix=?", (owner, grantee, key, int(prefix))
+            )
+        if cursor.rowcount == 0:
+            raise NotFound(f"no such grant of {key!r}{' (prefix)' if prefix else ''} to {grantee!r}")
+        return Grant(grantee, key, prefix)
+
+    # ---- reads -----------------------------------------------------------------------
+
+    def read(self, agent_id: str, key: str, version: int = 0, owner: str = "") -> tuple[RecordInfo, bytes]:
+        """The newest version (or `version`) of a record of `owner` (default: the caller's own)."""
+        validate_key(key)
+        owner = owner or agent_id
+        with self._lock:
+            self._check_access(agent_id, owner, key)
+            if version:
+                row = self._db.execute(
+                    "SELECT version, data, metadata, deleted, restored_from, created_at FROM versions "
+                    "WHERE agent_id=? AND key=? AND version=?", (owner, key, version)
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"record {key!r} has no version {version}")
+            else:
+                row = self._db.execute(
+                    "SELECT version, data, metadata, deleted, restored_from, created_at FROM versions "
+                    "WHERE agent_id=? AND key=? ORDER BY version DESC LIMIT 1", (owner, key)
+                ).fetchone()
+                if row is None or row[3]:
+                    raise NotFound(f"no record {key!r} in {'this agent' if owner == agent_id else repr(owner)}'s storage")
+        number, data, metadata, deleted, restored_from, created_at = row
+        info = RecordInfo(key, len(data), number, json.loads(metadata), created_at, bool(deleted), restored_from or 0, owner)
+        return info, bytes(data)
+
+    def history(self, agent_id: str, key: str, owner: str = "") -> list[RecordInfo]:
+        validate_key(key)
+        owner = owner or agent_id
+        with self._lock:
+            self._check_access(agent_id, owner, key)
+            rows = self._db.execute(
+                "SELECT version, length(data), metadata, deleted, restored_from, created_at FROM versions "
+                "WHERE agent_id=? AND key=? ORDER BY version", (owner, key)
+            ).fetchall()
+        if not rows:
             raise NotFound(f"no record {key!r} in this agent's storage")
-        data, metadata, updated_at = row
-        return RecordInfo(key, len(data), json.loads(metadata), updated_at), bytes(data)
+        return [RecordInfo(key, size, v, json.loads(m), t, bool(d), r or 0, owner) for v, size, m, d, r, t in rows]
 
     def list(self, agent_id: str, prefix: str = "") -> list[RecordInfo]:
-        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        """Live records (newest version not a tombstone), by key."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT key, length(data), metadata, updated_at FROM records "
-                "WHERE agent_id=? AND key LIKE ? ESCAPE '\\' ORDER BY key",
-                (agent_id, escaped + "%"),
+                "SELECT key, version, length(data), metadata, deleted, restored_from, created_at FROM versions v "
+                "WHERE agent_id=? AND key LIKE ? ESCAPE '\\' AND version = "
+                "(SELECT max(version) FROM versions WHERE agent_id=v.agent_id AND key=v.key) ORDER BY key",
+                (agent_id, _like_prefix(prefix)),
             ).fetchall()
-        return [RecordInfo(k, size, json.loads(m), t) for k, size, m, t in rows]
+        return [RecordInfo(k, size, v, json.loads(m), t, False, r or 0, agent_id) for k, v, size, m, d, r, t in rows if not d]
 
-    def delete(self, agent_id: str, key: str) -> str:
-        validate_key(key)
+    def search(
+        self, agent_id: str, query: str, limit: int = 10, prefix: str = "", metadata: dict[str, str] | None = None
+    ) -> list[SearchHit]:
+        """The caller's live text records ranked by BM25, with a snippet around the matches."""
+        require(bool(query.strip()), "the search query must not be empty")
+        require(0 < limit <= MAX_SEARCH_RESULTS, f"limit must be between 1 and {MAX_SEARCH_RESULTS}")
+        match = fts_query(query)
+        if not match:
+            return []
+        where = "search MATCH ? AND s.agent_id = ? AND s.key LIKE ? ESCAPE '\\'"
+        params: list[object] = [match, agent_id, _like_prefix(prefix)]
+        for name, value in (metadata or {}).items():
+            where += " AND json_extract(v.metadata, ?) = ?"
+            params += ['$."' + name.replace('"', '""') + '"', value]
         with self._lock:
-            cursor = self._db.execute("DELETE FROM records WHERE agent_id=? AND key=?", (agent_id, key))
-        if cursor.rowcount == 0:
-            raise NotFound(f"no record {key!r} in this agent's storage")
-        return key
+            rows = self._db.execute(
+                "SELECT s.key, v.version, length(v.data), v.metadata, v.restored_from, v.created_at, bm25(search), "
+                "snippet(search, 0, '[', ']', '...', 12) FROM search s JOIN versions v ON v.agent_id = s.agent_id "
+                "AND v.key = s.key AND v.version = (SELECT max(version) FROM versions WHERE agent_id = s.agent_id "
+                f"AND key = s.key) WHERE {where} ORDER BY bm25(search) LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [
+            SearchHit(RecordInfo(k, size, v, json.loads(m), t, False, r or 0, agent_id), -score, snippet)
+            for k, v, size, m, r, t, score, snippet in rows
+        ]
+
+    def grants(self, owner: str) -> list[Grant]:
+        with self._lock:
+            rows = self._db.execute("SELECT grantee, key, prefix FROM grants WHERE owner=? ORDER BY grantee, key", (owner,))
+            return [Grant(g, k, bool(p)) for g, k, p in rows]
+
+    def usage(self, agent_id: str) -> Usage:
+        with self._lock:
+            used_bytes, records = self._used(agent_id)
+        return Usage(used_bytes, records, self.quota_bytes, self.quota_records)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _head(self, agent_id: str, key: str) -> RecordInfo | None:
+        row = self._db.execute(
+            "SELECT version, length(data), metadata, deleted, restored_from, created_at FROM versions "
+            "WHERE agent_id=? AND key=? ORDER BY version DESC LIMIT 1", (agent_id, key)
+        ).fetchone()
+        if row is None:
+            return None
+        v, size, m, d, r, t = row
+        return RecordInfo(key, size, v, json.loads(m), t, bool(d), r or 0, agent_id)
+
+    def _version(self, agent_id: str, key: str, version: int) -> tuple[bytes, str, int]:
+        row = self._db.execute(
+            "SELECT data, metadata, deleted FROM versions WHERE agent_id=? AND key=? AND version=?", (agent_id, key, version)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"record {key!r} has no version {version}")
+        return bytes(row[0]), row[1], row[2]
+
+    def _used(self, agent_id: str) -> tuple[int, int]:
+        row = self._db.execute("SELECT bytes, records FROM usage WHERE agent_id=?", (agent_id,)).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def _account(self, agent_id: str, size: int, records: int) -> None:
+        self._db.execute(
+            "INSERT INTO usage VALUES (?, ?, ?) ON CONFLICT (agent_id) DO UPDATE "
+            "SET bytes = bytes + excluded.bytes, records = records + excluded.records",
+            (agent_id, size, records),
+        )
+
+    def _add_version(
+        self, agent_id: str, key: str, data: bytes, metadata: dict[str, str], deleted: bool, restored_from: int | None
+    ) -> RecordInfo:
+        head = self._head(agent_id, key)
+        live_before = head is not None and not head.deleted
+        new_records = int(not deleted) - int(live_before)
+        used_bytes, records = self._used(agent_id)
+        if used_bytes + len(data) > self.quota_bytes:
+            raise ResourceExhausted(
+                f"this agent's storage holds {used_bytes} bytes (every version counts); {len(data)} more would pass "
+                f"its quota of {self.quota_bytes}. Purge records you no longer need (delete with purge)."
+            )
+        if records + new_records > self.quota_records:
+            raise ResourceExhausted(f"this agent has {records} records, its quota; delete some before adding more")
+        version = head.version + 1 if head else 1
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (agent_id, key, version, data, json.dumps(metadata), int(deleted), restored_from, now),
+        )
+        self._db.execute("DELETE FROM search WHERE agent_id=? AND key=?", (agent_id, key))
+        text = None if deleted else _text(data)
+        if text is not None:
+            self._db.execute("INSERT INTO search (body, agent_id, key) VALUES (?, ?, ?)", (text, agent_id, key))
+        self._account(agent_id, len(data), new_records)
+        return RecordInfo(key, len(data), version, metadata, now, deleted, restored_from or 0, agent_id)
+
+    def _check_access(self, agent_id: str, owner: str, key: str) -> None:
+        if owner == agent_id:
+            return
+        granted = self._db.execute(
+            "SELECT 1 FROM grants WHERE owner=? AND grantee=? AND ((prefix=0 AND key=?) OR "
+            "(prefix=1 AND substr(?, 1, length(key)) = key)) LIMIT 1", (owner, agent_id, key, key)
+        ).fetchone()
+        if granted is None:
+            raise PermissionDenied(f"{owner!r} has not granted this agent access to {key!r}; ask the owner to grant it")

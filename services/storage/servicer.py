@@ -8,13 +8,18 @@ from __future__ import annotations
 import asyncio
 
 from aios.v1 import storage_pb2, storage_pb2_grpc
-from services.storage.core import RecordInfo, RecordStore
+from services.storage.core import Grant, RecordInfo, RecordStore
 
 
 def info_to_proto(info: RecordInfo) -> storage_pb2.StorageRecordInfo:
     return storage_pb2.StorageRecordInfo(
-        key=info.key, size=info.size, metadata=info.metadata, updated_at=info.updated_at
+        key=info.key, size=info.size, metadata=info.metadata, updated_at=info.updated_at, version=info.version,
+        deleted=info.deleted, restored_from=info.restored_from, owner_agent_id=info.owner,
     )
+
+
+def grant_to_proto(grant: Grant) -> storage_pb2.StorageGrant:
+    return storage_pb2.StorageGrant(grantee_agent_id=grant.grantee, key=grant.key, prefix=grant.prefix)
 
 
 class StorageServicer(storage_pb2_grpc.StorageServicer):
@@ -22,13 +27,13 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self.store = store
 
     async def Write(self, request, context):
-        info = await asyncio.to_thread(
-            self.store.write, request.agent_id, request.key, request.data, dict(request.metadata)
-        )
+        info = await asyncio.to_thread(self.store.write, request.agent_id, request.key, request.data, dict(request.metadata))
         return info_to_proto(info)
 
     async def Read(self, request, context):
-        info, data = await asyncio.to_thread(self.store.read, request.agent_id, request.key)
+        info, data = await asyncio.to_thread(
+            self.store.read, request.agent_id, request.key, request.version, request.owner_agent_id
+        )
         return storage_pb2.StorageRecord(info=info_to_proto(info), data=data)
 
     async def List(self, request, context):
@@ -36,5 +41,38 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         return storage_pb2.StorageListResponse(records=[info_to_proto(i) for i in infos])
 
     async def Delete(self, request, context):
-        key = await asyncio.to_thread(self.store.delete, request.agent_id, request.key)
-        return storage_pb2.StorageDeleteResponse(key=key)
+        info = await asyncio.to_thread(self.store.delete, request.agent_id, request.key, request.purge)
+        return storage_pb2.StorageDeleteResponse(key=info.key, version=info.version)
+
+    async def History(self, request, context):
+        infos = await asyncio.to_thread(self.store.history, request.agent_id, request.key, request.owner_agent_id)
+        return storage_pb2.StorageListResponse(records=[info_to_proto(i) for i in infos])
+
+    async def Rollback(self, request, context):
+        return info_to_proto(await asyncio.to_thread(self.store.rollback, request.agent_id, request.key, request.version))
+
+    async def Search(self, request, context):
+        hits = await asyncio.to_thread(
+            self.store.search, request.agent_id, request.query, request.limit or 10, request.prefix, dict(request.metadata)
+        )
+        return storage_pb2.StorageSearchResponse(
+            hits=[storage_pb2.StorageSearchHit(info=info_to_proto(h.info), score=h.score, snippet=h.snippet) for h in hits]
+        )
+
+    async def Grant(self, request, context):
+        grant = await asyncio.to_thread(self.store.grant, request.agent_id, request.grantee_agent_id, request.key, request.prefix)
+        return grant_to_proto(grant)
+
+    async def Revoke(self, request, context):
+        grant = await asyncio.to_thread(self.store.revoke, request.agent_id, request.grantee_agent_id, request.key, request.prefix)
+        return grant_to_proto(grant)
+
+    async def ListGrants(self, request, context):
+        grants = await asyncio.to_thread(self.store.grants, request.agent_id)
+        return storage_pb2.StorageListGrantsResponse(grants=[grant_to_proto(g) for g in grants])
+
+    async def Usage(self, request, context):
+        usage = await asyncio.to_thread(self.store.usage, request.agent_id)
+        return storage_pb2.StorageUsage(
+            bytes=usage.bytes, records=usage.records, quota_bytes=usage.quota_bytes, quota_records=usage.quota_records
+        )

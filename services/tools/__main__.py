@@ -1,29 +1,70 @@
-"""Runs the tool manager: `python -m services.tools`."""
+"""Runs the tool manager: `python -m services.tools [--storage ADDR] [--mcp NAME=COMMAND ...]`."""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
-from aios.v1 import tools_pb2_grpc
+import grpc
+
+from aios.v1 import storage_pb2_grpc, tools_pb2_grpc
 from services.server import Service, common_arguments, run
-from services.tools.builtin import BUILTIN_TOOLS
+from services.tools.builtin import builtin_tools
 from services.tools.core import ToolRegistry
+from services.tools.mcp_mount import McpConnection, McpServerSpec
+from services.tools.sandbox import Sandbox, SandboxLimits
 from services.tools.servicer import ToolsServicer
 
 
 def build(args: argparse.Namespace) -> Service:
     registry = ToolRegistry()
-    for tool in BUILTIN_TOOLS:
-        registry.register(tool)
+    sandbox = Sandbox(
+        SandboxLimits(wall_seconds=args.sandbox_wall_seconds, cpu_seconds=args.sandbox_cpu_seconds,
+                      memory_bytes=args.sandbox_memory_mb << 20, processes=args.sandbox_processes),
+        root=args.sandbox_dir,
+    )
+    mcp = [McpConnection(McpServerSpec.parse(text)) for text in args.mcp]
+    channels: list[grpc.aio.Channel] = []
+
+    async def start() -> None:
+        await sandbox.probe()
+        storage = None
+        if args.storage:
+            channels.append(grpc.aio.insecure_channel(args.storage))
+            storage = storage_pb2_grpc.StorageStub(channels[0])
+        for tool in builtin_tools(sandbox, storage):
+            registry.register(tool)
+        for connection in mcp:
+            await connection.mount(registry)
+
+    async def stop() -> None:
+        for connection in mcp:
+            await connection.close()
+        for channel in channels:
+            await channel.close()
+
     return Service(
         name="tools",
         grpc_services=["aios.v1.Tools"],
-        register=lambda server: tools_pb2_grpc.add_ToolsServicer_to_server(ToolsServicer(registry), server),
+        register=lambda server: tools_pb2_grpc.add_ToolsServicer_to_server(ToolsServicer(registry, sandbox), server),
+        on_start=start,
+        on_stop=stop,
     )
 
 
 def main() -> None:
-    run(build, common_arguments("AIOS tool manager"))
+    parser = common_arguments("AIOS tool manager")
+    parser.add_argument("--storage", default="", help="storage manager address, for the file_read/file_write tools")
+    parser.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND",
+                        help="mount the tools of an MCP server started with COMMAND (stdio), as NAME__<tool>")
+    parser.add_argument("--sandbox-dir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where sandboxed runs get their private working directories")
+    parser.add_argument("--sandbox-wall-seconds", type=float, default=10.0)
+    parser.add_argument("--sandbox-cpu-seconds", type=int, default=5)
+    parser.add_argument("--sandbox-memory-mb", type=int, default=512)
+    parser.add_argument("--sandbox-processes", type=int, default=16)
+    run(build, parser)
 
 
 if __name__ == "__main__":

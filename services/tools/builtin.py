@@ -1,4 +1,4 @@
-"""Built-in tools: a safe calculator and a clock."""
+"""Built-in tools: a safe calculator, a clock, the calling agent's files (in storage), and a sandboxed Python runner."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import operator
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from services.errors import InvalidArgument
-from services.tools.core import Tool
+import grpc
+
+from services.errors import ForwardedError, InvalidArgument
+from services.tools.core import CallContext, Tool
+from services.tools.sandbox import Sandbox
 
 _BINARY = {
     ast.Add: operator.add,
@@ -71,11 +74,11 @@ def _eval(node: ast.AST) -> Any:
     raise InvalidArgument(f"unsupported element in expression: {ast.unparse(node)!r}")
 
 
-def calculator(arguments: dict[str, Any]) -> dict[str, Any]:
+def calculator(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
     return {"expression": arguments["expression"], "result": evaluate(arguments["expression"])}
 
 
-def clock(arguments: dict[str, Any]) -> dict[str, Any]:
+def clock(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
     name = arguments.get("timezone", "UTC")
     try:
         zone = ZoneInfo(name)
@@ -85,26 +88,96 @@ def clock(arguments: dict[str, Any]) -> dict[str, Any]:
     return {"iso": now.isoformat(), "unix": now.timestamp(), "timezone": name}
 
 
-BUILTIN_TOOLS = [
-    Tool(
-        name="calculator",
-        description="Evaluates an arithmetic expression (+ - * / // % **, sqrt, log, sin, pi...) exactly.",
+def builtin_tools(sandbox: Sandbox, storage: Any | None) -> list[Tool]:
+    """The built-in tools; the file tools need a Storage stub (grpc.aio), the Python runner a sandbox."""
+    tools = [
+        Tool(
+            name="calculator",
+            description="Evaluates an arithmetic expression (+ - * / // % **, sqrt, log, sin, pi...) exactly.",
+            parameters={
+                "type": "object",
+                "properties": {"expression": {"type": "string", "minLength": 1, "description": "e.g. '(2+3)*7'"}},
+                "required": ["expression"],
+                "additionalProperties": False,
+            },
+            function=calculator,
+        ),
+        Tool(
+            name="clock",
+            description="Returns the current date and time in a timezone (default UTC).",
+            parameters={
+                "type": "object",
+                "properties": {"timezone": {"type": "string", "description": "IANA timezone, e.g. 'Asia/Tokyo'"}},
+                "additionalProperties": False,
+            },
+            function=clock,
+        ),
+        python_tool(sandbox),
+    ]
+    if storage is not None:
+        tools += file_tools(storage)
+    return tools
+
+
+def python_tool(sandbox: Sandbox) -> Tool:
+    async def run(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
+        result = await sandbox.run(arguments["code"])
+        return {"exit_code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr,
+                "seconds": round(result.seconds, 3)}
+
+    limits = sandbox.limits
+    return Tool(
+        name="python",
+        description=(
+            "Runs Python 3 code in a sandbox and returns its exit code, stdout and stderr. Print what you need. "
+            f"Limits: {limits.wall_seconds:g} s wall, {limits.cpu_seconds} s CPU, {limits.memory_bytes >> 20} MB memory, "
+            "no network, standard library only, a fresh empty working directory."
+        ),
         parameters={
             "type": "object",
-            "properties": {"expression": {"type": "string", "minLength": 1, "description": "e.g. '(2+3)*7'"}},
-            "required": ["expression"],
+            "properties": {"code": {"type": "string", "minLength": 1, "maxLength": 100_000}},
+            "required": ["code"],
             "additionalProperties": False,
         },
-        function=calculator,
-    ),
-    Tool(
-        name="clock",
-        description="Returns the current date and time in a timezone (default UTC).",
-        parameters={
-            "type": "object",
-            "properties": {"timezone": {"type": "string", "description": "IANA timezone, e.g. 'Asia/Tokyo'"}},
-            "additionalProperties": False,
-        },
-        function=clock,
-    ),
-]
+        function=run,
+        concurrency=2,
+        source="sandbox",
+    )
+
+
+def file_tools(storage: Any) -> list[Tool]:
+    """file_read / file_write over the calling agent's storage records under files/."""
+    from aios.v1 import storage_pb2
+
+    async def storage_call(method: str, request: Any) -> Any:
+        try:
+            return await getattr(storage, method)(request, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            raise ForwardedError(exc.code(), f"storage: {exc.details()}") from None
+
+    async def write(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
+        info = await storage_call("Write", storage_pb2.StorageWriteRequest(
+            agent_id=context.agent_id, key="files/" + arguments["path"], data=arguments["content"].encode()))
+        return {"path": arguments["path"], "bytes": info.size, "version": info.version}
+
+    async def read(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
+        record = await storage_call("Read", storage_pb2.StorageReadRequest(
+            agent_id=context.agent_id, key="files/" + arguments["path"]))
+        return {"path": arguments["path"], "content": record.data.decode(errors="replace"), "version": record.info.version}
+
+    path = {"type": "string", "minLength": 1, "maxLength": 200, "description": "e.g. 'notes/plan.md'"}
+    return [
+        Tool(
+            name="file_write",
+            description="Writes a text file in your own storage (a new version each time; earlier ones are kept).",
+            parameters={"type": "object", "properties": {"path": path, "content": {"type": "string"}},
+                        "required": ["path", "content"], "additionalProperties": False},
+            function=write,
+        ),
+        Tool(
+            name="file_read",
+            description="Reads a text file from your own storage.",
+            parameters={"type": "object", "properties": {"path": path}, "required": ["path"], "additionalProperties": False},
+            function=read,
+        ),
+    ]

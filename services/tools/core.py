@@ -1,20 +1,34 @@
-"""The tool registry: named tools with a JSON Schema for their arguments.
+"""The tool registry: named tools with a JSON Schema for their arguments and a concurrency limit.
 
 Arguments are validated against the schema before a tool runs, so a tool's
-function only ever sees arguments of the shape it declared.
+function only ever sees arguments of the shape it declared. A tool declares
+how many calls may run at once; the kernel queues calls beyond that (one queue
+per tool), and the registry refuses any that still arrive over the limit
+(a caller bypassing the kernel) rather than oversubscribe.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jsonschema
 
-from services.errors import InvalidArgument, NotFound, require
+from services.errors import InvalidArgument, NotFound, ResourceExhausted, require
 
-ToolFunction = Callable[[dict[str, Any]], Any]
+
+@dataclass(frozen=True)
+class CallContext:
+    """Who is calling: tools that touch agent data act for this agent only."""
+
+    agent_id: str
+
+
+ToolFunction = Callable[[dict[str, Any], CallContext], Any | Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -23,26 +37,40 @@ class Tool:
     description: str
     parameters: dict[str, Any]
     function: ToolFunction
+    concurrency: int = 8  # calls that may run at once
+    source: str = "builtin"  # "builtin", "sandbox" or "mcp:<server>"
+
+
+@dataclass
+class ToolCounters:
+    running: int = 0
+    peak_running: int = 0
+    calls: int = 0
+    refused: int = 0
 
 
 class ToolRegistry:
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
-        self._validators: dict[str, jsonschema.protocols.Validator] = {}
+        self._validators: dict[str, Any] = {}
+        self.counters: dict[str, ToolCounters] = {}
 
     def register(self, tool: Tool) -> None:
         if tool.name in self._tools:
             raise ValueError(f"tool {tool.name!r} is already registered")
+        if tool.concurrency < 1:
+            raise ValueError(f"tool {tool.name!r} must allow at least one call at a time")
         validator_class = jsonschema.validators.validator_for(tool.parameters, default=jsonschema.Draft202012Validator)
         validator_class.check_schema(tool.parameters)
         self._tools[tool.name] = tool
         self._validators[tool.name] = validator_class(tool.parameters)
+        self.counters[tool.name] = ToolCounters()
 
     def list(self) -> list[Tool]:
         return [self._tools[name] for name in sorted(self._tools)]
 
-    def call(self, name: str, arguments_json: str) -> Any:
-        """Validates the JSON arguments and runs the tool; returns its JSON-able result."""
+    def parse(self, name: str, arguments_json: str) -> tuple[Tool, dict[str, Any]]:
+        """The tool and its validated arguments."""
         require(bool(name), "tool name is required")
         tool = self._tools.get(name)
         if tool is None:
@@ -56,4 +84,23 @@ class ToolRegistry:
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(arguments)"
             raise InvalidArgument(f"arguments for {name!r} do not match its schema at {where}: {error.message}")
-        return tool.function(arguments)
+        return tool, arguments
+
+    async def call(self, name: str, arguments_json: str, context: CallContext) -> Any:
+        """Validates the JSON arguments and runs the tool (blocking ones in a thread); returns its JSON-able result."""
+        tool, arguments = self.parse(name, arguments_json)
+        counters = self.counters[name]
+        if counters.running >= tool.concurrency:
+            counters.refused += 1
+            raise ResourceExhausted(
+                f"tool {name!r} is running {counters.running} calls, its limit; call it through the kernel, which queues"
+            )
+        counters.running += 1
+        counters.calls += 1
+        counters.peak_running = max(counters.peak_running, counters.running)
+        try:
+            if inspect.iscoroutinefunction(tool.function):
+                return await tool.function(arguments, context)
+            return await asyncio.to_thread(tool.function, arguments, context)
+        finally:
+            counters.running -= 1

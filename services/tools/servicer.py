@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from aios.v1 import tools_pb2, tools_pb2_grpc
-from services.tools.core import ToolRegistry
+from services.tools.core import CallContext, ToolRegistry
+from services.tools.sandbox import Sandbox
 
 
 class ToolsServicer(tools_pb2_grpc.ToolsServicer):
-    def __init__(self, registry: ToolRegistry) -> None:
+    def __init__(self, registry: ToolRegistry, sandbox: Sandbox) -> None:
         self.registry = registry
+        self.sandbox = sandbox
 
     async def ListTools(self, request, context):
-        return tools_pb2.ListToolsResponse(
-            tools=[
-                tools_pb2.ToolSpec(name=t.name, description=t.description, parameters_schema=json.dumps(t.parameters))
-                for t in self.registry.list()
-            ]
-        )
+        tools = []
+        for tool in self.registry.list():
+            counters = self.registry.counters[tool.name]
+            tools.append(tools_pb2.ToolSpec(
+                name=tool.name, description=tool.description, parameters_schema=json.dumps(tool.parameters),
+                concurrency=tool.concurrency, source=tool.source, running=counters.running,
+                peak_running=counters.peak_running, calls=counters.calls, refused=counters.refused,
+            ))
+        return tools_pb2.ListToolsResponse(tools=tools, sandbox_isolation=self.sandbox.isolation())
 
     async def CallTool(self, request, context):
-        result = await asyncio.to_thread(self.registry.call, request.name, request.arguments_json)
+        result = await self.registry.call(request.name, request.arguments_json, CallContext(request.agent_id))
         return tools_pb2.CallToolResponse(result_json=json.dumps(result))

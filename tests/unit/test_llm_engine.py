@@ -9,6 +9,7 @@ sequence decoding alone), as batched numerics differ from solo ones.
 from __future__ import annotations
 
 import queue
+import random
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Iterator
@@ -319,5 +320,85 @@ def test_resumed_sequences_waiting_together_keep_their_kv(model):
             assert isinstance(end, FinishEvent), end
             assert len(before) + len(rest) == GREEDY.max_tokens
         assert h.swapped == []  # everything stayed resident
+    finally:
+        h.close()
+
+
+def check_invariants(engine: BatchEngine) -> None:
+    """Every seq_id has exactly one holder, and every decoding sequence's KV ends where it will write next."""
+    holders = [s.slot for s in engine._active] + [s.slot for s in engine._parked.values()]
+    holders += [s.slot for s in engine._waiting if s.slot >= 0] + list(engine._cached) + list(engine._free_slots)
+    assert sorted(holders) == list(range(engine.config.resident)), holders
+    for seq in engine._active:
+        assert llama.llama_memory_seq_pos_max(engine.memory, seq.slot) == seq.n_past - 1, (seq.request_id, seq.slot)
+
+
+def test_random_preemption_resume_and_cancellation_keep_every_seq_id_accounted_for(model):
+    """A stress of the engine's bookkeeping: 3 decoding of 4 seq_ids, prompts sharing prefixes (so cached
+    prefixes are copy sources while seq_ids are short), parks, swaps, resumes (resident and from snapshots)
+    and cancels at random, checked before every decode step."""
+    rng = random.Random(5)
+    h = Harness(model, slots=3, resident=4, max_sequence_tokens=512)
+    step = h.engine._step
+
+    def checked_step(active):
+        with h.engine._cond:
+            check_invariants(h.engine)
+        step(active)
+
+    h.engine._step = checked_step
+    system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 2
+    streams: dict[str, queue.Queue[Event]] = {}
+    done: set[str] = set()
+    try:
+        for i in range(16):
+            name = f"s{i}"
+            _, streams[name] = h.start(name, SamplingConfig(max_tokens=rng.randint(4, 24), ignore_eos=True),
+                                       prompt=system + f"Question {i % 3}: what is {i % 3} + {i // 3}?\nAnswer:")
+            for _ in range(rng.randint(0, 3)):
+                action = rng.choice(["park", "swap", "resume", "restore", "cancel", "wait"])
+                with h.engine._cond:
+                    active = [s for s in h.engine._active if not s.preempt and not s.cancelled]
+                    parked = list(h.engine._parked)
+                if action in ("park", "swap") and active:
+                    h.engine.preempt(rng.choice(active).request_id, swap=action == "swap")
+                elif action == "resume" and parked:
+                    target, resumed = rng.choice(parked), queue.Queue()
+                    if h.engine.resume(target, "agent-a", resumed.put) is not None:
+                        streams[target] = resumed
+                elif action == "restore" and h.swapped:
+                    snapshot = h.swapped.pop(0)
+                    streams[snapshot.request_id] = queue.Queue()
+                    h.engine.submit(h.engine.restored(snapshot, streams[snapshot.request_id].put))
+                elif action == "cancel" and active:
+                    victim = rng.choice(active)
+                    h.engine.cancel(victim)
+                    done.add(victim.request_id)
+                else:
+                    h.tokens_until(streams[name], stop_after=1)
+        # Bring everything back and let it finish.
+        while True:
+            with h.engine._cond:
+                parked = list(h.engine._parked)
+            for name in parked:
+                resumed = queue.Queue()
+                if h.engine.resume(name, "agent-a", resumed.put) is not None:
+                    streams[name] = resumed
+            while h.swapped:
+                snapshot = h.swapped.pop(0)
+                streams[snapshot.request_id] = queue.Queue()
+                h.engine.submit(h.engine.restored(snapshot, streams[snapshot.request_id].put))
+            for name, events in list(streams.items()):
+                if name in done:
+                    continue
+                _, end = h.tokens_until(events)
+                assert not isinstance(end, ErrorEvent), (name, end)
+                if isinstance(end, FinishEvent):
+                    done.add(name)
+            if len(done) == len(streams) and not h.engine._parked and not h.swapped:
+                break
+        with h.engine._cond:
+            check_invariants(h.engine)
+            assert not h.engine._active and not h.engine._parked
     finally:
         h.close()

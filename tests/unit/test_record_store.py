@@ -2,7 +2,7 @@
 
 import pytest
 
-from services.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from services.storage.core import RecordStore, validate_key
 
 
@@ -49,3 +49,94 @@ def test_delete_and_missing_records(tmp_path):
         store.delete("agt-a", "k")
     with pytest.raises(ResourceExhausted):
         store.write("agt-a", "k", b"12345")
+
+
+def test_every_write_is_a_version_and_rollback_is_one_more(tmp_path):
+    store = RecordStore(tmp_path / "s.db")
+    assert [store.write("agt-a", "plan", text.encode()).version for text in ("v1", "v2", "v3")] == [1, 2, 3]
+    assert store.read("agt-a", "plan")[1] == b"v3"
+    assert store.read("agt-a", "plan", version=1)[1] == b"v1"
+    rolled = store.rollback("agt-a", "plan", 1)
+    assert (rolled.version, rolled.restored_from) == (4, 1)
+    assert store.read("agt-a", "plan")[1] == b"v1"
+    history = store.history("agt-a", "plan")
+    assert [(h.version, h.size, h.restored_from) for h in history] == [(1, 2, 0), (2, 2, 0), (3, 2, 0), (4, 2, 1)]
+    with pytest.raises(NotFound, match="no version 9"):
+        store.rollback("agt-a", "plan", 9)
+
+
+def test_a_delete_is_a_tombstone_that_a_rollback_undoes_and_a_purge_erases(tmp_path):
+    store = RecordStore(tmp_path / "s.db")
+    store.write("agt-a", "draft", b"text that matters")
+    tombstone = store.delete("agt-a", "draft")
+    assert (tombstone.version, tombstone.deleted) == (2, True)
+    with pytest.raises(NotFound):
+        store.read("agt-a", "draft")
+    assert store.list("agt-a") == [] and store.search("agt-a", "matters") == []
+    assert store.usage("agt-a").records == 0
+    store.rollback("agt-a", "draft", 1)  # undelete
+    assert store.read("agt-a", "draft")[1] == b"text that matters"
+    assert [h.info.key for h in store.search("agt-a", "matters")] == ["draft"]
+    store.delete("agt-a", "draft", purge=True)
+    with pytest.raises(NotFound):
+        store.history("agt-a", "draft")
+    assert (store.usage("agt-a").bytes, store.usage("agt-a").records) == (0, 0)
+
+
+def test_search_ranks_the_newest_text_versions_by_bm25(tmp_path):
+    store = RecordStore(tmp_path / "s.db")
+    store.write("agt-a", "notes/rivers", b"The Danube and the Rhine are rivers; the Danube is longer.", {"topic": "geo"})
+    store.write("agt-a", "notes/trip", b"We crossed the Danube once.", {"topic": "travel"})
+    store.write("agt-a", "notes/old", b"the Danube, in an old version")
+    store.write("agt-a", "notes/old", b"nothing about it any more")
+    store.write("agt-a", "blob", bytes([0xFF, 0xFE, 0x00]))  # not text: stored, not indexed
+    store.write("agt-b", "theirs", b"the Danube")
+    hits = store.search("agt-a", "Danube")
+    assert [h.info.key for h in hits] == ["notes/rivers", "notes/trip"]
+    assert hits[0].score > hits[1].score > 0 and "[Danube]" in hits[0].snippet
+    assert [h.info.key for h in store.search("agt-a", "Danube", metadata={"topic": "travel"})] == ["notes/trip"]
+    assert [h.info.key for h in store.search("agt-a", "Danube", prefix="notes/t")] == ["notes/trip"]
+    assert store.search("agt-a", "Danube")[0].info.version == 1
+
+
+def test_another_agent_reads_only_what_the_owner_granted(tmp_path):
+    store = RecordStore(tmp_path / "s.db")
+    store.write("agt-owner", "shared/report", b"numbers")
+    store.write("agt-owner", "private/diary", b"secrets")
+    store.write("agt-owner", "single", b"one record")
+    with pytest.raises(PermissionDenied, match="has not granted"):
+        store.read("agt-guest", "shared/report", owner="agt-owner")
+    store.grant("agt-owner", "agt-guest", "shared/", prefix=True)
+    store.grant("agt-owner", "agt-guest", "single", prefix=False)
+    assert store.read("agt-guest", "shared/report", owner="agt-owner")[1] == b"numbers"
+    assert store.read("agt-guest", "single", owner="agt-owner")[1] == b"one record"
+    assert [v.version for v in store.history("agt-guest", "shared/report", owner="agt-owner")] == [1]
+    with pytest.raises(PermissionDenied):
+        store.read("agt-guest", "private/diary", owner="agt-owner")
+    with pytest.raises(PermissionDenied):
+        store.read("agt-other", "shared/report", owner="agt-owner")
+    assert [(g.grantee, g.key, g.prefix) for g in store.grants("agt-owner")] == [
+        ("agt-guest", "shared/", True), ("agt-guest", "single", False)]
+    store.revoke("agt-owner", "agt-guest", "shared/", prefix=True)
+    with pytest.raises(PermissionDenied):
+        store.read("agt-guest", "shared/report", owner="agt-owner")
+    with pytest.raises(NotFound):
+        store.revoke("agt-owner", "agt-guest", "shared/", prefix=True)
+    with pytest.raises(InvalidArgument):
+        store.grant("agt-owner", "agt-owner", "single", prefix=False)
+
+
+def test_quotas_count_every_version_and_live_records(tmp_path):
+    store = RecordStore(tmp_path / "s.db", quota_bytes=10, quota_records=2)
+    store.write("agt-a", "a", b"12345")
+    store.write("agt-a", "a", b"1234")  # 9 bytes stored: both versions count
+    with pytest.raises(ResourceExhausted, match="quota of 10"):
+        store.write("agt-a", "b", b"12")
+    store.write("agt-a", "b", b"1")
+    with pytest.raises(ResourceExhausted, match="records"):
+        store.write("agt-a", "c", b"")
+    store.write("agt-b", "c", b"1234567890")  # quotas are per agent
+    store.delete("agt-a", "a", purge=True)
+    assert (store.usage("agt-a").bytes, store.usage("agt-a").records) == (1, 1)
+    store.write("agt-a", "c", b"123456789")
+    assert store.read("agt-a", "b")[1] == b"1"

@@ -1,0 +1,101 @@
+"""Tools of Model Context Protocol servers (stdio transport), mounted as ordinary AIOS tools.
+
+Each server runs as a child process for the tool service's lifetime. Its tools
+are registered as `<server>__<tool>` with the schema the server declares, so
+the kernel queues, validates and accounts them like built-in ones. The MCP
+session lives in one task of its own (anyio cancel scopes must be entered and
+left in the same task); calls from other tasks go through the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+from services.errors import InvalidArgument
+from services.tools.core import CallContext, Tool, ToolRegistry
+
+log = logging.getLogger("aios.tools.mcp")
+
+
+@dataclass(frozen=True)
+class McpServerSpec:
+    name: str
+    command: list[str]
+
+    @classmethod
+    def parse(cls, text: str) -> McpServerSpec:
+        """'name=command arg ...', e.g. 'words=python -m services.tools.example_mcp_server'."""
+        name, _, command = text.partition("=")
+        if not name.isidentifier() or not command.strip():
+            raise ValueError(f"--mcp {text!r}: expected NAME=COMMAND with NAME a plain identifier")
+        return cls(name, shlex.split(command))
+
+
+class McpConnection:
+    def __init__(self, spec: McpServerSpec, concurrency: int = 4) -> None:
+        self.spec = spec
+        self.concurrency = concurrency
+        self.session: ClientSession | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def mount(self, registry: ToolRegistry) -> list[str]:
+        """Starts the server, lists its tools and registers them; returns their AIOS names."""
+        ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._serve(ready))
+        tools = await ready
+        names = []
+        for tool in tools:
+            name = f"{self.spec.name}__{tool.name}"
+            registry.register(Tool(
+                name=name,
+                description=tool.description or f"{tool.name} from MCP server {self.spec.name}",
+                parameters=tool.input_schema or {"type": "object"},
+                function=self._caller(tool.name),
+                concurrency=self.concurrency,
+                source=f"mcp:{self.spec.name}",
+            ))
+            names.append(name)
+        log.info("mounted MCP server %s (%s): %s", self.spec.name, " ".join(self.spec.command), ", ".join(names))
+        return names
+
+    async def _serve(self, ready: asyncio.Future) -> None:
+        params = StdioServerParameters(command=self.spec.command[0], args=self.spec.command[1:])
+        try:
+            async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                listed = await session.list_tools()
+                self.session = session
+                ready.set_result(listed.tools)
+                await self._stop.wait()
+        except Exception as exc:  # noqa: BLE001 - reported to mount(), or logged once serving
+            if not ready.done():
+                ready.set_exception(exc)
+            else:
+                log.error("MCP server %s failed: %s", self.spec.name, exc)
+        finally:
+            self.session = None
+
+    def _caller(self, tool_name: str):  # type: ignore[no-untyped-def]
+        async def call(arguments: dict[str, Any], context: CallContext) -> Any:
+            if self.session is None:
+                raise InvalidArgument(f"MCP server {self.spec.name!r} is not running; see the tool service log")
+            result = await self.session.call_tool(tool_name, arguments)
+            texts = [block.text for block in result.content if getattr(block, "type", "") == "text"]
+            if result.is_error:
+                raise InvalidArgument(f"{self.spec.name}__{tool_name} failed: {' '.join(texts)}")
+            return result.structured_content if result.structured_content is not None else {"text": "\n".join(texts)}
+
+        return call
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task

@@ -1,0 +1,176 @@
+"""Running untrusted Python in a child process, confined with what Linux offers without containers.
+
+What is isolated (when the tool service runs as root, as `aios up` does here):
+- CPU time (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE),
+  open files, and processes (RLIMIT_NPROC, enforced because the code runs as
+  a uid of its own, never shared with another run or a real user);
+- wall time: past `wall_seconds` every process of that uid is killed;
+- the network: a new network namespace with no interface up (not even
+  loopback), so it cannot reach the kernel, the managers or the internet;
+- the environment: empty but for PATH, HOME and LANG (no inherited secrets);
+- files: a private working directory, deleted afterwards; the AIOS data
+  directory is mode 0700, so the sandbox uid cannot read any agent's data.
+What is not: the rest of the filesystem stays visible read-only where it is
+world-readable (/usr, the virtualenv), /tmp is writable (bounded per file
+by RLIMIT_FSIZE, not in total), there is no seccomp filter on system calls
+and no cgroup (RAM is bounded per process, not per run). Without root, the
+uid change and the process limit are skipped and the network namespace is
+used only if unprivileged user namespaces allow it; `isolation()` says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from services.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+log = logging.getLogger("aios.tools.sandbox")
+
+FIRST_UID = 61_000  # uids FIRST_UID..FIRST_UID+UIDS-1 are used for sandboxed runs, one per run
+UIDS = 1000
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    wall_seconds: float = 10.0
+    cpu_seconds: int = 5
+    memory_bytes: int = 512 * 1024 * 1024
+    processes: int = 16
+    file_bytes: int = 16 * 1024 * 1024
+    output_bytes: int = 64 * 1024
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+class Sandbox:
+    def __init__(self, limits: SandboxLimits = SandboxLimits(), root: Path | None = None) -> None:
+        self.limits = limits
+        self.root = root or Path(tempfile.gettempdir())
+        self.as_root = os.geteuid() == 0
+        self.network_isolated = True  # until probe() finds the kernel refuses
+        self._uids = itertools.cycle(range(FIRST_UID, FIRST_UID + UIDS))
+
+    def isolation(self) -> dict[str, bool]:
+        return {"own_uid": self.as_root, "process_limit": self.as_root, "network": self.network_isolated,
+                "cpu_memory_file_limits": True, "clean_environment": True, "private_directory": True}
+
+    async def probe(self) -> None:
+        """Checks that a network namespace can be made here; without one, runs go on without it."""
+        try:
+            await self.run("pass")
+        except Unavailable as exc:
+            self.network_isolated = False
+            log.warning("sandbox: no network namespace on this machine (%s); code runs with the host network", exc)
+
+    async def run(self, code: str) -> RunResult:
+        limits = self.limits
+        uid = next(self._uids) if self.as_root else None
+        workdir = Path(tempfile.mkdtemp(prefix="aios-sandbox-", dir=self.root))
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        config = {**asdict(limits), "code": code, "workdir": str(workdir), "uid": uid, "network": self.network_isolated}
+        started = time.monotonic()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.tools.sandbox_child", json.dumps(config),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, cwd=str(workdir),
+        )
+        try:
+            stdout, stderr = await self._collect(process)
+        finally:
+            self._kill_everything(process.pid, uid)
+            shutil.rmtree(workdir, ignore_errors=True)
+        return self._result(process.returncode or 0, stdout, stderr, time.monotonic() - started)
+
+    async def _collect(self, process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+        reading = asyncio.gather(self._read(process.stdout), self._read(process.stderr))
+        try:
+            out, err = await asyncio.wait_for(reading, self.limits.wall_seconds)
+            await asyncio.wait_for(process.wait(), 1.0)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"the code ran longer than its {self.limits.wall_seconds:g} s wall-time limit and was killed"
+            ) from None
+        if out is None or err is None:
+            raise ResourceExhausted(f"the code wrote more than {self.limits.output_bytes} bytes of output and was killed")
+        return out, err
+
+    async def _read(self, stream: asyncio.StreamReader | None) -> bytes | None:
+        """Everything the stream gives, or None once it passes the output limit."""
+        assert stream is not None
+        data = b""
+        while chunk := await stream.read(65536):
+            data += chunk
+            if len(data) > self.limits.output_bytes:
+                return None
+        return data
+
+    def _result(self, code: int, stdout: bytes, stderr: bytes, seconds: float) -> RunResult:
+        err = stderr.decode(errors="replace")
+        if code == 125 and err.startswith('{"sandbox_error"'):
+            raise Unavailable(f"the sandbox could not be set up: {json.loads(err.splitlines()[0])['sandbox_error']}")
+        if code == -signal.SIGXCPU:
+            raise ResourceExhausted(f"the code used its {self.limits.cpu_seconds} s of CPU time and was killed")
+        if code == -signal.SIGKILL:
+            raise ResourceExhausted("the code was killed by the operating system (out of memory?)")
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        if last.startswith("MemoryError"):
+            raise ResourceExhausted(f"the code ran out of its {self.limits.memory_bytes // (1 << 20)} MB of memory")
+        if "Resource temporarily unavailable" in err and ("fork" in err or "BlockingIOError" in err):
+            raise ResourceExhausted(f"the code tried to run more than {self.limits.processes} processes")
+        return RunResult(code, stdout.decode(errors="replace"), err, seconds)
+
+    def _kill_everything(self, pid: int, uid: int | None) -> None:
+        """Kills the run's process group and, with its own uid, every process of that uid (a fork bomb's
+        children that left the group included)."""
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if uid is None:
+            return
+        for _ in range(100):
+            alive = _pids_of(uid)
+            if not alive:
+                return
+            for p in alive:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)  # let the kernel reap them before looking again
+        log.error("sandbox uid %d still has processes after repeated SIGKILL", uid)
+
+
+def _pids_of(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as status:
+                for line in status:
+                    if line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid:
+                            pids.append(int(entry.name))
+                        break
+        except OSError:
+            continue
+    return pids

@@ -1,0 +1,118 @@
+"""The storage manager behind the kernel: versions, grants between two agents, quotas, kill -9 durability."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Iterator
+
+import grpc
+import pytest
+
+import aios
+from deploy.cluster import Cluster, ClusterConfig
+from tests.integration.waiting import wait_until
+
+
+@pytest.fixture(scope="module")
+def small_quota(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    config = ClusterConfig(
+        home=tmp_path_factory.mktemp("aios-storage"),
+        slots=2,
+        extra_args={"storage": ["--quota-bytes", "200000", "--quota-records", "1000"]},
+    )
+    with Cluster(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def kernel(small_quota: Cluster) -> Iterator[aios.Kernel]:
+    with aios.connect(small_quota.kernel_address) as connection:
+        yield connection
+
+
+def test_versions_rollback_and_search_through_the_kernel(kernel):
+    agent = kernel.register("writer")
+    for text in ("draft one about rivers", "draft two about mountains", "draft three about rivers and lakes"):
+        agent.storage_write("essay.md", text, {"kind": "essay"})
+    assert [v.version for v in agent.storage_history("essay.md")] == [1, 2, 3]
+    assert agent.storage_read("essay.md", version=2) == b"draft two about mountains"
+    assert agent.storage_rollback("essay.md", 2).version == 4
+    assert agent.storage_read("essay.md") == b"draft two about mountains"
+    assert agent.storage_search("mountains")[0].info.key == "essay.md"
+    assert agent.storage_search("lakes") == []  # only the newest version is indexed
+    agent.storage_delete("essay.md")
+    with pytest.raises(aios.SyscallError) as error:
+        agent.storage_read("essay.md")
+    assert error.value.code == grpc.StatusCode.NOT_FOUND
+    assert agent.storage_history("essay.md")[-1].deleted
+
+
+def test_another_agent_reads_only_what_was_granted(kernel):
+    owner, guest = kernel.register("owner"), kernel.register("guest")
+    owner.storage_write("shared/plan.md", "the plan")
+    owner.storage_write("private/diary.md", "dear diary")
+    with pytest.raises(aios.SyscallError) as error:
+        guest.storage_read("shared/plan.md", owner=owner.id)
+    assert error.value.code == grpc.StatusCode.PERMISSION_DENIED and "grant" in error.value.message
+    owner.storage_grant(guest.id, "shared/", prefix=True)
+    assert guest.storage_read("shared/plan.md", owner=owner.id) == b"the plan"
+    with pytest.raises(aios.SyscallError) as error:
+        guest.storage_read("private/diary.md", owner=owner.id)
+    assert error.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert guest.storage_list() == []  # a grant shares records, not the namespace
+    owner.storage_revoke(guest.id, "shared/", prefix=True)
+    with pytest.raises(aios.SyscallError):
+        guest.storage_read("shared/plan.md", owner=owner.id)
+
+
+def test_a_quota_refuses_writes_past_it_and_a_purge_frees_room(kernel):
+    agent = kernel.register("hoarder")
+    agent.storage_write("big/1", b"x" * 120_000)
+    with pytest.raises(aios.SyscallError) as error:
+        agent.storage_write("big/2", b"x" * 120_000)
+    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota" in error.value.message
+    assert agent.storage_usage().bytes == 120_000
+    agent.storage_delete("big/1", purge=True)
+    agent.storage_write("big/2", b"x" * 120_000)
+    assert agent.storage_read("big/2") == b"x" * 120_000
+
+
+def test_every_acknowledged_write_survives_kill_9_of_the_storage_service(small_quota, kernel):
+    agent = kernel.register("durable-writer")
+    acknowledged: dict[str, bytes] = {}
+    refused: list[grpc.StatusCode] = []
+    stop = threading.Event()
+
+    def write(writer: int) -> None:
+        i = 0
+        while not stop.is_set():
+            key, data = f"w{writer}/{i}", f"writer {writer} record {i} ".encode() * 8
+            try:
+                agent.storage_write(key, data)
+                acknowledged[key] = data
+            except aios.SyscallError as error:
+                refused.append(error.code)
+            i += 1
+
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in writers:
+        thread.start()
+    try:
+        wait_until(lambda: len(acknowledged) >= 100, within_s=60, what="100 acknowledged writes")
+        small_quota.stop_service("storage", signal.SIGKILL)
+        at_kill = len(acknowledged)
+        wait_until(lambda: refused, within_s=30, what="a write refused while storage is down")
+        small_quota.restart_service("storage")
+        wait_until(lambda: len(acknowledged) >= at_kill + 50, within_s=60, what="writes acknowledged after the restart")
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join()
+
+    assert set(refused) == {grpc.StatusCode.UNAVAILABLE}
+    stored = {r.key for r in agent.storage_list()}
+    print(f"\nstorage kill -9: {at_kill} writes acknowledged before the kill, {len(acknowledged)} in all, "
+          f"{len(refused)} refused while down, {len(stored)} stored")
+    assert [k for k in acknowledged if k not in stored] == []
+    assert all(agent.storage_read(k) == data for k, data in list(acknowledged.items())[::10])

@@ -1,0 +1,110 @@
+"""The tool manager behind the kernel: per-tool queues, the sandbox under attack, MCP, files, OpenAI format."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Iterator
+
+import grpc
+import pytest
+
+import aios
+from deploy.cluster import Cluster, ClusterConfig
+
+
+@pytest.fixture(scope="module")
+def with_mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    config = ClusterConfig(
+        home=tmp_path_factory.mktemp("aios-tools"),
+        slots=2,
+        extra_args={"tools": ["--mcp", f"words={sys.executable} -m services.tools.example_mcp_server",
+                              "--sandbox-wall-seconds", "4", "--sandbox-cpu-seconds", "2"]},
+    )
+    with Cluster(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def kernel(with_mcp: Cluster) -> Iterator[aios.Kernel]:
+    with aios.connect(with_mcp.kernel_address) as connection:
+        yield connection
+
+
+def spec(agent: aios.Agent, name: str):
+    return next(t for t in agent.tools() if t.name == name)
+
+
+def test_sixteen_callers_of_a_two_at_a_time_tool_are_queued_not_refused(kernel):
+    agents = [kernel.register(f"caller-{i}") for i in range(16)]
+    assert spec(agents[0], "python").concurrency == 2
+    results: dict[int, dict] = {}
+
+    def call(i: int) -> None:
+        results[i] = agents[i].call_tool("python", code=f"import time; time.sleep(0.3); print({i})")
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {i: r["stdout"] for i, r in results.items()} == {i: f"{i}\n" for i in range(16)}
+    python = spec(agents[0], "python")
+    assert (python.peak_running, python.refused) == (2, 0)  # the limit held, and no call was turned away
+    [queue] = [q for q in kernel.status().queues if q.name == "python"]
+    assert queue.capacity == 2 and queue.completed >= 16
+
+
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ("while True: pass", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("import time; time.sleep(60)", grpc.StatusCode.DEADLINE_EXCEEDED),
+        ("x = bytearray(8 << 30)", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("import os\nwhile True:\n    os.fork()", None),  # process limit or wall time, whichever first
+    ],
+    ids=["infinite-loop", "sleeper", "memory-hog", "fork-bomb"],
+)
+def test_runaway_code_is_contained_and_the_tool_service_keeps_serving(kernel, code, expected):
+    agent = kernel.register("attacker")
+    with pytest.raises(aios.SyscallError) as error:
+        agent.call_tool("python", code=code)
+    if expected is None:
+        assert error.value.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+    else:
+        assert error.value.code == expected
+    assert agent.call_tool("python", code="print(6 * 7)")["stdout"] == "42\n"
+
+
+def test_the_sandbox_reports_what_it_isolates(kernel):
+    isolation = kernel.register("auditor").sandbox_isolation()
+    assert isolation["network"] and isolation["clean_environment"] and isolation["own_uid"]
+
+
+def test_an_mcp_servers_tool_is_called_through_the_kernel(kernel):
+    agent = kernel.register("mcp-user")
+    assert spec(agent, "words__word_count").source == "mcp:words"
+    assert agent.call_tool("words__word_count", text="an operating system for agents") == {"words": 5, "characters": 30}
+    assert agent.call_tool("words__reverse_words", text="one two three") == {"text": "three two one"} or \
+        agent.call_tool("words__reverse_words", text="one two three").get("result") == "three two one"
+    with pytest.raises(aios.SyscallError) as error:
+        agent.call_tool("words__word_count", text=5)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_file_tools_read_and_write_the_callers_own_storage(kernel):
+    alice, bob = kernel.register("alice"), kernel.register("bob")
+    assert alice.call_tool("file_write", path="notes/todo.md", content="buy milk")["version"] == 1
+    assert alice.call_tool("file_read", path="notes/todo.md")["content"] == "buy milk"
+    assert alice.storage_read("files/notes/todo.md") == b"buy milk"
+    with pytest.raises(aios.SyscallError) as error:
+        bob.call_tool("file_read", path="notes/todo.md")
+    assert error.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_tools_come_in_openai_function_calling_format(kernel):
+    tools = {t["function"]["name"]: t for t in kernel.register("planner").tools_openai()}
+    assert {"calculator", "clock", "python", "file_read", "file_write", "words__word_count"} <= set(tools)
+    calculator = tools["calculator"]
+    assert calculator["type"] == "function"
+    assert calculator["function"]["parameters"]["required"] == ["expression"]
