@@ -116,9 +116,17 @@ class MemoryStore:
             key = agent_key(agent_id)
             self._entries[key] = self._entries.get(key, 0) + 1
             self._bytes[key] = self._bytes.get(key, 0) + entry.size
-            self._on_disk.add(self._block_key(key, entry.number))
-            self._write_through(key, entry.number, entry)
-            self._touch(agent_id, entry.number, now)
+            block_key = self._block_key(key, entry.number)
+            self._on_disk.add(block_key)
+            if block_key not in self._resident and (entry.number - 1) % self.entries_per_block == 0:
+                # The first entry of a new block: the block starts in RAM, with nothing to read back.
+                self._resident[block_key] = Block({entry.number: entry}, entry.size)
+                self.resident_bytes += entry.size
+                self.policy.reference(block_key, now)
+                self._evict_over_budget(now)
+            else:
+                self._write_through(key, entry.number, entry)
+                self._touch(agent_id, entry.number, now)
             return entry
 
     def get(self, agent_id: str, entry_id: str) -> MemoryEntry:

@@ -32,8 +32,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from services.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from services.tools.sandbox_child import TIMED_OUT
 
 log = logging.getLogger("aios.tools.sandbox")
 
@@ -59,10 +61,17 @@ class RunResult:
     seconds: float
 
 
+def default_interpreter() -> str:
+    """A Python the sandbox uid may execute: the system's (the service's own may live under /root, mode 0700)."""
+    system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    return system if system and os.geteuid() == 0 else sys.executable
+
+
 class Sandbox:
-    def __init__(self, limits: SandboxLimits = SandboxLimits(), root: Path | None = None) -> None:
+    def __init__(self, limits: SandboxLimits = SandboxLimits(), root: Path | None = None, interpreter: str = "") -> None:
         self.limits = limits
         self.root = root or Path(tempfile.gettempdir())
+        self.interpreter = interpreter or default_interpreter()
         self.as_root = os.geteuid() == 0
         self.network_isolated = True  # until probe() finds the kernel refuses
         self._uids = itertools.cycle(range(FIRST_UID, FIRST_UID + UIDS))
@@ -85,7 +94,8 @@ class Sandbox:
         workdir = Path(tempfile.mkdtemp(prefix="aios-sandbox-", dir=self.root))
         if uid is not None:
             os.chown(workdir, uid, uid)
-        config = {**asdict(limits), "code": code, "workdir": str(workdir), "uid": uid, "network": self.network_isolated}
+        config = {**asdict(limits), "code": code, "workdir": str(workdir), "uid": uid, "network": self.network_isolated,
+                  "python": self.interpreter}
         started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.tools.sandbox_child", json.dumps(config),
@@ -93,17 +103,17 @@ class Sandbox:
             start_new_session=True, cwd=str(workdir),
         )
         try:
-            stdout, stderr = await self._collect(process)
+            stdout, stderr = await self._collect(process, lambda: self._kill_everything(process.pid, uid))
         finally:
             self._kill_everything(process.pid, uid)
             shutil.rmtree(workdir, ignore_errors=True)
         return self._result(process.returncode or 0, stdout, stderr, time.monotonic() - started)
 
-    async def _collect(self, process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
-        reading = asyncio.gather(self._read(process.stdout), self._read(process.stderr))
-        try:
-            out, err = await asyncio.wait_for(reading, self.limits.wall_seconds)
-            await asyncio.wait_for(process.wait(), 1.0)
+    async def _collect(self, process: asyncio.subprocess.Process, kill: Callable[[], None]) -> tuple[bytes, bytes]:
+        reading = asyncio.gather(self._read(process.stdout, kill), self._read(process.stderr, kill))
+        try:  # the supervisor enforces the wall time; this is the backstop if it cannot
+            out, err = await asyncio.wait_for(reading, self.limits.wall_seconds + 2)
+            await asyncio.wait_for(process.wait(), 2.0)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(
                 f"the code ran longer than its {self.limits.wall_seconds:g} s wall-time limit and was killed"
@@ -112,18 +122,21 @@ class Sandbox:
             raise ResourceExhausted(f"the code wrote more than {self.limits.output_bytes} bytes of output and was killed")
         return out, err
 
-    async def _read(self, stream: asyncio.StreamReader | None) -> bytes | None:
-        """Everything the stream gives, or None once it passes the output limit."""
+    async def _read(self, stream: asyncio.StreamReader | None, kill: Callable[[], None]) -> bytes | None:
+        """Everything the stream gives, or None once it passes the output limit (the run is then killed)."""
         assert stream is not None
         data = b""
         while chunk := await stream.read(65536):
             data += chunk
             if len(data) > self.limits.output_bytes:
+                kill()
                 return None
         return data
 
     def _result(self, code: int, stdout: bytes, stderr: bytes, seconds: float) -> RunResult:
         err = stderr.decode(errors="replace")
+        if code == TIMED_OUT:
+            raise DeadlineExceeded(f"the code ran longer than its {self.limits.wall_seconds:g} s wall-time limit and was killed")
         if code == 125 and err.startswith('{"sandbox_error"'):
             raise Unavailable(f"the sandbox could not be set up: {json.loads(err.splitlines()[0])['sandbox_error']}")
         if code == -signal.SIGXCPU:

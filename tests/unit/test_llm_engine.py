@@ -402,3 +402,26 @@ def test_random_preemption_resume_and_cancellation_keep_every_seq_id_accounted_f
             assert not h.engine._active and not h.engine._parked
     finally:
         h.close()
+
+
+def test_a_cached_prefix_about_to_be_copied_is_not_dropped_to_make_room(model):
+    """seq_ids: c decodes on 0, b's and a's finished sequences rest on 1 and 2, nothing is free. d shares a's
+    prompt: it takes seq_id 1, whose resident (b) must make room without a's prefix (on 2) being the one dropped."""
+    h = Harness(model, slots=2, resident=3)
+    try:
+        system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 2
+        a_prompt, other = system + "Question: what is 2 + 2?\nAnswer:", "Write a long story about a dragon. " * 6
+        _, a_events = h.start("a", SamplingConfig(max_tokens=2), prompt=a_prompt)
+        h.tokens_until(a_events)
+        _, b_events = h.start("b", SamplingConfig(max_tokens=2), prompt=other)
+        h.tokens_until(b_events)
+        _, c_events = h.start("c", SamplingConfig(max_tokens=200, ignore_eos=True), prompt="Count: 1, 2, 3,")
+        h.tokens_until(c_events, stop_after=1)
+        with h.engine._cond:
+            assert not h.engine._free_slots and len(h.engine._cached) == 2
+        _, d_events = h.start("d", SamplingConfig(max_tokens=4), prompt=a_prompt)
+        _, end = h.tokens_until(d_events)
+        assert isinstance(end, FinishEvent), end
+        assert end.prefix_reused >= len(model.tokenize(system, True, True)) - 2
+    finally:
+        h.close()
