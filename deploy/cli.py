@@ -40,8 +40,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"an AIOS is already running from {home} (see `aios status`); stop it with `aios down`")
         return 1
     model = args.model or default_model_path(progress=True)
+    extra = {"tools": [option for spec in args.mcp for option in ("--mcp", spec)],
+             "memory": ["--ram-budget-bytes", str(args.memory_budget_bytes)] if args.memory_budget_bytes else []}
     config = ClusterConfig(home=home, redis_url=args.redis_url, model=model, slots=args.slots, policy=args.policy,
-                           slice_tokens=args.slice_tokens)
+                           slice_tokens=args.slice_tokens, extra_args=extra)
     cluster = Cluster(config, progress=_say)
     _say(f"starting in {home} (logs in {home / 'logs'})")
     try:
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--policy", default="fifo", choices=sorted(POLICIES), help="scheduling policy")
     up.add_argument("--slice-tokens", type=int, default=ClusterConfig.slice_tokens,
                     help="time slice in generated tokens (rr, fair)")
+    up.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND",
+                    help="mount an MCP server's tools (stdio) as NAME__<tool>; repeatable")
+    up.add_argument("--memory-budget-bytes", type=int, default=0, help="memory manager RAM budget (default 64 MB)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `aios up --detach` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="services, health, queues").set_defaults(func=cmd_status)

@@ -106,6 +106,10 @@ class Sandbox:
             stdout, stderr = await self._collect(process, lambda: self._kill_everything(process.pid, uid))
         finally:
             self._kill_everything(process.pid, uid)
+            try:
+                await asyncio.wait_for(process.wait(), 5.0)  # reap it, so its pipes close with it
+            except asyncio.TimeoutError:
+                log.error("sandbox process %d did not exit after SIGKILL", process.pid)
             shutil.rmtree(workdir, ignore_errors=True)
         return self._result(process.returncode or 0, stdout, stderr, time.monotonic() - started)
 
