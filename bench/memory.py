@@ -58,7 +58,7 @@ def populate(stub: Any, agents: int, entries: int, say: Callable[[str], None]) -
     started = time.monotonic()
     for agent in range(agents):
         ids.append([])
-        for n in range(entries):
+        for _ in range(entries):
             text = " ".join(rng.choice(words) for _ in range(NOTE_BYTES // 7))[:NOTE_BYTES]
             ids[-1].append(stub.Add(memory_pb2.MemoryAddRequest(agent_id=f"agent-{agent}", text=text), timeout=30).id)
         if (agent + 1) % 10 == 0:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from typing import Iterator
 
 import grpc
@@ -11,7 +9,7 @@ import pytest
 
 import aios
 from deploy.cluster import Cluster, ClusterConfig
-from tests.integration.waiting import wait_until
+from tests.integration.crash import writes_across_kill_9
 
 BUDGET = 4096  # bytes: a few blocks of 8 entries of ~200 bytes
 
@@ -50,42 +48,19 @@ def test_memory_pages_under_its_budget_and_status_shows_it(kernel):
 
 def test_every_acknowledged_write_survives_kill_9_of_the_memory_service(small_memory, kernel):
     agent = kernel.register("durable")
-    acknowledged: dict[str, str] = {}
-    refused: list[grpc.StatusCode] = []
-    stop = threading.Event()
 
-    def write(writer: int) -> None:
-        i = 0
-        while not stop.is_set():
-            text = payload(writer, i)
-            try:
-                acknowledged[agent.memory_add(text, {"writer": str(writer), "i": str(i)}).id] = text
-            except aios.SyscallError as error:
-                refused.append(error.code)
-            i += 1
+    def write(writer: int, i: int) -> tuple[str, str]:
+        text = payload(writer, i)
+        return agent.memory_add(text, {"writer": str(writer), "i": str(i)}).id, text
 
-    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
-    for thread in writers:
-        thread.start()
-    try:
-        wait_until(lambda: len(acknowledged) >= 150, within_s=60, what="150 acknowledged writes")
-        small_memory.stop_service("memory", signal.SIGKILL)  # mid-stream: writers are in flight
-        at_kill = len(acknowledged)
-        wait_until(lambda: refused, within_s=30, what="a write refused while memory is down")
-        small_memory.restart_service("memory")
-        wait_until(lambda: len(acknowledged) >= at_kill + 50, within_s=60, what="writes acknowledged after the restart")
-    finally:
-        stop.set()
-        for thread in writers:
-            thread.join()
-
-    assert set(refused) == {grpc.StatusCode.UNAVAILABLE}
+    run = writes_across_kill_9(small_memory, "memory", write, before=150)
+    assert set(run.refused) == {grpc.StatusCode.UNAVAILABLE}
     stored = {e.id: e for e in agent.memory_list(page_size=500)}
-    print(f"\nkill -9: {at_kill} writes acknowledged before the kill, {len(acknowledged)} in all, {len(refused)} refused "
-          f"while down, {len(stored)} stored ({len(stored) - len(acknowledged)} committed but not acknowledged)")
-    missing = [i for i in acknowledged if i not in stored]
-    assert missing == [], f"{len(missing)} of {len(acknowledged)} acknowledged writes lost"
-    assert all(stored[i].text == text for i, text in acknowledged.items())
+    print(f"\nkill -9: {run.at_kill} writes acknowledged before the kill, {len(run.acknowledged)} in all, "
+          f"{len(run.refused)} refused while down, {len(stored)} stored")
+    missing = [i for i in run.acknowledged if i not in stored]
+    assert missing == [], f"{len(missing)} of {len(run.acknowledged)} acknowledged writes lost"
+    assert all(stored[i].text == text for i, text in run.acknowledged.items())
     # Written but not acknowledged (killed between commit and reply) may exist, but only whole.
     for entry in stored.values():
         assert entry.text == payload(int(entry.metadata["writer"]), int(entry.metadata["i"]))

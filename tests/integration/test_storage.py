@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from typing import Iterator
 
 import grpc
@@ -11,7 +9,7 @@ import pytest
 
 import aios
 from deploy.cluster import Cluster, ClusterConfig
-from tests.integration.waiting import wait_until
+from tests.integration.crash import writes_across_kill_9
 
 
 @pytest.fixture(scope="module")
@@ -80,39 +78,16 @@ def test_a_quota_refuses_writes_past_it_and_a_purge_frees_room(kernel):
 
 def test_every_acknowledged_write_survives_kill_9_of_the_storage_service(small_quota, kernel):
     agent = kernel.register("durable-writer")
-    acknowledged: dict[str, bytes] = {}
-    refused: list[grpc.StatusCode] = []
-    stop = threading.Event()
 
-    def write(writer: int) -> None:
-        i = 0
-        while not stop.is_set():
-            key, data = f"w{writer}/{i}", f"writer {writer} record {i} ".encode() * 8
-            try:
-                agent.storage_write(key, data)
-                acknowledged[key] = data
-            except aios.SyscallError as error:
-                refused.append(error.code)
-            i += 1
+    def write(writer: int, i: int) -> tuple[str, bytes]:
+        key, data = f"w{writer}/{i}", f"writer {writer} record {i} ".encode() * 8
+        agent.storage_write(key, data)
+        return key, data
 
-    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
-    for thread in writers:
-        thread.start()
-    try:
-        wait_until(lambda: len(acknowledged) >= 100, within_s=60, what="100 acknowledged writes")
-        small_quota.stop_service("storage", signal.SIGKILL)
-        at_kill = len(acknowledged)
-        wait_until(lambda: refused, within_s=30, what="a write refused while storage is down")
-        small_quota.restart_service("storage")
-        wait_until(lambda: len(acknowledged) >= at_kill + 50, within_s=60, what="writes acknowledged after the restart")
-    finally:
-        stop.set()
-        for thread in writers:
-            thread.join()
-
-    assert set(refused) == {grpc.StatusCode.UNAVAILABLE}
+    run = writes_across_kill_9(small_quota, "storage", write, before=100)
+    assert set(run.refused) == {grpc.StatusCode.UNAVAILABLE}
     stored = {r.key for r in agent.storage_list()}
-    print(f"\nstorage kill -9: {at_kill} writes acknowledged before the kill, {len(acknowledged)} in all, "
-          f"{len(refused)} refused while down, {len(stored)} stored")
-    assert [k for k in acknowledged if k not in stored] == []
-    assert all(agent.storage_read(k) == data for k, data in list(acknowledged.items())[::10])
+    print(f"\nstorage kill -9: {run.at_kill} writes acknowledged before the kill, {len(run.acknowledged)} in all, "
+          f"{len(run.refused)} refused while down, {len(stored)} stored")
+    assert [k for k in run.acknowledged if k not in stored] == []
+    assert all(agent.storage_read(k) == data for k, data in list(run.acknowledged.items())[::10])
