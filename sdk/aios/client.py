@@ -130,15 +130,17 @@ class Agent:
         ignore_eos: bool = False,
         history_turns: int = 0,
         remember: bool = False,
+        whole: bool = False,
         timeout: float | None = None,
     ) -> Iterator[llm_core_pb2.GenerateChunk]:
         """Streams chunks as tokens are generated; the last chunk has finish_reason set.
 
         With `messages`: `history_turns` replays the agent's newest turns from memory before them,
-        and `remember` stores them and the reply in memory as turns."""
+        and `remember` stores them and the reply in memory as turns. `whole`: one chunk at the end."""
         request = kernel_pb2.KernelGenerateRequest(
             history_turns=history_turns,
             remember=remember,
+            whole=whole,
             agent_id=self.id,
             prompt=prompt,
             messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
@@ -161,22 +163,17 @@ class Agent:
             stream.cancel()
 
     def complete(self, prompt: str = "", messages: Messages = (), **sampling: Any) -> Completion:
-        """Runs a generation to the end and returns the whole text."""
-        parts: list[str] = []
-        token_ids: list[int] = []
+        """Runs a generation to the end and returns the whole text (sent by the kernel in one message)."""
         last = llm_core_pb2.GenerateChunk()
-        for chunk in self.generate(prompt, messages, **sampling):
-            parts.append(chunk.text)
-            if chunk.HasField("token_id"):
-                token_ids.append(chunk.token_id)
+        for chunk in self.generate(prompt, messages, whole=True, **sampling):
             last = chunk
         return Completion(
-            text="".join(parts),
+            text=last.text,
             finish_reason=llm_core_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower(),
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             syscall_id=last.syscall_id,
-            token_ids=token_ids,
+            token_ids=list(last.token_ids),
             prefix_tokens_reused=last.prefix_tokens_reused,
         )
 

@@ -226,6 +226,7 @@ class Kernel:
         stub = self.managers.stubs[Resource.LLM]
         messages = await self._with_history(request, timeout)
         reply: list[str] = []
+        token_ids: list[int] = []
         finished = False
         async with self._syscall(request.agent_id, "llm_generate", Resource.LLM) as record:
             message = llm_core_pb2.GenerateRequest(
@@ -254,7 +255,14 @@ class Kernel:
                                 record.preemptible = False
                                 finished = True
                             reply.append(chunk.text)
-                            yield chunk
+                            if chunk.HasField("token_id"):
+                                token_ids.append(chunk.token_id)
+                            if not request.whole:
+                                yield chunk
+                            elif finished:
+                                chunk.text = "".join(reply)
+                                chunk.token_ids.extend(token_ids)
+                                yield chunk
                             queue.progress(record, chunk.prompt_tokens, new_tokens)
                     finally:
                         record.preemptible = False

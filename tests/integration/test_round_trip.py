@@ -19,6 +19,15 @@ def test_generate_streams_token_by_token_and_is_recorded(agent):
     assert record.finished_at >= record.started_at >= record.created_at > 0
 
 
+def test_a_whole_generation_arrives_as_one_chunk_with_the_streamed_text_and_tokens(agent):
+    streamed = list(agent.generate("Counting: 1, 2, 3,", max_tokens=12, ignore_eos=True))
+    [whole] = list(agent.generate("Counting: 1, 2, 3,", max_tokens=12, ignore_eos=True, whole=True))
+    assert whole.text == "".join(c.text for c in streamed)
+    assert list(whole.token_ids) == [c.token_id for c in streamed if c.HasField("token_id")]
+    assert whole.finish_reason == streamed[-1].finish_reason and whole.completion_tokens == 12
+    assert agent.syscall(whole.syscall_id).tokens_out == 12
+
+
 def test_chat_answers_a_question_and_stops_at_the_turn_boundary(agent):
     completion = agent.complete(messages=[("user", "What is the capital of France?")], max_tokens=40)
     assert "Paris" in completion.text
