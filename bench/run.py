@@ -37,7 +37,7 @@ import aios
 from aios.v1 import common_pb2
 from bench.memory import memory_table, run_memory_bench
 from bench.storage_tools import run_storage_tools_bench, storage_tools_table
-from bench.workload import Call, plan
+from bench.workload import SYSTEM, Call, plan
 from deploy.cluster import Cluster, ClusterConfig
 from services.llm_core.engine import (
     EngineConfig,
@@ -59,6 +59,17 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
+def cpu_model() -> str:
+    """The CPU's name: ratios against sequential depend on it (see bench_decode_batching)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def jain(values: list[float]) -> float:
     """Jain's fairness index: 1.0 when every agent got the same, 1/n when one got everything."""
     if not values or not any(values):
@@ -67,35 +78,50 @@ def jain(values: list[float]) -> float:
 
 
 class SequentialRunner:
-    """One llama.cpp sequence, one call at a time: prefill in n_batch chunks, then greedy decode."""
+    """llama.cpp straight, no kernel: prefill in n_batch chunks, then greedy decode, one call at a time.
 
-    def __init__(self, model: LlamaModel, n_ctx: int = 2048, n_batch: int = 512) -> None:
+    `sequences` > 1 gives each sequence its own KV stream (as the engine does), for measuring
+    what one `llama_decode` over several sequences costs on this CPU.
+    """
+
+    def __init__(self, model: LlamaModel, n_ctx: int = 2048, n_batch: int = 512, sequences: int = 1) -> None:
         self.model = model
         params = llama.llama_context_default_params()
-        params.n_ctx = n_ctx
+        params.n_ctx = n_ctx * sequences
         params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = 1
+        params.n_seq_max = sequences
+        params.kv_unified = False
         params.n_threads = params.n_threads_batch = EngineConfig().threads
         self.ctx = llama.llama_init_from_model(model.model, params)
         self.memory = llama.llama_get_memory(self.ctx)
         self.batch = llama.llama_batch_init(n_batch, 0, 1)
         self.n_batch = n_batch
 
-    def _decode(self, tokens: list[int], start: int) -> None:
+    def _decode(self, tokens: list[int], start: int, seq: int = 0) -> None:
         batch = self.batch
         for offset in range(0, len(tokens), self.n_batch):
             chunk = tokens[offset : offset + self.n_batch]
             batch.n_tokens = len(chunk)
             for i, token in enumerate(chunk):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + offset + i, 1
-                batch.seq_id[i][0] = 0
+                batch.seq_id[i][0] = seq
                 batch.logits[i] = offset + i == len(tokens) - 1
             if llama.llama_decode(self.ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed")
 
-    def prefill(self, tokens: list[int]) -> None:
-        llama.llama_memory_seq_rm(self.memory, 0, -1, -1)
-        self._decode(tokens, 0)
+    def prefill(self, tokens: list[int], seq: int = 0) -> None:
+        llama.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self._decode(tokens, 0, seq)
+
+    def step(self, sequences: int, token: int, pos: int) -> None:
+        """One decode step of sequences 0..n-1 together, one token each, logits for all."""
+        batch = self.batch
+        batch.n_tokens = sequences
+        for seq in range(sequences):
+            batch.token[seq], batch.pos[seq], batch.n_seq_id[seq], batch.logits[seq] = token, pos, 1, True
+            batch.seq_id[seq][0] = seq
+        if llama.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
 
     def generate(self, prompt: str, max_tokens: int) -> int:
         tokens = self.model.tokenize(prompt, add_bos=True, special=True)
@@ -108,6 +134,38 @@ class SequentialRunner:
             self._decode([token], len(tokens) + n)
             logits_index = 0
         return max_tokens
+
+    def close(self) -> None:
+        llama.llama_batch_free(self.batch)
+        llama.llama_free(self.ctx)
+
+
+def bench_decode_batching(model: LlamaModel, slots: int, context: int = 384, reps: int = 12) -> dict[str, float]:
+    """llama.cpp's own gain from batching on this CPU, with no kernel in the way.
+
+    Greedy decode tok/s with 1 sequence per `llama_decode` (what sequential gets) and with
+    `slots` (what the engine gets when every slot decodes). AIOS's ratio vs sequential follows
+    this gain, plus the prefill that shared prefixes save; it differs a lot between CPUs.
+    """
+    runner = SequentialRunner(model, n_ctx=context + reps + 8, sequences=slots)
+    prompt = model.tokenize(SYSTEM * 4, add_bos=True, special=False)[:context]
+    for seq in range(slots):
+        runner.prefill(prompt, seq)
+    rates: dict[str, float] = {}
+    for size in (1, slots):
+        times = []
+        for rep in range(reps):
+            t0 = time.perf_counter()
+            runner.step(size, prompt[rep], context + rep)
+            times.append(time.perf_counter() - t0)
+        for seq in range(size):
+            llama.llama_memory_seq_rm(runner.memory, seq, context, -1)
+        rates[str(size)] = size / statistics.median(times[2:])
+    runner.close()
+    result = {"tok_per_s": rates, "gain": rates[str(slots)] / rates["1"], "context_tokens": context}
+    say(f"llama.cpp decode on this CPU: 1 sequence {rates['1']:.0f} tok/s, {slots} together "
+        f"{rates[str(slots)]:.0f} tok/s ({result['gain']:.2f}x)")
+    return result
 
 
 def run_sequential(runner: SequentialRunner, calls: list[list[Call]], cap: int) -> dict[str, Any]:
@@ -300,8 +358,10 @@ def table(result: dict[str, Any]) -> str:
 def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int) -> None:
     """Sequential against AIOS per policy, then the snapshot microbenchmark; fills `result`."""
     slots = result["config"]["slots"]
+    say(f"machine: {result['config']['cpu']}, {result['config']['cpus']} CPUs")
     say(f"workload: agents {ns}, {rounds} rounds each (LLM call + memory_add + calculator), modes sequential + {modes}")
     model = LlamaModel(default_model_path(progress=True))
+    result["decode_batching"] = bench_decode_batching(model, slots)
     runner = SequentialRunner(model)
     for n in ns:
         say(f"sequential, {n} agents ({min(n, seq_cap)} run) ...")
@@ -333,7 +393,8 @@ def main() -> int:
     began = time.monotonic()
     result: dict[str, Any] = {
         "config": {"parts": parts, "agents": ns, "rounds": rounds, "modes": modes, "slots": ClusterConfig.slots,
-                   "slice_tokens": 32, "sequential_agents_cap": seq_cap, "cpus": os.cpu_count()},
+                   "slice_tokens": 32, "sequential_agents_cap": seq_cap, "cpus": os.cpu_count(),
+                   "cpu": cpu_model()},
         "sequential": {},
         "aios": {m: {} for m in modes},
     }
@@ -366,6 +427,10 @@ def main() -> int:
     print()
     if ns:
         print(table(result))
+        batching = result["decode_batching"]
+        rates = batching["tok_per_s"]
+        print(f"llama.cpp alone on {result['config']['cpu']}: greedy decode {rates['1']:.0f} tok/s with 1 sequence, "
+              f"{rates[str(result['config']['slots'])]:.0f} with {result['config']['slots']} ({batching['gain']:.2f}x)")
         print()
     if "memory" in result:
         print(memory_table(result["memory"]))
