@@ -140,7 +140,7 @@ class SequentialRunner:
         llama.llama_free(self.ctx)
 
 
-def bench_decode_batching(model: LlamaModel, slots: int, context: int = 384, reps: int = 12) -> dict[str, float]:
+def bench_decode_batching(model: LlamaModel, slots: int, context: int = 384, reps: int = 12) -> dict[str, Any]:
     """llama.cpp's own gain from batching on this CPU, with no kernel in the way.
 
     Greedy decode tok/s with 1 sequence per `llama_decode` (what sequential gets) and with
@@ -151,7 +151,7 @@ def bench_decode_batching(model: LlamaModel, slots: int, context: int = 384, rep
     prompt = model.tokenize(SYSTEM * 4, add_bos=True, special=False)[:context]
     for seq in range(slots):
         runner.prefill(prompt, seq)
-    rates: dict[str, float] = {}
+    rates = []
     for size in (1, slots):
         times = []
         for rep in range(reps):
@@ -160,12 +160,17 @@ def bench_decode_batching(model: LlamaModel, slots: int, context: int = 384, rep
             times.append(time.perf_counter() - t0)
         for seq in range(size):
             llama.llama_memory_seq_rm(runner.memory, seq, context, -1)
-        rates[str(size)] = size / statistics.median(times[2:])
+        rates.append(size / statistics.median(times[2:]))
     runner.close()
-    result = {"tok_per_s": rates, "gain": rates[str(slots)] / rates["1"], "context_tokens": context}
-    say(f"llama.cpp decode on this CPU: 1 sequence {rates['1']:.0f} tok/s, {slots} together "
-        f"{rates[str(slots)]:.0f} tok/s ({result['gain']:.2f}x)")
+    result = {"slots": slots, "context_tokens": context, "tok_per_s_1": rates[0], "tok_per_s_slots": rates[1],
+              "gain": rates[1] / rates[0]}
+    say(decode_batching_line(result))
     return result
+
+
+def decode_batching_line(batching: dict[str, Any]) -> str:
+    return (f"llama.cpp alone on {cpu_model()}: greedy decode {batching['tok_per_s_1']:.0f} tok/s with 1 sequence, "
+            f"{batching['tok_per_s_slots']:.0f} with {batching['slots']} per step ({batching['gain']:.2f}x)")
 
 
 def run_sequential(runner: SequentialRunner, calls: list[list[Call]], cap: int) -> dict[str, Any]:
@@ -427,10 +432,7 @@ def main() -> int:
     print()
     if ns:
         print(table(result))
-        batching = result["decode_batching"]
-        rates = batching["tok_per_s"]
-        print(f"llama.cpp alone on {result['config']['cpu']}: greedy decode {rates['1']:.0f} tok/s with 1 sequence, "
-              f"{rates[str(result['config']['slots'])]:.0f} with {result['config']['slots']} ({batching['gain']:.2f}x)")
+        print(decode_batching_line(result["decode_batching"]))
         print()
     if "memory" in result:
         print(memory_table(result["memory"]))
