@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import grpc
+
 import numpy as np
 
 from aios.v1 import memory_pb2, memory_pb2_grpc
@@ -139,8 +139,8 @@ def run_memory_bench(say: Callable[[str], None], agents: int = 60, entries: int 
         cluster = Cluster(ClusterConfig(home=Path(home)))
         try:
             options = ["--ram-budget-bytes", str(budget), "--entries-per-block", str(ENTRIES_PER_BLOCK)]
-            address = cluster.add_replica("memory-seed", "memory", options)
-            with grpc.insecure_channel(address) as channel:
+            cluster.add_replica("memory-seed", "memory", options)
+            with cluster.manager_channel("memory-seed") as channel:
                 started = time.monotonic()
                 ids = populate(memory_pb2_grpc.MemoryStub(channel), agents, entries, say)
                 result["durable_adds_per_s"] = agents * entries / (time.monotonic() - started)
@@ -148,8 +148,8 @@ def run_memory_bench(say: Callable[[str], None], agents: int = 60, entries: int 
             for k in (1, 2, 3):
                 name = f"memory-lru{k}"
                 shutil.copytree(cluster.data / "memory-seed", cluster.data / name)
-                address = cluster.add_replica(name, "memory", [*options, "--lru-k", str(k)])
-                with grpc.insecure_channel(address) as channel:
+                cluster.add_replica(name, "memory", [*options, "--lru-k", str(k)])
+                with cluster.manager_channel(name) as channel:
                     stub = memory_pb2_grpc.MemoryStub(channel)
                     row = replay(stub, ids, trace)
                     row.update(fault_versus_hit(stub, ids, list(range(agents - 10, agents))))

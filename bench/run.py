@@ -199,7 +199,7 @@ def run_sequential(runner: SequentialRunner, calls: list[list[Call]], cap: int) 
     }
 
 
-def run_aios(kernel: aios.Kernel, calls: list[list[Call]]) -> dict[str, Any]:
+def run_aios(kernel: aios.Connection, calls: list[list[Call]]) -> dict[str, Any]:
     before = kernel.status()
     barrier = threading.Barrier(len(calls))
     per_agent: list[dict[str, Any]] = []
@@ -376,7 +376,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
         with tempfile.TemporaryDirectory(prefix=f"aios-bench-{mode}-") as home:
             say(f"starting AIOS ({mode}, {slots} slots) ...")
             with Cluster(ClusterConfig(home=Path(home), policy=mode, slots=slots, model=default_model_path())) as cluster:
-                with aios.connect(cluster.kernel_address) as kernel:
+                with cluster.connect() as kernel:
                     for n in ns:
                         say(f"AIOS {mode}, {n} agents ...")
                         row = run_aios(kernel, plan(n, rounds, SEED, f"n{n}"))
@@ -420,6 +420,8 @@ def main() -> int:
     for s in result.get("snapshots", []):
         if s["context_tokens"] == 512:
             floors["snapshot_plus_restore_512_ms"] = s["save_plus_restore_ms_p50"]
+    if "storage_tools" in result:
+        floors["token_check_us_p50"] = result["storage_tools"]["token_check"]["cached_us_p50"]
     if "memory" in result:
         hit = {label: row["hit_ratio"] for label, row in result["memory"]["modes"].items()}
         floors["memory_hit_ratio_lru2_minus_lru"] = hit["LRU-2"] - hit["LRU"]

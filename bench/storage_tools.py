@@ -5,10 +5,13 @@ version, and BM25 searches over an agent's records, from 4 agents at once.
 Tools: the latency of one call of a built-in tool (calculator), the sandboxed
 Python runner (a child process confined per call) and a tool mounted from an
 MCP server over stdio, one caller, measured the same way.
+Access: what checking an agent's token costs the kernel per RPC (its cache hit,
+and a miss that reads Redis), on the same system's Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import sys
 import tempfile
@@ -21,6 +24,8 @@ import numpy as np
 
 import aios
 from deploy.cluster import Cluster, ClusterConfig
+from services import redis_state
+from services.scheduler.identity import AgentRegistry
 
 WORDS = "river signal ledger orbit canyon lantern meadow circuit compass glacier market tunnel beacon archive".split()
 
@@ -52,7 +57,7 @@ def run_storage_tools_bench(say: Callable[[str], None], per_agent: int = 150) ->
     config = ClusterConfig(slots=2, extra_args={"tools": ["--mcp", f"words={sys.executable} -m services.tools.example_mcp_server"]})
     with tempfile.TemporaryDirectory(prefix="aios-bench-storage-") as home:
         config.home = Path(home)
-        with Cluster(config) as cluster, aios.connect(cluster.kernel_address) as kernel:
+        with Cluster(config) as cluster, cluster.connect() as kernel:
             agents = [kernel.register(f"store-{i}") for i in range(4)]
 
             def text(i: int) -> str:
@@ -75,7 +80,36 @@ def run_storage_tools_bench(say: Callable[[str], None], per_agent: int = 150) ->
             }
             for name, row in result["tool_latency"].items():
                 say(f"  {name:<24} p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms")
+            say("access: the kernel's token check per RPC ...")
+            result["token_check"] = asyncio.run(token_check_cost(cluster, agent.token))
+            say(f"  cached p50 {result['token_check']['cached_us_p50']:.1f} us, "
+                f"uncached (Redis) p50 {result['token_check']['uncached_us_p50']:.1f} us")
     return result
+
+
+async def token_check_cost(cluster: Cluster, token: str, reps: int = 20_000, misses: int = 500) -> dict[str, float]:
+    """Microseconds the kernel's AgentRegistry takes to turn a call's metadata into its caller."""
+    redis = redis_state.connect(cluster.redis_url)
+    metadata = (("authorization", f"Bearer {token}"),)
+    try:
+        registry = AgentRegistry(redis, cluster.operator_token)
+        await registry.authenticate(metadata)
+        cached = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            await registry.authenticate(metadata)
+            cached.append(time.perf_counter() - t0)
+        uncached = []
+        for _ in range(misses):
+            fresh = AgentRegistry(redis, cluster.operator_token)  # an empty cache: the lookup goes to Redis
+            t0 = time.perf_counter()
+            await fresh.authenticate(metadata)
+            uncached.append(time.perf_counter() - t0)
+    finally:
+        await redis.aclose()
+    return {"cached_us_p50": 1e6 * statistics.median(cached), "cached_us_p95": 1e6 * float(np.percentile(cached, 95)),
+            "uncached_us_p50": 1e6 * statistics.median(uncached),
+            "uncached_us_p95": 1e6 * float(np.percentile(uncached, 95))}
 
 
 def storage_tools_table(result: dict[str, Any]) -> str:
@@ -86,4 +120,7 @@ def storage_tools_table(result: dict[str, Any]) -> str:
     ]
     for name, row in result["tool_latency"].items():
         lines.append(f"{name:<26}{row['p50_ms']:>8.1f}{row['p95_ms']:>8.1f}")
+    check = result["token_check"]
+    lines.append(f"token check per kernel RPC: {check['cached_us_p50']:.1f} us p50 ({check['cached_us_p95']:.1f} p95) "
+                 f"cached, {check['uncached_us_p50']:.0f} us p50 on a cache miss (Redis); target < 50 us")
     return "\n".join(lines)

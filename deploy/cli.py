@@ -1,14 +1,13 @@
-"""The `aios` command: up, down, status, model."""
+"""The `aios` command: up, down, status, agent, model."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from pathlib import Path
-
-import grpc
 
 from deploy.cluster import (
     SERVICE_ORDER,
@@ -39,19 +38,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     if (home / "endpoints.json").exists():
         _say(f"an AIOS is already running from {home} (see `aios status`); stop it with `aios down`")
         return 1
+    if bool(args.tls_cert) != bool(args.tls_key):
+        _say("--tls-cert and --tls-key go together")
+        return 2
     model = args.model or default_model_path(progress=True)
     extra = {"tools": [option for spec in args.mcp for option in ("--mcp", spec)],
-             "memory": ["--ram-budget-bytes", str(args.memory_budget_bytes)] if args.memory_budget_bytes else []}
+             "memory": [*(["--ram-budget-bytes", str(args.memory_budget_bytes)] if args.memory_budget_bytes else []),
+                        *(["--quota-bytes", str(args.memory_quota_bytes)] if args.memory_quota_bytes else [])],
+             "storage": ["--quota-bytes", str(args.storage_quota_bytes)] if args.storage_quota_bytes else [],
+             "kernel": [*(["--tokens-per-minute", str(args.tokens_per_minute)] if args.tokens_per_minute else []),
+                        *(["--concurrent-syscalls", str(args.concurrent_syscalls)] if args.concurrent_syscalls else [])]}
     config = ClusterConfig(home=home, redis_url=args.redis_url, model=model, slots=args.slots, policy=args.policy,
-                           slice_tokens=args.slice_tokens, extra_args=extra)
+                           slice_tokens=args.slice_tokens, extra_args=extra, listen=args.listen,
+                           tls_cert=args.tls_cert, tls_key=args.tls_key, open_registration=args.open_registration)
     cluster = Cluster(config, progress=_say)
     _say(f"starting in {home} (logs in {home / 'logs'})")
     try:
-        endpoints = cluster.start()
+        endpoints = cluster.start(supervisor_pid=None if args.detach else os.getpid())
     except StartError as exc:
         _say(f"start failed: {exc}")
         return 1
-    _say(f"kernel ready at {endpoints['kernel']}  (endpoints written to {cluster.endpoints_path})")
+    tls = " with TLS" if args.tls_cert else ""
+    _say(f"kernel ready at {endpoints['kernel']}{tls}  (endpoints written to {cluster.endpoints_path})")
+    _say(f"operator token in {cluster.operator_token_path} (mode 0600); `aios agent create NAME` makes an agent token")
+    if args.open_registration:
+        _say("open registration is on: anyone who reaches the kernel may register an agent")
     if args.detach:
         _say("running in the background; `aios status` to inspect, `aios down` to stop")
         return 0
@@ -77,7 +88,15 @@ def cmd_down(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         _say(str(exc))
         return 0
-    pids: dict[str, int] = state["pids"]
+    supervisor = state.get("supervisor")
+    if supervisor and process_alive(supervisor):
+        # A foreground `aios up` watches these services: ask it to stop them, and wait for it to exit.
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while process_alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.1)  # not our child: no waitpid, poll until it is gone
+        _say(f"stopped the `aios up` supervising them (pid {supervisor})")
+    pids: dict[str, int] = {n: p for n, p in state["pids"].items() if process_alive(p)}
     order = [n for n in reversed(SERVICE_ORDER) if n in pids] + [n for n in pids if n not in SERVICE_ORDER]
     for name in order:
         pid = pids[name]
@@ -92,25 +111,35 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(args: argparse.Namespace):
+    """The SDK's connection to the local kernel, with the operator token (or $AIOS_TOKEN)."""
+    import aios
+
+    read_endpoints(args.home)  # a clear message when nothing runs
+    return aios.connect(home=args.home)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from aios.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
+    import aios
+    from aios.v1 import common_pb2
 
     try:
         state = read_endpoints(args.home)
+        with _connect(args) as kernel:
+            status = kernel.status()
     except FileNotFoundError as exc:
         _say(str(exc))
         return 1
-    with grpc.insecure_channel(state["kernel"]) as channel:
-        try:
-            status = kernel_pb2_grpc.KernelStub(channel).GetStatus(kernel_pb2.GetStatusRequest(), timeout=5)
-        except grpc.RpcError as exc:
-            _say(f"kernel at {state['kernel']} does not answer: {exc.code().name} {exc.details()}")
-            return 1
+    except aios.SyscallError as exc:
+        _say(f"kernel at {state['kernel']} does not answer: {exc}")
+        return 1
     print(f"kernel    {state['kernel']:<22} SERVING   agents={status.agents}  syscalls={status.syscalls_total} "
           f"(failed {status.syscalls_failed})  tokens={status.tokens_generated}")
     for service in status.services:
         print(f"{service.name:<9} {service.address:<22} {'SERVING' if service.healthy else 'DOWN':<9}")
-    print(f"redis     {state['redis_url']:<22} {'SERVING' if status.redis_ok else 'DOWN'}")
+    print(f"redis     {state['redis']:<22} {'SERVING' if status.redis_ok else 'DOWN'}")
+    refusals = ", ".join(f"{reason} {n}" for reason, n in sorted(status.refusals.items())) or "none"
+    print(f"refused:  {refusals}")
     print("queues:")
     for q in status.queues:
         name = f"tool {q.name}" if q.name else common_pb2.Resource.Name(q.resource).removeprefix("RESOURCE_").lower()
@@ -131,6 +160,40 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"memory: {m.entries} entries of {m.agents} agents; {m.resident_bytes} of {m.ram_budget_bytes} budget "
               f"bytes resident, blocks {m.blocks_resident} resident / {m.blocks_spilled} spilled; LRU-{m.lru_k}: "
               f"{m.hits} hits, {m.faults} faults (hit ratio {m.hit_ratio:.2f}), {m.evictions} evictions")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import aios
+
+    try:
+        with _connect(args) as kernel:
+            if args.agent_command == "create":
+                agent = kernel.register(args.name, args.priority, args.weight, tokens_per_minute=args.tokens_per_minute,
+                                        concurrent_syscalls=args.concurrent_syscalls, tool_slots=args.tool_slots)
+                _say(f"created agent {agent.id} ({agent.name}); its token, shown only now:")
+                print(agent.token)
+            elif args.agent_command == "token":
+                agent = kernel.issue_token(args.id)
+                _say(f"new token for {agent.id}; the old one no longer works. The token, shown only now:")
+                print(agent.token)
+            elif args.agent_command == "revoke":
+                info = kernel.revoke(args.id)
+                _say(f"revoked {info.id} ({info.name}); its data stays, `aios agent token {info.id}` re-enables it")
+            else:
+                print(f"{'id':<17} {'name':<24} {'token':<15} {'prio':>4} {'weight':>6} {'tok/min':>8} "
+                      f"{'calls':>5} {'tools':>5}  state")
+                for a in kernel.agents(include_revoked=args.all):
+                    q = a.quota
+                    print(f"{a.id:<17} {a.name[:24]:<24} {(a.token_hint + '...') if a.token_hint else '-':<15} "
+                          f"{a.priority:>4} {a.weight:>6g} {q.tokens_per_minute or '-':>8} {q.concurrent_syscalls or '-':>5} "
+                          f"{q.tool_slots or '-':>5}  {'revoked' if a.revoked else 'active'}")
+    except FileNotFoundError as exc:
+        _say(str(exc))
+        return 1
+    except aios.SyscallError as exc:
+        _say(str(exc))
+        return 1
     return 0
 
 
@@ -156,9 +219,33 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND",
                     help="mount an MCP server's tools (stdio) as NAME__<tool>; repeatable")
     up.add_argument("--memory-budget-bytes", type=int, default=0, help="memory manager RAM budget (default 64 MB)")
+    up.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                    help="where the kernel listens (default loopback, a free port); use TLS off loopback")
+    up.add_argument("--tls-cert", type=Path, help="serve the kernel with TLS: PEM certificate")
+    up.add_argument("--tls-key", type=Path, help="the certificate's PEM private key")
+    up.add_argument("--open-registration", action="store_true",
+                    help="anyone who reaches the kernel may register an agent (trusted single-user machines only)")
+    up.add_argument("--tokens-per-minute", type=int, default=0, help="default LLM tokens per minute per agent")
+    up.add_argument("--concurrent-syscalls", type=int, default=0, help="default syscalls in flight per agent (64)")
+    up.add_argument("--memory-quota-bytes", type=int, default=0, help="memory bytes per agent (default 16 MB)")
+    up.add_argument("--storage-quota-bytes", type=int, default=0, help="storage bytes per agent (default 256 MB)")
     up.set_defaults(func=cmd_up)
-    sub.add_parser("down", help="stop what `aios up --detach` started").set_defaults(func=cmd_down)
+    sub.add_parser("down", help="stop what `aios up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="services, health, queues").set_defaults(func=cmd_status)
+    agent = sub.add_parser("agent", help="create, list and revoke agents and their tokens (operator)")
+    agent_sub = agent.add_subparsers(dest="agent_command", required=True)
+    create = agent_sub.add_parser("create", help="register an agent and print its token (for an agent run elsewhere)")
+    create.add_argument("name")
+    create.add_argument("--priority", type=int, default=0, help="0-10, higher first (priority policy)")
+    create.add_argument("--weight", type=float, default=0.0, help="fair-share weight, (0, 100]")
+    create.add_argument("--tokens-per-minute", type=int, default=0, help="LLM tokens per minute (default: kernel's)")
+    create.add_argument("--concurrent-syscalls", type=int, default=0, help="syscalls in flight (default: kernel's)")
+    create.add_argument("--tool-slots", type=int, default=0, help="calls of one tool at once (default: kernel's)")
+    ls = agent_sub.add_parser("ls", help="list agents and their token hints")
+    ls.add_argument("--all", action="store_true", help="include revoked agents")
+    agent_sub.add_parser("revoke", help="revoke an agent's token (its data stays)").add_argument("id")
+    agent_sub.add_parser("token", help="issue a new token for an agent (the old one stops working)").add_argument("id")
+    agent.set_defaults(func=cmd_agent)
     sub.add_parser("model", help="assemble the default model and print its path").set_defaults(func=cmd_model)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -2,6 +2,15 @@
 
 Used by `aios up`, by the integration tests' fixtures and by the demo, so the
 way the system is started is written once.
+
+What it keeps in the AIOS home (mode 0700):
+- `operator.token` (0600): the operator's credential; the SDK and the CLI pick it up.
+- `secrets/` (0700): `cluster.secret` (the managers accept only callers that show it),
+  `redis.password` and `redis.url` (the AIOS user of Redis), `redis.conf`. Services get the
+  paths of these files on their command lines, never the secrets.
+- `data/`: Redis's append-only file (agents, tokens), memory and storage databases.
+- `endpoints.json`, `logs/`.
+Every secret is made once and kept, so `aios down` / `aios up` keeps every agent, token and byte.
 """
 
 from __future__ import annotations
@@ -16,13 +25,26 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.credentials import (
+    CLUSTER_SECRET_PREFIX,
+    OPERATOR_TOKEN_PREFIX,
+    bearer_metadata,
+    certificate_host,
+    ensure_secret,
+    read_secret,
+    token_hash,
+    write_secret,
+)
+
 ENDPOINTS_FILE = "endpoints.json"
+OPERATOR_TOKEN_FILE = "operator.token"
+REDIS_USER = "aios"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 # Services in start order; the kernel needs the others' addresses, so it is last.
@@ -56,6 +78,13 @@ class ClusterConfig:
     slice_tokens: int = 32
     # Extra command-line options per service, e.g. {"memory": ["--max-entry-bytes", "1024"]}.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    # Where the kernel listens (HOST:PORT); default loopback on a free port.
+    listen: str = "127.0.0.1:0"
+    # Serve the kernel with TLS: PEM certificate and key.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Let anyone who reaches the kernel register an agent (trusted single-user machines only).
+    open_registration: bool = False
 
 
 @dataclass
@@ -81,10 +110,31 @@ def _log_tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def wait_healthy(address: str, timeout: float) -> None:
-    """Blocks until the gRPC health check at `address` answers SERVING."""
+class _WithMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds fixed metadata (a credential) to every call of a synchronous channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=[*(details.metadata or ()), *self.metadata])  # type: ignore[attr-defined]
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+
+def wait_healthy(address: str, timeout: float, root_certificates: bytes | None = None, server_name: str | None = None) -> None:
+    """Blocks until the gRPC health check at `address` answers SERVING (over TLS with `root_certificates`)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    if root_certificates is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - time.monotonic()
@@ -122,26 +172,68 @@ class Cluster:
         return self.config.home / ENDPOINTS_FILE
 
     @property
+    def secrets(self) -> Path:
+        return self.config.home / "secrets"
+
+    @property
+    def operator_token_path(self) -> Path:
+        return self.config.home / OPERATOR_TOKEN_FILE
+
+    @property
+    def operator_token(self) -> str:
+        return read_secret(self.operator_token_path)
+
+    @property
+    def cluster_secret(self) -> str:
+        return read_secret(self.secrets / "cluster.secret")
+
+    @property
     def kernel_address(self) -> str:
         return self.processes["kernel"].address
 
+    def connect(self, token: str | None = None) -> Any:
+        """An SDK connection to this system's kernel, with `token` (default: the operator's)."""
+        import aios
+
+        cert = self.config.tls_cert.read_bytes() if self.config.tls_cert else None
+        return aios.connect(self.kernel_address, token=token or self.operator_token, root_certificates=cert)
+
+    def manager_channel(self, name: str) -> grpc.Channel:
+        """A channel to a manager that carries the cluster credential, as the kernel's calls do (tests, tools)."""
+        channel = grpc.insecure_channel(self.processes[name].address)
+        return grpc.intercept_channel(channel, _WithMetadata(bearer_metadata(self.cluster_secret)))
+
     # ---- lifecycle -------------------------------------------------------------------
 
-    def start(self) -> dict[str, str]:
-        """Starts Redis (unless given) and every service; returns name -> address."""
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.data.mkdir(parents=True, exist_ok=True)
-        self.data.chmod(0o700)  # agents' data: not readable by the tool sandbox's uids
+    def start(self, supervisor_pid: int | None = None) -> dict[str, str]:
+        """Starts Redis (unless given) and every service; returns name -> address.
+
+        `supervisor_pid`: the process that watches the services (a foreground `aios up`); `aios down` asks it
+        to stop them, so that it exits too."""
+        self._prepare_home()
         try:
-            if not self.redis_url:
+            if self.config.redis_url:
+                write_secret(self.secrets / "redis.url", self.config.redis_url)
+            else:
                 self._start_redis()
             for name in SERVICE_ORDER:
                 self._start_service(name)
         except BaseException:
             self.stop()
             raise
-        self._write_endpoints()
+        self._write_endpoints(supervisor_pid)
         return self.endpoints()
+
+    def _prepare_home(self) -> None:
+        """The home (0700: endpoints, logs and data are nobody else's business) and its secrets, made once."""
+        home = self.config.home
+        home.mkdir(parents=True, exist_ok=True)
+        home.chmod(0o700)
+        for directory in (self.logs, self.data, self.secrets):
+            directory.mkdir(exist_ok=True)
+            directory.chmod(0o700)
+        ensure_secret(self.operator_token_path, OPERATOR_TOKEN_PREFIX)
+        ensure_secret(self.secrets / "cluster.secret", CLUSTER_SECRET_PREFIX)
 
     def endpoints(self) -> dict[str, str]:
         return {name: p.address for name, p in self.processes.items() if name != "redis"}
@@ -190,11 +282,24 @@ class Cluster:
         port = free_port()
         (self.data / "redis").mkdir(exist_ok=True)
         log_path = self.logs / "redis.log"
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.data / "redis")]
-        popen = subprocess.Popen(argv, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        password = ensure_secret(self.secrets / "redis.password", "")
+        conf = self.secrets / "redis.conf"
+        # Loopback only; the default user is off, so a client without AIOS's password can do nothing; AIOS's
+        # user reaches only aios:* keys and no dangerous command (CONFIG, KEYS, FLUSHALL, DEBUG, ...).
+        # The append-only file keeps agents and tokens across restarts (fsync every second).
+        write_secret(conf, "\n".join([
+            f"port {port}", "bind 127.0.0.1", f"dir {self.data / 'redis'}",
+            "appendonly yes", "appendfsync everysec", 'save ""', "protected-mode yes",
+            # `off`: no connection can use it. Its permissions only serve Redis's own loader of the append-only
+            # file, which runs as this user and re-checks each MULTI/EXEC it replays (Redis 7.0).
+            "user default off ~* &* +@all",
+            f"user {REDIS_USER} on #{token_hash(password)} ~aios:* resetchannels +@all -@dangerous",
+        ]))
+        popen = subprocess.Popen([binary, str(conf)], stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)
         self.processes["redis"] = ManagedProcess("redis", popen, log_path, f"127.0.0.1:{port}")
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.redis_url = f"redis://{REDIS_USER}:{password}@127.0.0.1:{port}/0"
+        write_secret(self.secrets / "redis.url", self.redis_url)
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1)
         deadline = time.monotonic() + 20
         while True:
@@ -206,11 +311,14 @@ class Cluster:
                     raise StartError(f"redis-server did not start:\n{_log_tail(log_path)}") from None
                 time.sleep(0.05)  # redis-server is not accepting yet
         client.close()
-        self.progress(f"started redis        {self.redis_url}  (pid {popen.pid})")
+        self.progress(f"started redis        127.0.0.1:{port}  (pid {popen.pid}, user {REDIS_USER}, append-only file "
+                      f"in {self.data / 'redis'})")
 
     def _service_args(self, name: str, kind: str) -> list[str]:
         config = self.config
-        args = ["--redis-url", self.redis_url] if kind in ("llm_core", "kernel") else []
+        args = ["--cluster-secret-file", str(self.secrets / "cluster.secret")]
+        if kind in ("llm_core", "kernel"):
+            args += ["--redis-url-file", str(self.secrets / "redis.url")]
         if kind == "llm_core":
             args += ["--slots", str(config.slots)]
             if config.model:
@@ -220,17 +328,23 @@ class Cluster:
         elif kind == "tools":
             args += ["--storage", self.processes["storage"].address]
         elif kind == "kernel":
-            args += ["--policy", config.policy, "--slice-tokens", str(config.slice_tokens), "--llm-slots", str(config.slots)]
+            args += ["--policy", config.policy, "--slice-tokens", str(config.slice_tokens), "--llm-slots", str(config.slots),
+                     "--operator-token-file", str(self.operator_token_path), "--host", config.listen.rsplit(":", 1)[0]]
             for manager in MANAGERS:
                 args += [f"--{manager.replace('_', '-')}", self.processes[manager].address]
+            if config.tls_cert and config.tls_key:
+                args += ["--tls-cert", str(config.tls_cert), "--tls-key", str(config.tls_key)]
+            if config.open_registration:
+                args += ["--open-registration"]
         return args + config.extra_args.get(kind, [])
 
     def _start_service(self, name: str, kind: str = "", extra_args: list[str] = ()) -> None:
         kind = kind or name
+        self._prepare_home()
         ready = self.config.home / f"{name}.ready"
         ready.unlink(missing_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        args = self._args.get(name) or ["--port", "0", *self._service_args(name, kind), *extra_args]
+        port = self.config.listen.rsplit(":", 1)[1] if kind == "kernel" else "0"
+        args = self._args.get(name) or ["--port", port, *self._service_args(name, kind), *extra_args]
         log_path = self.logs / f"{name}.log"
         argv = [sys.executable, "-m", f"services.{'scheduler' if kind == 'kernel' else kind}",
                 "--ready-file", str(ready), *args]
@@ -249,20 +363,33 @@ class Cluster:
         ready.unlink()
         # A restart reuses the port so clients' channels reconnect to the same address.
         self._args[name] = ["--port", process.address.rsplit(":", 1)[1], *args[2:]]
-        wait_healthy(process.address, START_TIMEOUT_S)
+        wait_healthy(process.address, START_TIMEOUT_S, *_tls_of(args))
         self.progress(f"started {name:<12} {process.address}  (pid {popen.pid}, {time.monotonic() - started:.1f} s)")
 
-    def _write_endpoints(self) -> None:
-        state = {
+    def _write_endpoints(self, supervisor_pid: int | None) -> None:
+        state: dict[str, Any] = {
             "kernel": self.kernel_address,
             "services": self.endpoints(),
-            "redis_url": self.redis_url,
+            "redis": self.processes["redis"].address if "redis" in self.processes else "external",
             "pids": {name: p.pid for name, p in self.processes.items()},
             "started_at": time.time(),
         }
+        if supervisor_pid is not None:
+            state["supervisor"] = supervisor_pid
+        if self.config.tls_cert:
+            state["tls_cert"] = str(self.config.tls_cert.resolve())
+            state["tls_server_name"] = certificate_host(self.config.tls_cert.read_bytes())
         tmp = self.endpoints_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.endpoints_path)
+
+
+def _tls_of(args: list[str]) -> tuple[bytes | None, str | None]:
+    """The root certificate and server name to check a service's TLS by, from its `--tls-cert` option."""
+    if "--tls-cert" not in args:
+        return None, None
+    cert = Path(args[args.index("--tls-cert") + 1]).read_bytes()
+    return cert, certificate_host(cert)
 
 
 def terminate_group(pid: int, sig: int) -> None:

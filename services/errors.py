@@ -14,9 +14,11 @@ class AiosError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Seconds after which the same call may succeed; sent as `retry-after` trailing metadata.
+        self.retry_after = retry_after
 
 
 class InvalidArgument(AiosError):
@@ -25,6 +27,12 @@ class InvalidArgument(AiosError):
 
 class NotFound(AiosError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class Unauthenticated(AiosError):
+    """No credential, or one that is unknown or revoked."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class PermissionDenied(AiosError):

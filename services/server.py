@@ -2,8 +2,9 @@
 
 One place for what each service process needs around its servicer: an asyncio
 gRPC server, the standard health service, reflection, mapping of core errors to
-gRPC statuses, a "ready file" telling the launcher the bound port, and a clean
-stop on SIGTERM/SIGINT.
+gRPC statuses (with a `retry-after` hint where one applies), the check of the
+caller's credential, a "ready file" telling the launcher the bound port, and a
+clean stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -18,25 +19,31 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.credentials import MESSAGE_LIMIT_BYTES, ClusterSecretCheck, Metadata, read_secret
 from services.errors import AiosError
 
 log = logging.getLogger("aios.server")
 
 # Health probes run this often; a failing probe turns the service NOT_SERVING.
 HEALTH_PERIOD_S = 2.0
+# Trailing metadata key of the hint sent with RESOURCE_EXHAUSTED: seconds until a retry may succeed.
+RETRY_AFTER = "retry-after"
+# Methods anyone may call, credential or not: the health check (launchers, load balancers) and reflection.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     if isinstance(exc, AiosError):
-        return exc.code, exc.message
+        trailing = () if exc.retry_after is None else ((RETRY_AFTER, f"{exc.retry_after:.3f}"),)
+        return exc.code, exc.message, trailing
     log.error("unexpected error: %s", "".join(traceback.format_exception(exc)))
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the service log"
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the service log", ()
 
 
 class _Undecodable:
@@ -68,19 +75,31 @@ async def _check_decoded(request: Any, context: grpc.aio.ServicerContext) -> Non
         )
 
 
+Authorize = Callable[[Metadata | None], None]
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions escaping a handler, and undecodable requests, into clear gRPC statuses."""
+    """Turns exceptions escaping a handler, undecodable requests and calls without the required
+    credential (`authorize` raises) into clear gRPC statuses."""
+
+    def __init__(self, authorize: Authorize | None = None) -> None:
+        self.authorize = authorize
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        authorize = self.authorize
+        if authorize is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
+            authorize = None
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
-                await _check_decoded(request, context)
                 try:
+                    if authorize is not None:
+                        authorize(context.invocation_metadata())
+                    await _check_decoded(request, context)
                     return await inner(request, context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
@@ -94,8 +113,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
-                await _check_decoded(request, context)
                 try:
+                    if authorize is not None:
+                        authorize(context.invocation_metadata())
+                    await _check_decoded(request, context)
                     async for item in inner_stream(request, context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
@@ -127,6 +148,10 @@ class Service:
     on_start: Callable[[], Awaitable[None]] | None = None
     # Called once after the server stopped (release models, files, threads).
     on_stop: Callable[[], Awaitable[None] | None] | None = None
+    # Checks every call's metadata (raises Unauthenticated); managers check the cluster secret.
+    authorize: Authorize | None = None
+    # TLS for the listening port; None serves plaintext (loopback by default).
+    server_credentials: grpc.ServerCredentials | None = None
 
 
 def common_arguments(description: str) -> argparse.ArgumentParser:
@@ -136,7 +161,28 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
     parser.add_argument("--ready-file", type=Path, help="write {'address': host:port, 'pid': N} here once serving")
     parser.add_argument("--log-level", default=os.environ.get("AIOS_LOG_LEVEL", "INFO"))
+    parser.add_argument("--cluster-secret-file", type=Path, required=True,
+                        help="file (mode 0600) holding the secret shared by the kernel and the managers")
     return parser
+
+
+def cluster_secret(args: argparse.Namespace) -> str:
+    return read_secret(args.cluster_secret_file)
+
+
+def kernel_only(args: argparse.Namespace) -> Authorize:
+    """The check a manager applies to every call: it must carry the cluster secret."""
+    return ClusterSecretCheck(cluster_secret(args))
+
+
+def redis_url(args: argparse.Namespace) -> str:
+    """The Redis URL (it may hold a password, so it comes from a 0600 file, not the command line)."""
+    return read_secret(args.redis_url_file)
+
+
+def add_redis_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url-file", type=Path, required=True,
+                        help="file (mode 0600) holding the Redis URL, e.g. redis://aios:PASSWORD@127.0.0.1:6379/0")
 
 
 def setup_logging(name: str, level: str) -> None:
@@ -169,10 +215,10 @@ async def _watch_health(service: Service, servicer: Any) -> None:
 async def serve(service: Service, host: str, port: int, ready_file: Path | None = None) -> None:
     """Runs the service until SIGTERM/SIGINT, then stops gracefully."""
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor()],
+        interceptors=[StatusInterceptor(service.authorize)],
         options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES),
+            ("grpc.max_send_message_length", MESSAGE_LIMIT_BYTES),
         ],
     )
     if service.on_start is not None:
@@ -183,13 +229,17 @@ async def serve(service: Service, host: str, port: int, ready_file: Path | None 
     reflection.enable_server_reflection(
         [*service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if service.server_credentials is not None:
+        bound = server.add_secure_port(f"{host}:{port}", service.server_credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise SystemExit(f"{service.name}: cannot bind {host}:{port}")
     await server.start()
     watcher = asyncio.create_task(_watch_health(service, health_servicer))
     address = f"{host}:{bound}"
-    log.info("%s serving %s on %s (pid %d)", service.name, ", ".join(service.grpc_services), address, os.getpid())
+    log.info("%s serving %s on %s%s (pid %d)", service.name, ", ".join(service.grpc_services), address,
+             " with TLS" if service.server_credentials is not None else "", os.getpid())
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
@@ -211,9 +261,11 @@ async def serve(service: Service, host: str, port: int, ready_file: Path | None 
     log.info("%s stopped", service.name)
 
 
-def run(build: Callable[[argparse.Namespace], Service], parser: argparse.ArgumentParser, argv: Iterable[str] | None = None) -> None:
-    """Entry point of a service's __main__: parse options, build the service, serve."""
-    args = parser.parse_args(None if argv is None else list(argv))
+def run(
+    build: Callable[[argparse.Namespace], Service], parser: argparse.ArgumentParser, args: argparse.Namespace | None = None
+) -> None:
+    """Entry point of a service's __main__: parse options (unless parsed already), build the service, serve."""
+    args = args or parser.parse_args()
     setup_logging(parser.prog, args.log_level)
 
     async def main() -> None:

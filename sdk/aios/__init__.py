@@ -1,5 +1,5 @@
 """AIOS Python SDK: `aios.connect()` then `kernel.register(name)`; stubs for any use are in `aios.v1`."""
 
-from aios.client import Agent, Completion, Kernel, SyscallError, connect, default_kernel_address
+from aios.client import Agent, Completion, Connection, SyscallError, connect, default_kernel_address, default_token
 
-__all__ = ["Agent", "Completion", "Kernel", "SyscallError", "connect", "default_kernel_address"]
+__all__ = ["Agent", "Completion", "Connection", "SyscallError", "connect", "default_kernel_address", "default_token"]

@@ -2,6 +2,9 @@
 
 Each agent remembers a fact (memory), keeps a note (storage), asks the
 calculator (tools) and then asks the model (LLM, streamed) with what it gathered.
+The demo registers them with the operator token `aios up` wrote; each agent then
+calls with its own token, and one agent's notes stay closed to another until
+their owner grants them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class Task:
     report: list[str] = field(default_factory=list)
     syscalls: int = 0
     tokens: int = 0
+    agent: aios.Agent | None = None
 
 
 TASKS = [
@@ -33,8 +37,8 @@ TASKS = [
 ]
 
 
-def run_agent(kernel: aios.Kernel, task: Task) -> None:
-    agent = kernel.register(task.name)
+def run_agent(kernel: aios.Connection, task: Task) -> None:
+    agent = task.agent = kernel.register(task.name)
     memory = agent.memory_add(task.fact, {"kind": "fact"})
     agent.storage_write(f"notes/{task.name}.txt", f"{task.fact} Started at {time.ctime()}.")
     result = agent.call_tool("calculator", expression=task.expression)["result"]
@@ -54,6 +58,21 @@ def run_agent(kernel: aios.Kernel, task: Task) -> None:
         f"tool    : {task.expression} = {result}",
         f"llm     : {answer[:220]!r} ({task.tokens} tokens)",
     ]
+
+
+def show_isolation(reader: Task, owner: Task) -> list[str]:
+    """One agent tries to read another's note: refused until the owner grants it."""
+    assert reader.agent is not None and owner.agent is not None
+    key = f"notes/{owner.name}.txt"
+    print(f"\n[isolation] {reader.name} reads {owner.name}'s {key}:")
+    try:
+        reader.agent.storage_read(key, owner=owner.agent.id)
+        return [f"{reader.name} read {owner.name}'s note without a grant"]
+    except aios.SyscallError as refused:
+        print(f"  without a grant: {refused.code.name} ({refused.message})")
+    owner.agent.storage_grant(reader.agent.id, key)
+    print(f"  after {owner.name} grants it: {reader.agent.storage_read(key, owner=owner.agent.id).decode()[:60]!r}")
+    return []
 
 
 def main() -> int:
@@ -78,6 +97,8 @@ def main() -> int:
         print(f"\n[{task.name}]")
         for line in task.report:
             print(f"  {line}")
+    if not errors:
+        errors += show_isolation(TASKS[0], TASKS[1])
     status = kernel.status()
     tokens = sum(t.tokens for t in TASKS)
     print(

@@ -13,12 +13,13 @@ from services.llm_core.model import LlamaModel, default_model_path
 from services.llm_core.prompt import FORMATS
 from services.llm_core.servicer import LLMCoreServicer
 from services.llm_core.snapshot import KvSnapshotStore
-from services.server import Service, common_arguments, run
+from services.server import Service, add_redis_argument, common_arguments, kernel_only, redis_url, run
 
 
 def build(args: argparse.Namespace) -> Service:
     model = LlamaModel(args.model or default_model_path())
-    snapshots = KvSnapshotStore(args.redis_url, ttl_s=args.snapshot_ttl)
+    url = redis_url(args)
+    snapshots = KvSnapshotStore(url, ttl_s=args.snapshot_ttl)
     engine = BatchEngine(
         model,
         EngineConfig(
@@ -31,7 +32,7 @@ def build(args: argparse.Namespace) -> Service:
         swap_out=snapshots.put,
     )
     engine.start()
-    redis = redis_state.connect(args.redis_url)
+    redis = redis_state.connect(url)
 
     async def redis_ok() -> bool:
         return await redis_state.is_up(redis)
@@ -50,6 +51,7 @@ def build(args: argparse.Namespace) -> Service:
         ),
         probes=[redis_ok],
         on_stop=stop,
+        authorize=kernel_only(args),
     )
 
 
@@ -57,7 +59,7 @@ def main() -> None:
     defaults = EngineConfig()
     parser = common_arguments("AIOS LLM core (llama.cpp)")
     parser.add_argument("--model", type=Path, help="GGUF file; default: the bundled Gemma 3 270M")
-    parser.add_argument("--redis-url", required=True)
+    add_redis_argument(parser)
     parser.add_argument("--slots", type=int, default=defaults.slots, help="sequences decoded together")
     parser.add_argument("--resident", type=int, default=0,
                         help="sequences kept resident (decoding + preempted + cached prefixes); default 2 x slots. "

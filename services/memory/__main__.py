@@ -9,11 +9,12 @@ from aios.v1 import memory_pb2_grpc
 from services.memory.core import (
     DEFAULT_ENTRIES_PER_BLOCK,
     DEFAULT_MAX_ENTRY_BYTES,
+    DEFAULT_QUOTA_BYTES,
     DEFAULT_RAM_BUDGET_BYTES,
     MemoryStore,
 )
 from services.memory.servicer import MemoryServicer
-from services.server import Service, common_arguments, run
+from services.server import Service, common_arguments, kernel_only, run
 
 
 def build(args: argparse.Namespace) -> Service:
@@ -24,12 +25,14 @@ def build(args: argparse.Namespace) -> Service:
         k=args.lru_k,
         correlated_period=args.correlated_period,
         max_entry_bytes=args.max_entry_bytes,
+        quota_bytes=args.quota_bytes,
     )
     return Service(
         name="memory",
         grpc_services=["aios.v1.Memory"],
         register=lambda server: memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(store), server),
         on_stop=store.close,
+        authorize=kernel_only(args),
     )
 
 
@@ -43,6 +46,8 @@ def main() -> None:
     parser.add_argument("--correlated-period", type=int, default=0,
                         help="references to a block within this many requests count as one")
     parser.add_argument("--max-entry-bytes", type=int, default=DEFAULT_MAX_ENTRY_BYTES)
+    parser.add_argument("--quota-bytes", type=int, default=DEFAULT_QUOTA_BYTES,
+                        help="bytes of entries (text and metadata) one agent may keep")
     run(build, parser)
 
 

@@ -36,6 +36,7 @@ log = logging.getLogger("aios.memory")
 
 DEFAULT_MAX_ENTRY_BYTES = 64 * 1024
 DEFAULT_RAM_BUDGET_BYTES = 64 * 1024 * 1024
+DEFAULT_QUOTA_BYTES = 16 * 1024 * 1024  # per agent: text and metadata of all its entries
 DEFAULT_ENTRIES_PER_BLOCK = 32
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -73,6 +74,7 @@ class MemoryStore:
         k: int = 2,
         correlated_period: int = 0,
         max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        quota_bytes: int = DEFAULT_QUOTA_BYTES,
     ) -> None:
         require(ram_budget_bytes > 0, "the RAM budget must be positive")
         require(entries_per_block > 0, "entries_per_block must be positive")
@@ -80,6 +82,7 @@ class MemoryStore:
         self.ram_budget_bytes = ram_budget_bytes
         self.entries_per_block = entries_per_block
         self.max_entry_bytes = max_entry_bytes
+        self.quota_bytes = quota_bytes
         self.policy = LruKCache(k=k, correlated_period=correlated_period)
         self.counters = PagingCounters()
         self.resident_bytes = 0
@@ -111,9 +114,10 @@ class MemoryStore:
         self._check_content(text, metadata)
         require(role in ROLES, f"role {role!r} is not one of {', '.join(repr(r) for r in ROLES)}")
         with self._lock:
+            key = agent_key(agent_id)
+            self._check_quota(key, MemoryEntry(0, agent_id, text, metadata, role).size)
             now = self._tick()
             entry = self.files.get(agent_id).add(text, metadata, role, time.time())  # committed: durable
-            key = agent_key(agent_id)
             self._entries[key] = self._entries.get(key, 0) + 1
             self._bytes[key] = self._bytes.get(key, 0) + entry.size
             block_key = self._block_key(key, entry.number)
@@ -146,8 +150,9 @@ class MemoryStore:
             new_text = text or old.text
             self._check_content(new_text, merged)
             new = MemoryEntry(old.number, agent_id, new_text, merged, old.role, old.created_at, time.time())
-            self.files.get(agent_id).update(new)
             key = agent_key(agent_id)
+            self._check_quota(key, new.size - old.size)
+            self.files.get(agent_id).update(new)
             self._bytes[key] += new.size - old.size
             self._write_through(key, new.number, new)
             self._evict_over_budget(now)
@@ -211,6 +216,7 @@ class MemoryStore:
                 "evictions": c.evictions,
                 "hit_ratio": c.hits / touches if touches else 0.0,
                 "lru_k": self.policy.k,
+                "quota_bytes_per_agent": self.quota_bytes,
             }
 
     def close(self) -> None:
@@ -295,6 +301,14 @@ class MemoryStore:
         if size > self.max_entry_bytes:
             raise ResourceExhausted(
                 f"memory entry is {size} bytes (text and metadata); the limit is {self.max_entry_bytes} bytes per entry"
+            )
+
+    def _check_quota(self, key: str, growth: int) -> None:
+        used = self._bytes.get(key, 0)
+        if growth > 0 and used + growth > self.quota_bytes:
+            raise ResourceExhausted(
+                f"this agent's memory holds {used} bytes; {growth} more would pass its quota of {self.quota_bytes} "
+                "bytes. Delete entries it no longer needs."
             )
 
     def _find(self, agent_id: str, entry_id: str, now: int) -> MemoryEntry:

@@ -4,29 +4,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from aios.v1 import kernel_pb2_grpc
 from services import redis_state
-from services.scheduler.agents import AgentRegistry
-from services.scheduler.kernel import Kernel, Managers
+from services.credentials import read_secret, tls_server_credentials
+from services.scheduler.identity import AgentRegistry, Quota, RegistrationPolicy
+from services.scheduler.kernel import Kernel, manager_clients
 from services.scheduler.policy import POLICIES, make_policy
 from services.scheduler.queues import ResourceQueue
 from services.scheduler.servicer import KernelServicer
 from services.scheduler.syscalls import Resource
-from services.server import Service, common_arguments, run
+from services.server import Service, add_redis_argument, cluster_secret, common_arguments, redis_url, run
 
 log = logging.getLogger("aios.kernel")
 
 
 def build(args: argparse.Namespace) -> Service:
-    redis = redis_state.connect(args.redis_url)
-    managers = Managers(
+    redis = redis_state.connect(redis_url(args))
+    managers = manager_clients(
         {
             Resource.LLM: args.llm_core,
             Resource.MEMORY: args.memory,
             Resource.STORAGE: args.storage,
             Resource.TOOLS: args.tools,
-        }
+        },
+        cluster_secret(args),
     )
     capacities = {
         Resource.LLM: args.llm_slots,
@@ -35,7 +38,17 @@ def build(args: argparse.Namespace) -> Service:
         Resource.TOOLS: args.manager_concurrency,
     }
     queues = {r: ResourceQueue(r, make_policy(args.policy, args.slice_tokens), c) for r, c in capacities.items()}
-    kernel = Kernel(AgentRegistry(redis), managers, queues, lambda: make_policy(args.policy, args.slice_tokens))
+    registration = RegistrationPolicy(
+        open=args.open_registration,
+        open_max_priority=args.open_max_priority,
+        open_max_weight=args.open_max_weight,
+        default_quota=Quota(args.tokens_per_minute, args.concurrent_syscalls, args.tool_slots),
+    )
+    agents = AgentRegistry(redis, read_secret(args.operator_token_file), registration)
+    kernel = Kernel(agents, managers, queues, lambda: make_policy(args.policy, args.slice_tokens))
+    servicer = KernelServicer(kernel, args.registrations_per_second, args.registration_burst)
+    if args.open_registration:
+        log.warning("open registration is on: anyone who reaches %s:%s may register an agent", args.host, args.port)
 
     async def redis_ok() -> bool:
         return await redis_state.is_up(redis)
@@ -43,15 +56,18 @@ def build(args: argparse.Namespace) -> Service:
     return Service(
         name="kernel",
         grpc_services=["aios.v1.Kernel"],
-        register=lambda server: kernel_pb2_grpc.add_KernelServicer_to_server(KernelServicer(kernel), server),
+        register=lambda server: kernel_pb2_grpc.add_KernelServicer_to_server(servicer, server),
         probes=[redis_ok],
-        on_stop=managers.close,
+        on_stop=kernel.close,
+        server_credentials=tls_server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None,
     )
 
 
 def main() -> None:
     parser = common_arguments("AIOS kernel (scheduler): the agent-facing door")
-    parser.add_argument("--redis-url", required=True)
+    add_redis_argument(parser)
+    parser.add_argument("--operator-token-file", type=Path, required=True,
+                        help="file (mode 0600) holding the operator token, which registers and administers agents")
     parser.add_argument("--llm-core", required=True, help="host:port of the LLM core")
     parser.add_argument("--memory", required=True, help="host:port of the memory manager")
     parser.add_argument("--storage", required=True, help="host:port of the storage manager")
@@ -61,7 +77,22 @@ def main() -> None:
                         help="round robin / fair share: tokens a generation runs before it may be preempted")
     parser.add_argument("--llm-slots", type=int, default=16, help="LLM syscalls dispatched at once (= core slots)")
     parser.add_argument("--manager-concurrency", type=int, default=16, help="calls in flight per other manager")
-    run(build, parser)
+    parser.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (chain)")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's PEM private key")
+    access = parser.add_argument_group("registration and default limits of an agent")
+    access.add_argument("--open-registration", action="store_true",
+                        help="let anyone who reaches the kernel register an agent (a trusted single-user machine)")
+    access.add_argument("--open-max-priority", type=int, default=0, help="highest priority an open registration gets")
+    access.add_argument("--open-max-weight", type=float, default=1.0, help="highest weight an open registration gets")
+    access.add_argument("--tokens-per-minute", type=int, default=0, help="LLM tokens per minute per agent (0: no limit)")
+    access.add_argument("--concurrent-syscalls", type=int, default=64, help="syscalls in flight per agent (0: no limit)")
+    access.add_argument("--tool-slots", type=int, default=1, help="calls of one tool an agent runs at once (0: no limit)")
+    access.add_argument("--registrations-per-second", type=float, default=20.0)
+    access.add_argument("--registration-burst", type=int, default=200)
+    args = parser.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    run(build, parser, args)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ class ResourceQueue:
     def waiting_to_resume(self) -> int:
         return sum(1 for r in self._grants if r.state == SyscallState.PREEMPTED)
 
+    def counts_of(self, agent_id: str) -> tuple[int, int]:
+        """One agent's syscalls waiting (preempted ones included) and running here."""
+        waiting = sum(1 for r in self._grants if r.agent_id == agent_id)
+        return waiting, sum(1 for r in self.running if r.agent_id == agent_id)
+
     @asynccontextmanager
     async def turn(self, record: SyscallRecord) -> AsyncIterator[None]:
         """Waits until the policy dispatches `record`, holds a running place while inside."""

@@ -1,15 +1,27 @@
-"""aios.v1.Kernel over gRPC: the only door an agent knows."""
+"""aios.v1.Kernel over gRPC: the only door an agent knows.
+
+Each RPC authenticates its caller from the `authorization` metadata first
+(`kernel_rpc`), then translates between messages and the kernel core. Refusals
+(bad token, denied access, limits) are counted and logged with the caller.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
+import time
+from typing import Any, Callable
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aios.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 from services import redis_state
+from services.errors import AiosError, ResourceExhausted
+from services.scheduler.audit import Audit
+from services.scheduler.identity import Agent, Caller, Quota, Role
 from services.scheduler.kernel import MANAGER_NAMES, Kernel
+from services.scheduler.quotas import TokenBucket
 from services.scheduler.syscalls import Resource, SyscallRecord
 
 STATUS_PROBE_TIMEOUT_S = 1.0
@@ -36,62 +48,165 @@ def record_to_proto(record: SyscallRecord) -> common_pb2.SyscallInfo:
     )
 
 
+def quota_to_proto(quota: Quota) -> kernel_pb2.AgentQuota:
+    return kernel_pb2.AgentQuota(tokens_per_minute=quota.tokens_per_minute,
+                                 concurrent_syscalls=quota.concurrent_syscalls, tool_slots=quota.tool_slots)
+
+
+def agent_to_proto(agent: Agent) -> kernel_pb2.AgentInfo:
+    return kernel_pb2.AgentInfo(
+        id=agent.id, name=agent.name, registered_at=agent.registered_at, priority=agent.priority, weight=agent.weight,
+        quota=quota_to_proto(agent.quota), revoked=agent.revoked, revoked_at=agent.revoked_at,
+        token_hint=agent.token_hint, registered_by=agent.registered_by,
+    )
+
+
+def caller_to_proto(caller: Caller) -> kernel_pb2.CallerInfo:
+    info = kernel_pb2.CallerInfo(role=caller.role.value)
+    if caller.agent is not None:
+        info.agent.CopyFrom(agent_to_proto(caller.agent))
+    return info
+
+
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     """The caller's remaining deadline, passed on to the manager so it is honoured end to end."""
     return context.time_remaining()
 
 
+def kernel_rpc(anonymous_ok: bool = False) -> Callable:
+    """Authenticates the caller (passed to the method as `caller`) and audits refusals, for unary and streaming RPCs.
+
+    With `anonymous_ok`, a call without a token gets caller None instead of UNAUTHENTICATED."""
+
+    def wrap(method: Callable) -> Callable:
+        name = method.__name__
+
+        async def authenticate(self: "KernelServicer", context: grpc.aio.ServicerContext) -> Caller | None:
+            return await self.kernel.agents.authenticate(context.invocation_metadata(), anonymous_ok)
+
+        if inspect.isasyncgenfunction(method):
+            @functools.wraps(method)
+            async def stream(self: "KernelServicer", request: Any, context: grpc.aio.ServicerContext):
+                caller = None
+                try:
+                    caller = await authenticate(self, context)
+                    async for item in method(self, request, context, caller):
+                        yield item
+                except AiosError as exc:
+                    self.audit.note(exc, caller.label if caller else "an unauthenticated caller", name, context.peer())
+                    raise
+
+            return stream
+
+        @functools.wraps(method)
+        async def unary(self: "KernelServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+            caller = None
+            try:
+                caller = await authenticate(self, context)
+                return await method(self, request, context, caller)
+            except AiosError as exc:
+                self.audit.note(exc, caller.label if caller else "an unauthenticated caller", name, context.peer())
+                raise
+
+        return unary
+
+    return wrap
+
+
 class KernelServicer(kernel_pb2_grpc.KernelServicer):
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, registrations_per_second: float = 20.0, registration_burst: int = 200) -> None:
         self.kernel = kernel
+        self.audit = Audit()
+        # All registrations share one bucket: a flood of them cannot exhaust Redis or the operator's patience.
+        self.registrations = TokenBucket(registration_burst, registrations_per_second, time.monotonic())
 
-    async def RegisterAgent(self, request, context):
-        return kernel_pb2.RegisterAgentResponse(agent_id=await self.kernel.register(request.name, request.priority, request.weight))
+    @kernel_rpc(anonymous_ok=True)
+    async def RegisterAgent(self, request, context, caller):
+        wait = self.registrations.take(1, time.monotonic())
+        if wait:
+            raise ResourceExhausted(f"too many registrations; retry in {wait:.1f} s", retry_after=wait)
+        q = request.quota
+        agent, token = await self.kernel.agents.register(
+            caller, request.name, request.priority, request.weight,
+            Quota(q.tokens_per_minute, q.concurrent_syscalls, q.tool_slots))
+        return kernel_pb2.RegisterAgentResponse(agent_id=agent.id, token=token, agent=agent_to_proto(agent))
 
-    async def Generate(self, request, context):
-        async for chunk in self.kernel.generate(request, _timeout(context)):
+    @kernel_rpc()
+    async def WhoAmI(self, request, context, caller):
+        return caller_to_proto(caller)
+
+    @kernel_rpc()
+    async def Generate(self, request, context, caller):
+        async for chunk in self.kernel.generate(caller.as_agent(), request, _timeout(context)):
             yield chunk
 
-    async def Syscall(self, request, context):
-        return await self.kernel.syscall(request, _timeout(context))
+    @kernel_rpc()
+    async def Syscall(self, request, context, caller):
+        return await self.kernel.syscall(caller.as_agent(), request, _timeout(context))
 
-    async def GetSyscall(self, request, context):
-        await self.kernel.agents.get(request.agent_id)
-        return record_to_proto(self.kernel.get_syscall(request.agent_id, request.syscall_id))
+    @kernel_rpc()
+    async def GetSyscall(self, request, context, caller):
+        return record_to_proto(self.kernel.get_syscall(caller, request.syscall_id))
 
-    async def GetStatus(self, request, context):
+    @kernel_rpc()
+    async def ListAgents(self, request, context, caller):
+        if caller.agent is not None:
+            return kernel_pb2.ListAgentsResponse(agents=[agent_to_proto(caller.agent)])
+        agents = await self.kernel.agents.all(request.include_revoked)
+        return kernel_pb2.ListAgentsResponse(agents=[agent_to_proto(a) for a in agents])
+
+    @kernel_rpc()
+    async def RevokeAgent(self, request, context, caller):
+        caller.require_operator("revoking an agent")
+        return agent_to_proto(await self.kernel.agents.revoke(request.agent_id))
+
+    @kernel_rpc()
+    async def IssueToken(self, request, context, caller):
+        caller.require_operator("issuing a token")
+        agent, token = await self.kernel.agents.issue_token(request.agent_id)
+        return kernel_pb2.RegisterAgentResponse(agent_id=agent.id, token=token, agent=agent_to_proto(agent))
+
+    @kernel_rpc()
+    async def GetStatus(self, request, context, caller):
         kernel = self.kernel
         managers = kernel.managers
-
-        async def healthy(resource: Resource) -> bool:
-            stub = health_pb2_grpc.HealthStub(managers.channels[resource])
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=STATUS_PROBE_TIMEOUT_S)
-                return reply.status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.aio.AioRpcError:
-                return False
+        resources = list(managers)
+        health, redis_ok = await asyncio.gather(
+            asyncio.gather(*(managers[r].healthy() for r in resources)), redis_state.is_up(kernel.agents.redis)
+        )
+        queues = [*(("", q) for q in kernel.queues.values()), *sorted(kernel.tool_queues.items())]
+        if caller.role is Role.AGENT:  # its own place in each queue, the system's health, nothing of other agents
+            agent_id = caller.as_agent().id
+            return kernel_pb2.KernelStatus(
+                caller=caller_to_proto(caller),
+                queues=[
+                    kernel_pb2.QueueStatus(resource=int(q.resource), policy=q.policy.name,
+                                           queued=queued + kernel.usage.waiting_in_line(name, agent_id),
+                                           running=running, capacity=q.capacity, name=name)
+                    for name, q in queues for queued, running in [q.counts_of(agent_id)]
+                ],
+                services=[kernel_pb2.ServiceStatus(name=MANAGER_NAMES[r], healthy=h) for r, h in zip(resources, health)],
+                redis_ok=redis_ok,
+            )
 
         async def optional(call):
             try:
                 return await call
-            except grpc.aio.AioRpcError:
+            except AiosError:
                 return None
 
-        resources = list(managers.addresses)
-        health, llm, memory, redis_ok, agents = await asyncio.gather(
-            asyncio.gather(*(healthy(r) for r in resources)),
-            optional(managers.stubs[Resource.LLM].Info(llm_core_pb2.InfoRequest(), timeout=STATUS_PROBE_TIMEOUT_S)),
-            optional(managers.stubs[Resource.MEMORY].Stats(memory_pb2.MemoryStatsRequest(), timeout=STATUS_PROBE_TIMEOUT_S)),
-            redis_state.is_up(kernel.agents.redis),
-            kernel.agents.count(),
+        llm, memory, agents = await asyncio.gather(
+            optional(managers[Resource.LLM].call("Info", llm_core_pb2.InfoRequest(), STATUS_PROBE_TIMEOUT_S)),
+            optional(managers[Resource.MEMORY].call("Stats", memory_pb2.MemoryStatsRequest(), STATUS_PROBE_TIMEOUT_S)),
+            optional(kernel.agents.all()),
         )
         return kernel_pb2.KernelStatus(
-            agents=agents,
+            agents=len(agents or ()),
             queues=[
                 kernel_pb2.QueueStatus(
                     resource=int(q.resource),
                     policy=q.policy.name,
-                    queued=q.queued,
+                    queued=q.queued + kernel.usage.waiting_in_line(name),
                     running=len(q.running),
                     capacity=q.capacity,
                     completed=q.completed,
@@ -99,10 +214,10 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                     preemptions=q.preemptions,
                     name=name,
                 )
-                for name, q in [*(("", q) for q in kernel.queues.values()), *sorted(kernel.tool_queues.items())]
+                for name, q in queues
             ],
             services=[
-                kernel_pb2.ServiceStatus(name=MANAGER_NAMES[r], address=managers.addresses[r], healthy=h)
+                kernel_pb2.ServiceStatus(name=MANAGER_NAMES[r], address=managers[r].address, healthy=h)
                 for r, h in zip(resources, health)
             ],
             syscalls_total=kernel.table.total,
@@ -111,4 +226,6 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             redis_ok=redis_ok,
             llm=llm,
             memory=memory,
+            caller=caller_to_proto(caller),
+            refusals=dict(self.audit.refusals),
         )

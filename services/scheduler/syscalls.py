@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import itertools
 import secrets
 import threading
 import time
@@ -98,9 +97,6 @@ class SyscallTable:
     def __init__(self, keep_finished: int = 10_000) -> None:
         self.keep_finished = keep_finished
         self._records: OrderedDict[str, SyscallRecord] = OrderedDict()
-        self._ids = itertools.count(1)
-        # Ids stay unique across kernel restarts: LLM snapshots in Redis are keyed by them.
-        self.boot = secrets.token_hex(3)
         self._lock = threading.Lock()
         self.total = 0
         self.failed = 0
@@ -108,7 +104,8 @@ class SyscallTable:
 
     def create(self, agent_id: str, kind: str, resource: Resource, priority: int = 0, weight: float = 1.0) -> SyscallRecord:
         with self._lock:
-            record = SyscallRecord(f"sc-{self.boot}-{next(self._ids)}", agent_id, kind, resource, priority, weight)
+            # Random ids: unique across kernel restarts (LLM snapshots in Redis are keyed by them) and unguessable.
+            record = SyscallRecord(f"sc-{secrets.token_hex(10)}", agent_id, kind, resource, priority, weight)
             self._records[record.id] = record
             self.total += 1
             self._trim_locked()

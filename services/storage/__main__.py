@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from aios.v1 import storage_pb2_grpc
-from services.server import Service, common_arguments, run
+from services.server import Service, common_arguments, kernel_only, run
 from services.storage.core import DEFAULT_MAX_RECORD_BYTES, DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_RECORDS, RecordStore
 from services.storage.servicer import StorageServicer
 
@@ -23,6 +23,7 @@ def build(args: argparse.Namespace) -> Service:
         grpc_services=["aios.v1.Storage"],
         register=lambda server: storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store), server),
         on_stop=store.close,
+        authorize=kernel_only(args),
     )
 
 

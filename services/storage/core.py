@@ -4,9 +4,11 @@ Every write adds a version; nothing is overwritten. A delete adds a tombstone
 version (the history stays and a rollback can undo it) unless it purges the
 record, which erases every version and frees its bytes. A rollback copies an
 old version forward as a new one. The newest version of each text record is
-indexed for full-text search (FTS5, BM25). Another agent reads a record only
-under a grant from its owner, for that key or a prefix. Quotas count the bytes
-of every stored version and the number of live records per agent.
+indexed for full-text search (FTS5, BM25). Another agent reads a record, its
+versions and metadata only under a grant from its owner, for that key or a
+prefix; a read-write grant also lets it write, delete and roll back there
+(charged to the owner's quota). Quotas count the bytes of every stored version
+and the number of live records per agent.
 
 A write is acknowledged only after its transaction committed, so it survives
 `kill -9` of the service or a crash of the machine.
@@ -14,6 +16,7 @@ A write is acknowledged only after its transaction committed, so it survives
 
 from __future__ import annotations
 
+import enum
 import json
 import threading
 import time
@@ -51,8 +54,10 @@ CREATE TABLE IF NOT EXISTS grants (
     grantee TEXT NOT NULL,
     key TEXT NOT NULL,
     prefix INTEGER NOT NULL,         -- 1: every key starting with `key`
+    access INTEGER NOT NULL DEFAULT 1, -- Access: 1 read, 2 read-write
     PRIMARY KEY (owner, grantee, key, prefix)
 );
+CREATE INDEX IF NOT EXISTS grants_by_grantee ON grants (grantee, owner);
 CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(body, agent_id UNINDEXED, key UNINDEXED);
 """
 
@@ -76,11 +81,20 @@ class SearchHit:
     snippet: str
 
 
+class Access(enum.IntEnum):
+    """What a grant lets its grantee do; mirrors aios.v1.GrantAccess."""
+
+    READ = 1
+    READ_WRITE = 2
+
+
 @dataclass
 class Grant:
     grantee: str
     key: str
     prefix: bool
+    access: Access = Access.READ
+    owner: str = ""
 
 
 @dataclass
@@ -144,32 +158,46 @@ class RecordStore:
         self.quota_records = quota_records
         self._db = connect_durable(path)
         with self._db:
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE name='grants'").fetchone() and not any(
+                column[1] == "access" for column in self._db.execute("PRAGMA table_info(grants)")
+            ):  # a database from before read-write grants: its grants were read-only
+                self._db.execute("ALTER TABLE grants ADD COLUMN access INTEGER NOT NULL DEFAULT 1")
             self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
     # ---- writes ----------------------------------------------------------------------
 
-    def write(self, agent_id: str, key: str, data: bytes, metadata: dict[str, str] | None = None) -> RecordInfo:
+    def write(
+        self, agent_id: str, key: str, data: bytes, metadata: dict[str, str] | None = None, owner: str = ""
+    ) -> RecordInfo:
+        """A new version of `owner`'s record (default: the caller's own; another's needs a read-write grant)."""
         require(bool(agent_id), "agent_id is required")
         validate_key(key)
         if len(data) > self.max_record_bytes:
             raise ResourceExhausted(f"record is {len(data)} bytes; the limit is {self.max_record_bytes} bytes per record")
+        owner = owner or agent_id
         with self._lock, transaction(self._db):
-            return self._add_version(agent_id, key, data, dict(metadata or {}), deleted=False, restored_from=None)
+            self._check_access(agent_id, owner, key, Access.READ_WRITE)
+            return self._add_version(owner, key, data, dict(metadata or {}), deleted=False, restored_from=None)
 
-    def rollback(self, agent_id: str, key: str, version: int) -> RecordInfo:
+    def rollback(self, agent_id: str, key: str, version: int, owner: str = "") -> RecordInfo:
         """Makes `version`'s content the newest again, as a new version."""
         validate_key(key)
         require(version > 0, "version must be a positive version number (see the record's history)")
+        owner = owner or agent_id
         with self._lock, transaction(self._db):
-            old = self._version(agent_id, key, version)
+            self._check_access(agent_id, owner, key, Access.READ_WRITE)
+            old = self._version(owner, key, version)
             data, metadata, deleted = old
-            return self._add_version(agent_id, key, data, json.loads(metadata), deleted=bool(deleted), restored_from=version)
+            return self._add_version(owner, key, data, json.loads(metadata), deleted=bool(deleted), restored_from=version)
 
-    def delete(self, agent_id: str, key: str, purge: bool = False) -> RecordInfo:
+    def delete(self, agent_id: str, key: str, purge: bool = False, owner: str = "") -> RecordInfo:
         """Adds a tombstone (the history stays), or with `purge` erases every version."""
         validate_key(key)
+        owner = owner or agent_id
         with self._lock, transaction(self._db):
+            self._check_access(agent_id, owner, key, Access.READ_WRITE)
+            agent_id = owner  # from here on, the namespace the record lives in
             head = self._head(agent_id, key)
             if head is None or (head.deleted and not purge):
                 raise NotFound(f"no record {key!r} in this agent's storage")
@@ -183,22 +211,25 @@ class RecordStore:
             self._account(agent_id, -size, -1 if not head.deleted else 0)
             return head
 
-    def grant(self, owner: str, grantee: str, key: str, prefix: bool) -> Grant:
+    def grant(self, owner: str, grantee: str, key: str, prefix: bool, access: Access = Access.READ) -> Grant:
+        """`owner` (always the caller: an agent grants only its own records) lets `grantee` in; again: new access."""
         require(bool(grantee), "grantee_agent_id is required")
         require(grantee != owner, "an agent always reads its own records; grant to another agent")
         validate_prefix(key) if prefix else validate_key(key)
         with self._lock, transaction(self._db):
-            self._db.execute("INSERT OR IGNORE INTO grants VALUES (?, ?, ?, ?)", (owner, grantee, key, int(prefix)))
-        return Grant(grantee, key, prefix)
+            self._db.execute(
+                "INSERT INTO grants VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner, grantee, key, prefix) "
+                "DO UPDATE SET access = excluded.access", (owner, grantee, key, int(prefix), int(access)))
+        return Grant(grantee, key, prefix, Access(access), owner)
 
     def revoke(self, owner: str, grantee: str, key: str, prefix: bool) -> Grant:
         with self._lock, transaction(self._db):
-            cursor = self._db.execute(
-                "DELETE FROM grants WHERE owner=? AND grantee=? AND key=? AND prefix=?", (owner, grantee, key, int(prefix))
-            )
-        if cursor.rowcount == 0:
+            row = self._db.execute(
+                "DELETE FROM grants WHERE owner=? AND grantee=? AND key=? AND prefix=? RETURNING access",
+                (owner, grantee, key, int(prefix))).fetchone()
+        if row is None:
             raise NotFound(f"no such grant of {key!r}{' (prefix)' if prefix else ''} to {grantee!r}")
-        return Grant(grantee, key, prefix)
+        return Grant(grantee, key, prefix, Access(row[0]), owner)
 
     # ---- reads -----------------------------------------------------------------------
 
@@ -221,7 +252,7 @@ class RecordStore:
                     "WHERE agent_id=? AND key=? ORDER BY version DESC LIMIT 1", (owner, key)
                 ).fetchone()
                 if row is None or row[3]:
-                    raise NotFound(f"no record {key!r} in {'this agent' if owner == agent_id else repr(owner)}'s storage")
+                    raise NotFound(f"no record {key!r} in {'this agent' if owner == agent_id else 'the owner'}'s storage")
         number, data, metadata, deleted, restored_from, created_at = row
         info = RecordInfo(key, len(data), number, json.loads(metadata), created_at, bool(deleted), restored_from or 0, owner)
         return info, bytes(data)
@@ -277,10 +308,17 @@ class RecordStore:
             for k, v, size, m, r, t, score, snippet in rows
         ]
 
-    def grants(self, owner: str) -> list[Grant]:
+    def grants(self, agent_id: str) -> tuple[list[Grant], list[Grant]]:
+        """The grants `agent_id` gave (by grantee, key) and those it received (by owner, key)."""
         with self._lock:
-            rows = self._db.execute("SELECT grantee, key, prefix FROM grants WHERE owner=? ORDER BY grantee, key", (owner,))
-            return [Grant(g, k, bool(p)) for g, k, p in rows]
+            given = self._db.execute(
+                "SELECT grantee, key, prefix, access, owner FROM grants WHERE owner=? ORDER BY grantee, key", (agent_id,)
+            ).fetchall()
+            received = self._db.execute(
+                "SELECT grantee, key, prefix, access, owner FROM grants WHERE grantee=? ORDER BY owner, key", (agent_id,)
+            ).fetchall()
+        return ([Grant(g, k, bool(p), Access(a), o) for g, k, p, a, o in given],
+                [Grant(g, k, bool(p), Access(a), o) for g, k, p, a, o in received])
 
     def usage(self, agent_id: str) -> Usage:
         with self._lock:
@@ -349,12 +387,16 @@ class RecordStore:
         self._account(agent_id, len(data), new_records)
         return RecordInfo(key, len(data), version, metadata, now, deleted, restored_from or 0, agent_id)
 
-    def _check_access(self, agent_id: str, owner: str, key: str) -> None:
+    def _check_access(self, agent_id: str, owner: str, key: str, needed: Access = Access.READ) -> None:
         if owner == agent_id:
             return
         granted = self._db.execute(
-            "SELECT 1 FROM grants WHERE owner=? AND grantee=? AND ((prefix=0 AND key=?) OR "
-            "(prefix=1 AND substr(?, 1, length(key)) = key)) LIMIT 1", (owner, agent_id, key, key)
-        ).fetchone()
+            "SELECT max(access) FROM grants WHERE owner=? AND grantee=? AND ((prefix=0 AND key=?) OR "
+            "(prefix=1 AND substr(?, 1, length(key)) = key))", (owner, agent_id, key, key)
+        ).fetchone()[0]
         if granted is None:
-            raise PermissionDenied(f"{owner!r} has not granted this agent access to {key!r}; ask the owner to grant it")
+            raise PermissionDenied(f"the owner has not granted this agent access to {key!r}; ask the owner to grant it")
+        if granted < needed:
+            raise PermissionDenied(
+                f"the owner granted this agent read access to {key!r}, not write; ask the owner for a read-write grant"
+            )

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 
 from aios.v1 import storage_pb2, storage_pb2_grpc
-from services.storage.core import Grant, RecordInfo, RecordStore
+from services.errors import require
+from services.storage.core import Access, Grant, RecordInfo, RecordStore
 
 
 def info_to_proto(info: RecordInfo) -> storage_pb2.StorageRecordInfo:
@@ -19,7 +20,8 @@ def info_to_proto(info: RecordInfo) -> storage_pb2.StorageRecordInfo:
 
 
 def grant_to_proto(grant: Grant) -> storage_pb2.StorageGrant:
-    return storage_pb2.StorageGrant(grantee_agent_id=grant.grantee, key=grant.key, prefix=grant.prefix)
+    return storage_pb2.StorageGrant(grantee_agent_id=grant.grantee, key=grant.key, prefix=grant.prefix,
+                                    access=int(grant.access), owner_agent_id=grant.owner)
 
 
 class StorageServicer(storage_pb2_grpc.StorageServicer):
@@ -27,7 +29,9 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self.store = store
 
     async def Write(self, request, context):
-        info = await asyncio.to_thread(self.store.write, request.agent_id, request.key, request.data, dict(request.metadata))
+        info = await asyncio.to_thread(
+            self.store.write, request.agent_id, request.key, request.data, dict(request.metadata), request.owner_agent_id
+        )
         return info_to_proto(info)
 
     async def Read(self, request, context):
@@ -41,7 +45,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         return storage_pb2.StorageListResponse(records=[info_to_proto(i) for i in infos])
 
     async def Delete(self, request, context):
-        info = await asyncio.to_thread(self.store.delete, request.agent_id, request.key, request.purge)
+        info = await asyncio.to_thread(self.store.delete, request.agent_id, request.key, request.purge, request.owner_agent_id)
         return storage_pb2.StorageDeleteResponse(key=info.key, version=info.version)
 
     async def History(self, request, context):
@@ -49,7 +53,10 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         return storage_pb2.StorageListResponse(records=[info_to_proto(i) for i in infos])
 
     async def Rollback(self, request, context):
-        return info_to_proto(await asyncio.to_thread(self.store.rollback, request.agent_id, request.key, request.version))
+        info = await asyncio.to_thread(
+            self.store.rollback, request.agent_id, request.key, request.version, request.owner_agent_id
+        )
+        return info_to_proto(info)
 
     async def Search(self, request, context):
         hits = await asyncio.to_thread(
@@ -60,7 +67,11 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         )
 
     async def Grant(self, request, context):
-        grant = await asyncio.to_thread(self.store.grant, request.agent_id, request.grantee_agent_id, request.key, request.prefix)
+        require(request.access in (0, *Access), f"access {request.access} is not a GrantAccess (READ or READ_WRITE)")
+        access = Access(request.access or Access.READ)
+        grant = await asyncio.to_thread(
+            self.store.grant, request.agent_id, request.grantee_agent_id, request.key, request.prefix, access
+        )
         return grant_to_proto(grant)
 
     async def Revoke(self, request, context):
@@ -68,8 +79,10 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         return grant_to_proto(grant)
 
     async def ListGrants(self, request, context):
-        grants = await asyncio.to_thread(self.store.grants, request.agent_id)
-        return storage_pb2.StorageListGrantsResponse(grants=[grant_to_proto(g) for g in grants])
+        given, received = await asyncio.to_thread(self.store.grants, request.agent_id)
+        return storage_pb2.StorageListGrantsResponse(
+            grants=[grant_to_proto(g) for g in given], received=[grant_to_proto(g) for g in received]
+        )
 
     async def Usage(self, request, context):
         usage = await asyncio.to_thread(self.store.usage, request.agent_id)

@@ -6,10 +6,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import grpc
-
 from aios.v1 import storage_pb2_grpc, tools_pb2_grpc
-from services.server import Service, common_arguments, run
+from services.manager_client import ManagerClient
+from services.server import Service, cluster_secret, common_arguments, kernel_only, run
 from services.tools.builtin import builtin_tools
 from services.tools.core import ToolRegistry
 from services.tools.mcp_mount import McpConnection, McpServerSpec
@@ -25,14 +24,11 @@ def build(args: argparse.Namespace) -> Service:
         root=args.sandbox_dir,
     )
     mcp = [McpConnection(McpServerSpec.parse(text)) for text in args.mcp]
-    channels: list[grpc.aio.Channel] = []
+    storage = (ManagerClient("storage", args.storage, storage_pb2_grpc.StorageStub, cluster_secret(args))
+               if args.storage else None)
 
     async def start() -> None:
         await sandbox.probe()
-        storage = None
-        if args.storage:
-            channels.append(grpc.aio.insecure_channel(args.storage))
-            storage = storage_pb2_grpc.StorageStub(channels[0])
         for tool in builtin_tools(sandbox, storage):
             registry.register(tool)
         for connection in mcp:
@@ -41,8 +37,8 @@ def build(args: argparse.Namespace) -> Service:
     async def stop() -> None:
         for connection in mcp:
             await connection.close()
-        for channel in channels:
-            await channel.close()
+        if storage is not None:
+            await storage.close()
 
     return Service(
         name="tools",
@@ -50,6 +46,7 @@ def build(args: argparse.Namespace) -> Service:
         register=lambda server: tools_pb2_grpc.add_ToolsServicer_to_server(ToolsServicer(registry, sandbox), server),
         on_start=start,
         on_stop=stop,
+        authorize=kernel_only(args),
     )
 
 

@@ -9,9 +9,8 @@ import operator
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import grpc
-
-from services.errors import ForwardedError, InvalidArgument
+from services.errors import InvalidArgument
+from services.manager_client import ManagerClient
 from services.tools.core import CallContext, Tool
 from services.tools.sandbox import Sandbox
 
@@ -88,8 +87,8 @@ def clock(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
     return {"iso": now.isoformat(), "unix": now.timestamp(), "timezone": name}
 
 
-def builtin_tools(sandbox: Sandbox, storage: Any | None) -> list[Tool]:
-    """The built-in tools; the file tools need a Storage stub (grpc.aio), the Python runner a sandbox."""
+def builtin_tools(sandbox: Sandbox, storage: ManagerClient | None) -> list[Tool]:
+    """The built-in tools; the file tools need the storage manager, the Python runner a sandbox."""
     tools = [
         Tool(
             name="calculator",
@@ -145,24 +144,20 @@ def python_tool(sandbox: Sandbox) -> Tool:
     )
 
 
-def file_tools(storage: Any) -> list[Tool]:
-    """file_read / file_write over the calling agent's storage records under files/."""
+def file_tools(storage: ManagerClient) -> list[Tool]:
+    """file_read / file_write over the calling agent's storage records under files/.
+
+    They act for the agent the kernel named in the call (`context.agent_id`), with the cluster credential."""
     from aios.v1 import storage_pb2
 
-    async def storage_call(method: str, request: Any) -> Any:
-        try:
-            return await getattr(storage, method)(request, timeout=30)
-        except grpc.aio.AioRpcError as exc:
-            raise ForwardedError(exc.code(), f"storage: {exc.details()}") from None
-
     async def write(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
-        info = await storage_call("Write", storage_pb2.StorageWriteRequest(
-            agent_id=context.agent_id, key="files/" + arguments["path"], data=arguments["content"].encode()))
+        info = await storage.call("Write", storage_pb2.StorageWriteRequest(
+            agent_id=context.agent_id, key="files/" + arguments["path"], data=arguments["content"].encode()), 30)
         return {"path": arguments["path"], "bytes": info.size, "version": info.version}
 
     async def read(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
-        record = await storage_call("Read", storage_pb2.StorageReadRequest(
-            agent_id=context.agent_id, key="files/" + arguments["path"]))
+        record = await storage.call("Read", storage_pb2.StorageReadRequest(
+            agent_id=context.agent_id, key="files/" + arguments["path"]), 30)
         return {"path": arguments["path"], "content": record.data.decode(errors="replace"), "version": record.info.version}
 
     path = {"type": "string", "minLength": 1, "maxLength": 200, "description": "e.g. 'notes/plan.md'"}

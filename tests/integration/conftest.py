@@ -18,11 +18,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="session")
-def kernel(cluster: Cluster) -> Iterator[aios.Kernel]:
-    with aios.connect(cluster.kernel_address) as connection:
+def kernel(cluster: Cluster) -> Iterator[aios.Connection]:
+    with cluster.connect() as connection:
         yield connection
 
 
 @pytest.fixture
-def agent(kernel: aios.Kernel, request: pytest.FixtureRequest) -> aios.Agent:
+def agent(kernel: aios.Connection, request: pytest.FixtureRequest) -> aios.Agent:
     return kernel.register(request.node.name[:64])

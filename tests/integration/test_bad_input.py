@@ -40,8 +40,8 @@ LONG_PROMPT = " ".join(f"word{i}" for i in range(6000))  # far beyond one sequen
         (lambda a: a.complete("hi", temperature=3.0), C.INVALID_ARGUMENT, "temperature"),
         (lambda a: a.complete(), C.INVALID_ARGUMENT, "prompt or messages"),
         (lambda a: a.complete(messages=[("wizard", "x")]), C.INVALID_ARGUMENT, "role"),
-        (lambda a: a.kernel.agent("agt-doesnotexist").memory_add("x"), C.NOT_FOUND, "RegisterAgent"),
-        (lambda a: a.kernel.agent("").call_tool("clock"), C.INVALID_ARGUMENT, "agent_id"),
+        (lambda a: a.storage_grant("agt-doesnotexist", "k"), C.NOT_FOUND, "no agent"),
+        (lambda a: a.storage_grant("anything at all !!", "k"), C.NOT_FOUND, "no agent"),
         (lambda a: a.kernel.register(""), C.INVALID_ARGUMENT, "name"),
         (lambda a: a.syscall("sc-999999"), C.NOT_FOUND, "no syscall"),
     ],
@@ -56,7 +56,7 @@ def test_bad_call_gets_a_clear_status(agent, call, code, phrase):
 def test_a_syscall_with_no_call_set_is_refused(kernel, agent):
     stub = kernel_pb2_grpc.KernelStub(kernel.channel)
     with pytest.raises(grpc.RpcError) as error:
-        stub.Syscall(kernel_pb2.SyscallRequest(agent_id=agent.id), timeout=10)
+        stub.Syscall(kernel_pb2.SyscallRequest(), timeout=10, metadata=(("authorization", f"Bearer {agent.token}"),))
     assert error.value.code() == C.INVALID_ARGUMENT and "memory_add" in error.value.details()
 
 
@@ -74,12 +74,13 @@ def test_an_unknown_method_is_unimplemented(kernel):
     assert error.value.code() == C.UNIMPLEMENTED
 
 
-def test_another_agents_syscall_record_is_denied(kernel, agent):
+def test_another_agents_syscall_record_is_not_found(kernel, agent):
     other = kernel.register("nosy")
     syscall_id = agent.complete("1, 2,", max_tokens=2).syscall_id
     with pytest.raises(aios.SyscallError) as error:
         other.syscall(syscall_id)
-    assert error.value.code == C.PERMISSION_DENIED
+    assert error.value.code == C.NOT_FOUND  # not even that it exists
+    assert kernel.call("GetSyscall", kernel_pb2.GetSyscallRequest(syscall_id=syscall_id)).agent_id == agent.id
 
 
 def test_everything_still_works_after_bad_input(kernel, agent):

@@ -1,4 +1,4 @@
-"""`aios up --detach`, `aios status` and `aios down` as a user runs them."""
+"""`aios up`, `aios status`, `aios agent` and `aios down` as a user runs them."""
 
 import json
 import os
@@ -6,15 +6,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+import pytest
+
 import aios
 from deploy.cluster import process_alive
+from tests.integration.tls import self_signed
+from tests.integration.waiting import wait_until
 
 AIOS = [sys.executable, "-m", "deploy.cli"]
 
 
+def env(home: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("AIOS_TOKEN", "AIOS_KERNEL", "AIOS_ROOT_CERTIFICATES")}
+    return dict(clean, AIOS_HOME=str(home))
+
+
 def run(args: list[str], home: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, AIOS_HOME=str(home))
-    return subprocess.run(AIOS + args, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(AIOS + args, env=env(home), capture_output=True, text=True, timeout=180)
 
 
 def test_up_status_down_leaves_no_process_behind(tmp_path):
@@ -22,6 +31,7 @@ def test_up_status_down_leaves_no_process_behind(tmp_path):
     assert up.returncode == 0, up.stdout + up.stderr
     for name in ("redis", "llm_core", "memory", "storage", "tools", "kernel"):
         assert f"started {name}" in up.stdout
+    assert "operator token in" in up.stdout
     state = json.loads((tmp_path / "endpoints.json").read_text())
     try:
         assert run(["up", "--detach"], tmp_path).returncode == 1  # refuses a second system in the same home
@@ -37,3 +47,56 @@ def test_up_status_down_leaves_no_process_behind(tmp_path):
     assert not (tmp_path / "endpoints.json").exists()
     assert not [name for name, pid in state["pids"].items() if process_alive(pid)]
     assert run(["status"], tmp_path).returncode == 1
+
+
+def test_agents_tokens_and_data_survive_down_and_up_and_a_foreground_up_exits_on_down(tmp_path):
+    """First over TLS and detached, then in the foreground on the same home: the agent made with `aios agent
+    create` keeps its token, grants and data; `aios down` from another shell ends the foreground `aios up` too."""
+    cert, key = self_signed(tmp_path)
+    home = tmp_path / "home"
+    up = run(["up", "--detach", "--slots", "2", "--tls-cert", str(cert), "--tls-key", str(key)], home)
+    assert up.returncode == 0 and "with TLS" in up.stdout, up.stdout + up.stderr
+    try:
+        created = run(["agent", "create", "worker", "--priority", "3", "--tokens-per-minute", "100000"], home)
+        assert created.returncode == 0, created.stdout + created.stderr
+        token = created.stdout.strip().splitlines()[-1]
+        helper = run(["agent", "create", "helper"], home).stdout.strip().splitlines()[-1]
+        with aios.connect(home=home, token=token) as remote:  # endpoints.json names the certificate
+            worker = remote.agent()
+            worker.storage_write("plan.md", "survive the restart")
+            note = worker.memory_add("remember me")
+            helper_id = remote.agent(helper).id
+            worker.storage_grant(helper_id, "plan.md")
+        listed = run(["agent", "ls"], home).stdout
+        assert "worker" in listed and "helper" in listed and token[:13] in listed and token not in listed
+    finally:
+        assert run(["down"], home).returncode == 0
+
+    foreground = subprocess.Popen(AIOS + ["up", "--slots", "2"], env=env(home), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: (home / "endpoints.json").exists() or foreground.poll() is not None, within_s=180,
+                   what="the foreground aios up serving")
+        assert foreground.poll() is None
+        state = json.loads((home / "endpoints.json").read_text())
+        assert state["supervisor"] == foreground.pid and "tls_cert" not in state
+        with aios.connect(home=home, token=token) as local:
+            worker = local.agent()
+            assert worker.storage_read("plan.md") == b"survive the restart"
+            assert worker.memory_get(note.id).text == "remember me"
+            assert worker.storage_read("plan.md") == local.agent(helper).storage_read("plan.md", owner=worker.id)
+        revoked = run(["agent", "revoke", worker.id], home)
+        assert revoked.returncode == 0 and "revoked" in revoked.stdout
+        with aios.connect(home=home, token=token) as local:
+            with pytest.raises(aios.SyscallError) as refused:
+                local.agent()
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        down = run(["down"], home)
+        assert down.returncode == 0
+        assert foreground.wait(timeout=60) == 0  # the foreground `aios up` ended with its services
+    finally:
+        if foreground.poll() is None:
+            foreground.kill()
+    output = foreground.stdout.read()
+    assert "stopping" in output, output
+    assert not [name for name, pid in state["pids"].items() if process_alive(pid)]

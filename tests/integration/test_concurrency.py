@@ -8,7 +8,7 @@ import pytest
 import aios
 
 
-def agent_session(kernel: aios.Kernel, index: int) -> dict:
+def agent_session(kernel: aios.Connection, index: int) -> dict:
     agent = kernel.register(f"concurrent-{index}")
     start = 100 * (index + 1)
     prompt = ", ".join(str(start + i) for i in range(5)) + ","

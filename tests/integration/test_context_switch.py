@@ -30,16 +30,16 @@ def sampling(sampled: bool) -> common_pb2.SamplingParams:
 
 @pytest.fixture(scope="module")
 def core_a(cluster: Cluster) -> Iterator[llm_core_pb2_grpc.LLMCoreStub]:
-    with grpc.insecure_channel(cluster.processes["llm_core"].address) as channel:
+    with cluster.manager_channel("llm_core") as channel:  # acting as the kernel, with the cluster credential
         yield llm_core_pb2_grpc.LLMCoreStub(channel)
 
 
 @pytest.fixture(scope="module")
 def core_b(cluster: Cluster) -> Iterator[llm_core_pb2_grpc.LLMCoreStub]:
     """A second LLM core process on the same Redis, with the same slot layout."""
-    address = cluster.add_replica("llm_core_b", "llm_core")
+    cluster.add_replica("llm_core_b", "llm_core")
     try:
-        with grpc.insecure_channel(address) as channel:
+        with cluster.manager_channel("llm_core_b") as channel:
             yield llm_core_pb2_grpc.LLMCoreStub(channel)
     finally:
         cluster.stop_service("llm_core_b")
@@ -163,7 +163,7 @@ def test_cancelling_a_stream_frees_its_slot_and_discard_drops_a_parked_one(core_
 
 def test_with_redis_down_a_swapped_generation_still_resumes_on_its_own_core(tmp_path):
     with Cluster(ClusterConfig(home=tmp_path, slots=2)) as cluster:
-        with grpc.insecure_channel(cluster.processes["llm_core"].address) as channel:
+        with cluster.manager_channel("llm_core") as channel:
             core = llm_core_pb2_grpc.LLMCoreStub(channel)
             expected, _, _ = read(generate(core, "ref", PROMPT))
             cluster.stop_service("redis")

@@ -34,7 +34,7 @@ def test_a_deadline_shorter_than_the_generation_is_exceeded(agent):
     wait_for_free_slots(agent.kernel)
 
 
-def wait_for_free_slots(kernel: aios.Kernel) -> None:
+def wait_for_free_slots(kernel: aios.Connection) -> None:
     def free():
         llm = kernel.status().llm
         return llm.slots_busy == 0 and llm.waiting == 0

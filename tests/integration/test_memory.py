@@ -26,8 +26,8 @@ def small_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def kernel(small_memory: Cluster) -> Iterator[aios.Kernel]:
-    with aios.connect(small_memory.kernel_address) as connection:
+def kernel(small_memory: Cluster) -> Iterator[aios.Connection]:
+    with small_memory.connect() as connection:
         yield connection
 
 

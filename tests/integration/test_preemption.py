@@ -43,8 +43,8 @@ def rr_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def kernel(rr_cluster: Cluster) -> Iterator[aios.Kernel]:
-    with aios.connect(rr_cluster.kernel_address) as connection:
+def kernel(rr_cluster: Cluster) -> Iterator[aios.Connection]:
+    with rr_cluster.connect() as connection:
         yield connection
 
 
@@ -110,7 +110,7 @@ def test_a_client_that_leaves_while_preempted_gets_its_slot_discarded(kernel):
 def test_a_high_priority_agent_preempts_a_running_low_priority_one(rr_cluster: Cluster, tmp_path: Path):
     address = rr_cluster.add_replica("kernel_priority", "kernel", ["--policy", "priority"])
     try:
-        with aios.connect(address) as prio_kernel:
+        with aios.connect(address, token=rr_cluster.operator_token) as prio_kernel:
             low, high = prio_kernel.register("low", priority=0), prio_kernel.register("urgent", priority=9)
             finished: dict[str, float] = {}
             stream = low.generate(PROMPTS[2], max_tokens=120, ignore_eos=True, timeout=120)

@@ -24,8 +24,8 @@ def small_quota(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def kernel(small_quota: Cluster) -> Iterator[aios.Kernel]:
-    with aios.connect(small_quota.kernel_address) as connection:
+def kernel(small_quota: Cluster) -> Iterator[aios.Connection]:
+    with small_quota.connect() as connection:
         yield connection
 
 

@@ -26,8 +26,8 @@ def with_mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def kernel(with_mcp: Cluster) -> Iterator[aios.Kernel]:
-    with aios.connect(with_mcp.kernel_address) as connection:
+def kernel(with_mcp: Cluster) -> Iterator[aios.Connection]:
+    with with_mcp.connect() as connection:
         yield connection
 
 

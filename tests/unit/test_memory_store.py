@@ -179,3 +179,19 @@ def test_bad_input_gets_a_clear_error_and_loses_nothing(store):
     assert store.get("alice", mine).text == NOTE[:-3] + "000"
     assert store.get("bob", theirs).text == "bob's note"
     assert store.stats()["entries"] == 2
+
+
+def test_an_agents_quota_refuses_growth_past_it_frees_on_delete_and_spares_other_agents(tmp_path):
+    store = store_at(tmp_path, quota_bytes=1000)
+    ids = [entry_id(store.add("alice", "x" * 300)) for _ in range(3)]
+    with pytest.raises(ResourceExhausted, match="quota of 1000"):
+        store.add("alice", "x" * 200)
+    with pytest.raises(ResourceExhausted, match="quota"):
+        store.update("alice", ids[0], text="y" * 500)
+    store.update("alice", ids[0], text="short")  # shrinking is always allowed
+    store.add("bob", "b" * 900)  # another agent's quota is its own
+    store.delete("alice", ids[1])
+    store.add("alice", "z" * 500)
+    assert store.stats()["quota_bytes_per_agent"] == 1000
+    assert sum(len(e.text) for e in store.list("alice")[0]) == 5 + 300 + 500
+    store.close()

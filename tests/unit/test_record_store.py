@@ -3,7 +3,7 @@
 import pytest
 
 from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from services.storage.core import RecordStore, validate_key
+from services.storage.core import Access, RecordStore, validate_key
 
 
 @pytest.mark.parametrize("key", ["../x", "a/../../etc", "/etc/passwd", "a//b", "./a", "a/.", "a\\b", "nul\x00", ""])
@@ -115,8 +115,10 @@ def test_another_agent_reads_only_what_the_owner_granted(tmp_path):
         store.read("agt-guest", "private/diary", owner="agt-owner")
     with pytest.raises(PermissionDenied):
         store.read("agt-other", "shared/report", owner="agt-owner")
-    assert [(g.grantee, g.key, g.prefix) for g in store.grants("agt-owner")] == [
-        ("agt-guest", "shared/", True), ("agt-guest", "single", False)]
+    given, received = store.grants("agt-owner")
+    assert [(g.grantee, g.key, g.prefix, g.access) for g in given] == [
+        ("agt-guest", "shared/", True, Access.READ), ("agt-guest", "single", False, Access.READ)]
+    assert received == [] and [g.owner for g in store.grants("agt-guest")[1]] == ["agt-owner", "agt-owner"]
     store.revoke("agt-owner", "agt-guest", "shared/", prefix=True)
     with pytest.raises(PermissionDenied):
         store.read("agt-guest", "shared/report", owner="agt-owner")
@@ -124,6 +126,32 @@ def test_another_agent_reads_only_what_the_owner_granted(tmp_path):
         store.revoke("agt-owner", "agt-guest", "shared/", prefix=True)
     with pytest.raises(InvalidArgument):
         store.grant("agt-owner", "agt-owner", "single", prefix=False)
+
+
+def test_a_read_grant_does_not_write_and_a_read_write_grant_writes_into_the_owners_namespace(tmp_path):
+    store = RecordStore(tmp_path / "s.db", quota_bytes=100)
+    store.write("agt-owner", "shared/plan", b"v1")
+    store.grant("agt-owner", "agt-guest", "shared/", prefix=True)
+    for attempt in (lambda: store.write("agt-guest", "shared/plan", b"v2", owner="agt-owner"),
+                    lambda: store.delete("agt-guest", "shared/plan", owner="agt-owner"),
+                    lambda: store.rollback("agt-guest", "shared/plan", 1, owner="agt-owner")):
+        with pytest.raises(PermissionDenied, match="not write"):
+            attempt()
+    with pytest.raises(PermissionDenied, match="has not granted"):
+        store.write("agt-stranger", "shared/plan", b"v2", owner="agt-owner")
+    store.grant("agt-owner", "agt-guest", "shared/", prefix=True, access=Access.READ_WRITE)  # again: upgrades
+    info = store.write("agt-guest", "shared/plan", b"v2 by the guest", owner="agt-owner")
+    assert (info.owner, info.version) == ("agt-owner", 2)
+    assert store.read("agt-owner", "shared/plan")[1] == b"v2 by the guest"
+    assert store.usage("agt-owner").bytes == 2 + 15 and store.usage("agt-guest").bytes == 0  # the owner's quota pays
+    assert store.list("agt-guest") == []  # nothing landed in the guest's own namespace
+    with pytest.raises(ResourceExhausted):
+        store.write("agt-guest", "shared/big", b"x" * 100, owner="agt-owner")
+    store.rollback("agt-guest", "shared/plan", 1, owner="agt-owner")
+    store.delete("agt-guest", "shared/plan", owner="agt-owner")
+    assert [v.deleted for v in store.history("agt-owner", "shared/plan")] == [False, False, False, True]
+    with pytest.raises(PermissionDenied):  # a grant covers its prefix only
+        store.write("agt-guest", "private/x", b"x", owner="agt-owner")
 
 
 def test_quotas_count_every_version_and_live_records(tmp_path):

@@ -1,6 +1,7 @@
 """The scheduler's pure parts: resource queues and syscall records (policies: test_policies.py)."""
 
 import asyncio
+import re
 
 import pytest
 
@@ -17,12 +18,14 @@ def test_unknown_policy_name_is_refused_with_the_choices():
 def test_syscall_records_move_through_their_states_and_are_counted():
     table = SyscallTable()
     record = table.create("agt-1", "memory_add", Resource.MEMORY)
-    assert record.state == SyscallState.QUEUED and record.id == f"sc-{table.boot}-1"
+    other = table.create("agt-1", "memory_add", Resource.MEMORY)
+    assert record.state == SyscallState.QUEUED and re.fullmatch(r"sc-[0-9a-f]{20}", record.id)
+    assert other.id != record.id  # random, not a counter another agent could guess
     record.start()
     record.finish("NOT_FOUND", "gone")
     table.count_finished(record)
     assert record.state == SyscallState.FAILED and record.finished_at >= record.started_at > 0
-    assert (table.total, table.failed) == (1, 1)
+    assert (table.total, table.failed) == (2, 1)
     assert table.get(record.id) is record
     assert record.queued_s >= 0 and record.running_s >= 0 and record.preemptions == 0
 

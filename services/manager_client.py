@@ -1,0 +1,79 @@
+"""How a trusted AIOS process calls a manager: one class for every manager and every caller.
+
+The kernel calls the LLM core, memory, storage and tools through it; the tool
+manager's file tools call storage through it. One place for the channel options
+(message limits, quick reconnects), the cluster credential in metadata, waiting
+for a connection, deadlines and turning a manager's gRPC error into a core error
+with the manager's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.credentials import CHANNEL_OPTIONS, bearer_metadata
+from services.errors import AiosError, DeadlineExceeded, ForwardedError, Unavailable
+
+# How long a call waits for a manager that is not connected before UNAVAILABLE.
+CONNECT_TIMEOUT_S = 2.0
+HEALTH_TIMEOUT_S = 1.0
+
+
+class ManagerClient:
+    """A channel to one manager service, with the cluster credential on every call."""
+
+    def __init__(self, name: str, address: str, stub_class: type, cluster_secret: str) -> None:
+        self.name = name
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = stub_class(self.channel)
+        self.metadata = bearer_metadata(cluster_secret)
+
+    async def connected(self) -> None:
+        """Returns once the channel is ready; UNAVAILABLE after CONNECT_TIMEOUT_S."""
+        if self.channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"the {self.name} service at {self.address} is unreachable "
+                f"(no connection within {CONNECT_TIMEOUT_S:.0f} s); check `aios status`"
+            ) from None
+
+    async def call(self, method: str, request: Any, timeout: float | None) -> Any:
+        """A unary call; the manager's error comes back as a core error naming the manager."""
+        await self.connected()
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise self.error(exc) from None
+
+    def stream(self, method: str, request: Any, timeout: float | None) -> Any:
+        """A server-streaming call; the caller iterates it and translates errors with `error`."""
+        return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+
+    def error(self, exc: grpc.aio.AioRpcError) -> AiosError:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return Unavailable(f"the {self.name} service is unavailable ({exc.details()}); retry when it is back")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(f"the {self.name} service did not answer before the deadline")
+        return ForwardedError(code, f"{self.name}: {exc.details()}")
+
+    async def healthy(self) -> bool:
+        """Whether its standard gRPC health check answers SERVING."""
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self.channel.close()

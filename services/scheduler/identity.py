@@ -1,0 +1,265 @@
+"""Who is calling: agents, their tokens and the operator, kept in Redis so every kernel replica and restart sees them.
+
+An agent id names an agent; only a token proves one. A token is 256 random
+bits; Redis keeps its SHA-256, never the token. The operator's token lives in a
+0600 file that `aios up` writes; the kernel keeps only its hash too.
+
+Redis layout:
+- `aios:agents`  hash  agent id -> JSON of the agent (name, priority, weight, quota, revoked_at,
+                                   token_hint, registered_by, token_sha256)
+- `aios:tokens`  hash  SHA-256 of a live token -> agent id (a revoked token is deleted from it)
+
+Lookups are cached for CACHE_TTL_S, so checking a token costs a hash and a dict
+lookup; a revocation takes effect at once on the kernel that made it and within
+CACHE_TTL_S on any other kernel replica.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.credentials import AGENT_TOKEN_PREFIX, Metadata, bearer_token, new_secret, same_secret, token_hash
+from services.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
+
+AGENTS_KEY = "aios:agents"
+TOKENS_KEY = "aios:tokens"
+MAX_NAME_CHARS = 64
+MAX_PRIORITY = 10
+MAX_WEIGHT = 100.0
+CACHE_TTL_S = 2.0
+TOKEN_HINT_CHARS = len(AGENT_TOKEN_PREFIX) + 4
+
+
+class Role(enum.Enum):
+    OPERATOR = "operator"
+    AGENT = "agent"
+
+
+@dataclass(frozen=True)
+class Quota:
+    """An agent's limits; 0 means unlimited (in a request: the kernel's default)."""
+
+    tokens_per_minute: int = 0
+    concurrent_syscalls: int = 0
+    tool_slots: int = 0
+
+    def or_defaults(self, defaults: "Quota") -> "Quota":
+        """Each unset field takes the default's value."""
+        return Quota(*(mine or default for mine, default in zip(astuple(self), astuple(defaults))))
+
+
+def astuple(quota: Quota) -> tuple[int, int, int]:
+    return quota.tokens_per_minute, quota.concurrent_syscalls, quota.tool_slots
+
+
+@dataclass(frozen=True)
+class Agent:
+    id: str
+    name: str
+    registered_at: float
+    priority: int = 0
+    weight: float = 1.0
+    quota: Quota = field(default_factory=Quota)
+    revoked_at: float = 0.0
+    token_hint: str = ""
+    registered_by: str = Role.OPERATOR.value
+    token_sha256: str = ""
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at > 0
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "id"})
+
+    @staticmethod
+    def from_json(agent_id: str, raw: bytes | str) -> "Agent":
+        data = json.loads(raw)
+        data["quota"] = Quota(**data.get("quota", {}))
+        return Agent(agent_id, **data)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller of one kernel RPC."""
+
+    role: Role
+    agent: Agent | None = None
+
+    @property
+    def label(self) -> str:
+        """How the audit log names it."""
+        return self.agent.id if self.agent else self.role.value
+
+    def as_agent(self) -> Agent:
+        """The calling agent, for syscalls; the operator administers and makes none."""
+        if self.agent is None:
+            raise PermissionDenied(
+                "the operator token administers AIOS and makes no syscalls; register an agent "
+                "(`aios agent create NAME`) and call with its token"
+            )
+        return self.agent
+
+    def require_operator(self, what: str) -> None:
+        if self.role is not Role.OPERATOR:
+            raise PermissionDenied(f"{what} needs the operator token ($AIOS_HOME/operator.token); agents cannot do it")
+
+
+OPERATOR = Caller(Role.OPERATOR)
+
+
+@dataclass(frozen=True)
+class RegistrationPolicy:
+    """Who may register and what an open registration may ask for."""
+
+    # Anyone who reaches the kernel may register (a trusted single-user machine); else the operator only.
+    open: bool = False
+    # Ceilings of an open registration's priority and weight (an agent may ask for less, never more).
+    open_max_priority: int = 0
+    open_max_weight: float = 1.0
+    # Limits of an agent registered without explicit ones.
+    default_quota: Quota = field(default_factory=Quota)
+
+
+class AgentRegistry:
+    def __init__(self, redis: aioredis.Redis, operator_token: str, policy: RegistrationPolicy | None = None) -> None:
+        self.redis = redis
+        self.policy = policy or RegistrationPolicy()
+        self._operator_sha256 = token_hash(operator_token)
+        self._by_token: dict[str, tuple[Agent, float]] = {}  # token SHA-256 -> (agent, cached until)
+
+    # ---- authentication ----------------------------------------------------------------
+
+    async def authenticate(self, metadata: Metadata | None, anonymous_ok: bool = False) -> Caller | None:
+        """The caller the call's bearer token proves; UNAUTHENTICATED if it proves none.
+
+        With `anonymous_ok`, a call without any token returns None (open registration)."""
+        token = bearer_token(metadata)
+        if token is None:
+            if anonymous_ok:
+                return None
+            raise Unauthenticated(
+                "no credential: send `authorization: Bearer <token>` metadata with the agent's token "
+                "(from RegisterAgent / `aios agent create`), or the operator token in $AIOS_HOME/operator.token"
+            )
+        digest = token_hash(token)
+        if same_secret(digest, self._operator_sha256):
+            return OPERATOR
+        cached = self._by_token.get(digest)
+        if cached is not None and cached[1] > time.monotonic():
+            return Caller(Role.AGENT, cached[0])
+        agent = await self._agent_of_token(digest)
+        if agent is None:
+            self._by_token.pop(digest, None)
+            raise Unauthenticated("the token is unknown or revoked; ask the operator for a new one (`aios agent create`)")
+        self._by_token[digest] = (agent, time.monotonic() + CACHE_TTL_S)
+        return Caller(Role.AGENT, agent)
+
+    async def _agent_of_token(self, digest: str) -> Agent | None:
+        try:
+            agent_id = await self.redis.hget(TOKENS_KEY, digest)
+            raw = None if agent_id is None else await self.redis.hget(AGENTS_KEY, agent_id)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"cannot check the token: Redis is unreachable ({exc})") from None
+        if raw is None:
+            return None
+        agent = Agent.from_json(agent_id.decode(), raw)
+        return None if agent.revoked or agent.token_sha256 != digest else agent
+
+    # ---- administration --------------------------------------------------------------
+
+    async def register(
+        self, caller: Caller | None, name: str, priority: int = 0, weight: float = 0.0, quota: Quota = Quota()
+    ) -> tuple[Agent, str]:
+        """A new agent and its token. `caller` None is an open registration; `weight` 0 means 1."""
+        if caller is None:
+            if not self.policy.open:
+                raise Unauthenticated(
+                    "registering an agent needs the operator token ($AIOS_HOME/operator.token, or ask the operator "
+                    "to run `aios agent create NAME` and hand you the agent's token)"
+                )
+        else:
+            caller.require_operator("registering an agent")
+        name = name.strip()
+        if not 1 <= len(name) <= MAX_NAME_CHARS:
+            raise InvalidArgument(f"agent name must be 1-{MAX_NAME_CHARS} characters")
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise InvalidArgument(f"priority is {priority}; it must be 0 (default) to {MAX_PRIORITY}")
+        if not (weight == weight and 0.0 <= weight <= MAX_WEIGHT):  # weight == weight refuses NaN
+            raise InvalidArgument(f"weight is {weight}; it must be in (0, {MAX_WEIGHT:g}], or 0 for the default 1")
+        weight = weight or 1.0
+        if caller is None:  # an open registration asks; the ceilings answer
+            if priority > self.policy.open_max_priority or weight > self.policy.open_max_weight:
+                raise PermissionDenied(
+                    f"an open registration may ask for priority <= {self.policy.open_max_priority} and weight <= "
+                    f"{self.policy.open_max_weight:g}; the operator grants more (`aios agent create --priority --weight`)"
+                )
+            if quota != Quota():
+                raise PermissionDenied("only the operator sets an agent's quota")
+        agent = Agent(
+            f"agt-{secrets.token_hex(6)}", name, time.time(), priority, weight, quota.or_defaults(self.policy.default_quota),
+            registered_by=Role.OPERATOR.value if caller else "open",
+        )
+        return await self._with_new_token(agent)
+
+    async def issue_token(self, agent_id: str) -> tuple[Agent, str]:
+        """A new token for an agent; its older token stops working (and a revoked agent is active again)."""
+        agent = await self.get(agent_id)
+        return await self._with_new_token(replace(agent, revoked_at=0.0), old_sha256=agent.token_sha256)
+
+    async def revoke(self, agent_id: str) -> Agent:
+        agent = await self.get(agent_id)
+        revoked = replace(agent, revoked_at=agent.revoked_at or time.time(), token_sha256="")
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(AGENTS_KEY, agent.id, revoked.to_json())
+                if agent.token_sha256:
+                    pipe.hdel(TOKENS_KEY, agent.token_sha256)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"cannot revoke the agent: Redis is unreachable ({exc})") from None
+        self._by_token.pop(agent.token_sha256, None)
+        return revoked
+
+    async def _with_new_token(self, agent: Agent, old_sha256: str = "") -> tuple[Agent, str]:
+        token = new_secret(AGENT_TOKEN_PREFIX)
+        agent = replace(agent, token_sha256=token_hash(token), token_hint=token[:TOKEN_HINT_CHARS])
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(AGENTS_KEY, agent.id, agent.to_json())
+                pipe.hset(TOKENS_KEY, agent.token_sha256, agent.id)
+                if old_sha256:
+                    pipe.hdel(TOKENS_KEY, old_sha256)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"cannot record the agent: Redis is unreachable ({exc})") from None
+        self._by_token.pop(old_sha256, None)
+        return agent, token
+
+    # ---- lookups -----------------------------------------------------------------------
+
+    async def get(self, agent_id: str) -> Agent:
+        if not agent_id:
+            raise InvalidArgument("agent_id is required")
+        try:
+            raw = await self.redis.hget(AGENTS_KEY, agent_id)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"cannot look up the agent: Redis is unreachable ({exc})") from None
+        if raw is None:
+            raise NotFound(f"no agent {agent_id!r} is registered")
+        return Agent.from_json(agent_id, raw)
+
+    async def all(self, include_revoked: bool = False) -> list[Agent]:
+        try:
+            raw = await self.redis.hgetall(AGENTS_KEY)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"cannot list agents: Redis is unreachable ({exc})") from None
+        agents = [Agent.from_json(k.decode(), v) for k, v in raw.items()]
+        return sorted((a for a in agents if include_revoked or not a.revoked), key=lambda a: a.registered_at)
