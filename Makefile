@@ -8,10 +8,11 @@ AIOS    := $(VENV)/bin/aios
 STAMP   := $(VENV)/.installed
 PROTOS  := $(wildcard protos/aios/v1/*.proto)
 STUBS   := sdk/aios/v1/__init__.py
+NODE    := tests/node/node_modules/.installed
 
 .PHONY: install proto run test test-unit test-integration bench clean up down status
 
-install: $(STAMP) $(STUBS) redis model
+install: $(STAMP) $(STUBS) redis model $(NODE)
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing Python packages (llama-cpp-python compiles on first install: ~4 min)"
@@ -33,6 +34,15 @@ redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "==> installing redis-server (apt-get)"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
+# The Node.js test agent (tests/node): the openai npm package and gRPC stubs loaded with @grpc/proto-loader.
+$(NODE): tests/node/package.json tests/node/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "==> installing nodejs and npm (apt-get)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
+	@echo "==> installing the Node.js test agent's packages (npm ci in tests/node)"
+	@cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NODE)
 
 model: $(STAMP)
 	@$(AIOS) model
@@ -64,4 +74,4 @@ status:
 	@$(AIOS) status
 
 clean:
-	rm -rf $(VENV) sdk/aios/v1 .aios build *.egg-info
+	rm -rf $(VENV) sdk/aios/v1 .aios build *.egg-info tests/node/node_modules

@@ -6,11 +6,13 @@ Modes, on the same workload (bench/workload.py):
 - AIOS with the fifo, rr and fair policies: a real cluster (`aios up`'s
   processes, Redis, the model), one thread per agent through the SDK.
 Plus a snapshot microbenchmark (save/restore time and size against context
-length), the memory paging benchmark (bench/memory.py), and storage throughput
-and tool-call latency (bench/storage_tools.py).
+length), the memory paging benchmark (bench/memory.py), storage throughput,
+tool-call latency and the token check's cost (bench/storage_tools.py), and the
+OpenAI gateway against the gRPC kernel and constrained against free decoding
+(bench/gateway.py).
 
 Prints a table and saves JSON (bench/results/bench-<time>.json and latest.json)
-and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage), BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
+and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage,gateway), BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
 (3), BENCH_MODES (fifo,rr,fair), BENCH_SEQ_AGENTS (4: for larger N the
 sequential baseline runs the first 4 agents' calls; one-at-a-time throughput
 does not depend on N).
@@ -35,6 +37,7 @@ import redis
 
 import aios
 from aios.v1 import common_pb2
+from bench.gateway import gateway_table, run_gateway_bench
 from bench.memory import memory_table, run_memory_bench
 from bench.storage_tools import run_storage_tools_bench, storage_tools_table
 from bench.workload import SYSTEM, Call, plan
@@ -390,7 +393,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
 
 
 def main() -> int:
-    parts = os.environ.get("BENCH_PARTS", "llm,memory,storage").split(",")
+    parts = os.environ.get("BENCH_PARTS", "llm,memory,storage,gateway").split(",")
     ns = [int(x) for x in os.environ.get("BENCH_NS", "1,4,8,16,32").split(",")] if "llm" in parts else []
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     modes = os.environ.get("BENCH_MODES", "fifo,rr,fair").split(",") if "llm" in parts else []
@@ -409,6 +412,8 @@ def main() -> int:
         result["memory"] = run_memory_bench(say)
     if "storage" in parts:
         result["storage_tools"] = run_storage_tools_bench(say)
+    if "gateway" in parts:
+        result["gateway"] = run_gateway_bench(say)
     result["elapsed_s"] = time.monotonic() - began
     floors = {}
     if "16" in result["aios"].get("fifo", {}):
@@ -422,6 +427,10 @@ def main() -> int:
             floors["snapshot_plus_restore_512_ms"] = s["save_plus_restore_ms_p50"]
     if "storage_tools" in result:
         floors["token_check_us_p50"] = result["storage_tools"]["token_check"]["cached_us_p50"]
+    if "gateway" in result:
+        floors["gateway_vs_grpc_16_agents"] = result["gateway"]["gateway_vs_grpc"]
+        floors["json_schema_vs_free_16_agents"] = result["gateway"]["json_schema_vs_free"]
+        floors["gateway_ttft_p50_s"] = result["gateway"]["gateway"]["ttft_p50_s"]
     if "memory" in result:
         hit = {label: row["hit_ratio"] for label, row in result["memory"]["modes"].items()}
         floors["memory_hit_ratio_lru2_minus_lru"] = hit["LRU-2"] - hit["LRU"]
@@ -441,6 +450,9 @@ def main() -> int:
         print()
     if "storage_tools" in result:
         print(storage_tools_table(result["storage_tools"]))
+        print()
+    if "gateway" in result:
+        print(gateway_table(result["gateway"]))
         print()
     for key, value in floors.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")

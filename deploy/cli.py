@@ -50,7 +50,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                         *(["--concurrent-syscalls", str(args.concurrent_syscalls)] if args.concurrent_syscalls else [])]}
     config = ClusterConfig(home=home, redis_url=args.redis_url, model=model, slots=args.slots, policy=args.policy,
                            slice_tokens=args.slice_tokens, extra_args=extra, listen=args.listen,
-                           tls_cert=args.tls_cert, tls_key=args.tls_key, open_registration=args.open_registration)
+                           tls_cert=args.tls_cert, tls_key=args.tls_key, open_registration=args.open_registration,
+                           gateway_listen=args.gateway_listen)
     cluster = Cluster(config, progress=_say)
     _say(f"starting in {home} (logs in {home / 'logs'})")
     try:
@@ -60,6 +61,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     tls = " with TLS" if args.tls_cert else ""
     _say(f"kernel ready at {endpoints['kernel']}{tls}  (endpoints written to {cluster.endpoints_path})")
+    _say(f"OpenAI-compatible API at {cluster.openai_base_url} (model {cluster.served_model_name!r}; the API key is an "
+         "agent token)")
     _say(f"operator token in {cluster.operator_token_path} (mode 0600); `aios agent create NAME` makes an agent token")
     if args.open_registration:
         _say("open registration is on: anyone who reaches the kernel may register an agent")
@@ -138,6 +141,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for service in status.services:
         print(f"{service.name:<9} {service.address:<22} {'SERVING' if service.healthy else 'DOWN':<9}")
     print(f"redis     {state['redis']:<22} {'SERVING' if status.redis_ok else 'DOWN'}")
+    gateway = state["services"].get("gateway")
+    if gateway:
+        print(f"gateway   {gateway:<22} {'SERVING' if _http_ok(f'http://{gateway}/health') else 'DOWN':<9} "
+              f"{state['openai_base_url']}")
     refusals = ", ".join(f"{reason} {n}" for reason, n in sorted(status.refusals.items())) or "none"
     print(f"refused:  {refusals}")
     print("queues:")
@@ -161,6 +168,17 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"bytes resident, blocks {m.blocks_resident} resident / {m.blocks_spilled} spilled; LRU-{m.lru_k}: "
               f"{m.hits} hits, {m.faults} faults (hit ratio {m.hit_ratio:.2f}), {m.evictions} evictions")
     return 0
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=3) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -223,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the kernel listens (default loopback, a free port); use TLS off loopback")
     up.add_argument("--tls-cert", type=Path, help="serve the kernel with TLS: PEM certificate")
     up.add_argument("--tls-key", type=Path, help="the certificate's PEM private key")
+    up.add_argument("--gateway-listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                    help="where the OpenAI-compatible HTTP gateway listens (default loopback, a free port)")
     up.add_argument("--open-registration", action="store_true",
                     help="anyone who reaches the kernel may register an agent (trusted single-user machines only)")
     up.add_argument("--tokens-per-minute", type=int, default=0, help="default LLM tokens per minute per agent")

@@ -23,6 +23,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +51,8 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 # Services in start order; the kernel needs the others' addresses, so it is last.
 MANAGERS = ("llm_core", "memory", "storage", "tools")
-SERVICE_ORDER = (*MANAGERS, "kernel")
+# The kernel needs the managers' addresses, the gateway the kernel's.
+SERVICE_ORDER = (*MANAGERS, "kernel", "gateway")
 
 
 def default_home() -> Path:
@@ -85,6 +88,8 @@ class ClusterConfig:
     tls_key: Path | None = None
     # Let anyone who reaches the kernel register an agent (trusted single-user machines only).
     open_registration: bool = False
+    # Where the OpenAI-compatible gateway listens (HOST:PORT); default loopback on a free port.
+    gateway_listen: str = "127.0.0.1:0"
 
 
 @dataclass
@@ -124,6 +129,21 @@ class _WithMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
+
+
+def wait_http_healthy(address: str, timeout: float) -> None:
+    """Blocks until `GET http://address/health` answers 200 (the gateway, once the kernel answers it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{address}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise StartError(f"http://{address}/health did not answer 200 within {timeout:.0f} s")
+        time.sleep(0.1)  # the kernel it fronts is not serving yet
 
 
 def wait_healthy(address: str, timeout: float, root_certificates: bytes | None = None, server_name: str | None = None) -> None:
@@ -314,8 +334,25 @@ class Cluster:
         self.progress(f"started redis        127.0.0.1:{port}  (pid {popen.pid}, user {REDIS_USER}, append-only file "
                       f"in {self.data / 'redis'})")
 
+    @property
+    def served_model_name(self) -> str:
+        """The model's name in the OpenAI API: its GGUF file's stem."""
+        from services.llm_core.model import default_model_path
+
+        return (self.config.model or default_model_path()).stem
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"http://{self.processes['gateway'].address}/v1"
+
     def _service_args(self, name: str, kind: str) -> list[str]:
         config = self.config
+        if kind == "gateway":  # a client of the kernel with each caller's own token: it holds no secret
+            args = ["--host", config.gateway_listen.rsplit(":", 1)[0], "--kernel", self.processes["kernel"].address,
+                    "--served-model-name", self.served_model_name]
+            if config.tls_cert:
+                args += ["--kernel-root-certificates", str(config.tls_cert)]
+            return args + config.extra_args.get(kind, [])
         args = ["--cluster-secret-file", str(self.secrets / "cluster.secret")]
         if kind in ("llm_core", "kernel"):
             args += ["--redis-url-file", str(self.secrets / "redis.url")]
@@ -343,7 +380,8 @@ class Cluster:
         self._prepare_home()
         ready = self.config.home / f"{name}.ready"
         ready.unlink(missing_ok=True)
-        port = self.config.listen.rsplit(":", 1)[1] if kind == "kernel" else "0"
+        listen = {"kernel": self.config.listen, "gateway": self.config.gateway_listen}.get(kind, ":0")
+        port = listen.rsplit(":", 1)[1]
         args = self._args.get(name) or ["--port", port, *self._service_args(name, kind), *extra_args]
         log_path = self.logs / f"{name}.log"
         argv = [sys.executable, "-m", f"services.{'scheduler' if kind == 'kernel' else kind}",
@@ -363,12 +401,16 @@ class Cluster:
         ready.unlink()
         # A restart reuses the port so clients' channels reconnect to the same address.
         self._args[name] = ["--port", process.address.rsplit(":", 1)[1], *args[2:]]
-        wait_healthy(process.address, START_TIMEOUT_S, *_tls_of(args))
+        if kind == "gateway":
+            wait_http_healthy(process.address, START_TIMEOUT_S)
+        else:
+            wait_healthy(process.address, START_TIMEOUT_S, *_tls_of(args))
         self.progress(f"started {name:<12} {process.address}  (pid {popen.pid}, {time.monotonic() - started:.1f} s)")
 
     def _write_endpoints(self, supervisor_pid: int | None) -> None:
         state: dict[str, Any] = {
             "kernel": self.kernel_address,
+            "openai_base_url": self.openai_base_url,
             "services": self.endpoints(),
             "redis": self.processes["redis"].address if "redis" in self.processes else "external",
             "pids": {name: p.pid for name, p in self.processes.items()},

@@ -18,21 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 
-from aios.v1 import (
-    common_pb2,
-    kernel_pb2,
-    kernel_pb2_grpc,
-    llm_core_pb2,
-    memory_pb2,
-    storage_pb2,
-    tools_pb2,
-)
+from aios.syscalls import Completion, Messages, SyscallMethods, bearer, completion_of, generate_request, same
+from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 
 
 class SyscallError(Exception):
@@ -47,7 +39,7 @@ class SyscallError(Exception):
         self.retry_after = retry_after
 
 
-def _raise(exc: grpc.RpcError) -> SyscallError:
+def syscall_error(exc: grpc.RpcError) -> SyscallError:
     retry_after = None
     for key, value in (exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else ():
         if key == "retry-after":
@@ -71,6 +63,11 @@ def default_kernel_address(home: str | Path | None = None) -> str:
     return os.environ.get("AIOS_KERNEL") or _endpoints(home)["kernel"]
 
 
+def default_openai_base_url(home: str | Path | None = None) -> str:
+    """$AIOS_OPENAI_BASE_URL, else the gateway `aios up` started (for OpenAI clients: base_url)."""
+    return os.environ.get("AIOS_OPENAI_BASE_URL") or _endpoints(home)["openai_base_url"]
+
+
 def default_token(home: str | Path | None = None) -> str | None:
     """$AIOS_TOKEN, else the operator token `aios up` wrote to $AIOS_HOME/operator.token if this user may read it."""
     if os.environ.get("AIOS_TOKEN"):
@@ -79,6 +76,31 @@ def default_token(home: str | Path | None = None) -> str | None:
         return (_home(home) / "operator.token").read_text().strip() or None
     except OSError:
         return None
+
+
+def resolve(
+    address: str | None = None,
+    token: str | None = None,
+    root_certificates: bytes | str | Path | None = None,
+    home: str | Path | None = None,
+) -> tuple[str, str | None, bytes | None, str | None]:
+    """(address, token, root certificates, TLS server name) from the arguments, the environment and $AIOS_HOME."""
+    server_name = None
+    if address is None and not os.environ.get("AIOS_KERNEL"):
+        state = _endpoints(home)
+        address = state["kernel"]
+        if root_certificates is None and state.get("tls_cert"):
+            root_certificates, server_name = Path(state["tls_cert"]), state.get("tls_server_name")
+    address = address or default_kernel_address(home)
+    if root_certificates is None and os.environ.get("AIOS_ROOT_CERTIFICATES"):
+        root_certificates = Path(os.environ["AIOS_ROOT_CERTIFICATES"])
+    if isinstance(root_certificates, (str, Path)):
+        root_certificates = Path(root_certificates).read_bytes()
+    return address, token if token is not None else default_token(home), root_certificates, server_name
+
+
+def channel_options(server_name: str | None) -> list[tuple[str, Any]]:
+    return CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
 
 
 def connect(
@@ -91,33 +113,7 @@ def connect(
     """A connection to the kernel at `address` (default: $AIOS_KERNEL or the local `aios up`), calling with `token`
     (default: $AIOS_TOKEN or the local operator token), over TLS when `root_certificates` (PEM bytes or a file;
     default: $AIOS_ROOT_CERTIFICATES, or the local kernel's certificate) is given."""
-    server_name = None
-    if address is None and not os.environ.get("AIOS_KERNEL"):
-        state = _endpoints(home)
-        address = state["kernel"]
-        if root_certificates is None and state.get("tls_cert"):
-            root_certificates, server_name = Path(state["tls_cert"]), state.get("tls_server_name")
-    address = address or default_kernel_address(home)
-    if root_certificates is None and os.environ.get("AIOS_ROOT_CERTIFICATES"):
-        root_certificates = Path(os.environ["AIOS_ROOT_CERTIFICATES"])
-    if isinstance(root_certificates, (str, Path)):
-        root_certificates = Path(root_certificates).read_bytes()
-    return Connection(address, token if token is not None else default_token(home), root_certificates, server_name)
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    syscall_id: str
-    token_ids: list[int]
-    prefix_tokens_reused: int
-
-
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
+    return Connection(*resolve(address, token, root_certificates, home))
 
 
 # The SDK's channels carry what the kernel's do: large messages (whole generations, records).
@@ -135,16 +131,16 @@ class Connection:
         if root_certificates is None:
             self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
-            options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
-            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self.channel = grpc.secure_channel(address, credentials, options=channel_options(server_name))
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
 
     def call(self, method: str, request: Any, token: str | None = None, timeout: float | None = 30) -> Any:
         """One unary kernel RPC with `token` (default: the connection's); errors as SyscallError."""
         try:
-            return getattr(self.stub, method)(request, timeout=timeout, metadata=_metadata(token or self.token))
+            return getattr(self.stub, method)(request, timeout=timeout, metadata=bearer(token or self.token))
         except grpc.RpcError as exc:
-            raise _raise(exc) from None
+            raise syscall_error(exc) from None
 
     def register(
         self, name: str, priority: int = 0, weight: float = 0.0, *,
@@ -195,122 +191,47 @@ class Connection:
         self.close()
 
 
-Messages = Iterable[tuple[str, str]]
-
-
-class Agent:
+class Agent(SyscallMethods):
     """One registered agent; every method is a syscall through the kernel, made with the agent's token."""
-
-    def __init__(self, kernel: Connection, agent_id: str, name: str, token: str) -> None:
-        self.kernel = kernel
-        self.id = agent_id
-        self.name = name
-        self.token = token
-        self._metadata = _metadata(token)
-
-    def __repr__(self) -> str:  # never the token
-        return f"Agent(id={self.id!r}, name={self.name!r})"
-
-    def status(self) -> kernel_pb2.KernelStatus:
-        """What the kernel shows this agent: its own queue places, the services' health."""
-        return self.kernel.call("GetStatus", kernel_pb2.GetStatusRequest(), self.token, timeout=10)
 
     # ---- LLM ---------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt: str = "",
-        messages: Messages = (),
-        *,
-        max_tokens: int = 0,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Iterable[str] = (),
-        ignore_eos: bool = False,
-        history_turns: int = 0,
-        remember: bool = False,
-        whole: bool = False,
-        timeout: float | None = None,
-    ) -> Iterator[llm_core_pb2.GenerateChunk]:
+    def generate(self, prompt: str = "", messages: Messages = (), *, timeout: float | None = None,
+                 **options: Any) -> Iterator[llm_core_pb2.GenerateChunk]:
         """Streams chunks as tokens are generated; the last chunk has finish_reason set.
 
-        With `messages`: `history_turns` replays the agent's newest turns from memory before them,
-        and `remember` stores them and the reply in memory as turns. `whole`: one chunk at the end."""
-        request = kernel_pb2.KernelGenerateRequest(
-            history_turns=history_turns,
-            remember=remember,
-            whole=whole,
-            prompt=prompt,
-            messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
-            sampling=common_pb2.SamplingParams(
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                seed=seed,
-                stop=list(stop),
-                ignore_eos=ignore_eos,
-            ),
-        )
+        Options (aios.syscalls.generate_request): max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
+        json_schema (the output is JSON valid under it); with `messages`, `history_turns` replays the agent's newest
+        turns from memory before them and `remember` stores them and the reply as turns; `whole`: one chunk at the
+        end."""
+        request = generate_request(prompt, messages, **options)
         stream = self.kernel.stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             yield from stream
         except grpc.RpcError as exc:
-            raise _raise(exc) from None
+            raise syscall_error(exc) from None
         finally:
             stream.cancel()
 
-    def complete(self, prompt: str = "", messages: Messages = (), **sampling: Any) -> Completion:
+    def complete(self, prompt: str = "", messages: Messages = (), **options: Any) -> Completion:
         """Runs a generation to the end and returns the whole text (sent by the kernel in one message)."""
         last = llm_core_pb2.GenerateChunk()
-        for chunk in self.generate(prompt, messages, whole=True, **sampling):
+        for chunk in self.generate(prompt, messages, whole=True, **options):
             last = chunk
-        return Completion(
-            text=last.text,
-            finish_reason=llm_core_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower(),
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            syscall_id=last.syscall_id,
-            token_ids=list(last.token_ids),
-            prefix_tokens_reused=last.prefix_tokens_reused,
-        )
+        return completion_of(last)
 
     def chat(self, messages: Messages, **sampling: Any) -> str:
         return self.complete(messages=messages, **sampling).text
 
-    # ---- memory, storage, tools ------------------------------------------------------
+    # ---- memory, storage, tools (the requests are in aios.syscalls) -------------------
 
-    def _syscall(self, timeout: float | None = 60, **call: Any) -> Any:
+    def _syscall(self, then: Callable[[Any], Any] = same, timeout: float | None = 60, **call: Any) -> Any:
         (kind,) = call
         try:
             reply = self.kernel.stub.Syscall(kernel_pb2.SyscallRequest(**call), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise _raise(exc) from None
-        return getattr(reply, kind)
-
-    def memory_add(self, text: str, metadata: dict[str, str] | None = None, role: str = "") -> memory_pb2.MemoryEntry:
-        """A note, or with role "user"/"assistant" a conversation turn."""
-        return self._syscall(memory_add=memory_pb2.MemoryAddRequest(text=text, metadata=metadata or {}, role=role))
-
-    def memory_update(
-        self, entry_id: str, text: str = "", metadata: dict[str, str] | None = None, remove_metadata: Iterable[str] = ()
-    ) -> memory_pb2.MemoryEntry:
-        return self._syscall(memory_update=memory_pb2.MemoryUpdateRequest(
-            id=entry_id, text=text, metadata=metadata or {}, remove_metadata=list(remove_metadata)))
-
-    def memory_search(self, query: str, limit: int = 10, metadata: dict[str, str] | None = None) -> list[memory_pb2.MemorySearchHit]:
-        """Entries containing any word of `query`, most relevant (BM25) first."""
-        request = memory_pb2.MemorySearchRequest(query=query, limit=limit, metadata=metadata or {})
-        return list(self._syscall(memory_search=request).hits)
-
-    def memory_turns(self, limit: int) -> list[memory_pb2.MemoryEntry]:
-        """The newest `limit` conversation turns, oldest first."""
-        return list(self._syscall(memory_turns=memory_pb2.MemoryTurnsRequest(limit=limit)).entries)
-
-    def memory_get(self, entry_id: str) -> memory_pb2.MemoryEntry:
-        return self._syscall(memory_get=memory_pb2.MemoryGetRequest(id=entry_id))
+            raise syscall_error(exc) from None
+        return then(getattr(reply, kind))
 
     def memory_list(self, page_size: int = 0) -> Iterator[memory_pb2.MemoryEntry]:
         """All entries, oldest first, fetched a page at a time."""
@@ -321,82 +242,3 @@ class Agent:
             token = page.next_page_token
             if not token:
                 return
-
-    def memory_delete(self, entry_id: str) -> None:
-        self._syscall(memory_delete=memory_pb2.MemoryDeleteRequest(id=entry_id))
-
-    def storage_write(
-        self, key: str, data: bytes | str, metadata: dict[str, str] | None = None, owner: str = ""
-    ) -> storage_pb2.StorageRecordInfo:
-        """A new version of `key`; `owner`: another agent's namespace, which it granted read-write."""
-        payload = data.encode() if isinstance(data, str) else data
-        request = storage_pb2.StorageWriteRequest(key=key, data=payload, metadata=metadata or {}, owner_agent_id=owner)
-        return self._syscall(storage_write=request)
-
-    def storage_read(self, key: str, version: int = 0, owner: str = "") -> bytes:
-        """The newest version's data (or `version`'s); `owner`: another agent that granted access."""
-        return self.storage_record(key, version, owner).data
-
-    def storage_record(self, key: str, version: int = 0, owner: str = "") -> storage_pb2.StorageRecord:
-        request = storage_pb2.StorageReadRequest(key=key, version=version, owner_agent_id=owner)
-        return self._syscall(storage_read=request)
-
-    def storage_list(self, prefix: str = "") -> list[storage_pb2.StorageRecordInfo]:
-        return list(self._syscall(storage_list=storage_pb2.StorageListRequest(prefix=prefix)).records)
-
-    def storage_delete(self, key: str, purge: bool = False, owner: str = "") -> storage_pb2.StorageDeleteResponse:
-        """A tombstone version (undo with storage_rollback), or with `purge` every version erased."""
-        return self._syscall(storage_delete=storage_pb2.StorageDeleteRequest(key=key, purge=purge, owner_agent_id=owner))
-
-    def storage_history(self, key: str, owner: str = "") -> list[storage_pb2.StorageRecordInfo]:
-        return list(self._syscall(storage_history=storage_pb2.StorageHistoryRequest(key=key, owner_agent_id=owner)).records)
-
-    def storage_rollback(self, key: str, version: int, owner: str = "") -> storage_pb2.StorageRecordInfo:
-        request = storage_pb2.StorageRollbackRequest(key=key, version=version, owner_agent_id=owner)
-        return self._syscall(storage_rollback=request)
-
-    def storage_search(
-        self, query: str, limit: int = 10, prefix: str = "", metadata: dict[str, str] | None = None
-    ) -> list[storage_pb2.StorageSearchHit]:
-        request = storage_pb2.StorageSearchRequest(query=query, limit=limit, prefix=prefix, metadata=metadata or {})
-        return list(self._syscall(storage_search=request).hits)
-
-    def storage_grant(self, grantee: str, key: str, prefix: bool = False, write: bool = False) -> storage_pb2.StorageGrant:
-        """Lets agent `grantee` read `key` (or, with `prefix`, every key starting with it); with `write`, also
-        write, delete and roll it back. Granting again changes the access."""
-        access = storage_pb2.GRANT_ACCESS_READ_WRITE if write else storage_pb2.GRANT_ACCESS_READ
-        request = storage_pb2.StorageGrantRequest(grantee_agent_id=grantee, key=key, prefix=prefix, access=access)
-        return self._syscall(storage_grant=request)
-
-    def storage_revoke(self, grantee: str, key: str, prefix: bool = False) -> storage_pb2.StorageGrant:
-        return self._syscall(storage_revoke=storage_pb2.StorageGrantRequest(grantee_agent_id=grantee, key=key, prefix=prefix))
-
-    def storage_grants(self) -> storage_pb2.StorageListGrantsResponse:
-        """`.grants`: what this agent granted; `.received`: what other agents granted to it."""
-        return self._syscall(storage_grants=storage_pb2.StorageListGrantsRequest())
-
-    def storage_usage(self) -> storage_pb2.StorageUsage:
-        return self._syscall(storage_usage=storage_pb2.StorageUsageRequest())
-
-    def tools(self) -> list[tools_pb2.ToolSpec]:
-        return list(self._syscall(tool_list=tools_pb2.ListToolsRequest()).tools)
-
-    def sandbox_isolation(self) -> dict[str, bool]:
-        """What the tool service's code sandbox isolates on its machine (network, own uid, ...)."""
-        return dict(self._syscall(tool_list=tools_pb2.ListToolsRequest()).sandbox_isolation)
-
-    def tools_openai(self) -> list[dict[str, Any]]:
-        """The tools in OpenAI's function-calling format, ready for a chat-completions `tools` list."""
-        return [
-            {"type": "function",
-             "function": {"name": t.name, "description": t.description, "parameters": json.loads(t.parameters_schema)}}
-            for t in self.tools()
-        ]
-
-    def call_tool(self, name: str, **arguments: Any) -> Any:
-        reply = self._syscall(tool_call=tools_pb2.CallToolRequest(name=name, arguments_json=json.dumps(arguments)))
-        return json.loads(reply.result_json)
-
-    def syscall(self, syscall_id: str) -> common_pb2.SyscallInfo:
-        """The kernel's record of one of this agent's syscalls."""
-        return self.kernel.call("GetSyscall", kernel_pb2.GetSyscallRequest(syscall_id=syscall_id), self.token, timeout=10)

@@ -1,6 +1,7 @@
-"""`make run`'s demo: four agents work concurrently, every syscall through the kernel.
+"""`make run`'s demo: five agents work concurrently, every syscall through the kernel.
 
-Each agent remembers a fact (memory), keeps a note (storage), asks the
+Four use the AIOS SDK; the fifth is written with the `openai` package and reaches
+the same kernel through the OpenAI-compatible gateway. Each SDK agent remembers a fact (memory), keeps a note (storage), asks the
 calculator (tools) and then asks the model (LLM, streamed) with what it gathered.
 The demo registers them with the operator token `aios up` wrote; each agent then
 calls with its own token, and one agent's notes stay closed to another until
@@ -75,34 +76,68 @@ def show_isolation(reader: Task, owner: Task) -> list[str]:
     return []
 
 
+def run_openai_agent(kernel: aios.Connection, task: Task) -> None:
+    """An agent written with the `openai` package, unchanged but for base_url, api_key and model: through the
+    gateway, each request is this agent's syscall in the same kernel as the others."""
+    import openai
+
+    agent = task.agent = kernel.register(task.name)
+    client = openai.OpenAI(base_url=aios.default_openai_base_url(), api_key=agent.token, max_retries=0)
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "system", "content": task.fact}, {"role": "user", "content": task.question}],
+        max_tokens=48, temperature=0.6, seed=7, stream=True, stream_options={"include_usage": True})
+    pieces = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            task.tokens = chunk.usage.completion_tokens
+    weather = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the weather in Lisbon?"}], temperature=0,
+        max_tokens=60, parallel_tool_calls=False, tool_choice="required",
+        tools=[{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+    call = weather.choices[0].message.tool_calls[0].function
+    task.syscalls = 2
+    answer = " ".join("".join(pieces).split())
+    task.report = [
+        f"openai  : {answer[:220]!r} ({task.tokens} tokens, model {model}, streamed over the gateway)",
+        f"tool    : the model called {call.name}({call.arguments}) (grammar-constrained)",
+    ]
+
+
+OPENAI_TASK = Task("openai-sdk-agent", "You are a concise travel guide.", "", "Name one museum in Lisbon.")
+
+
 def main() -> int:
     kernel = aios.connect()
-    print(f"demo: {len(TASKS)} agents talking to the kernel at {kernel.address}", flush=True)
+    print(f"demo: {len(TASKS)} SDK agents and one OpenAI-client agent on the kernel at {kernel.address}", flush=True)
     start = time.monotonic()
     errors: list[str] = []
 
     def guarded(task: Task) -> None:
         try:
-            run_agent(kernel, task)
-        except aios.SyscallError as exc:
+            (run_openai_agent if task is OPENAI_TASK else run_agent)(kernel, task)
+        except Exception as exc:  # noqa: BLE001 - the demo reports every agent's failure
             errors.append(f"{task.name}: {exc}")
 
-    threads = [threading.Thread(target=guarded, args=(t,)) for t in TASKS]
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in [*TASKS, OPENAI_TASK]]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.monotonic() - start
-    for task in TASKS:
+    for task in [*TASKS, OPENAI_TASK]:
         print(f"\n[{task.name}]")
         for line in task.report:
             print(f"  {line}")
     if not errors:
         errors += show_isolation(TASKS[0], TASKS[1])
     status = kernel.status()
-    tokens = sum(t.tokens for t in TASKS)
+    tokens = sum(t.tokens for t in [*TASKS, OPENAI_TASK])
     print(
-        f"\nsummary: {len(TASKS)} agents, {sum(t.syscalls for t in TASKS)} syscalls "
+        f"\nsummary: {len(TASKS) + 1} agents, {sum(t.syscalls for t in [*TASKS, OPENAI_TASK])} syscalls "
         f"(kernel total {status.syscalls_total}, failed {status.syscalls_failed}), "
         f"{tokens} tokens generated, wall time {wall:.2f} s ({tokens / wall:.1f} tok/s aggregate)"
     )

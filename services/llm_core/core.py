@@ -51,7 +51,8 @@ class LLMCore:
         if request.messages:
             # The model must stop where it would start writing the next (user's) turn.
             sampling = dataclasses.replace(sampling, stop=sampling.stop + self.format.stop)
-        seq = Sequence(request.request_id or f"gen-{next(self._ids)}", request.agent_id, tokens, sampling, emit)
+        seq = Sequence(request.request_id or f"gen-{next(self._ids)}", request.agent_id, tokens, sampling, emit,
+                       constraint=self.model.constraint(sampling.grammar))
         self.engine.submit(seq)
         return seq
 

@@ -48,6 +48,7 @@ from services.errors import (
     Unavailable,
 )
 from services.llm_core.model import LlamaModel
+from services.llm_core.grammar import GrammarConstraint
 from services.llm_core.sampling import SamplingConfig, TokenSampler
 from services.llm_core.snapshot import ContextShape, Snapshot
 from services.llm_core.text import TextStream
@@ -114,9 +115,10 @@ class Sequence:
     kv_ready: bool = False  # its stream's cells are computed (a prefix source)
     cancelled: bool = False
     finished: bool = False
+    constraint: GrammarConstraint | None = None  # the output grammar's state, if the sampling has one
 
     def __post_init__(self) -> None:
-        self.sampler = TokenSampler(self.config)
+        self.sampler = TokenSampler(self.config, self.constraint)
         self.text = TextStream(self.config.stop)
         self.prompt_array = np.asarray(self.prompt, dtype=np.int32)
 
@@ -299,7 +301,11 @@ class BatchEngine:
                 f"snapshot {snapshot.request_id!r} was taken on a core with {snapshot.shape}; this core has "
                 f"{self.shape}. Resume it on a core started with the same model and --resident."
             )
-        seq = Sequence(snapshot.request_id, snapshot.agent_id, snapshot.prompt, snapshot.sampling, emit)
+        constraint = self.model.constraint(snapshot.sampling.grammar)
+        if constraint is not None:
+            constraint.replay(snapshot.generated)  # the grammar's state is the tokens it accepted
+        seq = Sequence(snapshot.request_id, snapshot.agent_id, snapshot.prompt, snapshot.sampling, emit,
+                       constraint=constraint)
         seq.generated = list(snapshot.generated)
         seq.n_past = snapshot.n_past
         seq.next_token = snapshot.next_token
@@ -694,7 +700,12 @@ class BatchEngine:
         for seq in active:
             seq.kv_ready = True
         for seq, index in outputs:
-            self._accept(seq, seq.sampler.sample(self.model.logits_view(self.ctx, index)))
+            try:
+                token = seq.sampler.sample(self.model.logits_view(self.ctx, index))
+            except AiosError as exc:  # this sequence's grammar is stuck: fail it alone
+                self._fail([seq], exc)
+                continue
+            self._accept(seq, token)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         if self.model.is_end_of_generation(token) and not seq.config.ignore_eos:

@@ -16,6 +16,8 @@ from pathlib import Path
 import llama_cpp as llama
 import numpy as np
 
+from services.llm_core.grammar import GrammarConstraint
+
 log = logging.getLogger("aios.llm_core.model")
 
 _LOG_CALLBACK = None  # kept referenced: llama.cpp holds the pointer forever
@@ -107,6 +109,10 @@ class LlamaModel:
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self.vocab, token))
+
+    def constraint(self, grammar: str) -> GrammarConstraint | None:
+        """A grammar sampler for one sequence over this vocabulary (None for no grammar)."""
+        return GrammarConstraint(self.vocab, grammar, self.n_vocab) if grammar else None
 
     def logits_view(self, ctx: llama.llama_context_p, index: int) -> np.ndarray:
         """Zero-copy view of the logits of batch output `index` (valid until the next decode)."""

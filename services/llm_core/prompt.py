@@ -21,7 +21,9 @@ class Segment:
     special: bool
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# What a tool's result looks like in a prompt: the model reads it as the answer to its call.
+TOOL_RESULT = "Tool result: "
 Messages = list[tuple[str, str]]
 
 
@@ -40,8 +42,8 @@ def split_turns(messages: Messages) -> tuple[str, Messages]:
             system.append(content)
         else:
             turns.append((role, content))
-    if not turns or turns[-1][0] != "user":
-        raise InvalidArgument("the last message must have role 'user' (the model answers it)")
+    if not turns or turns[-1][0] not in ("user", "tool"):
+        raise InvalidArgument("the last message must have role 'user' or 'tool' (the model answers it)")
     return "\n\n".join(system), turns
 
 
@@ -67,8 +69,8 @@ class TranscriptFormat:
         system, turns = split_turns(messages)
         segments = [Segment(f"{system}\n\n", False)] if system else []
         for role, content in turns:
-            label = "Question" if role == "user" else "Answer"
-            segments.append(Segment(f"{label}: {content.strip()}\n", False))
+            label = {"user": "Question: ", "assistant": "Answer: ", "tool": TOOL_RESULT}[role]
+            segments.append(Segment(f"{label}{content.strip()}\n", False))
         segments.append(Segment("Answer:", False))
         return segments
 
@@ -86,6 +88,8 @@ class GemmaTurnFormat:
         system, turns = split_turns(messages)
         segments: list[Segment] = []
         for index, (role, content) in enumerate(turns):
+            if role == "tool":  # Gemma has no tool role: a result comes back as the user's turn
+                role, content = "user", TOOL_RESULT + content
             if index == 0 and system:
                 content = f"{system}\n\n{content}"
             segments.append(Segment(f"<start_of_turn>{'model' if role == 'assistant' else 'user'}\n", True))

@@ -2,6 +2,8 @@
 
 Sampling lives here rather than in llama.cpp's sampler chain so that the RNG
 state is a plain value the core can save with a sequence snapshot and restore.
+A sequence with a grammar (services/llm_core/grammar.py) draws only tokens the
+grammar allows.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.errors import InvalidArgument
+from services.errors import FailedPrecondition, InvalidArgument
+from services.llm_core.grammar import GrammarConstraint, schema_to_grammar
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -25,6 +28,7 @@ class SamplingConfig:
     seed: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    grammar: str = ""  # GBNF; empty: unconstrained
 
     @classmethod
     def checked(
@@ -36,14 +40,17 @@ class SamplingConfig:
         seed: int | None,
         stop: list[str],
         ignore_eos: bool = False,
+        json_schema: str = "",
     ) -> "SamplingConfig":
-        """Applies defaults (0 means unset) and refuses out-of-range values."""
+        """Applies defaults (0 means unset) and refuses out-of-range values; compiles a JSON Schema to a grammar."""
         if not 0.0 <= temperature <= 2.0:
             raise InvalidArgument(f"temperature is {temperature}; it must be between 0 (greedy) and 2")
         if not 0.0 <= top_p <= 1.0:
             raise InvalidArgument(f"top_p is {top_p}; it must be in (0, 1], or 0 for disabled")
         if len(stop) > 8 or any(not s or len(s) > 64 for s in stop):
             raise InvalidArgument("stop takes at most 8 non-empty strings of at most 64 characters")
+        if json_schema and ignore_eos:
+            raise InvalidArgument("ignore_eos cannot go with json_schema: the output ends where the JSON does")
         return cls(
             max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
             temperature=temperature,
@@ -52,17 +59,32 @@ class SamplingConfig:
             seed=seed if seed is not None else int.from_bytes(os.urandom(8), "little"),
             stop=tuple(stop),
             ignore_eos=ignore_eos,
+            grammar=schema_to_grammar(json_schema) if json_schema else "",
         )
 
 
 class TokenSampler:
-    """Greedy at temperature 0; otherwise temperature, top-k, top-p, then a seeded draw."""
+    """Greedy at temperature 0; otherwise temperature, top-k, top-p, then a seeded draw; within a grammar if any."""
 
-    def __init__(self, config: SamplingConfig) -> None:
+    def __init__(self, config: SamplingConfig, constraint: GrammarConstraint | None = None) -> None:
         self.config = config
         self.rng = np.random.Generator(np.random.PCG64(config.seed))
+        self.constraint = constraint
 
     def sample(self, logits: np.ndarray) -> int:
+        token = self._draw(logits)
+        constraint = self.constraint
+        if constraint is None:
+            return token
+        if not constraint.allows(token):  # rare once the output is under way: only then mask all tokens
+            masked = constraint.mask(logits)
+            if not np.isfinite(masked).any():
+                raise FailedPrecondition("the output grammar allows no next token; the schema may be unsatisfiable")
+            token = self._draw(masked)
+        constraint.accept(token)
+        return token
+
+    def _draw(self, logits: np.ndarray) -> int:
         config = self.config
         if config.temperature <= 0.0:
             return int(np.argmax(logits))

@@ -39,6 +39,7 @@ def request_from_proto(request: llm_core_pb2.GenerateRequest) -> GenerationReque
             s.seed if s.HasField("seed") else None,
             list(s.stop),
             s.ignore_eos,
+            s.json_schema,
         ),
         request_id=request.syscall_id,
         agent_id=request.agent_id,

@@ -29,7 +29,7 @@ def run(args: list[str], home: Path) -> subprocess.CompletedProcess:
 def test_up_status_down_leaves_no_process_behind(tmp_path):
     up = run(["up", "--detach", "--slots", "2"], tmp_path)
     assert up.returncode == 0, up.stdout + up.stderr
-    for name in ("redis", "llm_core", "memory", "storage", "tools", "kernel"):
+    for name in ("redis", "llm_core", "memory", "storage", "tools", "kernel", "gateway"):
         assert f"started {name}" in up.stdout
     assert "operator token in" in up.stdout
     state = json.loads((tmp_path / "endpoints.json").read_text())
@@ -39,7 +39,7 @@ def test_up_status_down_leaves_no_process_behind(tmp_path):
             assert kernel.address == state["kernel"]
             assert kernel.register("cli").call_tool("calculator", expression="3*3")["result"] == 9
         status = run(["status"], tmp_path)
-        assert status.returncode == 0 and status.stdout.count("SERVING") == 6, status.stdout
+        assert status.returncode == 0 and status.stdout.count("SERVING") == 7, status.stdout
         assert "slots 0/2 decoding" in status.stdout and "snapshots in redis 0" in status.stdout
     finally:
         down = run(["down"], tmp_path)
@@ -95,8 +95,9 @@ def test_agents_tokens_and_data_survive_down_and_up_and_a_foreground_up_exits_on
         assert down.returncode == 0
         assert foreground.wait(timeout=60) == 0  # the foreground `aios up` ended with its services
     finally:
-        if foreground.poll() is None:
-            foreground.kill()
+        if foreground.poll() is None:  # a failed check above: still stop what it started
+            run(["down"], home)
+            foreground.wait(timeout=60)
     output = foreground.stdout.read()
     assert "stopping" in output, output
     assert not [name for name, pid in state["pids"].items() if process_alive(pid)]

@@ -12,6 +12,7 @@ from deploy.cluster import Cluster, ClusterConfig
 from tests.integration.crash import writes_across_kill_9
 
 BUDGET = 4096  # bytes: a few blocks of 8 entries of ~200 bytes
+QUOTA = 400_000  # bytes of entries one agent may keep
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,8 @@ def small_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     config = ClusterConfig(
         home=tmp_path_factory.mktemp("aios-memory"),
         slots=2,
-        extra_args={"memory": ["--ram-budget-bytes", str(BUDGET), "--entries-per-block", "8"]},
+        extra_args={"memory": ["--ram-budget-bytes", str(BUDGET), "--entries-per-block", "8",
+                               "--quota-bytes", str(QUOTA)]},
     )
     with Cluster(config) as running:
         yield running
@@ -29,6 +31,19 @@ def small_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def kernel(small_memory: Cluster) -> Iterator[aios.Connection]:
     with small_memory.connect() as connection:
         yield connection
+
+
+def test_an_agents_memory_quota_refuses_more_and_spares_other_agents(kernel):
+    hoarder, neighbour = kernel.register("hoarder"), kernel.register("neighbour")
+    big = "x" * 60_000
+    ids = [hoarder.memory_add(big).id for _ in range(QUOTA // 60_000)]
+    with pytest.raises(aios.SyscallError) as refused:
+        hoarder.memory_add(big)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota" in refused.value.message
+    assert neighbour.memory_add(big).id  # its own quota
+    hoarder.memory_delete(ids[0])
+    assert hoarder.memory_add(big).id
+    assert kernel.status().memory.quota_bytes_per_agent == QUOTA
 
 
 def payload(writer: int, i: int) -> str:

@@ -8,12 +8,14 @@ sequence decoding alone), as batched numerics differ from solo ones.
 
 from __future__ import annotations
 
+import json
 import queue
 import random
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Iterator
 
+import jsonschema
 import llama_cpp as llama
 import pytest
 
@@ -61,7 +63,8 @@ class Harness:
 
     def start(self, request_id: str, sampling: SamplingConfig, prompt: str = PROMPT) -> tuple[Sequence, "queue.Queue[Event]"]:
         events: queue.Queue[Event] = queue.Queue()
-        seq = Sequence(request_id, "agent-a", self.model.tokenize(prompt, True, True), sampling, events.put)
+        seq = Sequence(request_id, "agent-a", self.model.tokenize(prompt, True, True), sampling, events.put,
+                       constraint=self.model.constraint(sampling.grammar))
         self.engine.submit(seq)
         return seq, events
 
@@ -113,7 +116,15 @@ def preempt_after(h: Harness, request_id: str, sampling: SamplingConfig, n: int,
     return first + more, slot, events
 
 
-@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "minLength": 40, "maxLength": 80},
+                                           "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+CONSTRAINED = SamplingConfig.checked(40, 0.0, 0.0, 0, 5, [], json_schema=json.dumps(PERSON))
+CONSTRAINED_SAMPLED = SamplingConfig.checked(40, 1.0, 0.0, 40, 77, [], json_schema=json.dumps(PERSON))
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED, CONSTRAINED, CONSTRAINED_SAMPLED],
+                         ids=["greedy", "seeded-sampling", "json-schema", "json-schema-sampled"])
 def test_a_swapped_out_generation_resumes_token_identical_in_another_slot(model, sampling):
     with two_slot_engines(model) as (harness, reference):
         check_swap_and_restore(harness, reference, sampling)
@@ -423,5 +434,40 @@ def test_a_cached_prefix_about_to_be_copied_is_not_dropped_to_make_room(model):
         _, end = h.tokens_until(d_events)
         assert isinstance(end, FinishEvent), end
         assert end.prefix_reused >= len(model.tokenize(system, True, True)) - 2
+    finally:
+        h.close()
+
+
+def text_of(events: "queue.Queue[Event]") -> tuple[str, Event]:
+    pieces: list[str] = []
+    while True:
+        event = events.get(timeout=120)
+        if isinstance(event, TokenEvent):
+            pieces.append(event.text)
+        else:
+            if isinstance(event, FinishEvent):
+                pieces.append(event.text)
+            return "".join(pieces), event
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.3])
+def test_constrained_and_free_sequences_share_one_batch_and_the_constrained_output_validates(model, temperature):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "rainy": {"type": "boolean"},
+                                               "days": {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+                                               "unit": {"enum": ["celsius", "fahrenheit"]}},
+              "required": ["city", "rainy", "days", "unit"], "additionalProperties": False}
+    constrained = SamplingConfig.checked(200, temperature, 0.0, 0, 21, [], json_schema=json.dumps(schema))
+    h = Harness(model, slots=2, resident=3)
+    try:
+        _, free_events = h.start("free", SamplingConfig(max_tokens=60, ignore_eos=True))
+        _, json_events = h.start("json", constrained)
+        text, end = text_of(json_events)
+        free_text, free_end = text_of(free_events)
+        assert isinstance(end, FinishEvent) and end.reason.name == "STOP", (end, text)  # the grammar completed
+        jsonschema.validate(json.loads(text), schema)
+        assert isinstance(free_end, FinishEvent) and free_end.completion_tokens == 60
+        # One llama_decode served both: fewer steps than their tokens together.
+        assert h.engine.stats.steps < end.completion_tokens + free_end.completion_tokens
     finally:
         h.close()

@@ -1,0 +1,142 @@
+"""The asyncio SDK (on grpc.aio), with the same surface as the synchronous one: most agent frameworks are async.
+
+    import aios.aio
+    async with aios.aio.connect() as kernel:
+        agent = await kernel.register("researcher")
+        async for chunk in agent.generate("Once upon a time", max_tokens=32):
+            print(chunk.text, end="")
+        await agent.memory_add("a note")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import grpc
+
+from aios.client import CHANNEL_OPTIONS, SyscallError, channel_options, resolve, syscall_error
+from aios.syscalls import Completion, Messages, SyscallMethods, bearer, completion_of, generate_request, same
+from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
+
+__all__ = ["Agent", "Connection", "SyscallError", "connect"]
+
+
+def connect(
+    address: str | None = None,
+    *,
+    token: str | None = None,
+    root_certificates: bytes | str | Path | None = None,
+    home: str | Path | None = None,
+) -> "Connection":
+    """As aios.connect, for asyncio: call it inside the event loop that will use the connection."""
+    return Connection(*resolve(address, token, root_certificates, home))
+
+
+class Connection:
+    """An asyncio connection to the kernel, calling with one token (the operator's or an agent's)."""
+
+    def __init__(self, address: str, token: str | None = None, root_certificates: bytes | None = None,
+                 server_name: str | None = None) -> None:
+        self.address = address
+        self.token = token
+        if root_certificates is None:
+            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self.channel = grpc.aio.secure_channel(address, credentials, options=channel_options(server_name))
+        self.stub = kernel_pb2_grpc.KernelStub(self.channel)
+
+    async def call(self, method: str, request: Any, token: str | None = None, timeout: float | None = 30) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout, metadata=bearer(token or self.token))
+        except grpc.aio.AioRpcError as exc:
+            raise syscall_error(exc) from None
+
+    async def register(
+        self, name: str, priority: int = 0, weight: float = 0.0, *,
+        tokens_per_minute: int = 0, concurrent_syscalls: int = 0, tool_slots: int = 0,
+    ) -> "Agent":
+        quota = kernel_pb2.AgentQuota(tokens_per_minute=tokens_per_minute, concurrent_syscalls=concurrent_syscalls,
+                                      tool_slots=tool_slots)
+        reply = await self.call("RegisterAgent", kernel_pb2.RegisterAgentRequest(
+            name=name, priority=priority, weight=weight, quota=quota))
+        return Agent(self, reply.agent_id, name, reply.token)
+
+    async def agent(self, token: str | None = None) -> "Agent":
+        token = token or self.token
+        info = await self.call("WhoAmI", kernel_pb2.WhoAmIRequest(), token)
+        if info.role != "agent":
+            raise SyscallError(grpc.StatusCode.INVALID_ARGUMENT, "that token is the operator's, not an agent's")
+        return Agent(self, info.agent.id, info.agent.name, token or "")
+
+    async def whoami(self) -> kernel_pb2.CallerInfo:
+        return await self.call("WhoAmI", kernel_pb2.WhoAmIRequest())
+
+    async def agents(self, include_revoked: bool = False) -> list[kernel_pb2.AgentInfo]:
+        reply = await self.call("ListAgents", kernel_pb2.ListAgentsRequest(include_revoked=include_revoked))
+        return list(reply.agents)
+
+    async def revoke(self, agent_id: str) -> kernel_pb2.AgentInfo:
+        return await self.call("RevokeAgent", kernel_pb2.RevokeAgentRequest(agent_id=agent_id))
+
+    async def issue_token(self, agent_id: str) -> "Agent":
+        reply = await self.call("IssueToken", kernel_pb2.IssueTokenRequest(agent_id=agent_id))
+        return Agent(self, reply.agent_id, reply.agent.name, reply.token)
+
+    async def status(self) -> kernel_pb2.KernelStatus:
+        return await self.call("GetStatus", kernel_pb2.GetStatusRequest(), timeout=10)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "Connection":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Agent(SyscallMethods):
+    """One registered agent; every method is a coroutine (or an async iterator) making a syscall."""
+
+    async def generate(self, prompt: str = "", messages: Messages = (), *, timeout: float | None = None,
+                       **options: Any) -> AsyncIterator[llm_core_pb2.GenerateChunk]:
+        """Streams chunks as tokens are generated (options as aios.Agent.generate)."""
+        call = self.kernel.stub.Generate(generate_request(prompt, messages, **options), timeout=timeout,
+                                         metadata=self._metadata)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise syscall_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def complete(self, prompt: str = "", messages: Messages = (), **options: Any) -> Completion:
+        last = llm_core_pb2.GenerateChunk()
+        async for chunk in self.generate(prompt, messages, whole=True, **options):
+            last = chunk
+        return completion_of(last)
+
+    async def chat(self, messages: Messages, **options: Any) -> str:
+        return (await self.complete(messages=messages, **options)).text
+
+    async def _syscall(self, then: Callable[[Any], Any] = same, timeout: float | None = 60, **call: Any) -> Any:
+        (kind,) = call
+        try:
+            reply = await self.kernel.stub.Syscall(kernel_pb2.SyscallRequest(**call), timeout=timeout,
+                                                   metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise syscall_error(exc) from None
+        return then(getattr(reply, kind))
+
+    async def memory_list(self, page_size: int = 0) -> AsyncIterator[memory_pb2.MemoryEntry]:
+        token = ""
+        while True:
+            page = await self._syscall(memory_list=memory_pb2.MemoryListRequest(page_size=page_size, page_token=token))
+            for entry in page.entries:
+                yield entry
+            token = page.next_page_token
+            if not token:
+                return

@@ -1,0 +1,210 @@
+"""The requests behind every agent method, shared by the synchronous SDK (aios) and the asyncio one (aios.aio).
+
+`SyscallMethods` builds each memory, storage and tool syscall and hands it to
+`_syscall(then, **call)`, which each client implements: `aios.Agent` sends it and
+returns `then(result)`; `aios.aio.Agent` returns a coroutine that does the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from aios.v1 import common_pb2, kernel_pb2, llm_core_pb2, memory_pb2, storage_pb2, tools_pb2
+
+Messages = Iterable[tuple[str, str]]
+
+
+def same(result: Any) -> Any:
+    return result
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    syscall_id: str
+    token_ids: list[int]
+    prefix_tokens_reused: int
+
+
+def generate_request(
+    prompt: str = "",
+    messages: Messages = (),
+    *,
+    max_tokens: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Iterable[str] = (),
+    ignore_eos: bool = False,
+    json_schema: dict[str, Any] | None = None,
+    history_turns: int = 0,
+    remember: bool = False,
+    whole: bool = False,
+) -> kernel_pb2.KernelGenerateRequest:
+    """An LLM syscall. `json_schema`: the output is JSON valid under it (grammar-constrained decoding)."""
+    return kernel_pb2.KernelGenerateRequest(
+        history_turns=history_turns,
+        remember=remember,
+        whole=whole,
+        prompt=prompt,
+        messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+        sampling=common_pb2.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=list(stop),
+            ignore_eos=ignore_eos,
+            json_schema=json.dumps(json_schema) if json_schema is not None else "",
+        ),
+    )
+
+
+def completion_of(last: llm_core_pb2.GenerateChunk) -> Completion:
+    """The whole result of a generation from its last (whole=True) chunk."""
+    return Completion(
+        text=last.text,
+        finish_reason=llm_core_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower(),
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        syscall_id=last.syscall_id,
+        token_ids=list(last.token_ids),
+        prefix_tokens_reused=last.prefix_tokens_reused,
+    )
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries a token to the kernel."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class SyscallMethods:
+    """One agent's syscalls, made with its token. Results come back through `_syscall` and `kernel.call`: values in
+    the synchronous SDK, coroutines in the asyncio one."""
+
+    def __init__(self, kernel: Any, agent_id: str, name: str, token: str) -> None:
+        self.kernel = kernel
+        self.id = agent_id
+        self.name = name
+        self.token = token
+        self._metadata = bearer(token)
+
+    def __repr__(self) -> str:  # never the token
+        return f"{type(self).__module__}.Agent(id={self.id!r}, name={self.name!r})"
+
+    def status(self) -> kernel_pb2.KernelStatus:
+        """What the kernel shows this agent: its own queue places, the services' health."""
+        return self.kernel.call("GetStatus", kernel_pb2.GetStatusRequest(), self.token, timeout=10)
+
+    def syscall(self, syscall_id: str) -> common_pb2.SyscallInfo:
+        """The kernel's record of one of this agent's syscalls."""
+        return self.kernel.call("GetSyscall", kernel_pb2.GetSyscallRequest(syscall_id=syscall_id), self.token, timeout=10)
+
+    def _syscall(self, then: Callable[[Any], Any] = same, timeout: float | None = 60, **call: Any) -> Any:
+        raise NotImplementedError
+
+    def memory_add(self, text: str, metadata: dict[str, str] | None = None, role: str = "") -> memory_pb2.MemoryEntry:
+        """A note, or with role "user"/"assistant" a conversation turn."""
+        return self._syscall(memory_add=memory_pb2.MemoryAddRequest(text=text, metadata=metadata or {}, role=role))
+
+    def memory_update(
+        self, entry_id: str, text: str = "", metadata: dict[str, str] | None = None, remove_metadata: Iterable[str] = ()
+    ) -> memory_pb2.MemoryEntry:
+        return self._syscall(memory_update=memory_pb2.MemoryUpdateRequest(
+            id=entry_id, text=text, metadata=metadata or {}, remove_metadata=list(remove_metadata)))
+
+    def memory_search(self, query: str, limit: int = 10, metadata: dict[str, str] | None = None) -> list[memory_pb2.MemorySearchHit]:
+        """Entries containing any word of `query`, most relevant (BM25) first."""
+        request = memory_pb2.MemorySearchRequest(query=query, limit=limit, metadata=metadata or {})
+        return self._syscall(lambda r: list(r.hits), memory_search=request)
+
+    def memory_turns(self, limit: int) -> list[memory_pb2.MemoryEntry]:
+        """The newest `limit` conversation turns, oldest first."""
+        return self._syscall(lambda r: list(r.entries), memory_turns=memory_pb2.MemoryTurnsRequest(limit=limit))
+
+    def memory_get(self, entry_id: str) -> memory_pb2.MemoryEntry:
+        return self._syscall(memory_get=memory_pb2.MemoryGetRequest(id=entry_id))
+
+    def memory_delete(self, entry_id: str) -> memory_pb2.MemoryDeleteResponse:
+        return self._syscall(memory_delete=memory_pb2.MemoryDeleteRequest(id=entry_id))
+
+    def storage_write(
+        self, key: str, data: bytes | str, metadata: dict[str, str] | None = None, owner: str = ""
+    ) -> storage_pb2.StorageRecordInfo:
+        """A new version of `key`; `owner`: another agent's namespace, which it granted read-write."""
+        payload = data.encode() if isinstance(data, str) else data
+        request = storage_pb2.StorageWriteRequest(key=key, data=payload, metadata=metadata or {}, owner_agent_id=owner)
+        return self._syscall(storage_write=request)
+
+    def storage_read(self, key: str, version: int = 0, owner: str = "") -> bytes:
+        """The newest version's data (or `version`'s); `owner`: another agent that granted access."""
+        request = storage_pb2.StorageReadRequest(key=key, version=version, owner_agent_id=owner)
+        return self._syscall(lambda r: r.data, storage_read=request)
+
+    def storage_record(self, key: str, version: int = 0, owner: str = "") -> storage_pb2.StorageRecord:
+        request = storage_pb2.StorageReadRequest(key=key, version=version, owner_agent_id=owner)
+        return self._syscall(storage_read=request)
+
+    def storage_list(self, prefix: str = "") -> list[storage_pb2.StorageRecordInfo]:
+        return self._syscall(lambda r: list(r.records), storage_list=storage_pb2.StorageListRequest(prefix=prefix))
+
+    def storage_delete(self, key: str, purge: bool = False, owner: str = "") -> storage_pb2.StorageDeleteResponse:
+        """A tombstone version (undo with storage_rollback), or with `purge` every version erased."""
+        return self._syscall(storage_delete=storage_pb2.StorageDeleteRequest(key=key, purge=purge, owner_agent_id=owner))
+
+    def storage_history(self, key: str, owner: str = "") -> list[storage_pb2.StorageRecordInfo]:
+        request = storage_pb2.StorageHistoryRequest(key=key, owner_agent_id=owner)
+        return self._syscall(lambda r: list(r.records), storage_history=request)
+
+    def storage_rollback(self, key: str, version: int, owner: str = "") -> storage_pb2.StorageRecordInfo:
+        request = storage_pb2.StorageRollbackRequest(key=key, version=version, owner_agent_id=owner)
+        return self._syscall(storage_rollback=request)
+
+    def storage_search(
+        self, query: str, limit: int = 10, prefix: str = "", metadata: dict[str, str] | None = None
+    ) -> list[storage_pb2.StorageSearchHit]:
+        request = storage_pb2.StorageSearchRequest(query=query, limit=limit, prefix=prefix, metadata=metadata or {})
+        return self._syscall(lambda r: list(r.hits), storage_search=request)
+
+    def storage_grant(self, grantee: str, key: str, prefix: bool = False, write: bool = False) -> storage_pb2.StorageGrant:
+        """Lets agent `grantee` read `key` (or, with `prefix`, every key starting with it); with `write`, also
+        write, delete and roll it back. Granting again changes the access."""
+        access = storage_pb2.GRANT_ACCESS_READ_WRITE if write else storage_pb2.GRANT_ACCESS_READ
+        request = storage_pb2.StorageGrantRequest(grantee_agent_id=grantee, key=key, prefix=prefix, access=access)
+        return self._syscall(storage_grant=request)
+
+    def storage_revoke(self, grantee: str, key: str, prefix: bool = False) -> storage_pb2.StorageGrant:
+        return self._syscall(storage_revoke=storage_pb2.StorageGrantRequest(grantee_agent_id=grantee, key=key, prefix=prefix))
+
+    def storage_grants(self) -> storage_pb2.StorageListGrantsResponse:
+        """`.grants`: what this agent granted; `.received`: what other agents granted to it."""
+        return self._syscall(storage_grants=storage_pb2.StorageListGrantsRequest())
+
+    def storage_usage(self) -> storage_pb2.StorageUsage:
+        return self._syscall(storage_usage=storage_pb2.StorageUsageRequest())
+
+    def tools(self) -> list[tools_pb2.ToolSpec]:
+        return self._syscall(lambda r: list(r.tools), tool_list=tools_pb2.ListToolsRequest())
+
+    def sandbox_isolation(self) -> dict[str, bool]:
+        """What the tool service's code sandbox isolates on its machine (network, own uid, ...)."""
+        return self._syscall(lambda r: dict(r.sandbox_isolation), tool_list=tools_pb2.ListToolsRequest())
+
+    def tools_openai(self) -> list[dict[str, Any]]:
+        """The tools in OpenAI's function-calling format, ready for a chat-completions `tools` list."""
+        return self._syscall(lambda r: [
+            {"type": "function",
+             "function": {"name": t.name, "description": t.description, "parameters": json.loads(t.parameters_schema)}}
+            for t in r.tools
+        ], tool_list=tools_pb2.ListToolsRequest())
+
+    def call_tool(self, name: str, **arguments: Any) -> Any:
+        request = tools_pb2.CallToolRequest(name=name, arguments_json=json.dumps(arguments))
+        return self._syscall(lambda r: json.loads(r.result_json), tool_call=request)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: translates OpenAI API requests into kernel syscalls."""
