@@ -313,6 +313,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
     ns = result["config"]["agents"]
     panels = (["tokens", "ratio"] if ns else []) + (["snapshots"] if "snapshots" in result else [])
     panels += ["memory"] if "memory" in result else []
+    panels += ["gateway"] if "gateway" in result else []
+    if not panels:
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     ax = dict(zip(panels, axes[0]))
     if ns:
@@ -336,6 +339,12 @@ def chart(result: dict[str, Any], path: Path) -> None:
         modes = result["memory"]["modes"]
         ax["memory"].bar(list(modes), [row["hit_ratio"] for row in modes.values()], label="hit ratio")
         ax["memory"].set(title="memory paging at a 10% RAM budget", ylabel="hit ratio", ylim=(0, 1))
+    if "gateway" in result:
+        gw = result["gateway"]
+        paths = ["grpc", "gateway", "gateway_json_schema"]
+        ax["gateway"].bar(paths, [gw[p]["tok_per_s"] for p in paths], label="tok/s")
+        ax["gateway"].set(title=f"{gw['agents']} agents streaming: gRPC vs gateway", ylabel="tok/s")
+        ax["gateway"].tick_params(axis="x", labelsize=8)
     for a in ax.values():
         a.grid(alpha=0.3)
         a.legend(fontsize=8)

@@ -15,9 +15,8 @@ from typing import Any, AsyncIterator
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sse_starlette.sse import EventSourceResponse
 
 from aios.v1 import kernel_pb2, kernel_pb2_grpc
 from services.credentials import CHANNEL_OPTIONS
@@ -135,7 +134,7 @@ def create_app(door: KernelDoor, served_models: list[str]) -> FastAPI:
             return chat_completion(plan, last)
         stream = door.stub.Generate(plan.request, metadata=metadata, timeout=timeout)
         first = await _first(stream)  # errors before the first chunk still get an HTTP status
-        return EventSourceResponse(_chat_events(plan, stream, first), ping=15)
+        return event_stream(_chat_events(plan, stream, first))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -147,7 +146,7 @@ def create_app(door: KernelDoor, served_models: list[str]) -> FastAPI:
             return text_completion(model_name, await _last_chunk(door, kernel_request, metadata, timeout))
         stream = door.stub.Generate(kernel_request, metadata=metadata, timeout=timeout)
         first = await _first(stream)
-        return EventSourceResponse(_completion_events(model_name, include_usage, stream, first), ping=15)
+        return event_stream(_completion_events(model_name, include_usage, stream, first))
 
     return app
 
@@ -190,16 +189,27 @@ async def _chunks(stream: Any, first: Any) -> AsyncIterator[Any]:
         stream.cancel()
 
 
-def _sse(payload: dict[str, Any]) -> dict[str, str]:
-    return {"data": json.dumps(payload, separators=(",", ":"))}
+# Server-sent events as OpenAI sends them: `data: <json>` per chunk, then `data: [DONE]`, written straight into a
+# Starlette StreamingResponse: one small bytes object per token. (With sse-starlette's EventSourceResponse the gateway
+# reached 0.88 of the gRPC kernel's throughput in one `make bench` run at 16 streams on 2 cores; like this, 1.00.)
+DONE = b"data: [DONE]\n\n"
 
 
-def _error_event(exc: grpc.aio.AioRpcError) -> dict[str, str]:
+def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _error_event(exc: grpc.aio.AioRpcError) -> bytes:
     """A failure after the stream began: OpenAI sends the error object as a data event."""
     return _sse(translated(exc).body())
 
 
-async def _chat_events(plan: ChatPlan, stream: Any, first: Any) -> AsyncIterator[dict[str, str]]:
+async def _chat_events(plan: ChatPlan, stream: Any, first: Any) -> AsyncIterator[bytes]:
     ident, created = completion_id("chatcmpl", first.syscall_id), int(time.time())
     yield _sse(chat_chunk(plan, ident, created, {"role": "assistant", "content": ""}))
     pieces: list[str] = []
@@ -223,10 +233,10 @@ async def _chat_events(plan: ChatPlan, stream: Any, first: Any) -> AsyncIterator
                                 "system_fingerprint": None, "choices": [], "usage": usage(chunk)})
     except grpc.aio.AioRpcError as exc:
         yield _error_event(exc)
-    yield {"data": "[DONE]"}
+    yield DONE
 
 
-async def _completion_events(model: str, include_usage: bool, stream: Any, first: Any) -> AsyncIterator[dict[str, str]]:
+async def _completion_events(model: str, include_usage: bool, stream: Any, first: Any) -> AsyncIterator[bytes]:
     ident, created = completion_id("cmpl", first.syscall_id), int(time.time())
 
     def chunk_of(text: str, finish: str | None) -> dict[str, Any]:
@@ -245,4 +255,4 @@ async def _completion_events(model: str, include_usage: bool, stream: Any, first
                 yield _sse({**chunk_of("", None), "choices": [], "usage": usage(chunk)})
     except grpc.aio.AioRpcError as exc:
         yield _error_event(exc)
-    yield {"data": "[DONE]"}
+    yield DONE

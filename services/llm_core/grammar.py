@@ -3,9 +3,16 @@
 The schema becomes a GBNF grammar through llama.cpp's own converter (shipped in
 llama-cpp-python as `llama_grammar.json_schema_to_gbnf`), and llama.cpp's
 grammar sampler says which tokens may come next. Asking it about all 262k tokens
-of the vocabulary every step is slow, so, as llama.cpp's server does, the
-sampler first draws a token freely and asks the grammar about that one token;
-only when it is refused does it mask the whole vocabulary and draw again. The
+of the vocabulary costs ≈ 50 ms, a whole decode step, so, as llama.cpp's server
+does, the sampler first draws a token freely and asks the grammar about that one
+token (≈ 7 µs); when it is refused, it asks about the 512, then the 16,384 most
+likely tokens (greedy decoding stays exact: the best allowed token is among them
+if any of them is allowed; for sampling, the mass beyond them is negligible),
+then about the vocabulary's JSON punctuation tokens (where a grammar forces a
+`"` the model ranks low), and only if none of those is allowed does it mask the
+whole vocabulary. Measured on a JSON Schema at 16 sequences: a third of the
+refusals needed more than the top 512, and whole-vocabulary masks had cost 14%
+of throughput. The
 grammar's state is a function of the tokens accepted so far, so a sequence
 restored from a snapshot rebuilds it by replaying its generated tokens.
 
@@ -26,6 +33,7 @@ from llama_cpp.llama_grammar import STRING_FORMAT_RULES, json_schema_to_gbnf
 from services.errors import InvalidArgument
 
 MAX_SCHEMA_CHARS = 64 * 1024
+CANDIDATE_TIERS = (512, 16384)
 # What llama.cpp's converter turns into grammar rules, and keywords that only annotate.
 ENFORCED = {
     "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
@@ -34,6 +42,8 @@ ENFORCED = {
 }
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly", "strict"}
+# Bytes of tokens that are JSON punctuation (and whitespace) only: the last tier before the whole vocabulary.
+JSON_PUNCTUATION = frozenset(b' \t\n{}[]:,"')
 # Keywords whose value is a map of names to schemas, or a schema, or a list of schemas.
 SCHEMA_MAPS = ("properties", "$defs", "definitions")
 SCHEMA_VALUES = ("items", "additionalProperties")
@@ -85,12 +95,16 @@ def schema_to_grammar(schema_json: str) -> str:
 class GrammarConstraint:
     """llama.cpp's grammar sampler for one sequence: which tokens may come next."""
 
-    def __init__(self, vocab: llama.llama_vocab_p, grammar: str, n_vocab: int) -> None:
+    def __init__(self, vocab: llama.llama_vocab_p, grammar: str, n_vocab: int, punctuation: np.ndarray) -> None:
+        self.punctuation = punctuation
         self._sampler = llama.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
         if not self._sampler:
             raise InvalidArgument("the grammar does not parse (see the LLM core's log)")
         self._one = (llama.llama_token_data * 1)()
         self._one_array = llama.llama_token_data_array(self._one, 1, -1, False)
+        self._some = np.zeros(max(CANDIDATE_TIERS[-1], len(punctuation)), dtype=TOKEN_DATA)
+        self._some_array = llama.llama_token_data_array(
+            self._some.ctypes.data_as(llama.llama_token_data_p), len(self._some), -1, False)
         self._all = np.zeros(n_vocab, dtype=TOKEN_DATA)
         self._all["id"] = np.arange(n_vocab, dtype=np.int32)
         self._all_array = llama.llama_token_data_array(
@@ -101,6 +115,15 @@ class GrammarConstraint:
         self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
         llama.llama_sampler_apply(self._sampler, ctypes.byref(self._one_array))
         return bool(np.isfinite(self._one[0].logit))
+
+    def allowed(self, tokens: np.ndarray) -> np.ndarray:
+        """Which of `tokens` (a candidate tier, or the punctuation tokens) the grammar allows next."""
+        n = len(tokens)
+        self._some["id"][:n] = tokens
+        self._some["logit"][:n] = 0.0
+        self._some_array.size, self._some_array.selected, self._some_array.sorted = n, -1, False
+        llama.llama_sampler_apply(self._sampler, ctypes.byref(self._some_array))
+        return np.isfinite(self._some["logit"][:n])
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A copy of `logits` with every token the grammar refuses at -inf."""

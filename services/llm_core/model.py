@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp as llama
 import numpy as np
 
-from services.llm_core.grammar import GrammarConstraint
+from services.llm_core.grammar import JSON_PUNCTUATION, GrammarConstraint
 
 log = logging.getLogger("aios.llm_core.model")
 
@@ -81,6 +81,7 @@ class LlamaModel:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+        self._punctuation: np.ndarray | None = None  # tokens of JSON punctuation only, for grammars
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
         buf = ctypes.create_string_buffer(256)
         llama.llama_model_desc(self.model, buf, len(buf))
@@ -112,7 +113,12 @@ class LlamaModel:
 
     def constraint(self, grammar: str) -> GrammarConstraint | None:
         """A grammar sampler for one sequence over this vocabulary (None for no grammar)."""
-        return GrammarConstraint(self.vocab, grammar, self.n_vocab) if grammar else None
+        if not grammar:
+            return None
+        if self._punctuation is None:  # once per model: ≈ 0.3 s over the vocabulary
+            self._punctuation = np.array([t for t in range(self.n_vocab)
+                                          if (p := self.piece(t)) and set(p) <= JSON_PUNCTUATION], dtype=np.int32)
+        return GrammarConstraint(self.vocab, grammar, self.n_vocab, self._punctuation)
 
     def logits_view(self, ctx: llama.llama_context_p, index: int) -> np.ndarray:
         """Zero-copy view of the logits of batch output `index` (valid until the next decode)."""

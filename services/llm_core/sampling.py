@@ -8,13 +8,14 @@ grammar allows.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from services.errors import FailedPrecondition, InvalidArgument
-from services.llm_core.grammar import GrammarConstraint, schema_to_grammar
+from services.llm_core.grammar import CANDIDATE_TIERS, GrammarConstraint, schema_to_grammar
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -76,13 +77,25 @@ class TokenSampler:
         constraint = self.constraint
         if constraint is None:
             return token
-        if not constraint.allows(token):  # rare once the output is under way: only then mask all tokens
-            masked = constraint.mask(logits)
-            if not np.isfinite(masked).any():
-                raise FailedPrecondition("the output grammar allows no next token; the schema may be unsatisfiable")
-            token = self._draw(masked)
+        if not constraint.allows(token):
+            token = self._draw(self._allowed_logits(logits, constraint))
         constraint.accept(token)
         return token
+
+    @staticmethod
+    def _allowed_logits(logits: np.ndarray, constraint: GrammarConstraint) -> np.ndarray:
+        """`logits` with what the grammar refuses at -inf, asking it about few tokens first (grammar.py says why)."""
+        tiers = (np.argpartition(logits, -n)[-n:] for n in CANDIDATE_TIERS)  # computed only when reached
+        for candidates in itertools.chain(tiers, [constraint.punctuation]):
+            allowed = candidates[constraint.allowed(candidates)]
+            if len(allowed):
+                masked = np.full(logits.shape, -np.inf, dtype=np.float32)
+                masked[allowed] = logits[allowed]
+                return masked
+        masked = constraint.mask(logits)
+        if not np.isfinite(masked).any():
+            raise FailedPrecondition("the output grammar allows no next token; the schema may be unsatisfiable")
+        return masked
 
     def _draw(self, logits: np.ndarray) -> int:
         config = self.config
