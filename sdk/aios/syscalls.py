@@ -46,9 +46,12 @@ def generate_request(
     history_turns: int = 0,
     remember: bool = False,
     whole: bool = False,
+    priority: int | None = None,
 ) -> kernel_pb2.KernelGenerateRequest:
-    """An LLM syscall. `json_schema`: the output is JSON valid under it (grammar-constrained decoding)."""
+    """An LLM syscall. `json_schema`: the output is JSON valid under it (grammar-constrained decoding);
+    `priority`: lower than the agent's for this call (never higher)."""
     return kernel_pb2.KernelGenerateRequest(
+        priority=priority,
         history_turns=history_turns,
         remember=remember,
         whole=whole,

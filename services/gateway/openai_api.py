@@ -160,12 +160,17 @@ def _common_sampling(body: dict[str, Any], default_max_tokens: int) -> common_pb
 
 
 def _extensions(body: dict[str, Any], request: kernel_pb2.KernelGenerateRequest) -> None:
-    """AIOS's own optional fields (the openai client sends them with `extra_body`)."""
+    """AIOS's own optional fields (the openai client sends them with `extra_body`): memory and a priority hint."""
     history = body.get("history_turns")
     if history is not None:
         if isinstance(history, bool) or not isinstance(history, int) or not 0 <= history <= 1000:
             raise invalid("history_turns", "history_turns must be an integer from 0 to 1000")
         request.history_turns = history
+    priority = body.get("priority")  # as vLLM's; AIOS caps it at the agent's own priority
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 10:
+            raise invalid("priority", "priority must be an integer from 0 to 10 (capped at the agent's priority)")
+        request.priority = priority
     remember = body.get("remember")
     if remember is not None:
         if not isinstance(remember, bool):

@@ -117,12 +117,14 @@ class Kernel:
 
     @asynccontextmanager
     async def _syscall(
-        self, agent: Agent, kind: str, resource: Resource, queue: ResourceQueue | None = None, tool: str = ""
+        self, agent: Agent, kind: str, resource: Resource, queue: ResourceQueue | None = None, tool: str = "",
+        priority: int | None = None,
     ) -> AsyncIterator[SyscallRecord]:
         """Opens the record, waits for the resource (or `queue`, after the agent's own line for `tool`), and
         closes the record with the outcome."""
         self.usage.enter(agent)
-        record = self.table.create(agent.id, kind, resource, agent.priority, agent.weight)
+        priority = agent.priority if priority is None else min(priority, agent.priority)  # less, never more
+        record = self.table.create(agent.id, kind, resource, priority, agent.weight)
         manager = self.managers[resource]
         try:
             async with AsyncExitStack() as stack:
@@ -192,7 +194,8 @@ class Kernel:
         reply: list[str] = []
         token_ids: list[int] = []
         finished = False
-        async with self._syscall(agent, "llm_generate", Resource.LLM) as record:
+        hint = request.priority if request.HasField("priority") else None
+        async with self._syscall(agent, "llm_generate", Resource.LLM, priority=hint) as record:
             message = llm_core_pb2.GenerateRequest(
                 agent_id=agent.id,
                 prompt=request.prompt,

@@ -45,6 +45,7 @@ def record_to_proto(record: SyscallRecord) -> common_pb2.SyscallInfo:
         running_seconds=record.running_s,
         preempted_seconds=record.preempted_s,
         preemptions=record.preemptions,
+        priority=record.priority,
     )
 
 

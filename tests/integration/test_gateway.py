@@ -212,6 +212,15 @@ def test_aios_extensions_remember_the_turns_in_the_agents_memory(client, model, 
     assert error.value.body["param"] == "history_turns"
 
 
+def test_a_priority_hint_lowers_never_raises_the_agents_priority(cluster, kernel, model):
+    middling = kernel.register("middling", priority=5)
+    client = openai.OpenAI(base_url=cluster.openai_base_url, api_key=middling.token, max_retries=0)
+    for hint, scheduled in ((2, 2), (9, 5), (None, 5)):
+        reply = client.chat.completions.create(model=model, messages=ASK, max_tokens=2, temperature=0,
+                                               extra_body={} if hint is None else {"priority": hint})
+        assert middling.syscall(reply.id.removeprefix("chatcmpl-")).priority == scheduled
+
+
 def test_an_async_client_streams_too(cluster, agent, model):
     import asyncio
 
