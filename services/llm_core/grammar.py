@@ -33,6 +33,8 @@ from llama_cpp.llama_grammar import STRING_FORMAT_RULES, json_schema_to_gbnf
 from services.errors import InvalidArgument
 
 MAX_SCHEMA_CHARS = 64 * 1024
+LOOSE_CHAR = 'char ::= [^"\\\\]'
+STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'
 CANDIDATE_TIERS = (512, 16384)
 # What llama.cpp's converter turns into grammar rules, and keywords that only annotate.
 ENFORCED = {
@@ -87,9 +89,12 @@ def schema_to_grammar(schema_json: str) -> str:
             "the JSON Schema uses keywords that constrained decoding cannot enforce: " + "; ".join(unsupported[:10])
         )
     try:
-        return json_schema_to_gbnf(schema_json)
+        grammar = json_schema_to_gbnf(schema_json)
     except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
         raise InvalidArgument(f"the JSON Schema cannot be turned into a grammar: {exc}") from None
+    # llama-cpp-python's port lets a string hold raw control characters (a newline), which is not JSON; llama.cpp's
+    # own converter excludes them. Found by a test whose sampled replies did not parse.
+    return grammar.replace(LOOSE_CHAR, STRICT_CHAR)
 
 
 class GrammarConstraint:

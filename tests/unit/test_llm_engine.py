@@ -471,3 +471,14 @@ def test_constrained_and_free_sequences_share_one_batch_and_the_constrained_outp
         assert h.engine.stats.steps < end.completion_tokens + free_end.completion_tokens
     finally:
         h.close()
+
+
+def test_a_json_string_may_not_hold_a_raw_control_character(model):
+    """llama-cpp-python's converter allowed a raw newline inside strings (invalid JSON); the core's grammar does not."""
+    constraint = model.constraint(SamplingConfig.checked(
+        50, 0.0, 0.0, 0, 1, [], json_schema=json.dumps({"type": "object", "properties": {"a": {"type": "string"}}})).grammar)
+    for token in model.tokenize('{"a": "line', False, False):
+        assert constraint.allows(token)
+        constraint.accept(token)
+    assert not constraint.allows(model.tokenize("\n", False, False)[0])
+    assert constraint.allows(model.tokenize('\\n', False, False)[0])  # the escaped form is JSON
