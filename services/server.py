@@ -130,6 +130,26 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+# grpcio-reflection serves v1alpha only; grpcurl and newer tools ask for v1 first. The two protos differ in their
+# package name alone (same messages, same field numbers), so v1 is the same servicer under the v1 name.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(service: "Service", server: grpc.aio.Server) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    names = [*service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection.enable_server_reflection(names, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        ),
+    }),))
+
+
 HealthProbe = Callable[[], Awaitable[bool]]
 
 
@@ -226,9 +246,7 @@ async def serve(service: Service, host: str, port: int, ready_file: Path | None 
     service.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    _enable_reflection(service, server)
     if service.server_credentials is not None:
         bound = server.add_secure_port(f"{host}:{port}", service.server_credentials)
     else:

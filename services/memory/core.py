@@ -42,7 +42,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_SEARCH_RESULTS = 100
 MAX_TURNS = 1000
-ROLES = ("", "user", "assistant")  # a note, or a conversation turn a prompt can replay
+ROLES = ("", "system", "user", "assistant", "tool")  # a note, or a conversation turn a prompt can replay
 ENTRY_ID = re.compile(r"mem-([0-9a-f]{16})-([1-9][0-9]{0,17})")
 
 BlockKey = tuple[str, int]  # (agent key, block number)

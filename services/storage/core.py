@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import threading
+import unicodedata
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
 DEFAULT_QUOTA_BYTES = 256 * 1024 * 1024
 DEFAULT_QUOTA_RECORDS = 10_000
 MAX_SEARCH_RESULTS = 100
+MAX_VERSION = 2**63 - 1  # SQLite's largest integer
+# Characters that make two different keys look the same in a listing: bidi controls and zero-width characters.
+INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\u200e\u200f")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -126,6 +130,12 @@ def validate_prefix(prefix: str) -> str:
 
 def _check_name(name: str, what: str) -> None:
     require(len(name) <= MAX_KEY_CHARS, f"{what} is {len(name)} characters; the limit is {MAX_KEY_CHARS}")
+    if any(c in INVISIBLE for c in name):
+        raise InvalidArgument(f"{what} {name!r} contains a bidi control or zero-width character (it could spoof a name)")
+    if unicodedata.normalize("NFC", name) != name:
+        raise InvalidArgument(f"{what} {name!r} is not in Unicode NFC form; normalise it first")
+    if any(not segment.strip() for segment in name.split("/") if segment):
+        raise InvalidArgument(f"{what} {name!r} has a segment of only whitespace")
     if any(ord(c) < 32 or c in "\\\x7f" for c in name):
         raise InvalidArgument(f"{what} {name!r} contains a backslash or control character")
     if name.startswith("/"):
@@ -183,7 +193,7 @@ class RecordStore:
     def rollback(self, agent_id: str, key: str, version: int, owner: str = "") -> RecordInfo:
         """Makes `version`'s content the newest again, as a new version."""
         validate_key(key)
-        require(version > 0, "version must be a positive version number (see the record's history)")
+        require(0 < version <= MAX_VERSION, "version must be a positive version number (see the record's history)")
         owner = owner or agent_id
         with self._lock, transaction(self._db):
             self._check_access(agent_id, owner, key, Access.READ_WRITE)
@@ -237,6 +247,7 @@ class RecordStore:
         """The newest version (or `version`) of a record of `owner` (default: the caller's own)."""
         validate_key(key)
         owner = owner or agent_id
+        require(version <= MAX_VERSION, f"version {version} does not exist (versions stay below 2^63)")
         with self._lock:
             self._check_access(agent_id, owner, key)
             if version:

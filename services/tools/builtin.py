@@ -41,7 +41,10 @@ def evaluate(expression: str) -> int | float:
     except SyntaxError as exc:
         raise InvalidArgument(f"cannot parse expression {expression!r}: {exc.msg}") from None
     try:
-        return _eval(tree.body)
+        result = _eval(tree.body)
+        if isinstance(result, complex) or (isinstance(result, float) and not math.isfinite(result)):
+            raise InvalidArgument(f"{expression!r} has no finite real value (JSON has no Infinity or NaN)")
+        return result
     except ZeroDivisionError:
         raise InvalidArgument(f"division by zero in {expression!r}") from None
     except (ValueError, OverflowError, TypeError) as exc:
@@ -53,8 +56,12 @@ def _eval(node: ast.AST) -> Any:
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise InvalidArgument(f"exponent {right} is larger than {MAX_EXPONENT}")
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > MAX_EXPONENT:
+                raise InvalidArgument(f"exponent {right} is larger than {MAX_EXPONENT}")
+            if abs(left) > 1 and right > 0 and right * math.log10(abs(left)) > math.log10(MAX_MAGNITUDE):
+                # Refused before the work: (10**300)**10000 would cost seconds of CPU to build and then be refused.
+                raise InvalidArgument("result is too large (more than 300 digits)")
         result = _BINARY[type(node.op)](left, right)
         if isinstance(result, int) and abs(result) > MAX_MAGNITUDE:
             raise InvalidArgument("result is too large (more than 300 digits)")

@@ -49,6 +49,10 @@ class ToolCounters:
     refused: int = 0
 
 
+# The most of a caller's input an error message repeats (it travels in gRPC trailers, 16 KB at most).
+MAX_ECHO = 200
+
+
 class ToolRegistry:
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
@@ -78,12 +82,15 @@ class ToolRegistry:
             raise NotFound(f"no tool named {name!r}; available tools: {known}")
         try:
             arguments = json.loads(arguments_json) if arguments_json.strip() else {}
+            error = jsonschema.exceptions.best_match(self._validators[name].iter_errors(arguments))
         except json.JSONDecodeError as exc:
             raise InvalidArgument(f"arguments for {name!r} are not valid JSON: {exc}") from None
-        error = jsonschema.exceptions.best_match(self._validators[name].iter_errors(arguments))
+        except RecursionError:
+            raise InvalidArgument(f"arguments for {name!r} are nested too deeply") from None
         if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "(arguments)"
-            raise InvalidArgument(f"arguments for {name!r} do not match its schema at {where}: {error.message}")
+            where = "/".join(str(p) for p in error.absolute_path)[:MAX_ECHO] or "(arguments)"
+            message = error.message if len(error.message) <= MAX_ECHO else error.message[:MAX_ECHO] + "..."
+            raise InvalidArgument(f"arguments for {name!r} do not match its schema at {where}: {message}")
         return tool, arguments
 
     async def call(self, name: str, arguments_json: str, context: CallContext) -> Any:

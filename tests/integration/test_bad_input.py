@@ -1,10 +1,12 @@
 """Bad input gets the right gRPC status and a clear message; the services keep serving."""
 
+import json
+
 import grpc
 import pytest
 
 import aios
-from aios.v1 import kernel_pb2, kernel_pb2_grpc
+from aios.v1 import kernel_pb2, kernel_pb2_grpc, tools_pb2
 
 C = grpc.StatusCode
 LONG_PROMPT = " ".join(f"word{i}" for i in range(6000))  # far beyond one sequence's 2048 tokens
@@ -93,3 +95,42 @@ def test_everything_still_works_after_bad_input(kernel, agent):
     assert all(s.healthy for s in status.services) and status.syscalls_failed > 0
     assert status.llm.slots_busy == 0 and status.llm.slots_parked == 0  # no failure leaked a slot
     assert all(q.running == 0 for q in status.queues if q.resource != 1)
+
+
+@pytest.mark.parametrize(
+    "call, code, phrase",
+    [
+        (lambda a: a.storage_read("k", version=2**63), C.INVALID_ARGUMENT, "2^63"),
+        (lambda a: a.storage_rollback("k", 2**64 - 1), C.INVALID_ARGUMENT, "positive version"),
+        (lambda a: a.call_tool("calculator", expression="[" * 100_000), C.INVALID_ARGUMENT, "longer than 500"),
+        (lambda a: a.call_tool("calculator", expression="(10**300)**10000"), C.INVALID_ARGUMENT, "too large"),
+        (lambda a: a.call_tool("calculator", expression="1e308*10"), C.INVALID_ARGUMENT, "finite"),
+        (lambda a: a.call_tool("calculator", expression="(-8)**0.5"), C.INVALID_ARGUMENT, "finite"),
+        (lambda a: a.storage_write("notes/\u202etxt.exe", "x"), C.INVALID_ARGUMENT, "bidi"),
+        (lambda a: a.storage_write("notes/a\u200bb", "x"), C.INVALID_ARGUMENT, "zero-width"),
+        (lambda a: a.storage_write("notes/   ", "x"), C.INVALID_ARGUMENT, "whitespace"),
+        (lambda a: a.storage_write("cafe\u0301", "x"), C.INVALID_ARGUMENT, "NFC"),
+    ],
+)
+def test_inputs_that_used_to_get_the_wrong_status(agent, call, code, phrase):
+    with pytest.raises(aios.SyscallError) as error:
+        call(agent)
+    assert error.value.code == code and phrase in error.value.message, error.value.message
+
+
+def test_deeply_nested_tool_arguments_and_huge_schema_errors_are_refused_briefly(kernel, agent):
+    stub = kernel_pb2_grpc.KernelStub(kernel.channel)
+    metadata = (("authorization", f"Bearer {agent.token}"),)
+    nested = '{"expression": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    huge = '{"expression": ' + json.dumps(["x" * 1000] * 3000) + "}"  # 3 MB that the schema refuses
+    for arguments in (nested, huge):
+        request = kernel_pb2.SyscallRequest(tool_call=tools_pb2.CallToolRequest(name="calculator", arguments_json=arguments))
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Syscall(request, metadata=metadata, timeout=30)
+        assert error.value.code() == C.INVALID_ARGUMENT and len(error.value.details()) < 1000
+    assert agent.call_tool("calculator", expression="2**10")["result"] == 1024
+
+
+def test_memory_takes_the_roles_its_proto_documents(agent):
+    for role in ("", "system", "user", "assistant", "tool"):
+        assert agent.memory_add(f"a {role or 'note'}", role=role).role == role

@@ -84,3 +84,9 @@ def test_services_answer_standard_health_and_reflection(cluster):
             reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
             services = {s.name for s in reply.list_services_response.service}
             assert "grpc.health.v1.Health" in services and any(s.startswith("aios.v1.") for s in services), name
+            v1 = channel.stream_stream(  # grpc.reflection.v1: the same messages under the v1 package name
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            reply = next(v1(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+            assert "grpc.reflection.v1.ServerReflection" in {s.name for s in reply.list_services_response.service}
