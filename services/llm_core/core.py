@@ -7,7 +7,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable
 
-from services.errors import InvalidArgument
+from services.errors import InvalidArgument, ResourceExhausted
 from services.llm_core.engine import BatchEngine, Event, Sequence
 from services.llm_core.model import LlamaModel
 from services.llm_core.prompt import PromptFormat
@@ -34,6 +34,16 @@ class LLMCore:
         self.snapshots = snapshots
         self._ids = itertools.count(1)
 
+    def check_length(self, request: GenerationRequest) -> None:
+        """Refuses, before any tokenizing, a prompt too long in characters to fit the context in tokens."""
+        chars = len(request.prompt) + sum(len(content) for _, content in request.messages)
+        limit = self.engine.config.max_sequence_tokens * self.model.longest_token_chars
+        if chars > limit:
+            raise ResourceExhausted(
+                f"the prompt is {chars} characters; this LLM core holds {self.engine.config.max_sequence_tokens} "
+                f"tokens per sequence, which no prompt over {limit} characters fits. Shorten the prompt."
+            )
+
     def tokens_for(self, prompt: str, messages: list[tuple[str, str]]) -> list[int]:
         if bool(prompt) == bool(messages):
             raise InvalidArgument("set exactly one of prompt or messages")
@@ -45,12 +55,13 @@ class LLMCore:
         return tokens
 
     def start(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
-        """Tokenizes, checks limits and queues the sequence; events arrive through `emit`."""
+        """Checks sizes, tokenizes, checks limits and queues the sequence; events arrive through `emit`."""
+        self.check_length(request)
         tokens = self.tokens_for(request.prompt, request.messages)
         sampling = request.sampling
         if request.messages:
             # The model must stop where it would start writing the next (user's) turn.
-            sampling = dataclasses.replace(sampling, stop=sampling.stop + self.format.stop)
+            sampling = dataclasses.replace(sampling, stop=sampling.stop + self.format.stop, turn_end=self.format.stop)
         seq = Sequence(request.request_id or f"gen-{next(self._ids)}", request.agent_id, tokens, sampling, emit,
                        constraint=self.model.constraint(sampling.grammar))
         self.engine.submit(seq)

@@ -717,7 +717,10 @@ class BatchEngine:
         seq.emit(TokenEvent(text, token, len(seq.generated), seq.slot))
         seq.next_token = token
         if seq.text.stopped:
-            self._finish(seq, FinishReason.STOP_STRING)
+            # The model ending its chat turn is a normal stop; the caller's own stop strings say STOP_STRING.
+            turn_end = seq.text.matched in seq.config.turn_end and seq.text.matched not in seq.config.stop[
+                : len(seq.config.stop) - len(seq.config.turn_end)]
+            self._finish(seq, FinishReason.STOP if turn_end else FinishReason.STOP_STRING)
         elif len(seq.generated) >= seq.config.max_tokens:
             self._finish(seq, FinishReason.LENGTH)
         elif seq.n_past + 1 >= self.config.max_sequence_tokens:

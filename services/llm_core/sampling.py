@@ -30,6 +30,7 @@ class SamplingConfig:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     grammar: str = ""  # GBNF; empty: unconstrained
+    turn_end: tuple[str, ...] = ()  # the stop strings that mark the model ending its turn (chat): a normal stop
 
     @classmethod
     def checked(

@@ -10,6 +10,7 @@ from services.errors import InvalidArgument
 from services.llm_core.core import GenerationRequest, LLMCore
 from services.llm_core.engine import (
     ErrorEvent,
+    Sequence,
     Event,
     FinishEvent,
     FinishReason,
@@ -80,9 +81,10 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
         if request.resume:
             if request.prompt or request.messages or request.HasField("sampling"):
                 raise InvalidArgument("a resume continues the generation as it was: leave prompt, messages and sampling empty")
-            seq = await asyncio.to_thread(self.core.resume, request.syscall_id, request.agent_id, emit)
+            seq = await self._off_loop(self.core.resume, request.syscall_id, request.agent_id, emit)
         else:
-            seq = self.core.start(request_from_proto(request), emit)
+            # Tokenizing a long prompt takes a while: in a thread, so other streams keep flowing meanwhile.
+            seq = await self._off_loop(self.core.start, request_from_proto(request), emit)
         parked = False
         try:
             while True:
@@ -96,6 +98,15 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
         finally:
             if not seq.finished and not parked:  # the caller went away mid-generation
                 self.core.cancel(seq)
+
+    async def _off_loop(self, start: Callable[..., Sequence], *args: object) -> Sequence:
+        """`start(*args)` in a worker thread; a caller that leaves meanwhile gets its sequence cancelled, not orphaned."""
+        work = asyncio.ensure_future(asyncio.to_thread(start, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(lambda done: done.exception() is None and self.core.cancel(done.result()))
+            raise
 
     async def Preempt(self, request, context):
         if not request.syscall_id:

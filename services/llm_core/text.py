@@ -17,6 +17,7 @@ class TextStream:
         self._stop = stop
         self._held = ""
         self.stopped = False
+        self.matched = ""  # the stop string that ended the stream
 
     def feed(self, data: bytes) -> str:
         if self.stopped:
@@ -25,7 +26,7 @@ class TextStream:
         for stop in self._stop:
             index = self._held.find(stop)
             if index >= 0:
-                self.stopped = True
+                self.stopped, self.matched = True, stop
                 out, self._held = self._held[:index], ""
                 return out
         keep = self._longest_stop_prefix_suffix()

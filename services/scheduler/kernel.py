@@ -29,7 +29,7 @@ from aios.v1 import (
     tools_pb2,
     tools_pb2_grpc,
 )
-from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound
+from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 from services.manager_client import CONNECT_TIMEOUT_S, ManagerClient
 from services.scheduler.identity import Agent, AgentRegistry, Caller
 from services.scheduler.quotas import AgentUsage
@@ -76,6 +76,10 @@ STUBS = {
     Resource.STORAGE: storage_pb2_grpc.StorageStub,
     Resource.TOOLS: tools_pb2_grpc.ToolsStub,
 }
+
+# The largest LLM syscall the kernel takes (prompt, messages, schema): far above any context the LLM core holds, and
+# refused before any work, so one agent's 30 MB request costs the others nothing.
+MAX_GENERATE_BYTES = 4 * 1024 * 1024
 
 # Storage calls that name another agent the kernel must check exists (a grant to nobody is a mistake).
 NAMES_A_GRANTEE = ("storage_grant",)
@@ -189,6 +193,10 @@ class Kernel:
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self.queues[Resource.LLM]
         core = self.managers[Resource.LLM]
+        size = request.ByteSize()
+        if size > MAX_GENERATE_BYTES:
+            raise ResourceExhausted(f"the generation request is {size} bytes; the limit is {MAX_GENERATE_BYTES} "
+                                    "(no context holds more). Shorten the prompt.")
         self.usage.admit_generation(agent, time.monotonic())
         messages = await self._with_history(agent, request, timeout)
         reply: list[str] = []

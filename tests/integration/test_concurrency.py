@@ -51,3 +51,43 @@ def test_an_agent_cannot_read_another_agents_memory(kernel):
         other.storage_read("diary")
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
     assert other.storage_list() == []
+
+
+def test_a_huge_request_is_refused_without_stalling_another_agents_stream(kernel):
+    """30 MB of chat messages: refused before any work, while the neighbour's tokens keep coming."""
+    import threading
+    import time
+
+    streamer, flooder = kernel.register("streamer"), kernel.register("flooder")
+    stream = streamer.generate("Once upon a time", max_tokens=400, ignore_eos=True, timeout=120)
+    next(stream)
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        last = time.monotonic()
+        for _ in stream:
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+            if stop.is_set():
+                break
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    messages = [("user", "x" * 1024)] * 30_000
+    started = time.monotonic()
+    with pytest.raises(aios.SyscallError) as refused:
+        flooder.complete(messages=messages, max_tokens=4)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Shorten" in refused.value.message
+    refused_after = time.monotonic() - started
+    during = len(gaps)
+    stop.set()
+    reader.join(timeout=120)
+    stream.close()
+    assert refused_after < 10, refused_after
+    assert during and max(gaps) < 1.0, (during, max(gaps))  # the neighbour's next token always came within 1 s
+    too_long = [("user", "word " * 20_000)]  # 100 KB: under the kernel's cap, over what the context can hold
+    with pytest.raises(aios.SyscallError) as refused:
+        flooder.complete(messages=too_long, max_tokens=4)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "characters" in refused.value.message
