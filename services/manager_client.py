@@ -20,6 +20,9 @@ from services.errors import AiosError, DeadlineExceeded, ForwardedError, Unavail
 
 # How long a call waits for a manager that is not connected before UNAVAILABLE.
 CONNECT_TIMEOUT_S = 2.0
+# What grpc says when the caller's own deadline passed; a manager's DEADLINE_EXCEEDED carries its own words (e.g. the
+# sandbox's "your code ran past its 10 s limit") and is passed on as the manager said it.
+CLIENT_DEADLINE = "Deadline Exceeded"
 HEALTH_TIMEOUT_S = 1.0
 
 
@@ -61,7 +64,7 @@ class ManagerClient:
         code = exc.code()
         if code == grpc.StatusCode.UNAVAILABLE:
             return Unavailable(f"the {self.name} service is unavailable ({exc.details()}); retry when it is back")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == CLIENT_DEADLINE:
             return DeadlineExceeded(f"the {self.name} service did not answer before the deadline")
         return ForwardedError(code, f"{self.name}: {exc.details()}")
 

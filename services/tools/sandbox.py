@@ -119,9 +119,7 @@ class Sandbox:
             out, err = await asyncio.wait_for(reading, self.limits.wall_seconds + 2)
             await asyncio.wait_for(process.wait(), 2.0)
         except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"the code ran longer than its {self.limits.wall_seconds:g} s wall-time limit and was killed"
-            ) from None
+            raise DeadlineExceeded(self._past_wall_time()) from None
         if out is None or err is None:
             raise ResourceExhausted(f"the code wrote more than {self.limits.output_bytes} bytes of output and was killed")
         return out, err
@@ -140,7 +138,7 @@ class Sandbox:
     def _result(self, code: int, stdout: bytes, stderr: bytes, seconds: float) -> RunResult:
         err = stderr.decode(errors="replace")
         if code == TIMED_OUT:
-            raise DeadlineExceeded(f"the code ran longer than its {self.limits.wall_seconds:g} s wall-time limit and was killed")
+            raise DeadlineExceeded(self._past_wall_time())
         if code == 125 and err.startswith('{"sandbox_error"'):
             raise Unavailable(f"the sandbox could not be set up: {json.loads(err.splitlines()[0])['sandbox_error']}")
         if code == -signal.SIGXCPU:
@@ -153,6 +151,9 @@ class Sandbox:
         if "Resource temporarily unavailable" in err and ("fork" in err or "BlockingIOError" in err):
             raise ResourceExhausted(f"the code tried to run more than {self.limits.processes} processes")
         return RunResult(code, stdout.decode(errors="replace"), err, seconds)
+
+    def _past_wall_time(self) -> str:
+        return f"your code ran past its {self.limits.wall_seconds:g} s wall-time limit and was killed"
 
     def _kill_everything(self, pid: int, uid: int | None) -> None:
         """Kills the run's process group and, with its own uid, every process of that uid (a fork bomb's
