@@ -10,9 +10,9 @@ PROTOS  := $(wildcard protos/aios/v1/*.proto)
 STUBS   := sdk/aios/v1/__init__.py
 NODE    := tests/node/node_modules/.installed
 
-.PHONY: install proto run test test-unit test-integration bench clean up down status
+.PHONY: install proto redis bwrap model run test test-unit test-integration bench clean up down status
 
-install: $(STAMP) $(STUBS) redis model $(NODE)
+install: $(STAMP) $(STUBS) redis bwrap model $(NODE)
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing Python packages (llama-cpp-python compiles on first install: ~4 min)"
@@ -43,6 +43,12 @@ $(NODE): tests/node/package.json tests/node/package-lock.json
 	@echo "==> installing the Node.js test agent's packages (npm ci in tests/node)"
 	@cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(NODE)
+
+# bubblewrap: the tool sandbox's namespaces (services/tools/sandbox_child.py).
+bwrap:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  echo "==> installing bubblewrap (apt-get)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap; }
 
 model: $(STAMP)
 	@$(AIOS) model

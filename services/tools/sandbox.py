@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from services.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from services.tools import seccomp
 from services.tools.sandbox_child import TIMED_OUT
 
 log = logging.getLogger("aios.tools.sandbox")
@@ -74,14 +75,32 @@ class Sandbox:
         self.interpreter = interpreter or default_interpreter()
         self.as_root = os.geteuid() == 0
         self.network_isolated = True  # until probe() finds the kernel refuses
+        # bubblewrap confines each run in namespaces; run as the sandbox's own uid it needs user namespaces.
+        self.bwrap = shutil.which("bwrap") or ""
         self._uids = itertools.cycle(range(FIRST_UID, FIRST_UID + UIDS))
 
     def isolation(self) -> dict[str, bool]:
+        confined = bool(self.bwrap)
         return {"own_uid": self.as_root, "process_limit": self.as_root, "network": self.network_isolated,
-                "cpu_memory_file_limits": True, "clean_environment": True, "private_directory": True}
+                "cpu_memory_file_limits": True, "clean_environment": True, "private_directory": True,
+                "bubblewrap": confined, "pid_namespace": confined, "read_only_root": confined, "private_tmp": confined,
+                "no_capabilities": confined, "seccomp": confined and seccomp.available()}
 
     async def probe(self) -> None:
-        """Checks that a network namespace can be made here; without one, runs go on without it."""
+        """Checks that bubblewrap, else a network namespace, works here; says what runs go on without."""
+        if self.bwrap:
+            try:
+                result = await self.run("print('ok')")
+                if result.exit_code == 0:
+                    log.info("sandbox: bubblewrap %s confines every run (namespaces, seccomp, private /tmp)", self.bwrap)
+                    return
+                log.warning("sandbox: bubblewrap failed here (%s); falling back to the plain launcher",
+                            result.stderr.strip()[-300:])
+            except (Unavailable, ResourceExhausted, DeadlineExceeded) as exc:
+                log.warning("sandbox: bubblewrap failed here (%s); falling back to the plain launcher", exc)
+            self.bwrap = ""
+        else:
+            log.warning("sandbox: bubblewrap (bwrap) is not installed; runs are confined by the plain launcher only")
         try:
             await self.run("pass")
         except Unavailable as exc:
@@ -95,13 +114,16 @@ class Sandbox:
         if uid is not None:
             os.chown(workdir, uid, uid)
         config = {**asdict(limits), "code": code, "workdir": str(workdir), "uid": uid, "network": self.network_isolated,
-                  "python": self.interpreter}
+                  "python": self.interpreter, "bwrap": self.bwrap}
         started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.tools.sandbox_child", json.dumps(config),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "services.tools.sandbox_child",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True, cwd=str(workdir),
         )
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(config).encode())  # the code never goes on a command line
+        process.stdin.close()
         try:
             stdout, stderr = await self._collect(process, lambda: self._kill_everything(process.pid, uid))
         finally:
@@ -141,9 +163,9 @@ class Sandbox:
             raise DeadlineExceeded(self._past_wall_time())
         if code == 125 and err.startswith('{"sandbox_error"'):
             raise Unavailable(f"the sandbox could not be set up: {json.loads(err.splitlines()[0])['sandbox_error']}")
-        if code == -signal.SIGXCPU:
+        if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap reports a signal as 128 + its number
             raise ResourceExhausted(f"the code used its {self.limits.cpu_seconds} s of CPU time and was killed")
-        if code == -signal.SIGKILL:
+        if code in (-signal.SIGKILL, 128 + signal.SIGKILL):
             raise ResourceExhausted("the code was killed by the operating system (out of memory?)")
         last = err.strip().splitlines()[-1] if err.strip() else ""
         if last.startswith("MemoryError"):

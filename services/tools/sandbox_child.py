@@ -1,14 +1,21 @@
-"""The sandbox's first process: confines itself, then runs `python -I -c CODE` and cleans up after it.
+"""The sandbox's first process: confines itself, then runs the code and cleans up after it.
 
-Run as `python -m services.tools.sandbox_child CONFIG_JSON` by services/tools/
-sandbox.py, in a fresh process (no preexec_fn in the threaded tool service).
-In order: resource limits, a network namespace with no interfaces up (if the
-kernel lets us unshare it), the private working directory, an unprivileged uid
-of its own (when the service runs as root). Then it forks the code with an
-empty environment, as the configured interpreter (one the sandbox uid may
-execute), and supervises it: it reaps every descendant, enforces the wall
-time, and kills what is left when the code exits, so a fork bomb leaves
-nothing behind. Prints one JSON line on stderr if confinement fails.
+Run as `python -m services.tools.sandbox_child` by services/tools/sandbox.py, in
+a fresh process (no preexec_fn in the threaded tool service), with its config
+(the code included) on stdin: never on a command line, which any local process
+can read. In order: resource limits, the private working directory, an
+unprivileged uid of its own (when the service runs as root). Then it forks the
+code with an empty environment and supervises it: it reaps every descendant,
+enforces the wall time, and kills what is left when the code exits, so a fork
+bomb leaves nothing behind.
+
+With bubblewrap (`bwrap`), the code runs inside it: user, pid, mount, network,
+IPC and UTS namespaces; a read-only /usr as the whole root; a private /proc; a
+tmpfs /tmp (and /dev/shm) of `file_bytes`, gone with the run, the rest read-only;
+no capabilities; no_new_privs; the seccomp filter of services/tools/seccomp.py;
+the code handed over in a memfd as /aios/main.py. Without it (a machine where it is missing), the code runs
+as before: a network namespace with no interfaces up, `python -I -c CODE`.
+Prints one JSON line on stderr if confinement fails.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import os
 import resource
 import signal
 import sys
+
+from services.tools import seccomp
 
 CLONE_NEWNET = 0x40000000
 PR_SET_CHILD_SUBREAPER = 36
@@ -36,7 +45,7 @@ def confine(config: dict) -> None:
     }
     for which, value in limits.items():
         resource.setrlimit(which, (value, value + 1 if which == resource.RLIMIT_CPU else value))
-    if config["network"]:
+    if config["network"] and not config["bwrap"]:  # bwrap makes its own network namespace
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.unshare(CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
@@ -48,7 +57,7 @@ def confine(config: dict) -> None:
 
 
 def main() -> None:
-    config = json.loads(sys.argv[1])
+    config = json.loads(sys.stdin.read())
     try:
         confine(config)
     except OSError as exc:
@@ -68,6 +77,9 @@ def supervise(config: dict) -> int:
     child = os.fork()
     if child == 0:
         os.setpgid(0, 0)
+        if config["bwrap"]:
+            argv = bwrap_argv(config)
+            os.execve(config["bwrap"], argv, env)
         os.execve(config["python"], [config["python"], "-I", "-c", config["code"]], env)
 
     def kill_the_rest(*_: object) -> None:
@@ -102,6 +114,34 @@ def supervise(config: dict) -> int:
         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
     return os.waitstatus_to_exitcode(status)
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An inheritable in-memory file holding `data`, read from its start by bwrap."""
+    fd = os.memfd_create(name, 0)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.set_inheritable(fd, True)
+    return fd
+
+
+def bwrap_argv(config: dict) -> list[str]:
+    """bubblewrap's command line for one run (see the module's docstring for what each part keeps out)."""
+    code = _memfd("aios-code", config["code"].encode())
+    argv = [
+        config["bwrap"], "--die-with-parent", "--new-session", "--unshare-all", "--unshare-user",
+        "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
+        "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+        "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev",
+        "--size", str(config["file_bytes"]), "--tmpfs", "/tmp", "--size", str(config["file_bytes"]), "--tmpfs", "/dev/shm",
+        "--dir", "/aios", "--file", str(code), "/aios/main.py",
+        "--remount-ro", "/dev", "--remount-ro", "/",  # writable: /tmp and /dev/shm only, each `file_bytes` at most
+        "--chdir", "/tmp",
+        "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
+    ]
+    if seccomp.available():
+        argv += ["--seccomp", str(_memfd("aios-seccomp", seccomp.filter_program()))]
+    return argv + ["--", config["python"], "-I", "/aios/main.py"]
 
 
 if __name__ == "__main__":
