@@ -436,6 +436,8 @@ def main() -> int:
             floors["snapshot_plus_restore_512_ms"] = s["save_plus_restore_ms_p50"]
     if "storage_tools" in result:
         floors["token_check_us_p50"] = result["storage_tools"]["token_check"]["cached_us_p50"]
+        boxes = result["storage_tools"]["sandbox_launchers"]
+        floors["sandbox_bwrap_minus_plain_ms"] = boxes["bwrap_ms_p50"] - boxes["plain_ms_p50"]
     if "gateway" in result:
         floors["gateway_vs_grpc_16_agents"] = result["gateway"]["gateway_vs_grpc"]
         floors["json_schema_vs_free_16_agents"] = result["gateway"]["json_schema_vs_free"]

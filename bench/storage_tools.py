@@ -26,6 +26,7 @@ import aios
 from deploy.cluster import Cluster, ClusterConfig
 from services import redis_state
 from services.scheduler.identity import AgentRegistry
+from services.tools.sandbox import Sandbox
 
 WORDS = "river signal ledger orbit canyon lantern meadow circuit compass glacier market tunnel beacon archive".split()
 
@@ -80,11 +81,28 @@ def run_storage_tools_bench(say: Callable[[str], None], per_agent: int = 150) ->
             }
             for name, row in result["tool_latency"].items():
                 say(f"  {name:<24} p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms")
+            say("sandbox: bubblewrap vs the plain launcher, one run of print(6*7) each in turn ...")
+            result["sandbox_launchers"] = asyncio.run(sandbox_launchers())
+            say(f"  bubblewrap p50 {result['sandbox_launchers']['bwrap_ms_p50']:.1f} ms, plain launcher p50 "
+                f"{result['sandbox_launchers']['plain_ms_p50']:.1f} ms")
             say("access: the kernel's token check per RPC ...")
             result["token_check"] = asyncio.run(token_check_cost(cluster, agent.token))
             say(f"  cached p50 {result['token_check']['cached_us_p50']:.1f} us, "
                 f"uncached (Redis) p50 {result['token_check']['uncached_us_p50']:.1f} us")
     return result
+
+
+async def sandbox_launchers(reps: int = 20) -> dict[str, float]:
+    """The python tool's sandbox in this process, with bubblewrap and with the plain launcher, alternating."""
+    confined, plain = Sandbox(), Sandbox()
+    plain.bwrap = ""
+    times: dict[str, list[float]] = {"bwrap": [], "plain": []}
+    for _ in range(reps):
+        for label, box in (("bwrap", confined), ("plain", plain)):
+            t0 = time.perf_counter()
+            await box.run("print(6*7)")
+            times[label].append(time.perf_counter() - t0)
+    return {f"{label}_ms_p50": 1e3 * statistics.median(samples) for label, samples in times.items()}
 
 
 async def token_check_cost(cluster: Cluster, token: str, reps: int = 20_000, misses: int = 500) -> dict[str, float]:
@@ -120,6 +138,9 @@ def storage_tools_table(result: dict[str, Any]) -> str:
     ]
     for name, row in result["tool_latency"].items():
         lines.append(f"{name:<26}{row['p50_ms']:>8.1f}{row['p95_ms']:>8.1f}")
+    boxes = result["sandbox_launchers"]
+    lines.append(f"python sandbox in-process: bubblewrap {boxes['bwrap_ms_p50']:.1f} ms p50, plain launcher "
+                 f"{boxes['plain_ms_p50']:.1f} ms (+{boxes['bwrap_ms_p50'] - boxes['plain_ms_p50']:.1f} ms; budget +20 ms)")
     check = result["token_check"]
     lines.append(f"token check per kernel RPC: {check['cached_us_p50']:.1f} us p50 ({check['cached_us_p95']:.1f} p95) "
                  f"cached, {check['uncached_us_p50']:.0f} us p50 on a cache miss (Redis); target < 50 us")
