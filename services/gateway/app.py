@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aios.v1 import kernel_pb2, kernel_pb2_grpc
@@ -90,6 +91,12 @@ def create_app(door: KernelDoor, served_models: list[str]) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """An unknown path or method, in OpenAI's error shape too."""
+        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error")
+        return JSONResponse(error.body(), status_code=exc.status_code)
 
     @app.get("/health")
     async def health() -> JSONResponse:

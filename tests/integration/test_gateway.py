@@ -62,6 +62,8 @@ def test_models_are_listed_for_a_valid_key_and_a_bad_key_gets_openais_401(cluste
     assert error.value.status_code == 401 and error.value.body["code"] == "invalid_api_key"
     reply = httpx.get(f"{cluster.openai_base_url}/models")  # no key at all
     assert reply.status_code == 401 and set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    unknown = httpx.post(f"{cluster.openai_base_url}/audio/speech", json={})
+    assert unknown.status_code == 404 and "/v1/audio/speech" in unknown.json()["error"]["message"]
 
 
 def test_a_chat_completion_is_a_syscall_of_the_calling_agent(client, model, agent):
