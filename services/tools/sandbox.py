@@ -1,21 +1,17 @@
-"""Running untrusted Python in a child process, confined with what Linux offers without containers.
+"""Running untrusted Python in a child process, confined: bubblewrap, seccomp, a uid and a cgroup per run.
 
-What is isolated (when the tool service runs as root, as `aios up` does here):
-- CPU time (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE),
-  open files, and processes (RLIMIT_NPROC, enforced because the code runs as
-  a uid of its own, never shared with another run or a real user);
-- wall time: past `wall_seconds` every process of that uid is killed;
-- the network: a new network namespace with no interface up (not even
-  loopback), so it cannot reach the kernel, the managers or the internet;
-- the environment: empty but for PATH, HOME and LANG (no inherited secrets);
-- files: a private working directory, deleted afterwards; the AIOS data
-  directory is mode 0700, so the sandbox uid cannot read any agent's data.
-What is not: the rest of the filesystem stays visible read-only where it is
-world-readable (/usr, the virtualenv), /tmp is writable (bounded per file
-by RLIMIT_FSIZE, not in total), there is no seccomp filter on system calls
-and no cgroup (RAM is bounded per process, not per run). Without root, the
-uid change and the process limit are skipped and the network namespace is
-used only if unprivileged user namespaces allow it; `isolation()` says which.
+What is isolated (the tool service runs as root, as `aios up` does here; services/tools/sandbox_child.py
+does the confining, `isolation()` reports what holds on this machine):
+- with bubblewrap: user, pid, mount, network, IPC and UTS namespaces; a read-only /usr as the whole root;
+  a private /proc; private tmpfs /tmp and /dev/shm sized by `file_bytes`, gone with the run; no
+  capabilities; no_new_privs; a seccomp filter (services/tools/seccomp.py); the code in a memfd;
+- a uid of its own per run (RLIMIT_NPROC counts the run's processes), rlimits on CPU, address space,
+  file size and open files per process, and a wall-time limit;
+- with writable cgroup v1 hierarchies: a cgroup per run whose memory limit, process limit and CPU time
+  (watched by the launcher) hold for all the run's processes together;
+- an empty environment, and the code and config never on a command line.
+Without bubblewrap (or where it fails) the plain launcher runs the code in a network namespace with the
+same uid, rlimits and cgroup; without root, no uid change, process limit or cgroup.
 """
 
 from __future__ import annotations
@@ -36,12 +32,55 @@ from typing import Callable
 
 from services.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from services.tools import seccomp
-from services.tools.sandbox_child import TIMED_OUT
+from services.tools.sandbox_child import CPU_EXCEEDED, TIMED_OUT
 
 log = logging.getLogger("aios.tools.sandbox")
 
 FIRST_UID = 61_000  # uids FIRST_UID..FIRST_UID+UIDS-1 are used for sandboxed runs, one per run
 UIDS = 1000
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_CONTROLLERS = ("memory", "pids", "cpuacct")  # cgroup v1 hierarchies
+
+
+class RunCgroup:
+    """One run's cgroup (v1): its memory, process count and CPU time, counted over all its processes together.
+
+    Per-process rlimits let 14 forks burn 14 CPU budgets; a cgroup does not. Used where the v1 memory, pids and
+    cpuacct hierarchies are writable (the tool service runs as root); `isolation()` reports whether they are."""
+
+    def __init__(self, name: str, limits: "SandboxLimits") -> None:
+        self.dirs = [CGROUP_ROOT / c / "aios-sandbox" / name for c in CGROUP_CONTROLLERS]
+        for d in self.dirs:
+            d.mkdir(parents=True)
+        memory, pids, cpu = self.dirs
+        (memory / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
+        (pids / "pids.max").write_text(str(limits.processes))
+        self.procs_files = [str(d / "cgroup.procs") for d in self.dirs]
+        self.cpu_usage_file = str(cpu / "cpuacct.usage")
+        self._memory = memory
+
+    @staticmethod
+    def available() -> bool:
+        return os.geteuid() == 0 and all(os.access(CGROUP_ROOT / c, os.W_OK) for c in CGROUP_CONTROLLERS)
+
+    def ran_out_of_memory(self) -> bool:
+        """Whether the kernel killed a process of the run for passing the run's memory limit."""
+        try:
+            fields = dict(line.split() for line in (self._memory / "memory.oom_control").read_text().splitlines())
+        except (OSError, ValueError):
+            return False
+        return int(fields.get("oom_kill", 0)) > 0
+
+    def remove(self) -> None:
+        for d in self.dirs:
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # a process still leaving it
+                    time.sleep(0.01)
 
 
 @dataclass(frozen=True)
@@ -77,6 +116,8 @@ class Sandbox:
         self.network_isolated = True  # until probe() finds the kernel refuses
         # bubblewrap confines each run in namespaces; run as the sandbox's own uid it needs user namespaces.
         self.bwrap = shutil.which("bwrap") or ""
+        self.cgroups = RunCgroup.available()
+        self._runs = itertools.count(1)
         self._uids = itertools.cycle(range(FIRST_UID, FIRST_UID + UIDS))
 
     def isolation(self) -> dict[str, bool]:
@@ -84,7 +125,8 @@ class Sandbox:
         return {"own_uid": self.as_root, "process_limit": self.as_root, "network": self.network_isolated,
                 "cpu_memory_file_limits": True, "clean_environment": True, "private_directory": True,
                 "bubblewrap": confined, "pid_namespace": confined, "read_only_root": confined, "private_tmp": confined,
-                "no_capabilities": confined, "seccomp": confined and seccomp.available()}
+                "no_capabilities": confined, "seccomp": confined and seccomp.available(),
+                "run_cgroup": self.cgroups}
 
     async def probe(self) -> None:
         """Checks that bubblewrap, else a network namespace, works here; says what runs go on without."""
@@ -113,8 +155,11 @@ class Sandbox:
         workdir = Path(tempfile.mkdtemp(prefix="aios-sandbox-", dir=self.root))
         if uid is not None:
             os.chown(workdir, uid, uid)
+        cgroup = RunCgroup(f"{os.getpid()}-{next(self._runs)}", limits) if self.cgroups else None
         config = {**asdict(limits), "code": code, "workdir": str(workdir), "uid": uid, "network": self.network_isolated,
-                  "python": self.interpreter, "bwrap": self.bwrap}
+                  "python": self.interpreter, "bwrap": self.bwrap,
+                  "cgroup_procs": cgroup.procs_files if cgroup else [],
+                  "cpu_usage_file": cgroup.cpu_usage_file if cgroup else ""}
         started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.tools.sandbox_child",
@@ -133,6 +178,12 @@ class Sandbox:
             except asyncio.TimeoutError:
                 log.error("sandbox process %d did not exit after SIGKILL", process.pid)
             shutil.rmtree(workdir, ignore_errors=True)
+            out_of_memory = cgroup is not None and cgroup.ran_out_of_memory()
+            if cgroup is not None:
+                cgroup.remove()
+        if out_of_memory:  # even if only a child was killed: the agent learns which limit it met
+            raise ResourceExhausted(f"the code used all {self.limits.memory_bytes >> 20} MB of memory its run may use "
+                                    "(all its processes together) and was killed")
         return self._result(process.returncode or 0, stdout, stderr, time.monotonic() - started)
 
     async def _collect(self, process: asyncio.subprocess.Process, kill: Callable[[], None]) -> tuple[bytes, bytes]:
@@ -163,6 +214,9 @@ class Sandbox:
             raise DeadlineExceeded(self._past_wall_time())
         if code == 125 and err.startswith('{"sandbox_error"'):
             raise Unavailable(f"the sandbox could not be set up: {json.loads(err.splitlines()[0])['sandbox_error']}")
+        if code == CPU_EXCEEDED:
+            raise ResourceExhausted(f"the code used its {self.limits.cpu_seconds} s of CPU time (all its processes "
+                                    "together) and was killed")
         if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap reports a signal as 128 + its number
             raise ResourceExhausted(f"the code used its {self.limits.cpu_seconds} s of CPU time and was killed")
         if code in (-signal.SIGKILL, 128 + signal.SIGKILL):

@@ -26,12 +26,15 @@ import os
 import resource
 import signal
 import sys
+import time
 
 from services.tools import seccomp
 
 CLONE_NEWNET = 0x40000000
 PR_SET_CHILD_SUBREAPER = 36
 TIMED_OUT = 124  # exit status when the wall time passed
+CPU_EXCEEDED = 123  # exit status when the run's processes together used up its CPU time (its cgroup says)
+CHECK_EVERY_S = 0.05
 
 
 def confine(config: dict) -> None:
@@ -49,6 +52,9 @@ def confine(config: dict) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.unshare(CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
+    for procs in config["cgroup_procs"]:  # the run's cgroup: every process it starts is counted there too
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
     os.chdir(config["workdir"])
     if config["uid"] is not None:
         os.setgroups([])
@@ -89,15 +95,25 @@ def supervise(config: dict) -> int:
         except (ProcessLookupError, PermissionError):
             pass
 
-    timed_out = False
+    ended = 0  # TIMED_OUT or CPU_EXCEEDED once a limit of the whole run is reached
+    deadline = time.monotonic() + config["wall_seconds"]
+    cpu_ns = config["cpu_seconds"] * 1_000_000_000
 
-    def on_wall_time(*_: object) -> None:
-        nonlocal timed_out
-        timed_out = True
-        kill_the_rest()
+    def on_tick(*_: object) -> None:
+        nonlocal ended
+        if ended:
+            return
+        if time.monotonic() >= deadline:
+            ended = TIMED_OUT
+        elif config["cpu_usage_file"]:
+            with open(config["cpu_usage_file"]) as usage:
+                if int(usage.read()) >= cpu_ns:
+                    ended = CPU_EXCEEDED
+        if ended:
+            kill_the_rest()
 
-    signal.signal(signal.SIGALRM, on_wall_time)
-    signal.setitimer(signal.ITIMER_REAL, config["wall_seconds"])
+    signal.signal(signal.SIGALRM, on_tick)
+    signal.setitimer(signal.ITIMER_REAL, CHECK_EVERY_S, CHECK_EVERY_S)
     status = 0
     while True:
         try:
@@ -108,8 +124,8 @@ def supervise(config: dict) -> int:
             status = code
             kill_the_rest()
     signal.setitimer(signal.ITIMER_REAL, 0)
-    if timed_out:
-        return TIMED_OUT
+    if ended:
+        return ended
     if os.WIFSIGNALED(status):
         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,20 @@ print('victim-api-key' in ''.join(found))
 
     victim_out, snooped = asyncio.run(both())
     assert victim_out == "done\n" and snooped == "False\n"
+
+
+def test_cpu_time_and_memory_are_limits_of_the_whole_run_not_of_each_process():
+    from services.errors import ResourceExhausted
+
+    box = sandbox(cpu_seconds=2, memory_bytes=256 << 20)
+    assert box.cgroups, "the cgroup v1 memory, pids and cpuacct hierarchies are not writable here"
+    spinners = "import os\nfor i in range(3):\n    if os.fork() == 0:\n        break\nwhile True: pass"
+    with pytest.raises(ResourceExhausted, match="CPU time .all its processes together"):
+        asyncio.run(box.run(spinners))  # four processes: killed after 2 s of CPU in all, not 4 x 2 s
+    hogs = ("import os, time\nfor i in range(3):\n    if os.fork() == 0:\n        x = bytearray(120 << 20)\n"
+            "        for j in range(0, len(x), 4096): x[j] = 1\n        time.sleep(2)\n        os._exit(0)\n"
+            "for i in range(3): os.wait()")
+    with pytest.raises(ResourceExhausted, match="256 MB of memory its run may use"):
+        asyncio.run(box.run(hogs))  # 3 x 120 MB: each under the per-process limit, together over the run's
+    assert asyncio.run(box.run("print('still serving')")).stdout == "still serving\n"
+    assert [p for p in Path("/sys/fs/cgroup/memory/aios-sandbox").iterdir() if p.is_dir()] == []  # all removed
