@@ -23,7 +23,7 @@ def build(args: argparse.Namespace) -> Service:
                       memory_bytes=args.sandbox_memory_mb << 20, processes=args.sandbox_processes),
         root=args.sandbox_dir,
     )
-    mcp = [McpConnection(McpServerSpec.parse(text)) for text in args.mcp]
+    mcp = [McpConnection(McpServerSpec.parse(text), timeout_s=args.mcp_timeout_seconds) for text in args.mcp]
     storage = (ManagerClient("storage", args.storage, storage_pb2_grpc.StorageStub, cluster_secret(args))
                if args.storage else None)
 
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--storage", default="", help="storage manager address, for the file_read/file_write tools")
     parser.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND",
                         help="mount the tools of an MCP server started with COMMAND (stdio), as NAME__<tool>")
+    parser.add_argument("--mcp-timeout-seconds", type=float, default=30.0,
+                        help="how long one MCP tool call may take before DEADLINE_EXCEEDED")
     parser.add_argument("--sandbox-dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where sandboxed runs get their private working directories")
     parser.add_argument("--sandbox-wall-seconds", type=float, default=10.0)

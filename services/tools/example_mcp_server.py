@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import time
+
 from mcp.server.mcpserver import MCPServer
 
 server = MCPServer("aios-words")
@@ -14,6 +16,13 @@ server = MCPServer("aios-words")
 def word_count(text: str) -> dict[str, int]:
     """Counts the words and characters of a text."""
     return {"words": len(text.split()), "characters": len(text)}
+
+
+@server.tool()
+def pause(seconds: float) -> str:
+    """Waits, then says how long (a slow tool: for trying call timeouts)."""
+    time.sleep(min(seconds, 60.0))
+    return f"waited {seconds} s"
 
 
 @server.tool()

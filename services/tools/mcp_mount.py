@@ -18,7 +18,7 @@ from typing import Any
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from services.errors import InvalidArgument
+from services.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.tools.core import CallContext, Tool, ToolRegistry
 
 log = logging.getLogger("aios.tools.mcp")
@@ -38,10 +38,15 @@ class McpServerSpec:
         return cls(name, shlex.split(command))
 
 
+# How long one MCP tool call may take before the agent gets DEADLINE_EXCEEDED (the server may hang).
+CALL_TIMEOUT_S = 30.0
+
+
 class McpConnection:
-    def __init__(self, spec: McpServerSpec, concurrency: int = 4) -> None:
+    def __init__(self, spec: McpServerSpec, concurrency: int = 4, timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.spec = spec
         self.concurrency = concurrency
+        self.timeout_s = timeout_s
         self.session: ClientSession | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -86,8 +91,12 @@ class McpConnection:
     def _caller(self, tool_name: str):  # type: ignore[no-untyped-def]
         async def call(arguments: dict[str, Any], context: CallContext) -> Any:
             if self.session is None:
-                raise InvalidArgument(f"MCP server {self.spec.name!r} is not running; see the tool service log")
-            result = await self.session.call_tool(tool_name, arguments)
+                raise Unavailable(f"MCP server {self.spec.name!r} is not running; see the tool service log")
+            try:
+                result = await asyncio.wait_for(self.session.call_tool(tool_name, arguments), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(
+                    f"MCP server {self.spec.name!r} did not answer {tool_name} within {self.timeout_s:g} s") from None
             texts = [block.text for block in result.content if getattr(block, "type", "") == "text"]
             if result.is_error:
                 raise InvalidArgument(f"{self.spec.name}__{tool_name} failed: {' '.join(texts)}")

@@ -19,7 +19,7 @@ def with_mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         home=tmp_path_factory.mktemp("aios-tools"),
         slots=2,
         extra_args={"tools": ["--mcp", f"words={sys.executable} -m services.tools.example_mcp_server",
-                              "--sandbox-wall-seconds", "4", "--sandbox-cpu-seconds", "2"]},
+                              "--sandbox-wall-seconds", "4", "--sandbox-cpu-seconds", "2", "--mcp-timeout-seconds", "2"]},
     )
     with Cluster(config) as running:
         yield running
@@ -109,3 +109,12 @@ def test_tools_come_in_openai_function_calling_format(kernel):
     calculator = tools["calculator"]
     assert calculator["type"] == "function"
     assert calculator["function"]["parameters"]["required"] == ["expression"]
+
+
+def test_an_mcp_call_that_hangs_gets_deadline_exceeded_naming_the_server(kernel):
+    agent = kernel.register("patient")
+    assert "waited 0.1 s" in str(agent.call_tool("words__pause", seconds=0.1))
+    with pytest.raises(aios.SyscallError) as error:
+        agent.call_tool("words__pause", seconds=10)
+    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "'words' did not answer" in error.value.message
+    assert agent.call_tool("words__word_count", text="still here")["words"] == 2
