@@ -181,31 +181,13 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def cmd_agent(args: argparse.Namespace) -> int:
+def _with_kernel(args: argparse.Namespace, action) -> int:
+    """Runs `action(kernel)` on a connection with the operator token; a refusal is printed, exit status 1."""
     import aios
 
     try:
         with _connect(args) as kernel:
-            if args.agent_command == "create":
-                agent = kernel.register(args.name, args.priority, args.weight, tokens_per_minute=args.tokens_per_minute,
-                                        concurrent_syscalls=args.concurrent_syscalls, tool_slots=args.tool_slots)
-                _say(f"created agent {agent.id} ({agent.name}); its token, shown only now:")
-                print(agent.token)
-            elif args.agent_command == "token":
-                agent = kernel.issue_token(args.id)
-                _say(f"new token for {agent.id}; the old one no longer works. The token, shown only now:")
-                print(agent.token)
-            elif args.agent_command == "revoke":
-                info = kernel.revoke(args.id)
-                _say(f"revoked {info.id} ({info.name}); its data stays, `aios agent token {info.id}` re-enables it")
-            else:
-                print(f"{'id':<17} {'name':<24} {'token':<15} {'prio':>4} {'weight':>6} {'tok/min':>8} "
-                      f"{'calls':>5} {'tools':>5}  state")
-                for a in kernel.agents(include_revoked=args.all):
-                    q = a.quota
-                    print(f"{a.id:<17} {a.name[:24]:<24} {(a.token_hint + '...') if a.token_hint else '-':<15} "
-                          f"{a.priority:>4} {a.weight:>6g} {q.tokens_per_minute or '-':>8} {q.concurrent_syscalls or '-':>5} "
-                          f"{q.tool_slots or '-':>5}  {'revoked' if a.revoked else 'active'}")
+            action(kernel)
     except FileNotFoundError as exc:
         _say(str(exc))
         return 1
@@ -213,6 +195,43 @@ def cmd_agent(args: argparse.Namespace) -> int:
         _say(str(exc))
         return 1
     return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    def act(kernel) -> None:
+        if args.agent_command == "create":
+            agent = kernel.register(args.name, args.priority, args.weight, tokens_per_minute=args.tokens_per_minute,
+                                    concurrent_syscalls=args.concurrent_syscalls, tool_slots=args.tool_slots)
+            _say(f"created agent {agent.id} ({agent.name}); its token, shown only now:")
+            print(agent.token)
+        elif args.agent_command == "token":
+            agent = kernel.issue_token(args.id)
+            _say(f"new token for {agent.id}; the old one no longer works. The token, shown only now:")
+            print(agent.token)
+        elif args.agent_command == "revoke":
+            info = kernel.revoke(args.id)
+            _say(f"revoked {info.id} ({info.name}); its data stays, `aios agent token {info.id}` re-enables it")
+        else:
+            print(f"{'id':<17} {'name':<24} {'token':<15} {'prio':>4} {'weight':>6} {'tok/min':>8} "
+                  f"{'calls':>5} {'tools':>5}  state")
+            for a in kernel.agents(include_revoked=args.all):
+                q = a.quota
+                print(f"{a.id:<17} {a.name[:24]:<24} {(a.token_hint + '...') if a.token_hint else '-':<15} "
+                      f"{a.priority:>4} {a.weight:>6g} {q.tokens_per_minute or '-':>8} {q.concurrent_syscalls or '-':>5} "
+                      f"{q.tool_slots or '-':>5}  {'revoked' if a.revoked else 'active'}")
+
+    return _with_kernel(args, act)
+
+
+def cmd_tool(args: argparse.Namespace) -> int:
+    def act(kernel) -> None:
+        if args.tool_command == "mount":
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            _say(f"mounted {args.name}: {', '.join(kernel.mount_tool(args.name, command))}")
+        else:
+            _say(f"unmounted {args.name}: {', '.join(kernel.unmount_tool(args.name))}")
+
+    return _with_kernel(args, act)
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -266,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     agent_sub.add_parser("revoke", help="revoke an agent's token (its data stays)").add_argument("id")
     agent_sub.add_parser("token", help="issue a new token for an agent (the old one stops working)").add_argument("id")
     agent.set_defaults(func=cmd_agent)
+    tool = sub.add_parser("tool", help="mount and unmount MCP servers while AIOS runs (operator)")
+    tool_sub = tool.add_subparsers(dest="tool_command", required=True)
+    mount = tool_sub.add_parser("mount", help="start an MCP server (stdio) and add its tools: aios tool mount NAME -- CMD")
+    mount.add_argument("name")
+    mount.add_argument("command", nargs=argparse.REMAINDER, help="the server's command, after --")
+    tool_sub.add_parser("unmount", help="stop an MCP server and remove its tools").add_argument("name")
+    tool.set_defaults(func=cmd_tool)
     sub.add_parser("model", help="assemble the default model and print its path").set_defaults(func=cmd_model)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -35,6 +35,10 @@ class Unauthenticated(AiosError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class AlreadyExists(AiosError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class PermissionDenied(AiosError):
     code = grpc.StatusCode.PERMISSION_DENIED
 

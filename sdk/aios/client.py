@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from aios.syscalls import Completion, Messages, SyscallMethods, bearer, completion_of, generate_request, same
-from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
+from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2, tools_pb2
 
 
 class SyscallError(Exception):
@@ -177,6 +177,14 @@ class Connection:
         """Operator: a new token for the agent (its old one stops working)."""
         reply = self.call("IssueToken", kernel_pb2.IssueTokenRequest(agent_id=agent_id))
         return Agent(self, reply.agent_id, reply.agent.name, reply.token)
+
+    def mount_tool(self, name: str, command: list[str]) -> list[str]:
+        """Operator: starts an MCP server (stdio) and adds its tools as NAME__<tool>; returns their names."""
+        return list(self.call("MountTool", tools_pb2.MountRequest(name=name, command=command), timeout=60).tools)
+
+    def unmount_tool(self, name: str) -> list[str]:
+        """Operator: stops an MCP server mounted as NAME and removes its tools; returns their names."""
+        return list(self.call("UnmountTool", tools_pb2.UnmountRequest(name=name), timeout=60).tools)
 
     def status(self) -> kernel_pb2.KernelStatus:
         return self.call("GetStatus", kernel_pb2.GetStatusRequest(), timeout=10)

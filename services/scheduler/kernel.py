@@ -174,6 +174,16 @@ class Kernel:
         getattr(response, kind).CopyFrom(result)
         return response
 
+    async def mount_tools(self, request: tools_pb2.MountRequest, timeout: float | None) -> tools_pb2.MountResponse:
+        """Mounts an MCP server on the tool manager; its tools get their queues on first use."""
+        return await self.managers[Resource.TOOLS].call("Mount", request, timeout)
+
+    async def unmount_tools(self, request: tools_pb2.UnmountRequest, timeout: float | None) -> tools_pb2.MountResponse:
+        reply = await self.managers[Resource.TOOLS].call("Unmount", request, timeout)
+        for name in reply.tools:  # a queue no tool stands behind any more (a later mount makes a fresh one)
+            self.tool_queues.pop(name, None)
+        return reply
+
     async def _tool_queue(self, name: str) -> ResourceQueue | None:
         """The tool's own queue; None (the tools queue) for a tool the tool service does not list."""
         if name not in self.tool_queues:

@@ -168,6 +168,16 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         return kernel_pb2.RegisterAgentResponse(agent_id=agent.id, token=token, agent=agent_to_proto(agent))
 
     @kernel_rpc()
+    async def MountTool(self, request, context, caller):
+        caller.require_operator("mounting an MCP server")
+        return await self.kernel.mount_tools(request, _timeout(context))
+
+    @kernel_rpc()
+    async def UnmountTool(self, request, context, caller):
+        caller.require_operator("unmounting an MCP server")
+        return await self.kernel.unmount_tools(request, _timeout(context))
+
+    @kernel_rpc()
     async def GetStatus(self, request, context, caller):
         kernel = self.kernel
         managers = kernel.managers

@@ -11,7 +11,7 @@ from services.manager_client import ManagerClient
 from services.server import Service, cluster_secret, common_arguments, kernel_only, run
 from services.tools.builtin import builtin_tools
 from services.tools.core import ToolRegistry
-from services.tools.mcp_mount import McpConnection, McpServerSpec
+from services.tools.mcp_mount import McpMounts, McpServerSpec
 from services.tools.sandbox import Sandbox, SandboxLimits
 from services.tools.servicer import ToolsServicer
 
@@ -23,7 +23,8 @@ def build(args: argparse.Namespace) -> Service:
                       memory_bytes=args.sandbox_memory_mb << 20, processes=args.sandbox_processes),
         root=args.sandbox_dir,
     )
-    mcp = [McpConnection(McpServerSpec.parse(text), timeout_s=args.mcp_timeout_seconds) for text in args.mcp]
+    specs = [McpServerSpec.parse(text) for text in args.mcp]
+    mounts = McpMounts(registry, timeout_s=args.mcp_timeout_seconds)
     storage = (ManagerClient("storage", args.storage, storage_pb2_grpc.StorageStub, cluster_secret(args))
                if args.storage else None)
 
@@ -31,19 +32,18 @@ def build(args: argparse.Namespace) -> Service:
         await sandbox.probe()
         for tool in builtin_tools(sandbox, storage):
             registry.register(tool)
-        for connection in mcp:
-            await connection.mount(registry)
+        for spec in specs:
+            await mounts.mount(spec.name, spec.command)
 
     async def stop() -> None:
-        for connection in mcp:
-            await connection.close()
+        await mounts.close()
         if storage is not None:
             await storage.close()
 
     return Service(
         name="tools",
         grpc_services=["aios.v1.Tools"],
-        register=lambda server: tools_pb2_grpc.add_ToolsServicer_to_server(ToolsServicer(registry, sandbox), server),
+        register=lambda server: tools_pb2_grpc.add_ToolsServicer_to_server(ToolsServicer(registry, sandbox, mounts), server),
         on_start=start,
         on_stop=stop,
         authorize=kernel_only(args),

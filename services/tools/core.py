@@ -70,6 +70,12 @@ class ToolRegistry:
         self._validators[tool.name] = validator_class(tool.parameters)
         self.counters[tool.name] = ToolCounters()
 
+    def unregister(self, names: list[str]) -> None:
+        for name in names:
+            self._tools.pop(name, None)
+            self._validators.pop(name, None)
+            self.counters.pop(name, None)
+
     def list(self) -> list[Tool]:
         return [self._tools[name] for name in sorted(self._tools)]
 

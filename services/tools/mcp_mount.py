@@ -18,7 +18,7 @@ from typing import Any
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from services.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from services.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from services.tools.core import CallContext, Tool, ToolRegistry
 
 log = logging.getLogger("aios.tools.mcp")
@@ -108,3 +108,45 @@ class McpConnection:
         self._stop.set()
         if self._task is not None:
             await self._task
+
+
+class McpMounts:
+    """The MCP servers mounted now, by name: at start (`--mcp`) and while AIOS runs (Mount/Unmount)."""
+
+    def __init__(self, registry: ToolRegistry, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        self.registry = registry
+        self.timeout_s = timeout_s
+        self.connections: dict[str, McpConnection] = {}
+        self.tools: dict[str, list[str]] = {}
+
+    async def mount(self, name: str, command: list[str]) -> list[str]:
+        if not name.isidentifier():
+            raise InvalidArgument(f"MCP server name {name!r} must be a plain identifier (letters, digits, _)")
+        if not command or not command[0]:
+            raise InvalidArgument("the command that starts the MCP server is required")
+        if name in self.connections:
+            raise AlreadyExists(f"an MCP server named {name!r} is mounted; unmount it first")
+        connection = McpConnection(McpServerSpec(name, command), timeout_s=self.timeout_s)
+        try:
+            names = await connection.mount(self.registry)
+        except (OSError, ValueError) as exc:
+            await connection.close()
+            raise InvalidArgument(f"MCP server {name!r} did not start ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - whatever the server did, it is the operator's to fix
+            await connection.close()
+            raise Unavailable(f"MCP server {name!r} did not answer as an MCP server ({type(exc).__name__}: {exc})") from None
+        self.connections[name], self.tools[name] = connection, names
+        return names
+
+    async def unmount(self, name: str) -> list[str]:
+        connection = self.connections.pop(name, None)
+        if connection is None:
+            raise NotFound(f"no MCP server named {name!r} is mounted; mounted: {', '.join(self.connections) or 'none'}")
+        names = self.tools.pop(name)
+        self.registry.unregister(names)
+        await connection.close()
+        return names
+
+    async def close(self) -> None:
+        for name in list(self.connections):
+            await self.unmount(name)

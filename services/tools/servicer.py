@@ -6,13 +6,21 @@ import json
 
 from aios.v1 import tools_pb2, tools_pb2_grpc
 from services.tools.core import CallContext, ToolRegistry
+from services.tools.mcp_mount import McpMounts
 from services.tools.sandbox import Sandbox
 
 
 class ToolsServicer(tools_pb2_grpc.ToolsServicer):
-    def __init__(self, registry: ToolRegistry, sandbox: Sandbox) -> None:
+    def __init__(self, registry: ToolRegistry, sandbox: Sandbox, mounts: McpMounts) -> None:
         self.registry = registry
         self.sandbox = sandbox
+        self.mounts = mounts
+
+    async def Mount(self, request, context):
+        return tools_pb2.MountResponse(tools=await self.mounts.mount(request.name, list(request.command)))
+
+    async def Unmount(self, request, context):
+        return tools_pb2.MountResponse(tools=await self.mounts.unmount(request.name))
 
     async def ListTools(self, request, context):
         tools = []

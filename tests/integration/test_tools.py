@@ -118,3 +118,29 @@ def test_an_mcp_call_that_hangs_gets_deadline_exceeded_naming_the_server(kernel)
         agent.call_tool("words__pause", seconds=10)
     assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "'words' did not answer" in error.value.message
     assert agent.call_tool("words__word_count", text="still here")["words"] == 2
+
+
+def test_the_operator_mounts_and_unmounts_an_mcp_server_while_aios_runs(with_mcp, kernel):
+    agent = kernel.register("mcp-user")
+    command = [sys.executable, "-m", "services.tools.example_mcp_server"]
+    with aios.connect(with_mcp.kernel_address, token=agent.token) as as_agent:
+        with pytest.raises(aios.SyscallError) as denied:
+            as_agent.mount_tool("mine", command)
+        assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+    names = kernel.mount_tool("extra", command)
+    assert "extra__word_count" in names
+    assert agent.call_tool("extra__word_count", text="one two three")["words"] == 3
+    with pytest.raises(aios.SyscallError) as twice:
+        kernel.mount_tool("extra", command)
+    assert twice.value.code == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(aios.SyscallError) as broken:
+        kernel.mount_tool("broken", ["/nonexistent/mcp-server"])
+    assert broken.value.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE)
+    assert sorted(kernel.unmount_tool("extra")) == sorted(names)
+    with pytest.raises(aios.SyscallError) as gone:
+        agent.call_tool("extra__word_count", text="x")
+    assert gone.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(aios.SyscallError) as missing:
+        kernel.unmount_tool("extra")
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    assert agent.call_tool("words__word_count", text="still mounted")["words"] == 2  # the --mcp one is untouched
