@@ -15,6 +15,7 @@ from deploy.cluster import (
     ClusterConfig,
     StartError,
     default_home,
+    http_healthy,
     process_alive,
     read_endpoints,
     terminate_group,
@@ -143,7 +144,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"redis     {state['redis']:<22} {'SERVING' if status.redis_ok else 'DOWN'}")
     gateway = state["services"].get("gateway")
     if gateway:
-        print(f"gateway   {gateway:<22} {'SERVING' if _http_ok(f'http://{gateway}/health') else 'DOWN':<9} "
+        print(f"gateway   {gateway:<22} {'SERVING' if http_healthy(gateway, 3) else 'DOWN':<9} "
               f"{state['openai_base_url']}")
     refusals = ", ".join(f"{reason} {n}" for reason, n in sorted(status.refusals.items())) or "none"
     print(f"refused:  {refusals}")
@@ -168,17 +169,6 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"bytes resident, blocks {m.blocks_resident} resident / {m.blocks_spilled} spilled; LRU-{m.lru_k}: "
               f"{m.hits} hits, {m.faults} faults (hit ratio {m.hit_ratio:.2f}), {m.evictions} evictions")
     return 0
-
-
-def _http_ok(url: str) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=3) as reply:
-            return reply.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _with_kernel(args: argparse.Namespace, action) -> int:

@@ -131,16 +131,19 @@ class _WithMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
         return continuation(self._details(client_call_details), request)
 
 
+def http_healthy(address: str, timeout: float = 5.0) -> bool:
+    """Whether `GET http://address/health` answers 200 (the gateway does once the kernel it fronts answers)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=timeout) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def wait_http_healthy(address: str, timeout: float) -> None:
-    """Blocks until `GET http://address/health` answers 200 (the gateway, once the kernel answers it)."""
+    """Blocks until `address`'s HTTP health check answers 200."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://{address}/health", timeout=5) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+    while not http_healthy(address):
         if time.monotonic() > deadline:
             raise StartError(f"http://{address}/health did not answer 200 within {timeout:.0f} s")
         time.sleep(0.1)  # the kernel it fronts is not serving yet
@@ -148,13 +151,10 @@ def wait_http_healthy(address: str, timeout: float) -> None:
 
 def wait_healthy(address: str, timeout: float, root_certificates: bytes | None = None, server_name: str | None = None) -> None:
     """Blocks until the gRPC health check at `address` answers SERVING (over TLS with `root_certificates`)."""
+    from aios.client import open_channel
+
     deadline = time.monotonic() + timeout
-    if root_certificates is None:
-        channel = grpc.insecure_channel(address)
-    else:
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
-    with channel:
+    with open_channel(address, root_certificates, server_name, options=[]) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - time.monotonic()
@@ -176,6 +176,7 @@ class Cluster:
         self.processes: dict[str, ManagedProcess] = {}
         self.redis_url = config.redis_url or ""
         self._args: dict[str, list[str]] = {}
+        self._home_ready = False
 
     # ---- paths -----------------------------------------------------------------------
 
@@ -246,6 +247,8 @@ class Cluster:
 
     def _prepare_home(self) -> None:
         """The home (0700: endpoints, logs and data are nobody else's business) and its secrets, made once."""
+        if self._home_ready:
+            return
         home = self.config.home
         home.mkdir(parents=True, exist_ok=True)
         home.chmod(0o700)
@@ -254,6 +257,7 @@ class Cluster:
             directory.chmod(0o700)
         ensure_secret(self.operator_token_path, OPERATOR_TOKEN_PREFIX)
         ensure_secret(self.secrets / "cluster.secret", CLUSTER_SECRET_PREFIX)
+        self._home_ready = True
 
     def endpoints(self) -> dict[str, str]:
         return {name: p.address for name, p in self.processes.items() if name != "redis"}

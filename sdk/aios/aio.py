@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 
-from aios.client import CHANNEL_OPTIONS, SyscallError, channel_options, resolve, syscall_error
+from aios.client import SyscallError, open_channel, resolve, syscall_error
 from aios.syscalls import Completion, Messages, SyscallMethods, bearer, completion_of, generate_request, same
 from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 
@@ -40,11 +40,7 @@ class Connection:
                  server_name: str | None = None) -> None:
         self.address = address
         self.token = token
-        if root_certificates is None:
-            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            credentials = grpc.ssl_channel_credentials(root_certificates)
-            self.channel = grpc.aio.secure_channel(address, credentials, options=channel_options(server_name))
+        self.channel = open_channel(address, root_certificates, server_name, aio=True)
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
 
     async def call(self, method: str, request: Any, token: str | None = None, timeout: float | None = 30) -> Any:

@@ -99,8 +99,17 @@ def resolve(
     return address, token if token is not None else default_token(home), root_certificates, server_name
 
 
-def channel_options(server_name: str | None) -> list[tuple[str, Any]]:
-    return CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+def open_channel(address: str, root_certificates: bytes | None = None, server_name: str | None = None,
+                 options: list[tuple[str, Any]] | None = None, aio: bool = False) -> Any:
+    """A channel to the kernel (synchronous, or grpc.aio with `aio`): plaintext, or TLS checked against
+    `root_certificates` under `server_name`. Every client of the kernel opens its channel here."""
+    module = grpc.aio if aio else grpc
+    options = list(CHANNEL_OPTIONS if options is None else options)
+    if root_certificates is None:
+        return module.insecure_channel(address, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return module.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
 
 
 def connect(
@@ -128,11 +137,7 @@ class Connection:
                  server_name: str | None = None) -> None:
         self.address = address
         self.token = token
-        if root_certificates is None:
-            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            credentials = grpc.ssl_channel_credentials(root_certificates)
-            self.channel = grpc.secure_channel(address, credentials, options=channel_options(server_name))
+        self.channel = open_channel(address, root_certificates, server_name)
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
 
     def call(self, method: str, request: Any, token: str | None = None, timeout: float | None = 30) -> Any:

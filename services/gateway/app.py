@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aios.client import open_channel, syscall_error
 from aios.v1 import kernel_pb2, kernel_pb2_grpc
-from services.credentials import CHANNEL_OPTIONS
+from services.credentials import CHANNEL_OPTIONS, bearer_metadata
 from services.gateway.openai_api import (
     ApiError,
     ChatPlan,
@@ -41,11 +42,7 @@ class KernelDoor:
     """The gateway's channel to the kernel; every call carries the caller's own token."""
 
     def __init__(self, address: str, root_certificates: bytes | None = None, server_name: str | None = None) -> None:
-        if root_certificates is None:
-            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
-            self.channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options)
+        self.channel = open_channel(address, root_certificates, server_name, CHANNEL_OPTIONS, aio=True)
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
 
     async def healthy(self) -> bool:
@@ -63,15 +60,12 @@ def api_key(request: Request) -> tuple[tuple[str, str], ...]:
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "You didn't provide an API key. Send `Authorization: Bearer <token>`, where the token is "
                             "an AIOS agent token (`aios agent create NAME` prints one).", code="invalid_api_key")
-    return (("authorization", f"Bearer {token.strip()}"),)
+    return bearer_metadata(token.strip())
 
 
 def translated(exc: grpc.aio.AioRpcError) -> ApiError:
-    retry_after = None
-    for key, value in exc.trailing_metadata() or ():
-        if key == "retry-after":
-            retry_after = float(value)
-    return kernel_error(exc.code(), exc.details() or "", retry_after)
+    error = syscall_error(exc)  # the SDK's reading of a kernel error: code, message, retry-after hint
+    return kernel_error(error.code, error.message, error.retry_after)
 
 
 async def json_body(request: Request) -> dict[str, Any]:

@@ -291,10 +291,10 @@ class ChatPlan:
     tools: Tools
     stream: bool
     include_usage: bool
-    json_reply: bool  # the reply follows the tool protocol's JSON
 
     @property
-    def tool_protocol(self) -> bool:
+    def json_reply(self) -> bool:
+        """The reply follows the tool protocol's JSON (tools are offered)."""
         return bool(self.tools.offered)
 
 
@@ -332,7 +332,7 @@ def plan_chat(body: dict[str, Any], served: list[str], default_max_tokens: int =
         raise invalid("stream", "stream must be true or false")
     if not isinstance(options, dict):
         raise invalid("stream_options", "stream_options must be an object")
-    return ChatPlan(model, request, tools, stream, bool(options.get("include_usage")), tools.reply_schema() is not None)
+    return ChatPlan(model, request, tools, stream, bool(options.get("include_usage")))
 
 
 def _assistant_calls(calls: Any, content: str, param: str) -> str:

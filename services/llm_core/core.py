@@ -61,7 +61,9 @@ class LLMCore:
         sampling = request.sampling
         if request.messages:
             # The model must stop where it would start writing the next (user's) turn.
-            sampling = dataclasses.replace(sampling, stop=sampling.stop + self.format.stop, turn_end=self.format.stop)
+            # The format's stops the caller did not ask for itself: reaching one is the model ending its turn.
+            turn_end = tuple(s for s in self.format.stop if s not in sampling.stop)
+            sampling = dataclasses.replace(sampling, stop=sampling.stop + self.format.stop, turn_end=turn_end)
         seq = Sequence(request.request_id or f"gen-{next(self._ids)}", request.agent_id, tokens, sampling, emit,
                        constraint=self.model.constraint(sampling.grammar))
         self.engine.submit(seq)

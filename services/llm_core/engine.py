@@ -718,8 +718,7 @@ class BatchEngine:
         seq.next_token = token
         if seq.text.stopped:
             # The model ending its chat turn is a normal stop; the caller's own stop strings say STOP_STRING.
-            turn_end = seq.text.matched in seq.config.turn_end and seq.text.matched not in seq.config.stop[
-                : len(seq.config.stop) - len(seq.config.turn_end)]
+            turn_end = seq.text.matched in seq.config.turn_end
             self._finish(seq, FinishReason.STOP if turn_end else FinishReason.STOP_STRING)
         elif len(seq.generated) >= seq.config.max_tokens:
             self._finish(seq, FinishReason.LENGTH)

@@ -100,20 +100,15 @@ def schema_to_grammar(schema_json: str) -> str:
 class GrammarConstraint:
     """llama.cpp's grammar sampler for one sequence: which tokens may come next."""
 
-    def __init__(self, vocab: llama.llama_vocab_p, grammar: str, n_vocab: int, punctuation: np.ndarray) -> None:
+    def __init__(self, vocab: llama.llama_vocab_p, grammar: str, punctuation: np.ndarray) -> None:
         self.punctuation = punctuation
         self._sampler = llama.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
         if not self._sampler:
             raise InvalidArgument("the grammar does not parse (see the LLM core's log)")
         self._one = (llama.llama_token_data * 1)()
         self._one_array = llama.llama_token_data_array(self._one, 1, -1, False)
-        self._some = np.zeros(max(CANDIDATE_TIERS[-1], len(punctuation)), dtype=TOKEN_DATA)
-        self._some_array = llama.llama_token_data_array(
-            self._some.ctypes.data_as(llama.llama_token_data_p), len(self._some), -1, False)
-        self._all = np.zeros(n_vocab, dtype=TOKEN_DATA)
-        self._all["id"] = np.arange(n_vocab, dtype=np.int32)
-        self._all_array = llama.llama_token_data_array(
-            self._all.ctypes.data_as(llama.llama_token_data_p), n_vocab, -1, False)
+        # Grown on first need: most sequences never ask about more than one token at a time.
+        self._buffer = np.zeros(0, dtype=TOKEN_DATA)
 
     def allows(self, token: int) -> bool:
         self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
@@ -123,19 +118,22 @@ class GrammarConstraint:
 
     def allowed(self, tokens: np.ndarray) -> np.ndarray:
         """Which of `tokens` (a candidate tier, or the punctuation tokens) the grammar allows next."""
-        n = len(tokens)
-        self._some["id"][:n] = tokens
-        self._some["logit"][:n] = 0.0
-        self._some_array.size, self._some_array.selected, self._some_array.sorted = n, -1, False
-        llama.llama_sampler_apply(self._sampler, ctypes.byref(self._some_array))
-        return np.isfinite(self._some["logit"][:n])
+        return np.isfinite(self._apply(tokens, 0.0))
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A copy of `logits` with every token the grammar refuses at -inf."""
-        self._all["logit"] = logits
-        self._all_array.size, self._all_array.selected, self._all_array.sorted = len(self._all), -1, False
-        llama.llama_sampler_apply(self._sampler, ctypes.byref(self._all_array))
-        return self._all["logit"].copy()
+        return self._apply(np.arange(len(logits), dtype=np.int32), logits).copy()
+
+    def _apply(self, tokens: np.ndarray, logits: np.ndarray | float) -> np.ndarray:
+        """The grammar sampler over (token, logit) pairs: the logits back, refused ones at -inf."""
+        n = len(tokens)
+        if len(self._buffer) < n:
+            self._buffer = np.zeros(n, dtype=TOKEN_DATA)
+        data = self._buffer[:n]
+        data["id"], data["logit"] = tokens, logits
+        array = llama.llama_token_data_array(data.ctypes.data_as(llama.llama_token_data_p), n, -1, False)
+        llama.llama_sampler_apply(self._sampler, ctypes.byref(array))
+        return data["logit"]
 
     def accept(self, token: int) -> None:
         llama.llama_sampler_accept(self._sampler, token)

@@ -117,7 +117,7 @@ class LlamaModel:
 
     def constraint(self, grammar: str) -> GrammarConstraint | None:
         """A grammar sampler for one sequence over this vocabulary (None for no grammar)."""
-        return GrammarConstraint(self.vocab, grammar, self.n_vocab, self.punctuation) if grammar else None
+        return GrammarConstraint(self.vocab, grammar, self.punctuation) if grammar else None
 
     def logits_view(self, ctx: llama.llama_context_p, index: int) -> np.ndarray:
         """Zero-copy view of the logits of batch output `index` (valid until the next decode)."""

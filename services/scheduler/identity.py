@@ -20,7 +20,7 @@ import enum
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -53,10 +53,6 @@ class Quota:
     def or_defaults(self, defaults: "Quota") -> "Quota":
         """Each unset field takes the default's value."""
         return Quota(*(mine or default for mine, default in zip(astuple(self), astuple(defaults))))
-
-
-def astuple(quota: Quota) -> tuple[int, int, int]:
-    return quota.tokens_per_minute, quota.concurrent_syscalls, quota.tool_slots
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,9 @@ def kernel_rpc(anonymous_ok: bool = False) -> Callable:
         async def authenticate(self: "KernelServicer", context: grpc.aio.ServicerContext) -> Caller | None:
             return await self.kernel.agents.authenticate(context.invocation_metadata(), anonymous_ok)
 
+        def audit(self: "KernelServicer", exc: AiosError, caller: Caller | None, context: grpc.aio.ServicerContext) -> None:
+            self.audit.note(exc, caller.label if caller else "an unauthenticated caller", name, context.peer())
+
         if inspect.isasyncgenfunction(method):
             @functools.wraps(method)
             async def stream(self: "KernelServicer", request: Any, context: grpc.aio.ServicerContext):
@@ -94,7 +97,7 @@ def kernel_rpc(anonymous_ok: bool = False) -> Callable:
                     async for item in method(self, request, context, caller):
                         yield item
                 except AiosError as exc:
-                    self.audit.note(exc, caller.label if caller else "an unauthenticated caller", name, context.peer())
+                    audit(self, exc, caller, context)
                     raise
 
             return stream
@@ -106,7 +109,7 @@ def kernel_rpc(anonymous_ok: bool = False) -> Callable:
                 caller = await authenticate(self, context)
                 return await method(self, request, context, caller)
             except AiosError as exc:
-                self.audit.note(exc, caller.label if caller else "an unauthenticated caller", name, context.peer())
+                audit(self, exc, caller, context)
                 raise
 
         return unary
