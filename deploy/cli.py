@@ -43,7 +43,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say("--tls-cert and --tls-key go together")
         return 2
     model = args.model or default_model_path(progress=True)
-    extra = {"tools": [option for spec in args.mcp for option in ("--mcp", spec)],
+    extra = {"tools": [*(option for spec in args.mcp for option in ("--mcp", spec)),
+                       *(option for name in args.mcp_network for option in ("--mcp-network", name))],
              "memory": [*(["--ram-budget-bytes", str(args.memory_budget_bytes)] if args.memory_budget_bytes else []),
                         *(["--quota-bytes", str(args.memory_quota_bytes)] if args.memory_quota_bytes else [])],
              "storage": ["--quota-bytes", str(args.storage_quota_bytes)] if args.storage_quota_bytes else [],
@@ -217,7 +218,8 @@ def cmd_tool(args: argparse.Namespace) -> int:
     def act(kernel) -> None:
         if args.tool_command == "mount":
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
-            _say(f"mounted {args.name}: {', '.join(kernel.mount_tool(args.name, command))}")
+            names = kernel.mount_tool(args.name, command, network=args.network, read_only=args.read_only)
+            _say(f"mounted {args.name}: {', '.join(names)}")
         else:
             _say(f"unmounted {args.name}: {', '.join(kernel.unmount_tool(args.name))}")
 
@@ -244,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--slice-tokens", type=int, default=ClusterConfig.slice_tokens,
                     help="time slice in generated tokens (rr, fair)")
     up.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND",
-                    help="mount an MCP server's tools (stdio) as NAME__<tool>; repeatable")
+                    help="mount an MCP server's tools (stdio) as NAME__<tool>, sandboxed; repeatable")
+    up.add_argument("--mcp-network", action="append", default=[], metavar="NAME",
+                    help="let the MCP server NAME use the host's network (none by default)")
     up.add_argument("--memory-budget-bytes", type=int, default=0, help="memory manager RAM budget (default 64 MB)")
     up.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                     help="where the kernel listens (default loopback, a free port); use TLS off loopback")
@@ -277,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     agent.set_defaults(func=cmd_agent)
     tool = sub.add_parser("tool", help="mount and unmount MCP servers while AIOS runs (operator)")
     tool_sub = tool.add_subparsers(dest="tool_command", required=True)
-    mount = tool_sub.add_parser("mount", help="start an MCP server (stdio) and add its tools: aios tool mount NAME -- CMD")
+    mount = tool_sub.add_parser("mount", help="start an MCP server (stdio, sandboxed) and add its tools: aios tool mount [--network] [--read-only PATH] NAME -- CMD")
     mount.add_argument("name")
+    mount.add_argument("--network", action="store_true", help="let the server use the host's network (none by default)")
+    mount.add_argument("--read-only", action="append", default=[], metavar="PATH",
+                       help="an absolute host path the sandboxed server may read (Python, the project and /usr it may)")
     mount.add_argument("command", nargs=argparse.REMAINDER, help="the server's command, after --")
     tool_sub.add_parser("unmount", help="stop an MCP server and remove its tools").add_argument("name")
     tool.set_defaults(func=cmd_tool)

@@ -367,7 +367,7 @@ class Cluster:
         elif kind in ("storage", "memory"):
             args += ["--data-dir", str(self.data / name)]  # a replica gets its own
         elif kind == "tools":
-            args += ["--storage", self.processes["storage"].address]
+            args += ["--storage", self.processes["storage"].address, "--hidden-dir", str(config.home.resolve())]
         elif kind == "kernel":
             args += ["--policy", config.policy, "--slice-tokens", str(config.slice_tokens), "--llm-slots", str(config.slots),
                      "--operator-token-file", str(self.operator_token_path), "--host", config.listen.rsplit(":", 1)[0]]

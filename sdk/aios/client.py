@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
@@ -183,9 +183,12 @@ class Connection:
         reply = self.call("IssueToken", kernel_pb2.IssueTokenRequest(agent_id=agent_id))
         return Agent(self, reply.agent_id, reply.agent.name, reply.token)
 
-    def mount_tool(self, name: str, command: list[str]) -> list[str]:
-        """Operator: starts an MCP server (stdio) and adds its tools as NAME__<tool>; returns their names."""
-        return list(self.call("MountTool", tools_pb2.MountRequest(name=name, command=command), timeout=60).tools)
+    def mount_tool(self, name: str, command: list[str], network: bool = False,
+                   read_only: Sequence[str] = ()) -> list[str]:
+        """Operator: starts an MCP server (stdio, sandboxed; the host network and `read_only` host paths only if
+        given) and adds its tools as NAME__<tool>; returns their names."""
+        request = tools_pb2.MountRequest(name=name, command=command, network=network, read_only_paths=read_only)
+        return list(self.call("MountTool", request, timeout=60).tools)
 
     def unmount_tool(self, name: str) -> list[str]:
         """Operator: stops an MCP server mounted as NAME and removes its tools; returns their names."""

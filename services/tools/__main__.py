@@ -11,7 +11,7 @@ from services.manager_client import ManagerClient
 from services.server import Service, cluster_secret, common_arguments, kernel_only, run
 from services.tools.builtin import builtin_tools
 from services.tools.core import ToolRegistry
-from services.tools.mcp_mount import McpMounts, McpServerSpec
+from services.tools.mcp_mount import McpLimits, McpMounts, McpServerSpec
 from services.tools.sandbox import Sandbox, SandboxLimits
 from services.tools.servicer import ToolsServicer
 
@@ -23,8 +23,9 @@ def build(args: argparse.Namespace) -> Service:
                       memory_bytes=args.sandbox_memory_mb << 20, processes=args.sandbox_processes),
         root=args.sandbox_dir,
     )
-    specs = [McpServerSpec.parse(text) for text in args.mcp]
-    mounts = McpMounts(registry, timeout_s=args.mcp_timeout_seconds)
+    specs = [McpServerSpec.parse(text, args.mcp_network) for text in args.mcp]
+    limits = McpLimits(timeout_s=args.mcp_timeout_seconds, memory_bytes=args.mcp_memory_mb << 20)
+    mounts = McpMounts(registry, sandbox, limits, hidden=[str(p) for p in args.hidden_dir])
     storage = (ManagerClient("storage", args.storage, storage_pb2_grpc.StorageStub, cluster_secret(args))
                if args.storage else None)
 
@@ -33,7 +34,7 @@ def build(args: argparse.Namespace) -> Service:
         for tool in builtin_tools(sandbox, storage):
             registry.register(tool)
         for spec in specs:
-            await mounts.mount(spec.name, spec.command)
+            await mounts.mount(spec)
 
     async def stop() -> None:
         await mounts.close()
@@ -57,6 +58,12 @@ def main() -> None:
                         help="mount the tools of an MCP server started with COMMAND (stdio), as NAME__<tool>")
     parser.add_argument("--mcp-timeout-seconds", type=float, default=30.0,
                         help="how long one MCP tool call may take before DEADLINE_EXCEEDED")
+    parser.add_argument("--mcp-network", action="append", default=[], metavar="NAME",
+                        help="let the --mcp server NAME use the host's network (MCP servers have none by default)")
+    parser.add_argument("--mcp-memory-mb", type=int, default=1024,
+                        help="memory of one MCP server and all its processes (where cgroups are writable)")
+    parser.add_argument("--hidden-dir", action="append", default=[], type=Path, metavar="DIR",
+                        help="a directory no MCP server may see even if it is bound (the AIOS home); repeatable")
     parser.add_argument("--sandbox-dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where sandboxed runs get their private working directories")
     parser.add_argument("--sandbox-wall-seconds", type=float, default=10.0)

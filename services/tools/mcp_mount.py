@@ -1,6 +1,7 @@
 """Tools of Model Context Protocol servers (stdio transport), mounted as ordinary AIOS tools.
 
-Each server runs as a child process for the tool service's lifetime. Its tools
+Each server runs as a child process while it is mounted, confined by bubblewrap
+(services/tools/mcp_sandbox.py) when the machine has it. Its tools
 are registered as `<server>__<tool>` with the schema the server declares, so
 the kernel queues, validates and accounts them like built-in ones. The MCP
 session lives in one task of its own (anyio cancel scopes must be entered and
@@ -11,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 from services.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from services.tools.core import CallContext, Tool, ToolRegistry
+from services.tools.mcp_sandbox import PROJECT_ROOT, McpSandboxConfig
+from services.tools.sandbox import RunCgroup, Sandbox, SandboxLimits
 
 log = logging.getLogger("aios.tools.mcp")
 
@@ -28,23 +32,31 @@ log = logging.getLogger("aios.tools.mcp")
 class McpServerSpec:
     name: str
     command: list[str]
+    network: bool = False  # the host's network, which the operator allows per server
+    read_only: tuple[str, ...] = ()  # host paths the server may read besides Python, the project and /usr
 
     @classmethod
-    def parse(cls, text: str) -> McpServerSpec:
+    def parse(cls, text: str, networked: Sequence[str] = ()) -> McpServerSpec:
         """'name=command arg ...', e.g. 'words=python -m services.tools.example_mcp_server'."""
         name, _, command = text.partition("=")
         if not name.isidentifier() or not command.strip():
             raise ValueError(f"--mcp {text!r}: expected NAME=COMMAND with NAME a plain identifier")
-        return cls(name, shlex.split(command))
+        return cls(name, shlex.split(command), network=name in networked)
 
 
-# How long one MCP tool call may take before the agent gets DEADLINE_EXCEEDED (the server may hang).
-CALL_TIMEOUT_S = 30.0
+@dataclass(frozen=True)
+class McpLimits:
+    """What every MCP server may use: time per call; memory and processes of the whole server (its cgroup)."""
+    timeout_s: float = 30.0
+    memory_bytes: int = 1 << 30
+    processes: int = 64
 
 
 class McpConnection:
-    def __init__(self, spec: McpServerSpec, concurrency: int = 4, timeout_s: float = CALL_TIMEOUT_S) -> None:
+    def __init__(self, spec: McpServerSpec, params: StdioServerParameters, concurrency: int = 4,
+                 timeout_s: float = McpLimits.timeout_s) -> None:
         self.spec = spec
+        self.params = params
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.session: ClientSession | None = None
@@ -72,9 +84,8 @@ class McpConnection:
         return names
 
     async def _serve(self, ready: asyncio.Future) -> None:
-        params = StdioServerParameters(command=self.spec.command[0], args=self.spec.command[1:])
         try:
-            async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            async with stdio_client(self.params) as (read, write), ClientSession(read, write) as session:
                 await session.initialize()
                 listed = await session.list_tools()
                 self.session = session
@@ -111,32 +122,65 @@ class McpConnection:
 
 
 class McpMounts:
-    """The MCP servers mounted now, by name: at start (`--mcp`) and while AIOS runs (Mount/Unmount)."""
+    """The MCP servers mounted now, by name: at start (`--mcp`) and while AIOS runs (Mount/Unmount).
 
-    def __init__(self, registry: ToolRegistry, timeout_s: float = CALL_TIMEOUT_S) -> None:
+    Each is started in a bubblewrap sandbox when `sandbox` has one (`hidden`: directories no server may see,
+    the AIOS home), in a cgroup of its own when cgroups are writable."""
+
+    def __init__(self, registry: ToolRegistry, sandbox: Sandbox, limits: McpLimits = McpLimits(),
+                 hidden: Sequence[str] = ()) -> None:
         self.registry = registry
-        self.timeout_s = timeout_s
+        self.sandbox = sandbox
+        self.limits = limits
+        self.hidden = list(hidden)
         self.connections: dict[str, McpConnection] = {}
         self.tools: dict[str, list[str]] = {}
+        self.cgroups: dict[str, RunCgroup] = {}
 
-    async def mount(self, name: str, command: list[str]) -> list[str]:
+    async def mount(self, spec: McpServerSpec) -> list[str]:
+        name = spec.name
         if not name.isidentifier():
             raise InvalidArgument(f"MCP server name {name!r} must be a plain identifier (letters, digits, _)")
-        if not command or not command[0]:
+        if not spec.command or not spec.command[0]:
             raise InvalidArgument("the command that starts the MCP server is required")
         if name in self.connections:
             raise AlreadyExists(f"an MCP server named {name!r} is mounted; unmount it first")
-        connection = McpConnection(McpServerSpec(name, command), timeout_s=self.timeout_s)
+        missing = [path for path in spec.read_only if not os.path.isabs(path) or not os.path.exists(path)]
+        if missing:
+            raise InvalidArgument(f"read-only paths must be absolute and exist on the tool service's host: {missing}")
+        connection = McpConnection(spec, self._parameters(spec), timeout_s=self.limits.timeout_s)
         try:
             names = await connection.mount(self.registry)
         except (OSError, ValueError) as exc:
-            await connection.close()
+            await self._stop(name, connection)
             raise InvalidArgument(f"MCP server {name!r} did not start ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - whatever the server did, it is the operator's to fix
-            await connection.close()
-            raise Unavailable(f"MCP server {name!r} did not answer as an MCP server ({type(exc).__name__}: {exc})") from None
+            await self._stop(name, connection)
+            raise Unavailable(f"MCP server {name!r} did not answer as an MCP server ({type(exc).__name__}: {exc}); "
+                              "see the tool service's log") from None
         self.connections[name], self.tools[name] = connection, names
         return names
+
+    def _parameters(self, spec: McpServerSpec) -> StdioServerParameters:
+        """How to start the server: inside bubblewrap and its own cgroup where the machine allows."""
+        if not self.sandbox.bwrap:
+            log.warning("MCP server %s runs unconfined: bubblewrap is not available on this machine", spec.name)
+            return StdioServerParameters(command=spec.command[0], args=spec.command[1:])
+        cgroup_procs: list[str] = []
+        if self.sandbox.cgroups:
+            limits = SandboxLimits(memory_bytes=self.limits.memory_bytes, processes=self.limits.processes)
+            self.cgroups[spec.name] = RunCgroup(f"{os.getpid()}-mcp-{spec.name}", limits)
+            cgroup_procs = self.cgroups[spec.name].procs_files
+        config = McpSandboxConfig(bwrap=self.sandbox.bwrap, command=spec.command, network=spec.network,
+                                  read_only=list(spec.read_only), hidden=self.hidden, cgroup_procs=cgroup_procs)
+        launcher = config.launcher()
+        return StdioServerParameters(command=launcher[0], args=launcher[1:], cwd=str(PROJECT_ROOT))
+
+    async def _stop(self, name: str, connection: McpConnection) -> None:
+        await connection.close()
+        cgroup = self.cgroups.pop(name, None)
+        if cgroup is not None:
+            cgroup.remove()
 
     async def unmount(self, name: str) -> list[str]:
         connection = self.connections.pop(name, None)
@@ -144,7 +188,7 @@ class McpMounts:
             raise NotFound(f"no MCP server named {name!r} is mounted; mounted: {', '.join(self.connections) or 'none'}")
         names = self.tools.pop(name)
         self.registry.unregister(names)
-        await connection.close()
+        await self._stop(name, connection)
         return names
 
     async def close(self) -> None:

@@ -72,6 +72,12 @@ class RunCgroup:
         return int(fields.get("oom_kill", 0)) > 0
 
     def remove(self) -> None:
+        """Kills whatever of the run is left in it, then removes it."""
+        for pid in (self.dirs[0] / "cgroup.procs").read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for d in self.dirs:
             for _ in range(50):
                 try:
@@ -126,7 +132,7 @@ class Sandbox:
                 "cpu_memory_file_limits": True, "clean_environment": True, "private_directory": True,
                 "bubblewrap": confined, "pid_namespace": confined, "read_only_root": confined, "private_tmp": confined,
                 "no_capabilities": confined, "seccomp": confined and seccomp.available(),
-                "run_cgroup": self.cgroups}
+                "run_cgroup": self.cgroups, "mcp_servers_confined": confined}
 
     async def probe(self) -> None:
         """Checks that bubblewrap, else a network namespace, works here; says what runs go on without."""

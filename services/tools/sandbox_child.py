@@ -27,6 +27,7 @@ import resource
 import signal
 import sys
 import time
+from typing import Sequence
 
 from services.tools import seccomp
 
@@ -35,6 +36,8 @@ PR_SET_CHILD_SUBREAPER = 36
 TIMED_OUT = 124  # exit status when the wall time passed
 CPU_EXCEEDED = 123  # exit status when the run's processes together used up its CPU time (its cgroup says)
 CHECK_EVERY_S = 0.05
+# Bound read-only for a confined process that may use the network.
+NETWORK_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/ssl", "/etc/ca-certificates")
 
 
 def confine(config: dict) -> None:
@@ -141,23 +144,40 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def bwrap_argv(config: dict) -> list[str]:
-    """bubblewrap's command line for one run (see the module's docstring for what each part keeps out)."""
-    code = _memfd("aios-code", config["code"].encode())
-    argv = [
-        config["bwrap"], "--die-with-parent", "--new-session", "--unshare-all", "--unshare-user",
-        "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
-        "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-        "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev",
-        "--size", str(config["file_bytes"]), "--tmpfs", "/tmp", "--size", str(config["file_bytes"]), "--tmpfs", "/dev/shm",
-        "--dir", "/aios", "--file", str(code), "/aios/main.py",
-        "--remount-ro", "/dev", "--remount-ro", "/",  # writable: /tmp and /dev/shm only, each `file_bytes` at most
-        "--chdir", "/tmp",
-        "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
-    ]
+def confinement_argv(bwrap: str, tmp_bytes: int, *, network: bool = False, read_only: Sequence[str] = (),
+                     hidden: Sequence[str] = (), extra: Sequence[str] = (), chdir: str = "/tmp",
+                     path: str = "/usr/bin:/bin") -> list[str]:
+    """bubblewrap's options for one confined process tree (the module's docstring says what each part keeps out):
+    /usr and `read_only` bound read-only, `hidden` directories covered by an empty tmpfs, writable /tmp and
+    /dev/shm of `tmp_bytes` each, the host network only if `network`. `extra` options come before the root is
+    made read-only. The program and its arguments follow "--"."""
+    argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-all", "--unshare-user"]
+    if network:
+        argv.append("--share-net")
+    argv += ["--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
+             "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+             "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev",
+             "--size", str(tmp_bytes), "--tmpfs", "/tmp", "--size", str(tmp_bytes), "--tmpfs", "/dev/shm"]
+    for directory in read_only:  # after /tmp, so that a path under /tmp is bound, not covered
+        argv += ["--ro-bind", directory, directory]
+    if network:  # name resolution and certificates, to reach what the operator allowed
+        argv += [option for name in NETWORK_FILES if os.path.exists(name) for option in ("--ro-bind", name, name)]
+    for directory in hidden:
+        argv += ["--tmpfs", directory, "--remount-ro", directory]
+    argv += [*extra, "--remount-ro", "/dev", "--remount-ro", "/",  # writable: /tmp and /dev/shm only
+             "--chdir", chdir,
+             "--clearenv", "--setenv", "PATH", path, "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8"]
     if seccomp.available():
         argv += ["--seccomp", str(_memfd("aios-seccomp", seccomp.filter_program()))]
-    return argv + ["--", config["python"], "-I", "/aios/main.py"]
+    return argv
+
+
+def bwrap_argv(config: dict) -> list[str]:
+    """bubblewrap's command line for one run: the code handed over in a memfd as /aios/main.py."""
+    code = _memfd("aios-code", config["code"].encode())
+    options = confinement_argv(config["bwrap"], config["file_bytes"],
+                               extra=["--dir", "/aios", "--file", str(code), "/aios/main.py"])
+    return options + ["--", config["python"], "-I", "/aios/main.py"]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 from aios.v1 import tools_pb2, tools_pb2_grpc
 from services.tools.core import CallContext, ToolRegistry
-from services.tools.mcp_mount import McpMounts
+from services.tools.mcp_mount import McpMounts, McpServerSpec
 from services.tools.sandbox import Sandbox
 
 
@@ -17,7 +17,8 @@ class ToolsServicer(tools_pb2_grpc.ToolsServicer):
         self.mounts = mounts
 
     async def Mount(self, request, context):
-        return tools_pb2.MountResponse(tools=await self.mounts.mount(request.name, list(request.command)))
+        spec = McpServerSpec(request.name, list(request.command), request.network, tuple(request.read_only_paths))
+        return tools_pb2.MountResponse(tools=await self.mounts.mount(spec))
 
     async def Unmount(self, request, context):
         return tools_pb2.MountResponse(tools=await self.mounts.unmount(request.name))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -144,3 +146,38 @@ def test_the_operator_mounts_and_unmounts_an_mcp_server_while_aios_runs(with_mcp
         kernel.unmount_tool("extra")
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
     assert agent.call_tool("words__word_count", text="still mounted")["words"] == 2  # the --mcp one is untouched
+
+
+def test_a_hostile_mcp_server_is_confined_to_its_sandbox(with_mcp, kernel):
+    """Mounted by an operator who trusts it too much (it may even read the AIOS home's parent), the server
+    still cannot read secrets, data or other processes, write outside its own /tmp, or reach the kernel."""
+    home = with_mcp.config.home.resolve()
+    server = str(Path(__file__).with_name("hostile_mcp_server.py"))
+    host, port = with_mcp.kernel_address.rsplit(":", 1)
+    probe = {"paths": [str(home / "secrets" / "cluster.secret"), str(home / "operator.token"),
+                       str(home / "endpoints.json"), "/etc/shadow", "/etc/passwd", "/root/.bash_history"],
+             "directories": [str(home), str(home.parent), "/root", str(Path(server).parent)],
+             "host": host, "port": int(port)}
+    agent = kernel.register("mcp-prober")
+    kernel.mount_tool("hostile", [sys.executable, server], read_only=[str(home.parent)])
+    try:
+        seen = json.loads(agent.call_tool("hostile__probe", **probe)["text"])
+    finally:
+        kernel.unmount_tool("hostile")
+    assert seen["readable"] == []
+    assert seen["listed"][str(home)] == []  # covered by an empty tmpfs, though its parent is bound
+    assert seen["listed"]["/root"] is None or ".bash_history" not in seen["listed"]["/root"]
+    assert seen["writable"] == []  # every bound path is read-only
+    assert not (Path(server).parent / "planted-by-mcp").exists()
+    assert seen["connected"] is False  # no network: not even the kernel on loopback
+    assert len(seen["pids"]) < 5 and seen["uid"] == 65534  # its own pid namespace, nobody inside it
+
+    kernel.mount_tool("hostile_net", [sys.executable, server], network=True)
+    try:  # the operator allowed this one the network
+        assert json.loads(agent.call_tool("hostile_net__probe", **probe)["text"])["connected"] is True
+    finally:
+        kernel.unmount_tool("hostile_net")
+
+
+def test_the_tool_manager_reports_mcp_servers_confined(kernel):
+    assert kernel.register("curious").sandbox_isolation()["mcp_servers_confined"] is True
