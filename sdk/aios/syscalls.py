@@ -29,6 +29,7 @@ class Completion:
     syscall_id: str
     token_ids: list[int]
     prefix_tokens_reused: int
+    hidden_tokens: int  # of completion_tokens, those that spelled the stop string (their text is not in `text`)
 
 
 def generate_request(
@@ -80,6 +81,7 @@ def completion_of(last: llm_core_pb2.GenerateChunk) -> Completion:
         syscall_id=last.syscall_id,
         token_ids=list(last.token_ids),
         prefix_tokens_reused=last.prefix_tokens_reused,
+        hidden_tokens=last.hidden_tokens,
     )
 
 

@@ -78,6 +78,7 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     prefix_reused: int
+    hidden_tokens: int = 0  # of completion_tokens, those whose text was held back (a stop string)
 
 
 @dataclass
@@ -726,7 +727,8 @@ class BatchEngine:
             self._finish(seq, FinishReason.CONTEXT)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), seq.prefix_reused))
+        seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), seq.prefix_reused,
+                             seq.text.hidden_tokens))
         with self._cond:
             self._release_locked(seq, keep_as_prefix=True)
 

@@ -63,6 +63,7 @@ def chunk_for(event: Event) -> llm_core_pb2.GenerateChunk:
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
         prefix_tokens_reused=event.prefix_reused,
+        hidden_tokens=event.hidden_tokens,
     )
 
 

@@ -37,6 +37,8 @@ def test_chat_answers_a_question_and_stops_at_the_turn_boundary(agent):
 def test_stop_strings_and_seeded_sampling(agent):
     stopped = agent.complete("1, 2, 3, 4, 5,", max_tokens=30, stop=[" 9"])
     assert stopped.text == " 6, 7, 8," and stopped.finish_reason == "stop_string"
+    assert 1 <= stopped.hidden_tokens <= 2 < stopped.completion_tokens  # " 9" was generated, counted, not shown
+    assert agent.complete("1, 2, 3,", max_tokens=4).hidden_tokens == 0
     sampled = [agent.complete("Once upon a time", max_tokens=16, temperature=0.9, top_k=40, top_p=0.9, seed=11).text for _ in range(2)]
     assert sampled[0] == sampled[1] and sampled[0]
 

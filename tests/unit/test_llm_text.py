@@ -18,6 +18,21 @@ def test_text_stream_holds_a_possible_stop_string_until_decided():
     assert stream.stopped and stream.feed(b"x") == "" and stream.flush() == ""
 
 
+def test_text_stream_counts_the_tokens_that_spelled_the_stop_string():
+    stream = TextStream(stop=("<end>",))
+    for piece, shown in ((b"done", "done"), (b".", "."), (b"<e", ""), (b"n", ""), (b"d>", "")):
+        assert stream.feed(piece) == shown
+    assert stream.stopped and stream.hidden_tokens == 3  # "<e", "n", "d>": nothing of them was shown
+
+    mixed = TextStream(stop=("<end>",))
+    assert mixed.feed(b"ok<en") == "ok" and mixed.feed(b"d>") == ""
+    assert mixed.hidden_tokens == 1  # "ok<en" showed "ok", so only "d>" was hidden
+
+    plain = TextStream(stop=("<end>",))
+    assert plain.feed(b"a <e") == "a " and plain.flush() == "<e"
+    assert plain.hidden_tokens == 0  # ended without a stop string: everything was shown
+
+
 def test_text_stream_reassembles_characters_split_across_tokens():
     stream = TextStream()
     euro = "€".encode()
