@@ -148,9 +148,11 @@ class SyscallMethods:
         request = storage_pb2.StorageWriteRequest(key=key, data=payload, metadata=metadata or {}, owner_agent_id=owner)
         return self._syscall(storage_write=request)
 
-    def storage_read(self, key: str, version: int = 0, owner: str = "") -> bytes:
-        """The newest version's data (or `version`'s); `owner`: another agent that granted access."""
-        request = storage_pb2.StorageReadRequest(key=key, version=version, owner_agent_id=owner)
+    def storage_read(self, key: str, version: int = 0, owner: str = "", offset: int = 0, length: int = 0) -> bytes:
+        """The newest version's data (or `version`'s); `owner`: another agent that granted access; `offset` and
+        `length` (0: to the end): a range of it."""
+        request = storage_pb2.StorageReadRequest(key=key, version=version, owner_agent_id=owner, offset=offset,
+                                                 length=length)
         return self._syscall(lambda r: r.data, storage_read=request)
 
     def storage_record(self, key: str, version: int = 0, owner: str = "") -> storage_pb2.StorageRecord:

@@ -243,8 +243,11 @@ class RecordStore:
 
     # ---- reads -----------------------------------------------------------------------
 
-    def read(self, agent_id: str, key: str, version: int = 0, owner: str = "") -> tuple[RecordInfo, bytes]:
-        """The newest version (or `version`) of a record of `owner` (default: the caller's own)."""
+    def read(self, agent_id: str, key: str, version: int = 0, owner: str = "", offset: int = 0,
+             length: int = 0) -> tuple[RecordInfo, bytes]:
+        """The newest version (or `version`) of a record of `owner` (default: the caller's own); with `offset` and
+        `length` (0: to the end) a range of its bytes, so that a client with a small message limit reads it in parts.
+        The info's size is the whole record's."""
         validate_key(key)
         owner = owner or agent_id
         require(version <= MAX_VERSION, f"version {version} does not exist (versions stay below 2^63)")
@@ -265,8 +268,9 @@ class RecordStore:
                 if row is None or row[3]:
                     raise NotFound(f"no record {key!r} in {'this agent' if owner == agent_id else 'the owner'}'s storage")
         number, data, metadata, deleted, restored_from, created_at = row
+        require(offset <= len(data), f"offset {offset} is past the end of {key!r} ({len(data)} bytes)")
         info = RecordInfo(key, len(data), number, json.loads(metadata), created_at, bool(deleted), restored_from or 0, owner)
-        return info, bytes(data)
+        return info, bytes(data[offset:offset + length] if length else data[offset:])
 
     def history(self, agent_id: str, key: str, owner: str = "") -> list[RecordInfo]:
         validate_key(key)

@@ -36,7 +36,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
 
     async def Read(self, request, context):
         info, data = await asyncio.to_thread(
-            self.store.read, request.agent_id, request.key, request.version, request.owner_agent_id
+            self.store.read, request.agent_id, request.key, request.version, request.owner_agent_id,
+            request.offset, request.length,
         )
         return storage_pb2.StorageRecord(info=info_to_proto(info), data=data)
 

@@ -7,6 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import grpc
+import pytest
+
+import aios
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,3 +32,17 @@ def test_a_node_agent_streams_calls_tools_and_uses_memory_both_ways(cluster, ker
     assert via_grpc["refused"] == "UNAUTHENTICATED"
     assert agent.syscall(via_grpc["syscall_id"]).agent_id == agent.id
     assert "My favourite river is the Danube." in [t.text for t in agent.memory_turns(20)]
+
+
+    # The 16 MB record it wrote: read by ranges with Node's default 4 MB limit, and whole by the Python SDK and
+    # by the file_read tool (their channels allow 64 MB).
+    big = report["big"]
+    assert big == {"size": 16 << 20, "parts": 6, "equal": True, "whole_read": "RESOURCE_EXHAUSTED", "key": "files/big.txt"}
+    data = agent.storage_read("files/big.txt")
+    assert len(data) == 16 << 20 and data[:4] == bytes(97 + (i * 7) % 26 for i in range(4))
+    assert agent.storage_read("files/big.txt", offset=(16 << 20) - 3) == data[-3:]
+    assert agent.storage_read("files/big.txt", offset=10, length=5) == data[10:15]
+    assert agent.call_tool("file_read", path="big.txt")["content"].encode() == data
+    with pytest.raises(aios.SyscallError) as past_end:
+        agent.storage_read("files/big.txt", offset=(16 << 20) + 1)
+    assert past_end.value.code == grpc.StatusCode.INVALID_ARGUMENT and "past the end" in past_end.value.message

@@ -46,16 +46,14 @@ async function viaOpenAI() {
   };
 }
 
-function kernelStub() {
+function kernelStub(options = { "grpc.max_receive_message_length": 64 * 1024 * 1024 }) {
   // The options a Node client needs: the include root is protos/ (imports say "aios/v1/..."), keepCase keeps the
   // snake_case field names, and the receive limit is raised from 4 MB (whole generations, records).
   const definition = protoLoader.loadSync("aios/v1/kernel.proto", {
     includeDirs: [env("AIOS_PROTOS")], keepCase: true, longs: String, enums: String, defaults: true, oneofs: true,
   });
   const { aios } = grpc.loadPackageDefinition(definition);
-  return new aios.v1.Kernel(env("AIOS_KERNEL"), grpc.credentials.createInsecure(), {
-    "grpc.max_receive_message_length": 64 * 1024 * 1024,
-  });
+  return new aios.v1.Kernel(env("AIOS_KERNEL"), grpc.credentials.createInsecure(), options);
 }
 
 function unary(stub, method, request, metadata) {
@@ -91,5 +89,32 @@ async function viaGrpc() {
   };
 }
 
-const report = { openai: await viaOpenAI(), grpc: await viaGrpc() };
+// A record at the 16 MB limit, written and read back by a default-configured client (4 MB receive limit): whole, the
+// client refuses the reply; by ranges (offset/length) it reads every byte.
+async function bigRecord() {
+  const stub = kernelStub({});
+  const metadata = new grpc.Metadata();
+  metadata.set("authorization", `Bearer ${env("AIOS_TOKEN")}`);
+  const data = Buffer.alloc(16 * 1024 * 1024);
+  for (let i = 0; i < data.length; i++) data[i] = 97 + ((i * 7 + (i >> 12)) % 26);
+  const key = "files/big.txt";
+  await unary(stub, "Syscall", { storage_write: { key, data } }, metadata);
+  let wholeRead = "OK";
+  try {
+    await unary(stub, "Syscall", { storage_read: { key } }, metadata);
+  } catch (error) {
+    wholeRead = grpc.status[error.code];
+  }
+  const parts = [];
+  const chunk = 3 * 1024 * 1024;
+  for (let offset = 0; offset < data.length; offset += chunk) {
+    const reply = await unary(stub, "Syscall", { storage_read: { key, offset, length: chunk } }, metadata);
+    parts.push(reply.storage_read.data);
+  }
+  stub.close();
+  const read = Buffer.concat(parts);
+  return { size: data.length, parts: parts.length, equal: read.equals(data), whole_read: wholeRead, key };
+}
+
+const report = { openai: await viaOpenAI(), grpc: await viaGrpc(), big: await bigRecord() };
 console.log(JSON.stringify(report));
