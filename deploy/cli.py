@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,11 @@ from deploy.cluster import (
     read_endpoints,
     terminate_group,
 )
+from deploy.supervisor import Supervisor
 from services.scheduler.policy import POLICIES
+
+READY_LINE = "serving; press Ctrl-C to stop"
+SUPERVISE_EVERY_S = 0.25
 
 
 def _say(line: str) -> None:
@@ -42,6 +47,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         _say("--tls-cert and --tls-key go together")
         return 2
+    if args.detach:
+        return _up_in_background(args)
     model = args.model or default_model_path(progress=True)
     extra = {"tools": [*(option for spec in args.mcp for option in ("--mcp", spec)),
                        *(option for name in args.mcp_network for option in ("--mcp-network", name))],
@@ -57,7 +64,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster = Cluster(config, progress=_say)
     _say(f"starting in {home} (logs in {home / 'logs'})")
     try:
-        endpoints = cluster.start(supervisor_pid=None if args.detach else os.getpid())
+        endpoints = cluster.start(supervisor_pid=os.getpid())
     except StartError as exc:
         _say(f"start failed: {exc}")
         return 1
@@ -68,23 +75,48 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"operator token in {cluster.operator_token_path} (mode 0600); `aios agent create NAME` makes an agent token")
     if args.open_registration:
         _say("open registration is on: anyone who reaches the kernel may register an agent")
-    if args.detach:
-        _say("running in the background; `aios status` to inspect, `aios down` to stop")
-        return 0
-    _say("press Ctrl-C to stop")
+    _say(READY_LINE)
     signal.signal(signal.SIGTERM, _interrupt)
+    names = [name for name in ("redis", *SERVICE_ORDER) if name in cluster.processes]
+    supervisor = Supervisor(cluster, names, say=_say,
+                            on_change=lambda: cluster.write_endpoints(os.getpid(), supervisor.as_json()))
+    cluster.write_endpoints(os.getpid(), supervisor.as_json())
     try:
         while True:
-            for name, process in list(cluster.processes.items()):
-                if process.popen.poll() is not None:
-                    _say(f"{name} exited with code {process.popen.returncode}; see {process.log_path}")
-                    cluster.processes.pop(name)
-            time.sleep(1.0)  # supervising: report a service that dies
+            supervisor.tick()
+            time.sleep(SUPERVISE_EVERY_S)  # waitpid on several children with a timeout: polling is the simple way
     except KeyboardInterrupt:
         _say("stopping")
     finally:
         cluster.stop()
     return 0
+
+
+def _up_in_background(args: argparse.Namespace) -> int:
+    """`aios up --detach`: the same supervising `aios up`, in a session of its own with its output in
+    logs/supervisor.log; relays that log until the system serves (or the start fails)."""
+    log_path = args.home / "logs" / "supervisor.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    argv = [sys.executable, "-m", "deploy.cli", "--home", str(args.home), *(a for a in args.argv if a != "--detach")]
+    child = subprocess.Popen(argv, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    with log_path.open("rb") as log:
+        log.seek(offset)
+        pending = b""
+        while True:
+            chunk = log.read()
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace")
+                if text.endswith(READY_LINE):
+                    _say(f"running in the background (supervisor pid {child.pid}, log {log_path}); "
+                         "`aios status` to inspect, `aios down` to stop")
+                    return 0
+                print(text, flush=True)
+            if not chunk and child.poll() is not None:
+                return child.returncode or 1
+            time.sleep(0.05)  # following a file another process writes
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -147,6 +179,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if gateway:
         print(f"gateway   {gateway:<22} {'SERVING' if http_healthy(gateway, 3) else 'DOWN':<9} "
               f"{state['openai_base_url']}")
+    supervision = state.get("supervision", {})
+    if supervision:
+        print("processes (supervised by `aios up`, pid %d):" % state["supervisor"])
+        for name, s in supervision.items():
+            last = f", last ended: {s['last_exit']}" if s["last_exit"] else ""
+            up_s = f", up {time.time() - s['started_at']:.0f} s" if s["state"] == "running" else ""
+            print(f"  {name:<9} {s['state']:<11} pid {s['pid']:<8} restarts {s['restarts']}{up_s}{last}")
     refusals = ", ".join(f"{reason} {n}" for reason, n in sorted(status.refusals.items())) or "none"
     print(f"refused:  {refusals}")
     print("queues:")
@@ -291,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     tool.set_defaults(func=cmd_tool)
     sub.add_parser("model", help="assemble the default model and print its path").set_defaults(func=cmd_model)
     args = parser.parse_args(argv)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
     return args.func(args)
 
 

@@ -177,6 +177,7 @@ class Cluster:
         self.redis_url = config.redis_url or ""
         self._args: dict[str, list[str]] = {}
         self._home_ready = False
+        self.started_at = time.time()
 
     # ---- paths -----------------------------------------------------------------------
 
@@ -242,7 +243,7 @@ class Cluster:
         except BaseException:
             self.stop()
             raise
-        self._write_endpoints(supervisor_pid)
+        self.write_endpoints(supervisor_pid)
         return self.endpoints()
 
     def _prepare_home(self) -> None:
@@ -287,8 +288,18 @@ class Cluster:
 
     def restart_service(self, name: str) -> str:
         """Starts a stopped service again on the address it had, so its clients reconnect."""
-        self._start_service(name)
+        if name == "redis":
+            self._start_redis()
+        else:
+            self._start_service(name)
         return self.processes[name].address
+
+    def exited(self) -> dict[str, int]:
+        """name -> return code of every service that exited without being asked to."""
+        return {name: p.popen.returncode for name, p in self.processes.items() if p.popen.poll() is not None}
+
+    def pid_of(self, name: str) -> int:
+        return self.processes[name].pid
 
     def __enter__(self) -> "Cluster":
         self.start()
@@ -303,7 +314,8 @@ class Cluster:
         binary = shutil.which("redis-server")
         if binary is None:
             raise StartError("redis-server is not installed (make install does it), or pass a Redis URL")
-        port = free_port()
+        # A restart keeps the port: the services' Redis URL names it.
+        port = int(self.processes["redis"].address.rsplit(":", 1)[1]) if "redis" in self.processes else free_port()
         (self.data / "redis").mkdir(exist_ok=True)
         log_path = self.logs / "redis.log"
         password = ensure_secret(self.secrets / "redis.password", "")
@@ -411,17 +423,20 @@ class Cluster:
             wait_healthy(process.address, START_TIMEOUT_S, *_tls_of(args))
         self.progress(f"started {name:<12} {process.address}  (pid {popen.pid}, {time.monotonic() - started:.1f} s)")
 
-    def _write_endpoints(self, supervisor_pid: int | None) -> None:
+    def write_endpoints(self, supervisor_pid: int | None, supervision: dict[str, dict] | None = None) -> None:
+        """endpoints.json: addresses, pids and (from a supervising `aios up`) each service's state and restarts."""
         state: dict[str, Any] = {
             "kernel": self.kernel_address,
             "openai_base_url": self.openai_base_url,
             "services": self.endpoints(),
             "redis": self.processes["redis"].address if "redis" in self.processes else "external",
             "pids": {name: p.pid for name, p in self.processes.items()},
-            "started_at": time.time(),
+            "started_at": self.started_at,
         }
         if supervisor_pid is not None:
             state["supervisor"] = supervisor_pid
+        if supervision is not None:
+            state["supervision"] = supervision
         if self.config.tls_cert:
             state["tls_cert"] = str(self.config.tls_cert.resolve())
             state["tls_server_name"] = certificate_host(self.config.tls_cert.read_bytes())

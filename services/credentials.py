@@ -27,16 +27,6 @@ AGENT_TOKEN_PREFIX = "aios_agt_"
 OPERATOR_TOKEN_PREFIX = "aios_op_"
 CLUSTER_SECRET_PREFIX = "aios_cluster_"
 
-# Options of every channel between AIOS processes (and of the SDK's): reconnect quickly to a service
-# that restarts instead of backing off for minutes, and carry messages up to 64 MiB (snapshots, records).
-MESSAGE_LIMIT_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES),
-    ("grpc.max_send_message_length", MESSAGE_LIMIT_BYTES),
-]
 
 Metadata = Iterable[tuple[str, str | bytes]]
 

@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.credentials import CHANNEL_OPTIONS, bearer_metadata
+from aios.client import CHANNEL_OPTIONS
+from services.credentials import bearer_metadata
 from services.errors import AiosError, DeadlineExceeded, ForwardedError, Unavailable
 
 # How long a call waits for a manager that is not connected before UNAVAILABLE.

@@ -25,7 +25,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.credentials import MESSAGE_LIMIT_BYTES, ClusterSecretCheck, Metadata, read_secret
+from aios.client import MESSAGE_LIMIT_BYTES
+from services.credentials import ClusterSecretCheck, Metadata, read_secret
 from services.errors import AiosError
 
 log = logging.getLogger("aios.server")

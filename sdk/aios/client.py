@@ -125,9 +125,17 @@ def connect(
     return Connection(*resolve(address, token, root_certificates, home))
 
 
-# The SDK's channels carry what the kernel's do: large messages (whole generations, records).
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+# Options of the SDK's channels, and of every channel between AIOS's own processes: carry messages up to
+# 64 MiB (whole generations, records, snapshots), and reconnect to a kernel or service that restarts within
+# a second instead of backing off for minutes (gRPC's default backoff starts at 1 s and grows to 120 s).
+MESSAGE_LIMIT_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES),
+    ("grpc.max_send_message_length", MESSAGE_LIMIT_BYTES),
+]
 
 
 class Connection:

@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aios.client import open_channel, syscall_error
+from aios.client import CHANNEL_OPTIONS, open_channel, syscall_error
 from aios.v1 import kernel_pb2, kernel_pb2_grpc
-from services.credentials import CHANNEL_OPTIONS, bearer_metadata
+from services.credentials import bearer_metadata
 from services.gateway.openai_api import (
     ApiError,
     ChatPlan,

@@ -22,6 +22,7 @@ class GenerationRequest:
     sampling: SamplingConfig
     request_id: str = ""
     agent_id: str = ""
+    replay: tuple[int, ...] = ()  # tokens already delivered by a core that died (GenerateRequest.replay_token_ids)
 
 
 class LLMCore:
@@ -66,6 +67,10 @@ class LLMCore:
             sampling = dataclasses.replace(sampling, stop=sampling.stop + self.format.stop, turn_end=turn_end)
         seq = Sequence(request.request_id or f"gen-{next(self._ids)}", request.agent_id, tokens, sampling, emit,
                        constraint=self.model.constraint(sampling.grammar))
+        if any(not 0 <= t < self.model.n_vocab for t in request.replay) or len(request.replay) > sampling.max_tokens:
+            raise InvalidArgument(f"replay_token_ids must be at most max_tokens ids of this model's vocabulary "
+                                  f"(0..{self.model.n_vocab - 1})")
+        seq.replay.extend(request.replay)
         self.engine.submit(seq)
         return seq
 

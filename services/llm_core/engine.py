@@ -79,6 +79,7 @@ class FinishEvent:
     completion_tokens: int
     prefix_reused: int
     hidden_tokens: int = 0  # of completion_tokens, those whose text was held back (a stop string)
+    replay_divergences: int = 0  # replayed tokens the recomputation would have chosen differently
 
 
 @dataclass
@@ -117,6 +118,8 @@ class Sequence:
     cancelled: bool = False
     finished: bool = False
     constraint: GrammarConstraint | None = None  # the output grammar's state, if the sampling has one
+    replay: deque = field(default_factory=deque)  # delivered tokens to feed back first
+    replay_divergences: int = 0
 
     def __post_init__(self) -> None:
         self.sampler = TokenSampler(self.config, self.constraint)
@@ -157,6 +160,7 @@ class EngineStats:
     preemptions: int = 0
     resumes_resident: int = 0
     restores: int = 0
+    tokens_replayed: int = 0  # fed back to recover generations whose core died
 
 
 def read_sequence_state(ctx: llama.llama_context_p, seq_id: int) -> memoryview:
@@ -261,7 +265,8 @@ class BatchEngine:
         """
         with self._cond:
             for seq in self._active:
-                if seq.request_id == request_id and not seq.cancelled:
+                # A sequence still replaying is not switched out: a snapshot does not carry what is left to replay.
+                if seq.request_id == request_id and not seq.cancelled and not seq.replay:
                     seq.preempt = "swap" if swap else "park"
                     self._cond.notify()
                     return True
@@ -709,14 +714,29 @@ class BatchEngine:
             self._accept(seq, token)
 
     def _accept(self, seq: Sequence, token: int) -> None:
-        if self.model.is_end_of_generation(token) and not seq.config.ignore_eos:
+        replaying = bool(seq.replay)
+        if replaying:  # recovering: the token delivered before the fault stands, whatever was sampled now
+            delivered = seq.replay.popleft()
+            if token != delivered:
+                seq.replay_divergences += 1
+                if seq.constraint is not None:  # it accepted the sampled token: rebuild it on the delivered ones
+                    seq.constraint = self.model.constraint(seq.config.grammar)
+                    seq.constraint.replay([*seq.generated, delivered])
+                    seq.sampler.constraint = seq.constraint
+                token = delivered
+        elif self.model.is_end_of_generation(token) and not seq.config.ignore_eos:
             self._finish(seq, FinishReason.STOP)
             return
         seq.generated.append(token)
-        self.stats.tokens_generated += 1
         text = seq.text.feed(self.model.piece(token))
-        seq.emit(TokenEvent(text, token, len(seq.generated), seq.slot))
+        if replaying:
+            self.stats.tokens_replayed += 1
+        else:
+            self.stats.tokens_generated += 1
+            seq.emit(TokenEvent(text, token, len(seq.generated), seq.slot))
         seq.next_token = token
+        if seq.replay:
+            return  # the first run went on past this token
         if seq.text.stopped:
             # The model ending its chat turn is a normal stop; the caller's own stop strings say STOP_STRING.
             turn_end = seq.text.matched in seq.config.turn_end
@@ -728,7 +748,7 @@ class BatchEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), seq.prefix_reused,
-                             seq.text.hidden_tokens))
+                             seq.text.hidden_tokens, seq.replay_divergences))
         with self._cond:
             self._release_locked(seq, keep_as_prefix=True)
 

@@ -44,6 +44,7 @@ def request_from_proto(request: llm_core_pb2.GenerateRequest) -> GenerationReque
         ),
         request_id=request.syscall_id,
         agent_id=request.agent_id,
+        replay=tuple(request.replay_token_ids),
     )
 
 
@@ -64,6 +65,7 @@ def chunk_for(event: Event) -> llm_core_pb2.GenerateChunk:
         completion_tokens=event.completion_tokens,
         prefix_tokens_reused=event.prefix_reused,
         hidden_tokens=event.hidden_tokens,
+        replay_divergences=event.replay_divergences,
     )
 
 

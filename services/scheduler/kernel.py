@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import AsyncIterator, Callable
@@ -29,7 +30,7 @@ from aios.v1 import (
     tools_pb2,
     tools_pb2_grpc,
 )
-from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.manager_client import CONNECT_TIMEOUT_S, ManagerClient
 from services.scheduler.identity import Agent, AgentRegistry, Caller
 from services.scheduler.quotas import AgentUsage
@@ -80,6 +81,15 @@ STUBS = {
 # The largest LLM syscall the kernel takes (prompt, messages, schema): far above any context the LLM core holds, and
 # refused before any work, so one agent's 30 MB request costs the others nothing.
 MAX_GENERATE_BYTES = 4 * 1024 * 1024
+MAX_RECOVERIES = 3  # times one generation is rebuilt after its core died, before the agent gets UNAVAILABLE
+CORE_RECOVERY_WAIT_S = 120.0  # how long a generation waits for its dead core to be restarted (model load included)
+CORE_POLL_S = 0.1
+
+
+def _core_lost_it(exc: grpc.aio.AioRpcError, resuming: bool) -> bool:
+    """Whether the LLM core lost the generation (it died, or was restarted and holds no trace of a parked one),
+    so that the kernel should rebuild it rather than fail the syscall."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE or (resuming and exc.code() == grpc.StatusCode.NOT_FOUND)
 
 # Storage calls that name another agent the kernel must check exists (a grant to nobody is a mistake).
 NAMES_A_GRANTEE = ("storage_grant",)
@@ -214,24 +224,31 @@ class Kernel:
         finished = False
         hint = request.priority if request.HasField("priority") else None
         async with self._syscall(agent, "llm_generate", Resource.LLM, priority=hint) as record:
-            message = llm_core_pb2.GenerateRequest(
+            sampling = common_pb2.SamplingParams()
+            sampling.CopyFrom(request.sampling)
+            if not sampling.HasField("seed"):  # fixed here, so that a recovery draws what the first run would have
+                sampling.seed = secrets.randbits(63)
+            first = llm_core_pb2.GenerateRequest(
                 agent_id=agent.id,
                 prompt=request.prompt,
                 messages=messages,
-                sampling=request.sampling,
+                sampling=sampling,
                 syscall_id=record.id,
             )
+            message = first
             parked = False  # the core holds a preempted sequence of ours
             try:
                 while True:
                     call = core.stream("Generate", message, _remaining(deadline))
-                    parked = False
+                    parked = lost = False
                     record.preemptible = True
                     try:
                         async for chunk in call:
                             if chunk.finish_reason == llm_core_pb2.FINISH_REASON_PREEMPTED:
                                 parked = True
                                 break
+                            if chunk.HasField("token_id") and chunk.completion_tokens <= record.tokens_out:
+                                continue  # delivered already (by token index), before a recovery
                             chunk.syscall_id = record.id
                             new_tokens = chunk.completion_tokens - record.tokens_out
                             record.tokens_out = chunk.completion_tokens
@@ -249,14 +266,30 @@ class Kernel:
                                 chunk.token_ids.extend(token_ids)
                                 yield chunk
                             queue.progress(record, chunk.prompt_tokens, new_tokens)
+                    except grpc.aio.AioRpcError as exc:
+                        if not _core_lost_it(exc, message.resume) or record.recoveries >= MAX_RECOVERIES:
+                            raise
+                        lost = True
                     finally:
                         record.preemptible = False
                         call.cancel()
-                    if not parked:
+                    if parked:
+                        await queue.requeue(record)
+                        if core.channel.get_state() != grpc.ChannelConnectivity.READY:
+                            await self._core_back(deadline)
+                        message = llm_core_pb2.GenerateRequest(agent_id=agent.id, syscall_id=record.id, resume=True)
+                    elif lost:
+                        # The core died (or lost the sequence): rebuild it on the core that is back, from the prompt
+                        # and the tokens the agent already has; the stream goes on from the next token index.
+                        record.recoveries += 1
+                        log.warning("syscall %s: its LLM core lost it after %d tokens; recovering (recovery %d)",
+                                    record.id, len(token_ids), record.recoveries)
+                        await self._core_back(deadline)
+                        message = llm_core_pb2.GenerateRequest()
+                        message.CopyFrom(first)
+                        message.replay_token_ids.extend(token_ids)
+                    else:
                         break
-                    await queue.requeue(record)
-                    await core.connected()
-                    message = llm_core_pb2.GenerateRequest(agent_id=agent.id, syscall_id=record.id, resume=True)
             finally:
                 self.usage.charge_tokens(agent, record.tokens_in + record.tokens_out, time.monotonic())
                 if parked:  # the caller left (or the deadline passed) while we were switched out
@@ -292,6 +325,19 @@ class Kernel:
         memory = self.managers[Resource.MEMORY]
         for role, text in turns:
             await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id=agent.id, text=text, role=role), timeout)
+
+    async def _core_back(self, deadline: float | None) -> None:
+        """Waits for the LLM core to serve again (its supervisor restarts it), within the call's deadline."""
+        core = self.managers[Resource.LLM]
+        give_up = time.monotonic() + CORE_RECOVERY_WAIT_S
+        while True:
+            if await core.healthy():
+                return
+            now = time.monotonic()
+            if now > give_up or (deadline is not None and now > deadline):
+                raise Unavailable(f"the LLM core died during the generation and was not back within "
+                                  f"{CORE_RECOVERY_WAIT_S:.0f} s; retry when `aios status` shows it serving")
+            await asyncio.sleep(CORE_POLL_S)  # polling its health: the restarted process gets a new connection
 
     def _preempt(self, record: SyscallRecord) -> None:
         self._spawn(self._ask_core_to_preempt(record))

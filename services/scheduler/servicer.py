@@ -46,6 +46,7 @@ def record_to_proto(record: SyscallRecord) -> common_pb2.SyscallInfo:
         preempted_seconds=record.preempted_s,
         preemptions=record.preemptions,
         priority=record.priority,
+        recoveries=record.recoveries,
     )
 
 

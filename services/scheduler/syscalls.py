@@ -51,6 +51,7 @@ class SyscallRecord:
     running_s: float = 0.0
     preempted_s: float = 0.0
     preemptions: int = 0
+    recoveries: int = 0  # times its generation was rebuilt after its LLM core died
     # Scheduling state read by the policies.
     slice_used: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)

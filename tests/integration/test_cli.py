@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,12 @@ def run(args: list[str], home: Path) -> subprocess.CompletedProcess:
     return subprocess.run(AIOS + args, env=env(home), capture_output=True, text=True, timeout=180)
 
 
+def supervised(home: Path, name: str, restarts: int) -> dict | None:
+    """The supervisor's record of `name` in endpoints.json once it is running after `restarts` restarts."""
+    record = json.loads((home / "endpoints.json").read_text()).get("supervision", {}).get(name, {})
+    return record if record.get("restarts") == restarts and record.get("state") == "running" else None
+
+
 def test_up_status_down_leaves_no_process_behind(tmp_path):
     up = run(["up", "--detach", "--slots", "2"], tmp_path)
     assert up.returncode == 0, up.stdout + up.stderr
@@ -46,11 +53,26 @@ def test_up_status_down_leaves_no_process_behind(tmp_path):
         assert mounted.returncode == 0 and "words__word_count" in mounted.stdout, mounted.stdout + mounted.stderr
         unmounted = run(["tool", "unmount", "words"], tmp_path)
         assert unmounted.returncode == 0 and "words__word_count" in unmounted.stdout
+
+        # kill -9 of a manager: the detached `aios up` restarts it on its address, says so, and the kernel
+        # reconnects by itself.
+        os.kill(state["pids"]["memory"], signal.SIGKILL)
+        restarted = wait_until(lambda: supervised(tmp_path, "memory", restarts=1), within_s=60,
+                               what="memory restarted by the supervisor")
+        assert restarted["pid"] != state["pids"]["memory"] and restarted["last_exit"] == "killed by SIGKILL"
+        with aios.connect(home=tmp_path) as kernel:
+            note = kernel.register("after-restart").memory_add("written after the restart")
+            assert note.id
+        status = run(["status"], tmp_path).stdout
+        assert "memory    running" in status and "restarts 1" in status and "killed by SIGKILL" in status, status
+        assert "restarted memory at" in (tmp_path / "logs" / "supervisor.log").read_text()
+        after = json.loads((tmp_path / "endpoints.json").read_text())
     finally:
         down = run(["down"], tmp_path)
     assert down.returncode == 0
     assert not (tmp_path / "endpoints.json").exists()
-    assert not [name for name, pid in state["pids"].items() if process_alive(pid)]
+    assert not [name for name, pid in {**state["pids"], **after["pids"]}.items() if process_alive(pid)]
+    assert not process_alive(after["supervisor"])
     assert run(["status"], tmp_path).returncode == 1
 
 

@@ -482,3 +482,28 @@ def test_a_json_string_may_not_hold_a_raw_control_character(model):
         constraint.accept(token)
     assert not constraint.allows(model.tokenize("\n", False, False)[0])
     assert constraint.allows(model.tokenize('\\n', False, False)[0])  # the escaped form is JSON
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED, CONSTRAINED_SAMPLED],
+                         ids=["greedy", "seeded-sampling", "json-schema-sampled"])
+def test_a_generation_whose_core_died_is_rebuilt_by_replay_and_continues_token_identical(harness, reference, sampling):
+    """A new engine gets the prompt and the 15 tokens the dead one delivered: it feeds them back one decode step
+    at a time without streaming them again, and the stream goes on exactly as the fault-free run (alone)."""
+    expected = reference.run_alone("ref", sampling)
+    seq, events = harness.start("recovered", sampling)
+    seq.replay.extend(expected[:15])
+    first = events.get(timeout=60)
+    assert isinstance(first, TokenEvent) and first.completion_tokens == 16  # delivery continues by token index
+    rest, end = harness.tokens_until(events)
+    assert [first.token_id] + rest == expected[15:]
+    assert isinstance(end, FinishEvent) and end.completion_tokens == len(expected) and end.replay_divergences == 0
+    assert harness.engine.stats.tokens_replayed == 15
+
+
+def test_a_replay_that_covers_the_whole_generation_just_finishes(harness, reference):
+    expected = reference.run_alone("ref", GREEDY)
+    seq, events = harness.start("all-delivered", GREEDY)
+    seq.replay.extend(expected)  # the core died after the last token, before its finish reached the kernel
+    tokens, end = harness.tokens_until(events)
+    assert tokens == [] and isinstance(end, FinishEvent) and end.reason.value == "length"
+    assert end.completion_tokens == len(expected)
