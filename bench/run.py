@@ -12,7 +12,7 @@ OpenAI gateway against the gRPC kernel and constrained against free decoding
 (bench/gateway.py).
 
 Prints a table and saves JSON (bench/results/bench-<time>.json and latest.json)
-and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage,gateway), BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
+and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage,gateway,recovery), BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
 (3), BENCH_MODES (fifo,rr,fair), BENCH_SEQ_AGENTS (4: for larger N the
 sequential baseline runs the first 4 agents' calls; one-at-a-time throughput
 does not depend on N).
@@ -39,6 +39,7 @@ import aios
 from aios.v1 import common_pb2
 from bench.gateway import gateway_table, run_gateway_bench
 from bench.memory import memory_table, run_memory_bench
+from bench.recovery import recovery_table, run_recovery_bench
 from bench.storage_tools import run_storage_tools_bench, storage_tools_table
 from bench.workload import SYSTEM, Call, plan
 from deploy.cluster import Cluster, ClusterConfig
@@ -402,7 +403,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
 
 
 def main() -> int:
-    parts = os.environ.get("BENCH_PARTS", "llm,memory,storage,gateway").split(",")
+    parts = os.environ.get("BENCH_PARTS", "llm,memory,storage,gateway,recovery").split(",")
     ns = [int(x) for x in os.environ.get("BENCH_NS", "1,4,8,16,32").split(",")] if "llm" in parts else []
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     modes = os.environ.get("BENCH_MODES", "fifo,rr,fair").split(",") if "llm" in parts else []
@@ -423,6 +424,8 @@ def main() -> int:
         result["storage_tools"] = run_storage_tools_bench(say)
     if "gateway" in parts:
         result["gateway"] = run_gateway_bench(say)
+    if "recovery" in parts:
+        result["recovery"] = run_recovery_bench(say)
     result["elapsed_s"] = time.monotonic() - began
     floors = {}
     if "16" in result["aios"].get("fifo", {}):
@@ -442,6 +445,8 @@ def main() -> int:
         floors["gateway_vs_grpc_16_agents"] = result["gateway"]["gateway_vs_grpc"]
         floors["json_schema_vs_free_16_agents"] = result["gateway"]["json_schema_vs_free"]
         floors["gateway_ttft_p50_s"] = result["gateway"]["gateway"]["ttft_p50_s"]
+    if "recovery" in result:
+        floors["llm_core_kill_to_first_token_p50_s"] = result["recovery"]["first_token_after_kill_s_p50"]
     if "memory" in result:
         hit = {label: row["hit_ratio"] for label, row in result["memory"]["modes"].items()}
         floors["memory_hit_ratio_lru2_minus_lru"] = hit["LRU-2"] - hit["LRU"]
@@ -464,6 +469,9 @@ def main() -> int:
         print()
     if "gateway" in result:
         print(gateway_table(result["gateway"]))
+        print()
+    if "recovery" in result:
+        print(recovery_table(result["recovery"]))
         print()
     for key, value in floors.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import enum
 import signal
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 
 class ServiceState(enum.Enum):
@@ -124,3 +126,23 @@ class Supervisor:
 
     def as_json(self) -> dict[str, dict]:
         return {name: record.as_json() for name, record in self.services.items()}
+
+
+@contextmanager
+def supervising(supervisor: Supervisor, every_s: float = 0.1) -> Iterator[Supervisor]:
+    """Ticks `supervisor` in a thread while the block runs (the tests, the bench); `aios up` ticks it in its
+    main loop instead."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            supervisor.tick()
+            stop.wait(every_s)
+
+    thread = threading.Thread(target=loop, name="aios-supervisor", daemon=True)
+    thread.start()
+    try:
+        yield supervisor
+    finally:
+        stop.set()
+        thread.join()

@@ -15,7 +15,7 @@ import pytest
 
 import aios
 from deploy.cluster import SERVICE_ORDER, Cluster, ClusterConfig
-from deploy.supervisor import RestartPolicy, Supervisor
+from deploy.supervisor import RestartPolicy, Supervisor, supervising
 from tests.integration.waiting import wait_until
 
 PROMPT = "Question: Name three rivers in Europe and say where each one flows.\nAnswer:"
@@ -30,20 +30,8 @@ def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clust
         said: list[str] = []
         names = [n for n in ("redis", *SERVICE_ORDER) if n in cluster.processes]
         supervisor = Supervisor(cluster, names, RestartPolicy(first_delay_s=0.1), say=said.append)
-        stop = threading.Event()
-
-        def supervise() -> None:
-            while not stop.is_set():
-                supervisor.tick()
-                stop.wait(0.1)
-
-        thread = threading.Thread(target=supervise, daemon=True)
-        thread.start()
-        try:
+        with supervising(supervisor):
             yield cluster, supervisor, said
-        finally:
-            stop.set()
-            thread.join()
 
 
 @pytest.fixture(scope="module")
