@@ -10,13 +10,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 
 from aios.client import SyscallError, open_channel, resolve, syscall_error
-from aios.syscalls import Completion, Messages, SyscallMethods, bearer, completion_of, generate_request, same
+from aios.syscalls import (
+    KERNEL_BACK_S,
+    Completion,
+    Messages,
+    ResumableStream,
+    SyscallMethods,
+    bearer,
+    completion_of,
+    generate_request,
+    same,
+)
 from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 
 __all__ = ["Agent", "Connection", "SyscallError", "connect"]
@@ -99,15 +111,25 @@ class Agent(SyscallMethods):
     async def generate(self, prompt: str = "", messages: Messages = (), *, timeout: float | None = None,
                        **options: Any) -> AsyncIterator[llm_core_pb2.GenerateChunk]:
         """Streams chunks as tokens are generated (options as aios.Agent.generate)."""
-        call = self.kernel.stub.Generate(generate_request(prompt, messages, **options), timeout=timeout,
-                                         metadata=self._metadata)
-        try:
-            async for chunk in call:
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            raise syscall_error(exc) from None
-        finally:
-            call.cancel()
+        generation = ResumableStream(generate_request(prompt, messages, **options))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            call = self.kernel.stub.Generate(generation.request, timeout=remaining, metadata=self._metadata)
+            try:
+                async for chunk in call:
+                    if generation.fresh(chunk):
+                        yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                if not generation.may_resume(exc.code()):
+                    raise syscall_error(exc) from None
+            finally:
+                call.cancel()
+            try:  # the kernel went away mid-stream: continue once it is back
+                await asyncio.wait_for(self.kernel.channel.channel_ready(), KERNEL_BACK_S)
+            except asyncio.TimeoutError:
+                pass  # the next attempt fails with UNAVAILABLE and says so
 
     async def complete(self, prompt: str = "", messages: Messages = (), **options: Any) -> Completion:
         last = llm_core_pb2.GenerateChunk()

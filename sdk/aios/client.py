@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
-from aios.syscalls import Completion, Messages, SyscallMethods, bearer, completion_of, generate_request, same
+from aios.syscalls import (
+    KERNEL_BACK_S,
+    Completion,
+    Messages,
+    ResumableStream,
+    SyscallMethods,
+    bearer,
+    completion_of,
+    generate_request,
+    same,
+)
 from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2, tools_pb2
 
 
@@ -228,14 +239,25 @@ class Agent(SyscallMethods):
         json_schema (the output is JSON valid under it); with `messages`, `history_turns` replays the agent's newest
         turns from memory before them and `remember` stores them and the reply as turns; `whole`: one chunk at the
         end."""
-        request = generate_request(prompt, messages, **options)
-        stream = self.kernel.stub.Generate(request, timeout=timeout, metadata=self._metadata)
-        try:
-            yield from stream
-        except grpc.RpcError as exc:
-            raise syscall_error(exc) from None
-        finally:
-            stream.cancel()
+        generation = ResumableStream(generate_request(prompt, messages, **options))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            stream = self.kernel.stub.Generate(generation.request, timeout=remaining, metadata=self._metadata)
+            try:
+                for chunk in stream:
+                    if generation.fresh(chunk):
+                        yield chunk
+                return
+            except grpc.RpcError as exc:
+                if not generation.may_resume(exc.code()):
+                    raise syscall_error(exc) from None
+            finally:
+                stream.cancel()
+            try:  # the kernel went away mid-stream: continue once it is back
+                grpc.channel_ready_future(self.kernel.channel).result(timeout=KERNEL_BACK_S)
+            except grpc.FutureTimeoutError:
+                pass  # the next attempt fails with UNAVAILABLE and says so
 
     def complete(self, prompt: str = "", messages: Messages = (), **options: Any) -> Completion:
         """Runs a generation to the end and returns the whole text (sent by the kernel in one message)."""

@@ -8,8 +8,11 @@ returns `then(result)`; `aios.aio.Agent` returns a coroutine that does the same.
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
+
+import grpc
 
 from aios.v1 import common_pb2, kernel_pb2, llm_core_pb2, memory_pb2, storage_pb2, tools_pb2
 
@@ -51,6 +54,8 @@ def generate_request(
 ) -> kernel_pb2.KernelGenerateRequest:
     """An LLM syscall. `json_schema`: the output is JSON valid under it (grammar-constrained decoding);
     `priority`: lower than the agent's for this call (never higher)."""
+    if seed is None and temperature > 0:  # fixed here, so that a continued stream draws what the first would have
+        seed = secrets.randbits(63)
     return kernel_pb2.KernelGenerateRequest(
         priority=priority,
         history_turns=history_turns,
@@ -69,6 +74,40 @@ def generate_request(
             json_schema=json.dumps(json_schema) if json_schema is not None else "",
         ),
     )
+
+
+# A generation whose stream broke with UNAVAILABLE (the kernel restarted) is continued this many times at most,
+# each after waiting up to KERNEL_BACK_S for the kernel to accept connections again.
+MAX_STREAM_RESUMES = 3
+KERNEL_BACK_S = 60.0
+
+
+class ResumableStream:
+    """One generation as the SDK streams it: the tokens received so far, so that if the stream breaks
+    (the kernel restarted) the SDK asks again with them (KernelGenerateRequest.received_token_ids) and the
+    agent sees each token once, by its index."""
+
+    def __init__(self, request: kernel_pb2.KernelGenerateRequest) -> None:
+        self.request = request
+        self.received: list[int] = []
+        self.resumes = 0
+
+    def fresh(self, chunk: llm_core_pb2.GenerateChunk) -> bool:
+        """Whether to hand `chunk` to the agent (False: a token it already has)."""
+        if chunk.HasField("token_id"):
+            if chunk.completion_tokens <= len(self.received):
+                return False
+            self.received.append(chunk.token_id)
+        return True
+
+    def may_resume(self, code: grpc.StatusCode) -> bool:
+        """After the stream broke with `code`: whether to send the request again (then updated to go on)."""
+        if code != grpc.StatusCode.UNAVAILABLE or self.request.remember or self.resumes >= MAX_STREAM_RESUMES:
+            return False
+        self.resumes += 1
+        del self.request.received_token_ids[:]
+        self.request.received_token_ids.extend(self.received)
+        return True
 
 
 def completion_of(last: llm_core_pb2.GenerateChunk) -> Completion:

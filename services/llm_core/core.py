@@ -100,5 +100,10 @@ class LLMCore:
         self.snapshots.take(request_id, agent_id)  # ownership check; NOT_FOUND when already gone
         return self.snapshots.forget(request_id)
 
+    def reset(self) -> tuple[int, int]:
+        """Forgets every parked generation and snapshot (a new kernel starts); returns how many of each.
+        Blocks on Redis."""
+        return self.engine.discard_all_parked(), self.snapshots.forget_all()
+
     def cancel(self, seq: Sequence) -> None:
         self.engine.cancel(seq)

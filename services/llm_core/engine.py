@@ -290,6 +290,15 @@ class BatchEngine:
                 self._to_release.append(seq)
             return seq is not None
 
+    def discard_all_parked(self) -> int:
+        """Frees every parked sequence's slot (their kernel is gone); returns how many."""
+        with self._cond:
+            parked = list(self._parked.values())
+            self._parked.clear()
+            self._to_release.extend(parked)
+            self._cond.notify()
+            return len(parked)
+
     def _unpark_locked(self, request_id: str, agent_id: str) -> Sequence | None:
         seq = self._parked.get(request_id)
         if seq is None:

@@ -122,6 +122,10 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
         discarded = await asyncio.to_thread(self.core.discard, request.syscall_id, request.agent_id)
         return llm_core_pb2.DiscardResponse(discarded=discarded)
 
+    async def Reset(self, request, context):
+        parked, snapshots = await asyncio.to_thread(self.core.reset)
+        return llm_core_pb2.ResetResponse(parked=parked, snapshots=snapshots)
+
     async def Info(self, request, context):
         engine = self.core.engine
         store = self.core.snapshots

@@ -199,6 +199,22 @@ class KvSnapshotStore:
             removed = False
         return removed or local is not None
 
+    def forget_all(self) -> int:
+        """Drops every snapshot, local and in Redis; returns how many."""
+        self.flush()
+        with self._lock:
+            local = set(self._local)
+            self._local.clear()
+            self._local_bytes = 0
+        try:
+            keys = list(self.redis.scan_iter(match=KEY_PREFIX + "*", count=1000))
+            if keys:
+                self.redis.delete(*keys)
+        except (RedisError, OSError) as exc:
+            log.warning("could not delete the snapshots in Redis (%s); they expire on their own", exc)
+            keys = []
+        return len(local | {k.decode().removeprefix(KEY_PREFIX) for k in keys})
+
     def count_in_redis(self) -> int:
         try:
             return sum(1 for _ in self.redis.scan_iter(match=KEY_PREFIX + "*", count=1000))

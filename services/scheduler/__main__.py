@@ -58,6 +58,7 @@ def build(args: argparse.Namespace) -> Service:
         grpc_services=["aios.v1.Kernel"],
         register=lambda server: kernel_pb2_grpc.add_KernelServicer_to_server(servicer, server),
         probes=[redis_ok],
+        on_start=kernel.reclaim,
         on_stop=kernel.close,
         server_credentials=tls_server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None,
     )

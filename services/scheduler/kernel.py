@@ -86,6 +86,14 @@ CORE_RECOVERY_WAIT_S = 120.0  # how long a generation waits for its dead core to
 CORE_POLL_S = 0.1
 
 
+def _replaying(first: llm_core_pb2.GenerateRequest, delivered: list[int]) -> llm_core_pb2.GenerateRequest:
+    """The generation `first` to rebuild on a core: the same request, with the tokens already delivered."""
+    message = llm_core_pb2.GenerateRequest()
+    message.CopyFrom(first)
+    message.replay_token_ids.extend(delivered)
+    return message
+
+
 def _core_lost_it(exc: grpc.aio.AioRpcError, resuming: bool) -> bool:
     """Whether the LLM core lost the generation (it died, or was restarted and holds no trace of a parked one),
     so that the kernel should rebuild it rather than fail the syscall."""
@@ -236,6 +244,12 @@ class Kernel:
                 syscall_id=record.id,
             )
             message = first
+            if request.received_token_ids:  # the agent's stream broke before (a kernel restart): go on from there
+                if request.remember:
+                    raise InvalidArgument("a generation with `remember` cannot be continued from received tokens")
+                token_ids.extend(request.received_token_ids)
+                record.tokens_out, record.recoveries = len(token_ids), 1
+                message = _replaying(first, token_ids)
             parked = False  # the core holds a preempted sequence of ours
             try:
                 while True:
@@ -285,9 +299,7 @@ class Kernel:
                         log.warning("syscall %s: its LLM core lost it after %d tokens; recovering (recovery %d)",
                                     record.id, len(token_ids), record.recoveries)
                         await self._core_back(deadline)
-                        message = llm_core_pb2.GenerateRequest()
-                        message.CopyFrom(first)
-                        message.replay_token_ids.extend(token_ids)
+                        message = _replaying(first, token_ids)
                     else:
                         break
             finally:
@@ -325,6 +337,18 @@ class Kernel:
         memory = self.managers[Resource.MEMORY]
         for role, text in turns:
             await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id=agent.id, text=text, role=role), timeout)
+
+    async def reclaim(self) -> None:
+        """At start: frees what a kernel before this one left in the LLM core (parked sequences, snapshots),
+        which nothing could resume through this kernel. Best effort: a core that is down holds nothing."""
+        try:
+            reply = await self.managers[Resource.LLM].call("Reset", llm_core_pb2.ResetRequest(), 30)
+        except AiosError as exc:
+            log.warning("could not reclaim what an earlier kernel left in the LLM core: %s", exc)
+            return
+        if reply.parked or reply.snapshots:
+            log.info("reclaimed %d parked generations and %d snapshots left by an earlier kernel",
+                     reply.parked, reply.snapshots)
 
     async def _core_back(self, deadline: float | None) -> None:
         """Waits for the LLM core to serve again (its supervisor restarts it), within the call's deadline."""

@@ -102,3 +102,33 @@ def test_every_stream_in_flight_is_complete_and_contiguous_after_kill_9(supervis
         records.append(agent.syscall(chunks[-1].syscall_id))
     assert all(r.error == "" and r.tokens_out == TOKENS for r in records)
     assert sum(r.recoveries for r in records) >= 2 and sum(r.preemptions for r in records) >= 2
+
+
+def test_streams_continue_across_kill_9_of_the_kernel_and_it_reclaims_what_the_dead_one_parked(supervised, kernel):
+    """The SDK reconnects and asks again with the tokens it has; the restarted kernel frees the sequences the
+    dead one left parked in the core (and their snapshots), then rebuilds each stream by replay."""
+    cluster, supervisor, said = supervised
+    agents = [kernel.register(f"through-{i}") for i in range(4)]
+    streams: list[list] = [[] for _ in agents]
+    readers = [stream(agent, chunks) for agent, chunks in zip(agents, streams)]
+    wait_until(lambda: kernel.status().llm.slots_parked >= 1, within_s=120, what="a generation parked in the core")
+    restarts = supervisor.services["kernel"].restarts
+    os.kill(cluster.processes["kernel"].pid, signal.SIGKILL)
+    wait_until(lambda: supervisor.services["kernel"].restarts > restarts, within_s=120, what="the kernel restarted")
+    for reader in readers:
+        reader.join(timeout=300)
+        assert not reader.is_alive()
+    for chunks in streams:
+        assert [c.completion_tokens for c in chunks if c.HasField("token_id")] == list(range(1, TOKENS + 1))
+        assert chunks[-1].finish_reason
+    continued = 0
+    for agent, chunks in zip(agents, streams):
+        ids = list(dict.fromkeys(c.syscall_id for c in chunks))  # one syscall before the kill (if it had begun), one after
+        record = agent.syscall(ids[-1])
+        assert len(ids) <= 2 and record.error == "" and record.tokens_out == TOKENS
+        assert record.recoveries == len(ids) - 1  # a stream with tokens before the kill was rebuilt by replay
+        continued += len(ids) - 1
+    assert continued >= 1
+    llm = kernel.status().llm
+    assert (llm.slots_parked, llm.slots_busy) == (0, 0)  # nothing the dead kernel parked is held any more
+    assert "kernel: killed by SIGKILL" in " ".join(said)
