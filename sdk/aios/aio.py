@@ -28,6 +28,7 @@ from aios.syscalls import (
     completion_of,
     generate_request,
     same,
+    syscall_request,
 )
 from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 
@@ -143,8 +144,7 @@ class Agent(SyscallMethods):
     async def _syscall(self, then: Callable[[Any], Any] = same, timeout: float | None = 60, **call: Any) -> Any:
         (kind,) = call
         try:
-            reply = await self.kernel.stub.Syscall(kernel_pb2.SyscallRequest(**call), timeout=timeout,
-                                                   metadata=self._metadata)
+            reply = await self.kernel.stub.Syscall(syscall_request(**call), timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise syscall_error(exc) from None
         return then(getattr(reply, kind))

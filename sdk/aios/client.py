@@ -34,6 +34,7 @@ from aios.syscalls import (
     completion_of,
     generate_request,
     same,
+    syscall_request,
 )
 from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2, tools_pb2
 
@@ -139,13 +140,24 @@ def connect(
 # Options of the SDK's channels, and of every channel between AIOS's own processes: carry messages up to
 # 64 MiB (whole generations, records, snapshots), and reconnect to a kernel or service that restarts within
 # a second instead of backing off for minutes (gRPC's default backoff starts at 1 s and grows to 120 s).
+# Syscalls (each with a request id, which makes its writes safe to repeat) are retried by gRPC itself when the
+# kernel is UNAVAILABLE (restarting), and wait for it to be back rather than failing at once: a dead kernel makes
+# them run into their deadline. Tool calls are retried too: one may run twice if the kernel dies during it.
+SYSCALL_RETRY_POLICY = {"methodConfig": [{
+    "name": [{"service": "aios.v1.Kernel", "method": "Syscall"}],
+    "waitForReady": True,
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]}
 MESSAGE_LIMIT_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES),
     ("grpc.max_send_message_length", MESSAGE_LIMIT_BYTES),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(SYSCALL_RETRY_POLICY)),
 ]
 
 
@@ -274,7 +286,7 @@ class Agent(SyscallMethods):
     def _syscall(self, then: Callable[[Any], Any] = same, timeout: float | None = 60, **call: Any) -> Any:
         (kind,) = call
         try:
-            reply = self.kernel.stub.Syscall(kernel_pb2.SyscallRequest(**call), timeout=timeout, metadata=self._metadata)
+            reply = self.kernel.stub.Syscall(syscall_request(**call), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise syscall_error(exc) from None
         return then(getattr(reply, kind))

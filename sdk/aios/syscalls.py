@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -122,6 +123,12 @@ def completion_of(last: llm_core_pb2.GenerateChunk) -> Completion:
         prefix_tokens_reused=last.prefix_tokens_reused,
         hidden_tokens=last.hidden_tokens,
     )
+
+
+def syscall_request(**call: Any) -> kernel_pb2.SyscallRequest:
+    """A syscall with a fresh request id: if it is retried (the kernel or a manager restarting), a write it
+    makes happens once."""
+    return kernel_pb2.SyscallRequest(request_id=uuid.uuid4().hex, **call)
 
 
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:

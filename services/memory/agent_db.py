@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.durable_sqlite import connect_durable, fts_query
+from services.durable_sqlite import connect_durable, fts_query, transaction
 from services.errors import PermissionDenied
 
 SCHEMA = """
@@ -42,7 +42,14 @@ CREATE TRIGGER IF NOT EXISTS entries_au AFTER UPDATE OF text ON entries BEGIN
     INSERT INTO entries_fts (entries_fts, rowid, text) VALUES ('delete', old.id, old.text);
     INSERT INTO entries_fts (rowid, text) VALUES (new.id, new.text);
 END;
+CREATE TABLE IF NOT EXISTS requests (  -- adds that carried a request id, so that a retry adds nothing twice
+    request_id TEXT PRIMARY KEY,
+    entry_id INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
 """
+# How long an add's request id is remembered: a retry later than this adds again.
+REQUEST_ID_TTL_S = 24 * 3600
 
 COLUMNS = "id, text, metadata, role, created_at, updated_at"
 
@@ -103,12 +110,23 @@ class AgentDatabase:
         number, text, metadata, role, created_at, updated_at = row
         return MemoryEntry(number, self.agent_id, text, json.loads(metadata), role, created_at, updated_at)
 
-    def add(self, text: str, metadata: dict[str, str], role: str, now: float) -> MemoryEntry:
-        cursor = self.db.execute(
-            "INSERT INTO entries (text, metadata, role, size, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (text, json.dumps(metadata), role, MemoryEntry(0, "", text, metadata).size, now, now),
-        )
-        return MemoryEntry(int(cursor.lastrowid or 0), self.agent_id, text, dict(metadata), role, now, now)
+    def add(self, text: str, metadata: dict[str, str], role: str, now: float, request_id: str = "") -> MemoryEntry:
+        """A new entry; with `request_id`, remembered with it in the same transaction (see `added_by`)."""
+        with transaction(self.db):
+            cursor = self.db.execute(
+                "INSERT INTO entries (text, metadata, role, size, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (text, json.dumps(metadata), role, MemoryEntry(0, "", text, metadata).size, now, now),
+            )
+            number = int(cursor.lastrowid or 0)
+            if request_id:
+                self.db.execute("INSERT INTO requests VALUES (?, ?, ?)", (request_id, number, now))
+                self.db.execute("DELETE FROM requests WHERE created_at < ?", (now - REQUEST_ID_TTL_S,))
+        return MemoryEntry(number, self.agent_id, text, dict(metadata), role, now, now)
+
+    def added_by(self, request_id: str) -> int | None:
+        """The entry an earlier add with this request id made, if any."""
+        row = self.db.execute("SELECT entry_id FROM requests WHERE request_id=?", (request_id,)).fetchone()
+        return None if row is None else int(row[0])
 
     def update(self, entry: MemoryEntry) -> None:
         self.db.execute(

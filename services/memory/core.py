@@ -108,16 +108,22 @@ class MemoryStore:
 
     # ---- API -------------------------------------------------------------------------
 
-    def add(self, agent_id: str, text: str, metadata: dict[str, str] | None = None, role: str = "") -> MemoryEntry:
+    def add(self, agent_id: str, text: str, metadata: dict[str, str] | None = None, role: str = "",
+            request_id: str = "") -> MemoryEntry:
+        """A new entry. With `request_id`, a repeat of the call (a retry) answers with the entry the first made."""
         require(bool(agent_id), "agent_id is required")
         metadata = dict(metadata or {})
         self._check_content(text, metadata)
         require(role in ROLES, f"role {role!r} is not one of {', '.join(repr(r) for r in ROLES)}")
+        require(len(request_id) <= 128, "request_id is at most 128 characters")
         with self._lock:
             key = agent_key(agent_id)
+            earlier = self.files.get(agent_id).added_by(request_id) if request_id else None
+            if earlier is not None:
+                return self._find(agent_id, f"mem-{key}-{earlier}", self._tick())
             self._check_quota(key, MemoryEntry(0, agent_id, text, metadata, role).size)
             now = self._tick()
-            entry = self.files.get(agent_id).add(text, metadata, role, time.time())  # committed: durable
+            entry = self.files.get(agent_id).add(text, metadata, role, time.time(), request_id)  # committed: durable
             self._entries[key] = self._entries.get(key, 0) + 1
             self._bytes[key] = self._bytes.get(key, 0) + entry.size
             block_key = self._block_key(key, entry.number)

@@ -30,7 +30,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self.store = store
 
     async def Add(self, request, context):
-        entry = await asyncio.to_thread(self.store.add, request.agent_id, request.text, dict(request.metadata), request.role)
+        entry = await asyncio.to_thread(self.store.add, request.agent_id, request.text, dict(request.metadata), request.role,
+                                        request.request_id)
         return entry_to_proto(entry)
 
     async def Get(self, request, context):

@@ -64,6 +64,15 @@ SYSCALLS: dict[str, tuple[Resource, str]] = {
     "tool_call": (Resource.TOOLS, "CallTool"),
 }
 
+# Calls the kernel repeats when their manager is UNAVAILABLE (it restarts): reads and upserts change nothing when
+# repeated; the writes in WRITES_ONCE_PER_REQUEST_ID only with a request id, which the manager remembers.
+RETRIED_ALWAYS = {"memory_get", "memory_list", "memory_search", "memory_turns", "memory_update", "storage_read",
+                  "storage_list", "storage_history", "storage_search", "storage_grant", "storage_grants",
+                  "storage_usage", "tool_list"}
+WRITES_ONCE_PER_REQUEST_ID = {"memory_add", "storage_write", "storage_delete", "storage_rollback"}
+MANAGER_RETRIES = 3  # attempts after the first, each once the manager answers its health check again
+MANAGER_BACK_S = 30.0  # how long one retry waits for the manager to be restarted
+
 MANAGER_NAMES = {
     Resource.LLM: "llm_core",
     Resource.MEMORY: "memory",
@@ -83,7 +92,7 @@ STUBS = {
 MAX_GENERATE_BYTES = 4 * 1024 * 1024
 MAX_RECOVERIES = 3  # times one generation is rebuilt after its core died, before the agent gets UNAVAILABLE
 CORE_RECOVERY_WAIT_S = 120.0  # how long a generation waits for its dead core to be restarted (model load included)
-CORE_POLL_S = 0.1
+CORE_POLL_S = 0.1  # how often a waiting call asks a restarting manager's health
 
 
 def _replaying(first: llm_core_pb2.GenerateRequest, delivered: list[int]) -> llm_core_pb2.GenerateRequest:
@@ -153,7 +162,6 @@ class Kernel:
                 if tool:
                     await stack.enter_async_context(self.usage.tool_turn(agent, tool))
                 await stack.enter_async_context((queue or self.queues[resource]).turn(record))
-                await manager.connected()
                 try:
                     yield record
                 except grpc.aio.AioRpcError as exc:
@@ -186,8 +194,22 @@ class Kernel:
         queue, tool = None, ""
         if kind == "tool_call":
             queue, tool = await self._tool_queue(inner.name), inner.name
+        if kind in WRITES_ONCE_PER_REQUEST_ID:
+            if len(request.request_id) > 128:
+                raise InvalidArgument("request_id is at most 128 characters")
+            inner.request_id = request.request_id  # whatever the inner request said
+        retry = kind in RETRIED_ALWAYS or (kind in WRITES_ONCE_PER_REQUEST_ID and bool(request.request_id))
+        deadline = None if timeout is None else time.monotonic() + timeout
         async with self._syscall(agent, kind, resource, queue, tool) as record:
-            result = await self.managers[resource].call(method, inner, timeout)
+            manager = self.managers[resource]
+            for attempt in range(MANAGER_RETRIES + 1 if retry else 1):
+                try:
+                    result = await manager.call(method, inner, _remaining(deadline))
+                    break
+                except Unavailable:
+                    if attempt == MANAGER_RETRIES or not retry or not await self._back(manager, deadline):
+                        raise
+                    record.retries += 1
         response = kernel_pb2.SyscallResponse(syscall_id=record.id)
         getattr(response, kind).CopyFrom(result)
         return response
@@ -352,16 +374,20 @@ class Kernel:
 
     async def _core_back(self, deadline: float | None) -> None:
         """Waits for the LLM core to serve again (its supervisor restarts it), within the call's deadline."""
-        core = self.managers[Resource.LLM]
-        give_up = time.monotonic() + CORE_RECOVERY_WAIT_S
-        while True:
-            if await core.healthy():
-                return
+        if not await self._back(self.managers[Resource.LLM], deadline, CORE_RECOVERY_WAIT_S):
+            raise Unavailable(f"the LLM core died during the generation and was not back within "
+                              f"{CORE_RECOVERY_WAIT_S:.0f} s; retry when `aios status` shows it serving")
+
+    @staticmethod
+    async def _back(manager: ManagerClient, deadline: float | None, wait_s: float = MANAGER_BACK_S) -> bool:
+        """Whether `manager` answers its health check again within `wait_s` (and the call's deadline)."""
+        give_up = time.monotonic() + wait_s
+        while not await manager.healthy():
             now = time.monotonic()
             if now > give_up or (deadline is not None and now > deadline):
-                raise Unavailable(f"the LLM core died during the generation and was not back within "
-                                  f"{CORE_RECOVERY_WAIT_S:.0f} s; retry when `aios status` shows it serving")
+                return False
             await asyncio.sleep(CORE_POLL_S)  # polling its health: the restarted process gets a new connection
+        return True
 
     def _preempt(self, record: SyscallRecord) -> None:
         self._spawn(self._ask_core_to_preempt(record))

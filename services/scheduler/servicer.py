@@ -47,6 +47,7 @@ def record_to_proto(record: SyscallRecord) -> common_pb2.SyscallInfo:
         preemptions=record.preemptions,
         priority=record.priority,
         recoveries=record.recoveries,
+        retries=record.retries,
     )
 
 

@@ -52,6 +52,7 @@ class SyscallRecord:
     preempted_s: float = 0.0
     preemptions: int = 0
     recoveries: int = 0  # times its generation was rebuilt after its LLM core died
+    retries: int = 0  # times its manager call was repeated after the manager restarted
     # Scheduling state read by the policies.
     slice_used: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)

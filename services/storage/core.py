@@ -16,13 +16,16 @@ A write is acknowledged only after its transaction committed, so it survives
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import threading
-import unicodedata
 import time
+import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from services.durable_sqlite import connect_durable, fts_query, transaction
 from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, require
@@ -63,7 +66,17 @@ CREATE TABLE IF NOT EXISTS grants (
 );
 CREATE INDEX IF NOT EXISTS grants_by_grantee ON grants (grantee, owner);
 CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(body, agent_id UNINDEXED, key UNINDEXED);
+CREATE TABLE IF NOT EXISTS requests (  -- the replies of writes that carried a request id, for a retry to get again
+    agent_id TEXT NOT NULL,            -- the caller
+    request_id TEXT NOT NULL,
+    reply TEXT NOT NULL,               -- JSON of the RecordInfo answered
+    created_at REAL NOT NULL,
+    PRIMARY KEY (agent_id, request_id)
+);
+CREATE INDEX IF NOT EXISTS requests_by_age ON requests (created_at);
 """
+# How long a write's request id is remembered: a retry later than this writes again.
+REQUEST_ID_TTL_S = 24 * 3600
 
 
 @dataclass
@@ -76,6 +89,11 @@ class RecordInfo:
     deleted: bool = False
     restored_from: int = 0
     owner: str = ""
+
+
+@dataclass
+class _Once:
+    reply: RecordInfo | None = None  # a repeated request's earlier reply, else this call's once it is made
 
 
 @dataclass
@@ -178,48 +196,79 @@ class RecordStore:
     # ---- writes ----------------------------------------------------------------------
 
     def write(
-        self, agent_id: str, key: str, data: bytes, metadata: dict[str, str] | None = None, owner: str = ""
+        self, agent_id: str, key: str, data: bytes, metadata: dict[str, str] | None = None, owner: str = "",
+        request_id: str = "",
     ) -> RecordInfo:
-        """A new version of `owner`'s record (default: the caller's own; another's needs a read-write grant)."""
+        """A new version of `owner`'s record (default: the caller's own; another's needs a read-write grant).
+        With `request_id`, a repeat of the same call (a retry) answers what the first did and writes nothing."""
         require(bool(agent_id), "agent_id is required")
         validate_key(key)
         if len(data) > self.max_record_bytes:
             raise ResourceExhausted(f"record is {len(data)} bytes; the limit is {self.max_record_bytes} bytes per record")
         owner = owner or agent_id
-        with self._lock, transaction(self._db):
-            self._check_access(agent_id, owner, key, Access.READ_WRITE)
-            return self._add_version(owner, key, data, dict(metadata or {}), deleted=False, restored_from=None)
+        with self._lock, transaction(self._db), self._once(agent_id, request_id) as once:
+            if once.reply is None:
+                self._check_access(agent_id, owner, key, Access.READ_WRITE)
+                once.reply = self._add_version(owner, key, data, dict(metadata or {}), deleted=False, restored_from=None)
+        return once.reply
 
-    def rollback(self, agent_id: str, key: str, version: int, owner: str = "") -> RecordInfo:
-        """Makes `version`'s content the newest again, as a new version."""
+    def rollback(self, agent_id: str, key: str, version: int, owner: str = "", request_id: str = "") -> RecordInfo:
+        """Makes `version`'s content the newest again, as a new version (once per `request_id`)."""
         validate_key(key)
         require(0 < version <= MAX_VERSION, "version must be a positive version number (see the record's history)")
         owner = owner or agent_id
-        with self._lock, transaction(self._db):
-            self._check_access(agent_id, owner, key, Access.READ_WRITE)
-            old = self._version(owner, key, version)
-            data, metadata, deleted = old
-            return self._add_version(owner, key, data, json.loads(metadata), deleted=bool(deleted), restored_from=version)
+        with self._lock, transaction(self._db), self._once(agent_id, request_id) as once:
+            if once.reply is None:
+                self._check_access(agent_id, owner, key, Access.READ_WRITE)
+                data, metadata, deleted = self._version(owner, key, version)
+                once.reply = self._add_version(owner, key, data, json.loads(metadata), deleted=bool(deleted),
+                                               restored_from=version)
+        return once.reply
 
-    def delete(self, agent_id: str, key: str, purge: bool = False, owner: str = "") -> RecordInfo:
-        """Adds a tombstone (the history stays), or with `purge` erases every version."""
+    def delete(self, agent_id: str, key: str, purge: bool = False, owner: str = "", request_id: str = "") -> RecordInfo:
+        """Adds a tombstone (the history stays), or with `purge` erases every version (once per `request_id`)."""
         validate_key(key)
         owner = owner or agent_id
-        with self._lock, transaction(self._db):
-            self._check_access(agent_id, owner, key, Access.READ_WRITE)
-            agent_id = owner  # from here on, the namespace the record lives in
-            head = self._head(agent_id, key)
-            if head is None or (head.deleted and not purge):
-                raise NotFound(f"no record {key!r} in this agent's storage")
-            if not purge:
-                return self._add_version(agent_id, key, b"", {}, deleted=True, restored_from=None)
-            (size,) = self._db.execute(
-                "SELECT coalesce(sum(length(data)), 0) FROM versions WHERE agent_id=? AND key=?", (agent_id, key)
-            ).fetchone()
-            self._db.execute("DELETE FROM versions WHERE agent_id=? AND key=?", (agent_id, key))
-            self._db.execute("DELETE FROM search WHERE agent_id=? AND key=?", (agent_id, key))
-            self._account(agent_id, -size, -1 if not head.deleted else 0)
-            return head
+        with self._lock, transaction(self._db), self._once(agent_id, request_id) as once:
+            if once.reply is None:
+                once.reply = self._delete(agent_id, owner, key, purge)
+        return once.reply
+
+    @contextmanager
+    def _once(self, agent_id: str, request_id: str) -> Iterator["_Once"]:
+        """Inside a write's transaction: the reply a call with this request id got before (if any), and the
+        reply of this one remembered with it, in the same transaction, so a retry never writes twice."""
+        once = _Once()
+        if request_id:
+            require(len(request_id) <= 128, "request_id is at most 128 characters")
+            row = self._db.execute("SELECT reply FROM requests WHERE agent_id=? AND request_id=?",
+                                   (agent_id, request_id)).fetchone()
+            if row is not None:
+                once.reply = RecordInfo(**json.loads(row[0]))
+                yield once
+                return
+        yield once
+        if request_id and once.reply is not None:
+            now = time.time()
+            self._db.execute("INSERT INTO requests VALUES (?, ?, ?, ?)",
+                             (agent_id, request_id, json.dumps(dataclasses.asdict(once.reply)), now))
+            self._db.execute("DELETE FROM requests WHERE created_at < ?", (now - REQUEST_ID_TTL_S,))
+
+    def _delete(self, agent_id: str, owner: str, key: str, purge: bool) -> RecordInfo:
+        self._check_access(agent_id, owner, key, Access.READ_WRITE)
+        agent_id = owner  # from here on, the namespace the record lives in
+        head = self._head(agent_id, key)
+        if head is None or (head.deleted and not purge):
+            raise NotFound(f"no record {key!r} in this agent's storage")
+        if not purge:
+            return self._add_version(agent_id, key, b"", {}, deleted=True, restored_from=None)
+        (size,) = self._db.execute(
+            "SELECT coalesce(sum(length(data)), 0) FROM versions WHERE agent_id=? AND key=?", (agent_id, key)
+        ).fetchone()
+        self._db.execute("DELETE FROM versions WHERE agent_id=? AND key=?", (agent_id, key))
+        self._db.execute("DELETE FROM search WHERE agent_id=? AND key=?", (agent_id, key))
+        self._account(agent_id, -size, -1 if not head.deleted else 0)
+        return head
 
     def grant(self, owner: str, grantee: str, key: str, prefix: bool, access: Access = Access.READ) -> Grant:
         """`owner` (always the caller: an agent grants only its own records) lets `grantee` in; again: new access."""

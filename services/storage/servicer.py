@@ -30,7 +30,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
 
     async def Write(self, request, context):
         info = await asyncio.to_thread(
-            self.store.write, request.agent_id, request.key, request.data, dict(request.metadata), request.owner_agent_id
+            self.store.write, request.agent_id, request.key, request.data, dict(request.metadata), request.owner_agent_id,
+            request.request_id,
         )
         return info_to_proto(info)
 
@@ -46,7 +47,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         return storage_pb2.StorageListResponse(records=[info_to_proto(i) for i in infos])
 
     async def Delete(self, request, context):
-        info = await asyncio.to_thread(self.store.delete, request.agent_id, request.key, request.purge, request.owner_agent_id)
+        info = await asyncio.to_thread(self.store.delete, request.agent_id, request.key, request.purge, request.owner_agent_id,
+                                       request.request_id)
         return storage_pb2.StorageDeleteResponse(key=info.key, version=info.version)
 
     async def History(self, request, context):
@@ -55,7 +57,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
 
     async def Rollback(self, request, context):
         info = await asyncio.to_thread(
-            self.store.rollback, request.agent_id, request.key, request.version, request.owner_agent_id
+            self.store.rollback, request.agent_id, request.key, request.version, request.owner_agent_id, request.request_id
         )
         return info_to_proto(info)
 

@@ -69,10 +69,12 @@ def test_every_acknowledged_write_survives_kill_9_of_the_memory_service(small_me
         return agent.memory_add(text, {"writer": str(writer), "i": str(i)}).id, text
 
     run = writes_across_kill_9(small_memory, "memory", write, before=150)
-    assert set(run.refused) == {grpc.StatusCode.UNAVAILABLE}
+    assert run.refused == []  # the writes the kill caught waited in the kernel and were retried
     stored = {e.id: e for e in agent.memory_list(page_size=500)}
     print(f"\nkill -9: {run.at_kill} writes acknowledged before the kill, {len(run.acknowledged)} in all, "
-          f"{len(run.refused)} refused while down, {len(stored)} stored")
+          f"{len(stored)} stored")
+    texts = [e.text for e in stored.values()]
+    assert len(texts) == len(set(texts))  # no add happened twice, though some committed before the kill
     missing = [i for i in run.acknowledged if i not in stored]
     assert missing == [], f"{len(missing)} of {len(run.acknowledged)} acknowledged writes lost"
     assert all(stored[i].text == text for i, text in run.acknowledged.items())

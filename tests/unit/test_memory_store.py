@@ -195,3 +195,15 @@ def test_an_agents_quota_refuses_growth_past_it_frees_on_delete_and_spares_other
     assert store.stats()["quota_bytes_per_agent"] == 1000
     assert sum(len(e.text) for e in store.list("alice")[0]) == 5 + 300 + 500
     store.close()
+
+
+def test_an_add_repeated_with_its_request_id_adds_once_even_after_a_restart(tmp_path):
+    store = store_at(tmp_path)
+    first = store.add("alice", "remember the milk", request_id="req-1")
+    store.close()
+    store = store_at(tmp_path)
+    again = store.add("alice", "remember the milk", request_id="req-1")
+    assert entry_id(again) == entry_id(first) and store.stats()["entries"] == 1
+    assert entry_id(store.add("alice", "remember the milk", request_id="req-2")) != entry_id(first)
+    assert entry_id(store.add("bob", "remember the milk", request_id="req-1")) != entry_id(first)  # per agent
+    assert store.stats()["entries"] == 3

@@ -168,3 +168,27 @@ def test_quotas_count_every_version_and_live_records(tmp_path):
     assert (store.usage("agt-a").bytes, store.usage("agt-a").records) == (1, 1)
     store.write("agt-a", "c", b"123456789")
     assert store.read("agt-a", "b")[1] == b"1"
+
+
+def test_a_write_repeated_with_its_request_id_happens_once_even_after_a_restart(tmp_path):
+    """What the kernel's retry after a storage crash relies on: the first call committed, its reply was lost."""
+    store = RecordStore(tmp_path / "s.db")
+    first = store.write("agt-a", "plan", b"v1", request_id="req-1")
+    store.close()
+    store = RecordStore(tmp_path / "s.db")
+    assert store.write("agt-a", "plan", b"v1", request_id="req-1") == first  # answered again, not written again
+    assert [i.version for i in store.history("agt-a", "plan")] == [1]
+    assert store.write("agt-b", "plan", b"v1", request_id="req-1").owner == "agt-b"  # ids are per caller
+    second = store.write("agt-a", "plan", b"v2", request_id="req-2")
+    assert second.version == 2
+    rolled = store.rollback("agt-a", "plan", 1, request_id="req-3")
+    assert store.rollback("agt-a", "plan", 1, request_id="req-3") == rolled
+    deleted = store.delete("agt-a", "plan", request_id="req-4")
+    assert store.delete("agt-a", "plan", request_id="req-4") == deleted  # not NOT_FOUND: the same answer
+    assert [i.version for i in store.history("agt-a", "plan")] == [1, 2, 3, 4]
+    with pytest.raises(PermissionDenied):
+        store.write("agt-a", "shared/x", b"", owner="agt-c", request_id="req-5")  # a refusal is not remembered
+    store.grant("agt-c", "agt-a", "shared/", prefix=True, access=Access.READ_WRITE)
+    assert store.write("agt-a", "shared/x", b"now", owner="agt-c", request_id="req-5").version == 1
+    with pytest.raises(InvalidArgument):
+        store.write("agt-a", "plan", b"x", request_id="r" * 129)
