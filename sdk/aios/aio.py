@@ -123,7 +123,7 @@ class Agent(SyscallMethods):
                         yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
-                if not generation.may_resume(exc.code()):
+                if not generation.may_resume(exc):
                     raise syscall_error(exc) from None
             finally:
                 call.cancel()

@@ -262,7 +262,7 @@ class Agent(SyscallMethods):
                         yield chunk
                 return
             except grpc.RpcError as exc:
-                if not generation.may_resume(exc.code()):
+                if not generation.may_resume(exc):
                     raise syscall_error(exc) from None
             finally:
                 stream.cancel()

@@ -101,9 +101,12 @@ class ResumableStream:
             self.received.append(chunk.token_id)
         return True
 
-    def may_resume(self, code: grpc.StatusCode) -> bool:
-        """After the stream broke with `code`: whether to send the request again (then updated to go on)."""
-        if code != grpc.StatusCode.UNAVAILABLE or self.request.remember or self.resumes >= MAX_STREAM_RESUMES:
+    def may_resume(self, error: grpc.RpcError) -> bool:
+        """After the stream broke with `error`: whether to send the request again (then updated to go on). Only
+        when the kernel itself went away: an UNAVAILABLE it answered (pushback -1) is final."""
+        said_so = ("grpc-retry-pushback-ms", "-1") in tuple(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+        if (error.code() != grpc.StatusCode.UNAVAILABLE or said_so  # type: ignore[attr-defined]
+                or self.request.remember or self.resumes >= MAX_STREAM_RESUMES):
             return False
         self.resumes += 1
         del self.request.received_token_ids[:]

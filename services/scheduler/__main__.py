@@ -10,6 +10,7 @@ from aios.v1 import kernel_pb2_grpc
 from services import redis_state
 from services.credentials import read_secret, tls_server_credentials
 from services.scheduler.identity import AgentRegistry, Quota, RegistrationPolicy
+from services.scheduler.journal import RecordJournal
 from services.scheduler.kernel import Kernel, manager_clients
 from services.scheduler.policy import POLICIES, make_policy
 from services.scheduler.queues import ResourceQueue
@@ -45,7 +46,7 @@ def build(args: argparse.Namespace) -> Service:
         default_quota=Quota(args.tokens_per_minute, args.concurrent_syscalls, args.tool_slots),
     )
     agents = AgentRegistry(redis, read_secret(args.operator_token_file), registration)
-    kernel = Kernel(agents, managers, queues, lambda: make_policy(args.policy, args.slice_tokens))
+    kernel = Kernel(agents, managers, queues, lambda: make_policy(args.policy, args.slice_tokens), RecordJournal(redis))
     servicer = KernelServicer(kernel, args.registrations_per_second, args.registration_burst)
     if args.open_registration:
         log.warning("open registration is on: anyone who reaches %s:%s may register an agent", args.host, args.port)
@@ -58,7 +59,7 @@ def build(args: argparse.Namespace) -> Service:
         grpc_services=["aios.v1.Kernel"],
         register=lambda server: kernel_pb2_grpc.add_KernelServicer_to_server(servicer, server),
         probes=[redis_ok],
-        on_start=kernel.reclaim,
+        on_start=kernel.start,
         on_stop=kernel.close,
         server_credentials=tls_server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None,
     )

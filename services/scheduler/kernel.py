@@ -33,6 +33,7 @@ from aios.v1 import (
 from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.manager_client import CONNECT_TIMEOUT_S, ManagerClient
 from services.scheduler.identity import Agent, AgentRegistry, Caller
+from services.scheduler.journal import RecordJournal
 from services.scheduler.quotas import AgentUsage
 from services.scheduler.policy import SchedulingPolicy
 from services.scheduler.queues import ResourceQueue
@@ -134,6 +135,7 @@ class Kernel:
         managers: dict[Resource, ManagerClient],
         queues: dict[Resource, ResourceQueue],
         new_policy: Callable[[], SchedulingPolicy],
+        journal: RecordJournal,
     ) -> None:
         self.agents = agents
         self.managers = managers
@@ -143,7 +145,8 @@ class Kernel:
         # One queue per tool, as wide as the tool's declared concurrency (read from the tool service).
         self.tool_queues: dict[str, ResourceQueue] = {}
         self.queues[Resource.LLM].preempt = self._preempt
-        self.table = SyscallTable()
+        self.journal = journal
+        self.table = SyscallTable(on_change=journal.changed)
         self._background: set[asyncio.Task] = set()
 
     @asynccontextmanager
@@ -360,9 +363,14 @@ class Kernel:
         for role, text in turns:
             await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id=agent.id, text=text, role=role), timeout)
 
+    async def start(self) -> None:
+        """Starts the journal of syscall records and reclaims what an earlier kernel left in the LLM core."""
+        self.journal.start()
+        await self.reclaim()
+
     async def reclaim(self) -> None:
-        """At start: frees what a kernel before this one left in the LLM core (parked sequences, snapshots),
-        which nothing could resume through this kernel. Best effort: a core that is down holds nothing."""
+        """Frees what a kernel before this one left in the LLM core (parked sequences, snapshots), which nothing
+        could resume through this kernel. Best effort: a core that is down holds nothing."""
         try:
             reply = await self.managers[Resource.LLM].call("Reset", llm_core_pb2.ResetRequest(), 30)
         except AiosError as exc:
@@ -415,13 +423,15 @@ class Kernel:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def get_syscall(self, caller: Caller, syscall_id: str) -> SyscallRecord:
-        """An agent's own syscall record (another agent's is NOT_FOUND: ids reveal nothing); the operator's: any."""
-        record = self.table.get(syscall_id)
+    async def get_syscall(self, caller: Caller, syscall_id: str) -> SyscallRecord:
+        """An agent's own syscall record (another agent's is NOT_FOUND: ids reveal nothing); the operator's: any.
+        From memory, else from Redis (an earlier kernel's, or one this kernel no longer keeps)."""
+        record = self.table.get(syscall_id) or await self.journal.load(syscall_id)
         if record is None or (caller.agent is not None and record.agent_id != caller.agent.id):
             raise NotFound(f"no syscall {syscall_id!r} of this agent (unknown, another agent's, or finished long ago)")
         return record
 
     async def close(self) -> None:
+        await self.journal.stop()
         for manager in self.managers.values():
             await manager.close()

@@ -152,7 +152,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
 
     @kernel_rpc()
     async def GetSyscall(self, request, context, caller):
-        return record_to_proto(self.kernel.get_syscall(caller, request.syscall_id))
+        return record_to_proto(await self.kernel.get_syscall(caller, request.syscall_id))
 
     @kernel_rpc()
     async def ListAgents(self, request, context, caller):

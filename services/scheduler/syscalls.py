@@ -8,6 +8,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 class Resource(enum.IntEnum):
@@ -96,8 +97,10 @@ class SyscallRecord:
 class SyscallTable:
     """All live syscalls plus the most recent finished ones (bounded), with counters."""
 
-    def __init__(self, keep_finished: int = 10_000) -> None:
+    def __init__(self, keep_finished: int = 10_000,
+                 on_change: Callable[[SyscallRecord], None] = lambda record: None) -> None:
         self.keep_finished = keep_finished
+        self.on_change = on_change  # told of every new and every finished record (the journal in Redis)
         self._records: OrderedDict[str, SyscallRecord] = OrderedDict()
         self._lock = threading.Lock()
         self.total = 0
@@ -111,13 +114,15 @@ class SyscallTable:
             self._records[record.id] = record
             self.total += 1
             self._trim_locked()
-            return record
+        self.on_change(record)
+        return record
 
     def count_finished(self, record: SyscallRecord) -> None:
         """Adds a record that just became DONE or FAILED to the counters."""
         with self._lock:
             self.failed += record.state == SyscallState.FAILED
             self.tokens_out += record.tokens_out
+        self.on_change(record)
 
     def get(self, syscall_id: str) -> SyscallRecord | None:
         with self._lock:

@@ -14,6 +14,8 @@ from typing import Iterator
 import pytest
 
 import aios
+from aios.syscalls import syscall_request
+from aios.v1 import common_pb2, memory_pb2
 from deploy.cluster import SERVICE_ORDER, Cluster, ClusterConfig
 from deploy.supervisor import RestartPolicy, Supervisor, supervising
 from tests.integration.waiting import wait_until
@@ -109,6 +111,8 @@ def test_streams_continue_across_kill_9_of_the_kernel_and_it_reclaims_what_the_d
     dead one left parked in the core (and their snapshots), then rebuilds each stream by replay."""
     cluster, supervisor, said = supervised
     agents = [kernel.register(f"through-{i}") for i in range(4)]
+    done_before = kernel.call("Syscall", syscall_request(memory_add=memory_pb2.MemoryAddRequest(text="before")),
+                              agents[0].token).syscall_id
     streams: list[list] = [[] for _ in agents]
     readers = [stream(agent, chunks) for agent, chunks in zip(agents, streams)]
     wait_until(lambda: kernel.status().llm.slots_parked >= 1, within_s=120, what="a generation parked in the core")
@@ -128,7 +132,11 @@ def test_streams_continue_across_kill_9_of_the_kernel_and_it_reclaims_what_the_d
         assert len(ids) <= 2 and record.error == "" and record.tokens_out == TOKENS
         assert record.recoveries == len(ids) - 1  # a stream with tokens before the kill was rebuilt by replay
         continued += len(ids) - 1
+        if len(ids) == 2:  # the dead kernel's record of it outlived it (in Redis), and says what happened
+            interrupted = agent.syscall(ids[0])
+            assert interrupted.error_code == "UNAVAILABLE" and "kernel stopped" in interrupted.error
     assert continued >= 1
+    assert agents[0].syscall(done_before).state == common_pb2.SYSCALL_STATE_DONE  # a record of the dead kernel
     llm = kernel.status().llm
     assert (llm.slots_parked, llm.slots_busy) == (0, 0)  # nothing the dead kernel parked is held any more
     assert "kernel: killed by SIGKILL" in " ".join(said)
