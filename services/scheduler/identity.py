@@ -16,14 +16,17 @@ CACHE_TTL_S on any other kernel replica.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import secrets
 import time
 from dataclasses import asdict, astuple, dataclass, field, replace
+from typing import Awaitable, Callable, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.credentials import AGENT_TOKEN_PREFIX, Metadata, bearer_token, new_secret, same_secret, token_hash
 from services.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
@@ -33,7 +36,13 @@ TOKENS_KEY = "aios:tokens"
 MAX_NAME_CHARS = 64
 MAX_PRIORITY = 10
 MAX_WEIGHT = 100.0
+T = TypeVar("T")
 CACHE_TTL_S = 2.0
+# While Redis is unreachable, a token this kernel checked within this long is still taken (agents keep working
+# through a Redis restart); a token it has not seen waits up to REDIS_WAIT_S for Redis to be back.
+STALE_OK_S = 300.0
+REDIS_WAIT_S = 5.0
+REDIS_RETRY_S = 0.1
 TOKEN_HINT_CHARS = len(AGENT_TOKEN_PREFIX) + 4
 
 
@@ -151,19 +160,24 @@ class AgentRegistry:
         cached = self._by_token.get(digest)
         if cached is not None and cached[1] > time.monotonic():
             return Caller(Role.AGENT, cached[0])
-        agent = await self._agent_of_token(digest)
+        try:
+            agent = await self._agent_of_token(digest, wait=cached is None)
+        except Unavailable:
+            if cached is not None and cached[1] + STALE_OK_S > time.monotonic():
+                return Caller(Role.AGENT, cached[0])
+            raise
         if agent is None:
             self._by_token.pop(digest, None)
             raise Unauthenticated("the token is unknown or revoked; ask the operator for a new one (`aios agent create`)")
         self._by_token[digest] = (agent, time.monotonic() + CACHE_TTL_S)
         return Caller(Role.AGENT, agent)
 
-    async def _agent_of_token(self, digest: str) -> Agent | None:
-        try:
+    async def _agent_of_token(self, digest: str, wait: bool = True) -> Agent | None:
+        async def lookup() -> tuple[bytes | None, bytes | None]:
             agent_id = await self.redis.hget(TOKENS_KEY, digest)
-            raw = None if agent_id is None else await self.redis.hget(AGENTS_KEY, agent_id)
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"cannot check the token: Redis is unreachable ({exc})") from None
+            return agent_id, None if agent_id is None else await self.redis.hget(AGENTS_KEY, agent_id)
+
+        agent_id, raw = await self._redis("check the token", lookup, REDIS_WAIT_S if wait else 0.0)
         if raw is None:
             return None
         agent = Agent.from_json(agent_id.decode(), raw)
@@ -213,49 +227,56 @@ class AgentRegistry:
     async def revoke(self, agent_id: str) -> Agent:
         agent = await self.get(agent_id)
         revoked = replace(agent, revoked_at=agent.revoked_at or time.time(), token_sha256="")
-        try:
+        async def write() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(AGENTS_KEY, agent.id, revoked.to_json())
                 if agent.token_sha256:
                     pipe.hdel(TOKENS_KEY, agent.token_sha256)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"cannot revoke the agent: Redis is unreachable ({exc})") from None
+
+        await self._redis("revoke the agent", write)
         self._by_token.pop(agent.token_sha256, None)
         return revoked
 
     async def _with_new_token(self, agent: Agent, old_sha256: str = "") -> tuple[Agent, str]:
         token = new_secret(AGENT_TOKEN_PREFIX)
         agent = replace(agent, token_sha256=token_hash(token), token_hint=token[:TOKEN_HINT_CHARS])
-        try:
+        async def write() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(AGENTS_KEY, agent.id, agent.to_json())
                 pipe.hset(TOKENS_KEY, agent.token_sha256, agent.id)
                 if old_sha256:
                     pipe.hdel(TOKENS_KEY, old_sha256)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"cannot record the agent: Redis is unreachable ({exc})") from None
+
+        await self._redis("record the agent", write)
         self._by_token.pop(old_sha256, None)
         return agent, token
+
+    @staticmethod
+    async def _redis(what: str, operation: Callable[[], Awaitable[T]], wait_s: float = REDIS_WAIT_S) -> T:
+        """`operation()`, tried again while Redis cannot be reached (it restarts within a second under `aios up`,
+        and answers LOADING while it reads its append-only file) for up to `wait_s`; then UNAVAILABLE."""
+        give_up = time.monotonic() + wait_s
+        while True:
+            try:
+                return await operation()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if time.monotonic() >= give_up:
+                    raise Unavailable(f"cannot {what}: Redis is unreachable ({exc})") from None
+            await asyncio.sleep(REDIS_RETRY_S)  # polling: a restarting Redis announces nothing
 
     # ---- lookups -----------------------------------------------------------------------
 
     async def get(self, agent_id: str) -> Agent:
         if not agent_id:
             raise InvalidArgument("agent_id is required")
-        try:
-            raw = await self.redis.hget(AGENTS_KEY, agent_id)
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"cannot look up the agent: Redis is unreachable ({exc})") from None
+        raw = await self._redis("look up the agent", lambda: self.redis.hget(AGENTS_KEY, agent_id))
         if raw is None:
             raise NotFound(f"no agent {agent_id!r} is registered")
         return Agent.from_json(agent_id, raw)
 
     async def all(self, include_revoked: bool = False) -> list[Agent]:
-        try:
-            raw = await self.redis.hgetall(AGENTS_KEY)
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"cannot list agents: Redis is unreachable ({exc})") from None
+        raw = await self._redis("list agents", lambda: self.redis.hgetall(AGENTS_KEY))
         agents = [Agent.from_json(k.decode(), v) for k, v in raw.items()]
         return sorted((a for a in agents if include_revoked or not a.revoked), key=lambda a: a.registered_at)

@@ -321,6 +321,7 @@ class Kernel:
                         # The core died (or lost the sequence): rebuild it on the core that is back, from the prompt
                         # and the tokens the agent already has; the stream goes on from the next token index.
                         record.recoveries += 1
+                        record.preempt_requested = False  # a preemption asked of the dead core died with it
                         log.warning("syscall %s: its LLM core lost it after %d tokens; recovering (recovery %d)",
                                     record.id, len(token_ids), record.recoveries)
                         await self._core_back(deadline)
