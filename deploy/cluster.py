@@ -51,6 +51,8 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 # Services in start order; the kernel needs the others' addresses, so it is last.
 MANAGERS = ("llm_core", "memory", "storage", "tools")
+# The services agents connect to: started again on the port they had in the home's last run when it is free.
+AGENT_FACING = ("kernel", "gateway")
 # The kernel needs the managers' addresses, the gateway the kernel's.
 SERVICE_ORDER = (*MANAGERS, "kernel", "gateway")
 
@@ -192,6 +194,11 @@ class Cluster:
     @property
     def endpoints_path(self) -> Path:
         return self.config.home / ENDPOINTS_FILE
+
+    @property
+    def ports_path(self) -> Path:
+        """The agent-facing ports of the last run (kept by `aios down`): the next `aios up` takes them again."""
+        return self.config.home / "ports.json"
 
     @property
     def secrets(self) -> Path:
@@ -398,6 +405,8 @@ class Cluster:
         ready.unlink(missing_ok=True)
         listen = {"kernel": self.config.listen, "gateway": self.config.gateway_listen}.get(kind, ":0")
         port = listen.rsplit(":", 1)[1]
+        if port == "0" and name in AGENT_FACING:  # the port of the last run, so that agents' clients reconnect
+            port = str(self._previous_port(name, listen.rsplit(":", 1)[0]))
         args = self._args.get(name) or ["--port", port, *self._service_args(name, kind), *extra_args]
         log_path = self.logs / f"{name}.log"
         argv = [sys.executable, "-m", f"services.{'scheduler' if kind == 'kernel' else kind}",
@@ -421,7 +430,32 @@ class Cluster:
             wait_http_healthy(process.address, START_TIMEOUT_S)
         else:
             wait_healthy(process.address, START_TIMEOUT_S, *_tls_of(args))
+        if name in AGENT_FACING:
+            self._remember_port(name, int(process.address.rsplit(":", 1)[1]))
         self.progress(f"started {name:<12} {process.address}  (pid {popen.pid}, {time.monotonic() - started:.1f} s)")
+
+    def _previous_port(self, name: str, host: str) -> int:
+        """The port `name` had in this home's last run if it is free now, else 0 (any)."""
+        try:
+            port = int(json.loads(self.ports_path.read_text()).get(name, 0))
+        except (OSError, ValueError):
+            return 0
+        if not port:
+            return 0
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no obstacle
+            try:
+                probe.bind((host or "127.0.0.1", port))
+            except OSError:
+                return 0  # taken by something else: any free port
+        return port
+
+    def _remember_port(self, name: str, port: int) -> None:
+        try:
+            ports = json.loads(self.ports_path.read_text())
+        except (OSError, ValueError):
+            ports = {}
+        self.ports_path.write_text(json.dumps({**ports, name: port}))
 
     def write_endpoints(self, supervisor_pid: int | None, supervision: dict[str, dict] | None = None) -> None:
         """endpoints.json: addresses, pids and (from a supervising `aios up`) each service's state and restarts."""

@@ -56,6 +56,23 @@ from services.llm_core.text import TextStream
 log = logging.getLogger("aios.llm_core.engine")
 
 
+class SequenceStatus(enum.Enum):
+    """Where a generation is in its life. The engine owns it and changes it under its lock."""
+
+    WAITING = "waiting"  # queued for a seq_id: new, resumed from parking, or to be restored from a snapshot
+    PREFILLING = "prefilling"  # in the batch, its prompt not all in KV yet
+    DECODING = "decoding"  # in the batch, one token per step (replayed tokens first, after a recovery)
+    PARKED = "parked"  # switched out, its KV still resident in a seq_id
+    SNAPSHOTTED = "snapshotted"  # switched out and written to a snapshot; this engine holds nothing of it
+    FINISHED = "finished"
+    CANCELLED = "cancelled"  # its caller left or its kernel forgot it: its seq_id is freed at the next step boundary
+    FAILED = "failed"
+
+    @property
+    def ended(self) -> bool:
+        return self in (SequenceStatus.FINISHED, SequenceStatus.CANCELLED, SequenceStatus.FAILED)
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
@@ -115,8 +132,7 @@ class Sequence:
     restore: Snapshot | None = None  # KV state to load when admitted
     preempt: str = ""  # "", "park" or "swap": requested at the next step boundary
     kv_ready: bool = False  # its stream's cells are computed (a prefix source)
-    cancelled: bool = False
-    finished: bool = False
+    status: SequenceStatus = SequenceStatus.WAITING
     constraint: GrammarConstraint | None = None  # the output grammar's state, if the sampling has one
     replay: deque = field(default_factory=deque)  # delivered tokens to feed back first
     replay_divergences: int = 0
@@ -251,10 +267,14 @@ class BatchEngine:
     def cancel(self, seq: Sequence) -> None:
         """Stops a sequence; its slot is freed before the next decode step."""
         with self._cond:
-            seq.cancelled = True
+            if seq.status.ended:
+                return
             if seq in self._waiting:
                 self._waiting.remove(seq)
-                self._to_release.append(seq)
+            elif seq not in self._active:
+                return  # parked: the kernel discards it
+            seq.status = SequenceStatus.CANCELLED
+            self._to_release.append(seq)
             self._cond.notify()
 
     def preempt(self, request_id: str, swap: bool = False) -> bool:
@@ -266,7 +286,7 @@ class BatchEngine:
         with self._cond:
             for seq in self._active:
                 # A sequence still replaying is not switched out: a snapshot does not carry what is left to replay.
-                if seq.request_id == request_id and not seq.cancelled and not seq.replay:
+                if seq.request_id == request_id and not seq.status.ended and not seq.replay:
                     seq.preempt = "swap" if swap else "park"
                     self._cond.notify()
                     return True
@@ -277,7 +297,7 @@ class BatchEngine:
         with self._cond:
             seq = self._unpark_locked(request_id, agent_id)
             if seq is not None:
-                seq.emit = emit
+                seq.emit, seq.status = emit, SequenceStatus.WAITING
                 self._waiting.appendleft(seq)
                 self.stats.resumes_resident += 1
             return seq
@@ -287,6 +307,7 @@ class BatchEngine:
         with self._cond:
             seq = self._unpark_locked(request_id, agent_id)
             if seq is not None:
+                seq.status = SequenceStatus.CANCELLED
                 self._to_release.append(seq)
             return seq is not None
 
@@ -295,6 +316,8 @@ class BatchEngine:
         with self._cond:
             parked = list(self._parked.values())
             self._parked.clear()
+            for seq in parked:
+                seq.status = SequenceStatus.CANCELLED
             self._to_release.extend(parked)
             self._cond.notify()
             return len(parked)
@@ -360,17 +383,31 @@ class BatchEngine:
         llama.llama_batch_free(self.batch)
         llama.llama_free(self.ctx)
 
+    def check_invariants_locked(self) -> None:
+        """Raises AssertionError unless the books balance: every seq_id has exactly one holder (a sequence in the
+        batch, parked or resumed, a cached prefix, or the free list), every sequence in the batch has KV ending
+        where it writes next, and each sequence's status matches the list it is in. The tests call it before
+        every step of a random stress; it reads llama.cpp's memory, so it is not for the hot path."""
+        holders = [s.slot for s in self._active] + [s.slot for s in self._parked.values()]
+        holders += [s.slot for s in self._waiting if s.slot >= 0] + list(self._cached) + list(self._free_slots)
+        assert sorted(holders) == list(range(self.config.resident)), holders
+        in_batch = (SequenceStatus.PREFILLING, SequenceStatus.DECODING, SequenceStatus.CANCELLED)
+        for seq in self._active:
+            assert seq.status in in_batch, (seq.request_id, seq.status)
+            assert llama.llama_memory_seq_pos_max(self.memory, seq.slot) == seq.n_past - 1, (seq.request_id, seq.slot)
+        assert all(s.status is SequenceStatus.PARKED for s in self._parked.values())
+        assert all(s.status is SequenceStatus.WAITING for s in self._waiting)
+
     # ---- engine thread: slots -------------------------------------------------------
 
     def _housekeeping_locked(self) -> None:
         for seq in self._to_release:
-            self._release_locked(seq)
+            self._release_locked(seq, SequenceStatus.CANCELLED)
         self._to_release.clear()
-        for seq in [s for s in self._active if s.cancelled]:
-            self._release_locked(seq)
         for seq in [s for s in self._active if s.preempt]:
             self._active.remove(seq)
             self._parked[seq.request_id] = seq
+            seq.status = SequenceStatus.PARKED
             self.stats.preemptions += 1
             event = PreemptedEvent(len(seq.generated))
             if seq.preempt == "swap":  # announced once the snapshot is in Redis, so any core can resume it
@@ -487,7 +524,7 @@ class BatchEngine:
                 if seq in self._waiting:
                     self._waiting.remove(seq)
                 seq.emit(ErrorEvent(Unavailable(f"generation {seq.request_id!r} lost its context on this LLM core")))
-                self._release_locked(seq)
+                self._release_locked(seq, SequenceStatus.FAILED)
 
     def _claim_slot_locked(self) -> int:
         slot = self._lowest_idle_slot_locked()
@@ -498,6 +535,7 @@ class BatchEngine:
         """Snapshots a parked sequence and frees its seq_id; the future completes once it is written."""
         written = self.swap_out(self._snapshot(seq))
         self._parked.pop(seq.request_id, None)
+        seq.status = SequenceStatus.SNAPSHOTTED
         llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
         self._free_slots.append(seq.slot)
         seq.slot = -1
@@ -553,7 +591,7 @@ class BatchEngine:
         want = seq.prompt_array[:-1]
         enough = self._best_prefix_locked(seq)[0] + self.config.min_prefix_tokens
         return any(
-            other.prefilling and not other.cancelled and not other.preempt
+            other.prefilling and not other.status.ended and not other.preempt
             and common_prefix(other.prompt_array, want) >= max(enough, other.n_past + 1)
             for other in self._active
         )
@@ -600,9 +638,10 @@ class BatchEngine:
                 log.exception("could not admit %s", seq.request_id)
                 error = exc if isinstance(exc, AiosError) else Unavailable(f"the LLM core could not admit it: {exc}")
                 seq.emit(ErrorEvent(error))
-                self._release_locked(seq)
+                self._release_locked(seq, SequenceStatus.FAILED)
                 continue
             self._active.append(seq)
+            seq.status = SequenceStatus.PREFILLING if seq.prefilling else SequenceStatus.DECODING
         self._waiting.extendleft(reversed(later))
 
     def _place_locked(self, seq: Sequence) -> None:
@@ -617,10 +656,11 @@ class BatchEngine:
         self._load(seq, snapshot)
         seq.kv_ready = True
 
-    def _release_locked(self, seq: Sequence, keep_as_prefix: bool = False) -> None:
-        if seq.finished:
+    def _release_locked(self, seq: Sequence, status: SequenceStatus, keep_as_prefix: bool = False) -> None:
+        """Ends the sequence with `status` (FINISHED, CANCELLED, FAILED) and frees or caches its seq_id; once."""
+        if seq.status.ended and seq.slot < 0 and seq not in self._active:
             return
-        seq.finished = True
+        seq.status = status
         if seq in self._active:
             self._active.remove(seq)
         if seq.slot < 0:
@@ -723,6 +763,8 @@ class BatchEngine:
             self._accept(seq, token)
 
     def _accept(self, seq: Sequence, token: int) -> None:
+        if seq.status is SequenceStatus.PREFILLING:  # its first sampled token: the prompt is all in KV
+            seq.status = SequenceStatus.DECODING
         replaying = bool(seq.replay)
         if replaying:  # recovering: the token delivered before the fault stands, whatever was sampled now
             delivered = seq.replay.popleft()
@@ -759,12 +801,12 @@ class BatchEngine:
         seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), seq.prefix_reused,
                              seq.text.hidden_tokens, seq.replay_divergences))
         with self._cond:
-            self._release_locked(seq, keep_as_prefix=True)
+            self._release_locked(seq, SequenceStatus.FINISHED, keep_as_prefix=True)
 
     def _fail(self, sequences: list[Sequence], error: AiosError) -> None:
         for seq in sequences:
-            if not seq.finished and not seq.cancelled:
+            if not seq.status.ended:
                 seq.emit(ErrorEvent(error))
             with self._cond:
-                self._release_locked(seq)
-            seq.finished = True
+                self._release_locked(seq, SequenceStatus.CANCELLED if seq.status is SequenceStatus.CANCELLED
+                                     else SequenceStatus.FAILED)

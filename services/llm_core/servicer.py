@@ -99,7 +99,7 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
                 if parked or isinstance(event, FinishEvent):
                     return
         finally:
-            if not seq.finished and not parked:  # the caller went away mid-generation
+            if not seq.status.ended and not parked:  # the caller went away mid-generation
                 self.core.cancel(seq)
 
     async def _off_loop(self, start: Callable[..., Sequence], *args: object) -> Sequence:

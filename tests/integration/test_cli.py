@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -128,3 +129,40 @@ def test_agents_tokens_and_data_survive_down_and_up_and_a_foreground_up_exits_on
     output = foreground.stdout.read()
     assert "stopping" in output, output
     assert not [name for name, pid in state["pids"].items() if process_alive(pid)]
+
+
+def test_a_generation_streaming_through_aios_down_and_up_comes_out_whole_and_identical(tmp_path):
+    """`aios down` ends the agent's stream; `aios up` brings the kernel back on the same port; the SDK continues
+    the stream by itself (it sends the tokens it has, the kernel replays them) and the agent gets every token once,
+    the same ones as a run without the restart (decoding alone, greedy)."""
+    assert run(["up", "--detach", "--slots", "2"], tmp_path).returncode == 0
+    try:
+        before = json.loads((tmp_path / "endpoints.json").read_text())
+        token = run(["agent", "create", "patient"], tmp_path).stdout.strip().splitlines()[-1]
+        with aios.connect(home=tmp_path, token=token) as connection:
+            agent = connection.agent()
+            prompt, tokens = "Write a long story about a lighthouse keeper.", 300
+            expected = [c.token_id for c in agent.generate(prompt, max_tokens=tokens, ignore_eos=True)
+                        if c.HasField("token_id")]
+            chunks: list = []
+
+            def read() -> None:
+                chunks.extend(agent.generate(prompt, max_tokens=tokens, ignore_eos=True, timeout=600))
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            wait_until(lambda: len(chunks) >= 10, within_s=60, what="the stream under way")
+            assert run(["down"], tmp_path).returncode == 0
+            up = run(["up", "--detach", "--slots", "2"], tmp_path)
+            assert up.returncode == 0, up.stdout + up.stderr
+            reader.join(timeout=300)
+            assert not reader.is_alive()
+            after = json.loads((tmp_path / "endpoints.json").read_text())
+            assert after["kernel"] == before["kernel"]  # the same address: the SDK's channel finds it again
+            ids = list(dict.fromkeys(c.syscall_id for c in chunks))
+            assert len(ids) == 2  # cut by `aios down`, continued as a new syscall after `aios up`
+            assert [c.completion_tokens for c in chunks if c.HasField("token_id")] == list(range(1, tokens + 1))
+            assert [c.token_id for c in chunks if c.HasField("token_id")] == expected
+            assert agent.syscall(ids[1]).recoveries == 1
+    finally:
+        run(["down"], tmp_path)

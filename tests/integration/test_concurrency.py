@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 import aios
+from tests.integration.waiting import wait_until
 
 
 def agent_session(kernel: aios.Connection, index: int) -> dict:
@@ -82,11 +83,13 @@ def test_a_huge_request_is_refused_without_stalling_another_agents_stream(kernel
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Shorten" in refused.value.message
     refused_after = time.monotonic() - started
     during = len(gaps)
+    wait_until(lambda: len(gaps) >= during + 5, within_s=60, what="the neighbour's tokens after the refusal")
     stop.set()
     reader.join(timeout=120)
     stream.close()
     assert refused_after < 10, refused_after
-    assert during and max(gaps) < 1.0, (during, max(gaps))  # the neighbour's next token always came within 1 s
+    # Across the refusal and after it, the neighbour's next token always came within 1 s.
+    assert max(gaps) < 1.0, (during, max(gaps))
     too_long = [("user", "word " * 20_000)]  # 100 KB: under the kernel's cap, over what the context can hold
     with pytest.raises(aios.SyscallError) as refused:
         flooder.complete(messages=too_long, max_tokens=4)

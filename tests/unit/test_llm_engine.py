@@ -335,15 +335,6 @@ def test_resumed_sequences_waiting_together_keep_their_kv(model):
         h.close()
 
 
-def check_invariants(engine: BatchEngine) -> None:
-    """Every seq_id has exactly one holder, and every decoding sequence's KV ends where it will write next."""
-    holders = [s.slot for s in engine._active] + [s.slot for s in engine._parked.values()]
-    holders += [s.slot for s in engine._waiting if s.slot >= 0] + list(engine._cached) + list(engine._free_slots)
-    assert sorted(holders) == list(range(engine.config.resident)), holders
-    for seq in engine._active:
-        assert llama.llama_memory_seq_pos_max(engine.memory, seq.slot) == seq.n_past - 1, (seq.request_id, seq.slot)
-
-
 def test_random_preemption_resume_and_cancellation_keep_every_seq_id_accounted_for(model):
     """A stress of the engine's bookkeeping: 3 decoding of 4 seq_ids, prompts sharing prefixes (so cached
     prefixes are copy sources while seq_ids are short), parks, swaps, resumes (resident and from snapshots)
@@ -354,7 +345,7 @@ def test_random_preemption_resume_and_cancellation_keep_every_seq_id_accounted_f
 
     def checked_step(active):
         with h.engine._cond:
-            check_invariants(h.engine)
+            h.engine.check_invariants_locked()
         step(active)
 
     h.engine._step = checked_step
@@ -369,7 +360,7 @@ def test_random_preemption_resume_and_cancellation_keep_every_seq_id_accounted_f
             for _ in range(rng.randint(0, 3)):
                 action = rng.choice(["park", "swap", "resume", "restore", "cancel", "wait"])
                 with h.engine._cond:
-                    active = [s for s in h.engine._active if not s.preempt and not s.cancelled]
+                    active = [s for s in h.engine._active if not s.preempt and not s.status.ended]
                     parked = list(h.engine._parked)
                 if action in ("park", "swap") and active:
                     h.engine.preempt(rng.choice(active).request_id, swap=action == "swap")
@@ -409,7 +400,7 @@ def test_random_preemption_resume_and_cancellation_keep_every_seq_id_accounted_f
             if len(done) == len(streams) and not h.engine._parked and not h.swapped:
                 break
         with h.engine._cond:
-            check_invariants(h.engine)
+            h.engine.check_invariants_locked()
             assert not h.engine._active and not h.engine._parked
     finally:
         h.close()
