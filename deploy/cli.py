@@ -174,7 +174,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"(failed {status.syscalls_failed})  tokens={status.tokens_generated}")
     for service in status.services:
         print(f"{service.name:<9} {service.address:<22} {'SERVING' if service.healthy else 'DOWN':<9}")
-    print(f"redis     {state['redis']:<22} {'SERVING' if status.redis_ok else 'DOWN'}")
+    print(f"redis     {state['redis']:<22} {'SERVING' if status.redis_ok else 'DOWN':<9} "
+          f"{state.get('redis_persistence', '')}")
     gateway = state["services"].get("gateway")
     if gateway:
         print(f"gateway   {gateway:<22} {'SERVING' if http_healthy(gateway, 3) else 'DOWN':<9} "

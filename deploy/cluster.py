@@ -464,6 +464,8 @@ class Cluster:
             "openai_base_url": self.openai_base_url,
             "services": self.endpoints(),
             "redis": self.processes["redis"].address if "redis" in self.processes else "external",
+            "redis_persistence": (f"append-only file, fsync every second, in {self.data / 'redis'}"
+                                  if "redis" in self.processes else "external: as configured there"),
             "pids": {name: p.pid for name, p in self.processes.items()},
             "started_at": self.started_at,
         }

@@ -49,6 +49,7 @@ def test_up_status_down_leaves_no_process_behind(tmp_path):
         status = run(["status"], tmp_path)
         assert status.returncode == 0 and status.stdout.count("SERVING") == 7, status.stdout
         assert "slots 0/2 decoding" in status.stdout and "snapshots in redis 0" in status.stdout
+        assert "append-only file, fsync every second" in status.stdout
         mounted = run(["tool", "mount", "--network", "--read-only", str(tmp_path), "words", "--",
                        sys.executable, "-m", "services.tools.example_mcp_server"], tmp_path)
         assert mounted.returncode == 0 and "words__word_count" in mounted.stdout, mounted.stdout + mounted.stderr
