@@ -23,6 +23,10 @@ log = logging.getLogger("aios.llm_core.model")
 _LOG_CALLBACK = None  # kept referenced: llama.cpp holds the pointer forever
 
 
+# Facts about a model's vocabulary computed once per model file (LlamaModel._vocabulary_facts).
+VOCABULARY_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aios" / "vocabulary"
+
+
 def _silence_llama_logs() -> None:
     """llama.cpp prints thousands of load lines to stderr; keep only errors."""
     global _LOG_CALLBACK
@@ -81,15 +85,34 @@ class LlamaModel:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
-        # One pass over the vocabulary (≈ 0.4 s): the longest token in characters (a prompt longer than the context
-        # times this cannot fit, whatever it says) and the tokens of JSON punctuation only (for grammars).
-        pieces = [self.piece(t) for t in range(self.n_vocab)]
-        self.longest_token_chars = max(len(p.decode(errors="replace")) for p in pieces)
-        self.punctuation = np.array([t for t, p in enumerate(pieces) if p and set(p) <= JSON_PUNCTUATION], dtype=np.int32)
+        self.longest_token_chars, self.punctuation = self._vocabulary_facts()
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
         buf = ctypes.create_string_buffer(256)
         llama.llama_model_desc(self.model, buf, len(buf))
         self.description = buf.value.decode()
+
+    def _vocabulary_facts(self) -> tuple[int, np.ndarray]:
+        """The longest token in characters (a prompt longer than the context times this cannot fit, whatever it
+        says) and the tokens of JSON punctuation only (for grammars). One pass over the vocabulary takes about a
+        second, which a restarted core should not spend again: the result is cached by the model file's identity."""
+        stat = self.path.stat()
+        cache = VOCABULARY_CACHE / f"{self.path.name}-{stat.st_size}-{stat.st_mtime_ns}.npz"
+        try:
+            with np.load(cache) as facts:
+                return int(facts["longest_token_chars"]), facts["punctuation"].astype(np.int32)
+        except (OSError, KeyError, ValueError):
+            pass  # not computed yet (or unreadable): compute it
+        pieces = [self.piece(t) for t in range(self.n_vocab)]
+        longest = max(len(p.decode(errors="replace")) for p in pieces)
+        punctuation = np.array([t for t, p in enumerate(pieces) if p and set(p) <= JSON_PUNCTUATION], dtype=np.int32)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(f".{os.getpid()}.npz")
+            np.savez(partial, longest_token_chars=longest, punctuation=punctuation)
+            partial.replace(cache)
+        except OSError as exc:
+            log.warning("could not cache the vocabulary scan in %s: %s", cache.parent, exc)
+        return longest, punctuation
 
     def tokenize(self, text: str, add_bos: bool, special: bool) -> list[int]:
         """Tokens of `text`; `special` lets control-token text (e.g. <start_of_turn>) map to control tokens."""
