@@ -66,83 +66,100 @@ def trial(cluster: Cluster, supervisor: Supervisor, kernel: Any) -> dict[str, fl
 
 
 def run_recovery_bench(say: Callable[[str], None], trials: int = 2) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="aios-bench-recovery-") as home:
-        say(f"recovery: {AGENTS} agents streaming, kill -9 of the LLM core after {KILL_AFTER} tokens each, "
-            f"{trials} trials ...")
-        with Cluster(ClusterConfig(home=Path(home), slots=AGENTS)) as cluster, cluster.connect() as kernel:
-            names = [n for n in ("redis", *SERVICE_ORDER) if n in cluster.processes]
-            supervisor = Supervisor(cluster, names, RestartPolicy(), say=lambda line: say(f"  supervisor: {line}"))
-            with supervising(supervisor):
-                rows = []
-                for number in range(trials):
-                    rows.append(trial(cluster, supervisor, kernel))
-                    say(f"  trial {number + 1}: core back {rows[-1]['core_back_s']:.2f} s after the kill; first token "
-                        f"after it p50 {rows[-1]['first_token_after_kill_s_p50']:.2f} s, "
-                        f"max {rows[-1]['first_token_after_kill_s_max']:.2f} s")
-    return {"agents": AGENTS, "tokens": TOKENS, "kill_after_tokens": KILL_AFTER, "trials": rows,
-            **{key: statistics.median(r[key] for r in rows) for key in rows[0]},
-            "replay_vs_reprefill": replay_against_reprefill(say)}
+    result: dict[str, Any] = {"agents": AGENTS, "tokens": TOKENS, "kill_after_tokens": KILL_AFTER}
+    for mode, extra in (("replay", []), ("batched_replay", ["--batched-replay"])):
+        with tempfile.TemporaryDirectory(prefix="aios-bench-recovery-") as home:
+            say(f"recovery ({mode}): {AGENTS} agents streaming, kill -9 of the LLM core after {KILL_AFTER} tokens "
+                f"each, {trials} trials ...")
+            config = ClusterConfig(home=Path(home), slots=AGENTS, extra_args={"llm_core": extra})
+            with Cluster(config) as cluster, cluster.connect() as kernel:
+                names = [n for n in ("redis", *SERVICE_ORDER) if n in cluster.processes]
+                supervisor = Supervisor(cluster, names, RestartPolicy(), say=lambda line: say(f"  supervisor: {line}"))
+                with supervising(supervisor):
+                    rows = []
+                    for number in range(trials):
+                        rows.append(trial(cluster, supervisor, kernel))
+                        say(f"  trial {number + 1}: core back {rows[-1]['core_back_s']:.2f} s after the kill; first "
+                            f"token after it p50 {rows[-1]['first_token_after_kill_s_p50']:.2f} s, "
+                            f"max {rows[-1]['first_token_after_kill_s_max']:.2f} s")
+        result[mode] = {"trials": rows, **{key: statistics.median(r[key] for r in rows) for key in rows[0]}}
+    result["replay_vs_reprefill"] = replay_against_reprefill(say)
+    return result
 
 
 def replay_against_reprefill(say: Callable[[str], None], cut_points: tuple[int, ...] = (8, 24, 48),
                              tokens: int = 64) -> dict[str, Any]:
-    """The two ways to rebuild a generation whose core died, in-process on one engine, each sequence decoding
-    alone: replay (the delivered tokens fed back one decode step at a time, what AIOS does) and re-prefill (the
-    prompt and the delivered tokens prefilled as one batch). How often is the continuation the fault-free one,
-    and how long until the first new token?"""
+    """Three ways to rebuild a generation whose core died, in-process, each sequence decoding alone: replay (the
+    delivered tokens fed back one decode step each: what AIOS does by default), batched replay (`--batched-replay`:
+    they ride along with the prompt's prefill, the sampler still stepping through each) and plain re-prefill
+    (prompt and delivered tokens as one longer prompt). How often is the continuation the fault-free one, and how
+    long until the first new token?"""
     import queue
 
     from services.llm_core.engine import BatchEngine, EngineConfig, FinishEvent, Sequence, TokenEvent
     from services.llm_core.model import LlamaModel, default_model_path
     from services.llm_core.sampling import SamplingConfig
 
-    say(f"recovery: replay vs batched re-prefill, {len(PROMPTS[:4])} prompts x cut after {cut_points} tokens ...")
+    prompts = PROMPTS[:4]
+    say(f"recovery: replay vs batched replay vs re-prefill, {len(prompts)} prompts x cut after {cut_points} tokens ...")
     model = LlamaModel(default_model_path())
-    engine = BatchEngine(model, EngineConfig(slots=2, resident=4, max_sequence_tokens=512), swap_out=lambda s: None)
-    engine.start()
+    engines = {batched: BatchEngine(model, EngineConfig(slots=2, resident=4, max_sequence_tokens=512,
+                                                        batched_replay=batched), swap_out=lambda s: None)
+               for batched in (False, True)}
+    for engine in engines.values():
+        engine.start()
     greedy = SamplingConfig(max_tokens=tokens, ignore_eos=True)
 
-    def run(prompt: list[int], sampling: SamplingConfig, replay: list[int] = ()) -> tuple[list[int], float]:
+    def run(prompt: list[int], sampling: SamplingConfig, replay: list[int] = (), batched: bool = False
+            ) -> tuple[list[int], float]:
         events: queue.Queue = queue.Queue()
         seq = Sequence(f"bench-{time.monotonic_ns()}", "bench", prompt, sampling, events.put)
         seq.replay.extend(replay)
         started, first, out = time.monotonic(), 0.0, []
-        engine.submit(seq)
+        engines[batched].submit(seq)
         while not isinstance(event := events.get(timeout=120), FinishEvent):
             if isinstance(event, TokenEvent):
                 first = first or time.monotonic() - started
                 out.append(event.token_id)
         return out, first
 
-    rows = {"replay": {"identical": 0, "first_token_s": []}, "reprefill": {"identical": 0, "first_token_s": []}}
+    rows: dict[str, dict[str, Any]] = {way: {"identical": 0, "first_token_s": []}
+                                       for way in ("replay", "batched_replay", "reprefill")}
     try:
-        for text in PROMPTS[:4]:
+        for text in prompts:
             prompt = model.tokenize(text, True, True)
             reference, _ = run(prompt, greedy)
             for cut in cut_points:
-                replayed, first = run(prompt, greedy, reference[:cut])
-                rows["replay"]["identical"] += replayed == reference[cut:]
-                rows["replay"]["first_token_s"].append(first)
                 shorter = SamplingConfig(max_tokens=tokens - cut, ignore_eos=True)
-                reprefilled, first = run(prompt + reference[:cut], shorter)
-                rows["reprefill"]["identical"] += reprefilled == reference[cut:]
-                rows["reprefill"]["first_token_s"].append(first)
+                for way, (got, first) in {
+                    "replay": run(prompt, greedy, reference[:cut]),
+                    "batched_replay": run(prompt, greedy, reference[:cut], batched=True),
+                    "reprefill": run(prompt + reference[:cut], shorter),
+                }.items():
+                    rows[way]["identical"] += got == reference[cut:]
+                    rows[way]["first_token_s"].append(first)
     finally:
-        engine.stop()
+        for engine in engines.values():
+            engine.stop()
         model.close()
-    cases = len(PROMPTS[:4]) * len(cut_points)
+    cases = len(prompts) * len(cut_points)
     return {"cases": cases, "cut_points": list(cut_points), "tokens": tokens,
             **{f"{way}_identical": row["identical"] for way, row in rows.items()},
             **{f"{way}_first_token_s_p50": statistics.median(row["first_token_s"]) for way, row in rows.items()}}
 
 
 def recovery_table(result: dict[str, Any]) -> str:
-    return (f"recovery from kill -9 of the LLM core, {result['agents']} agents streaming (median of "
-            f"{len(result['trials'])} trials): core serving again {result['core_back_s']:.2f} s after the kill; "
-            f"first token after the kill: first stream {result['first_token_after_kill_s_min']:.2f} s, "
-            f"p50 {result['first_token_after_kill_s_p50']:.2f} s, last {result['first_token_after_kill_s_max']:.2f} s\n"
-            + (lambda r: f"rebuilding a generation, decoding alone ({r['cases']} cases, cut after {r['cut_points']} "
-               f"tokens): replay continues token-identical in {r['replay_identical']}/{r['cases']} "
-               f"(first new token p50 {r['replay_first_token_s_p50']:.2f} s), batched re-prefill in "
-               f"{r['reprefill_identical']}/{r['cases']} ({r['reprefill_first_token_s_p50']:.2f} s)")(
-                result["replay_vs_reprefill"]))
+    lines = [f"recovery from kill -9 of the LLM core, {result['agents']} agents streaming (medians of "
+             f"{len(result['replay']['trials'])} trials):"]
+    for mode in ("replay", "batched_replay"):
+        r = result[mode]
+        lines.append(f"  {mode:<15} core serving again {r['core_back_s']:.2f} s after the kill; first token after "
+                     f"the kill: first stream {r['first_token_after_kill_s_min']:.2f} s, "
+                     f"p50 {r['first_token_after_kill_s_p50']:.2f} s, last {r['first_token_after_kill_s_max']:.2f} s")
+    r = result["replay_vs_reprefill"]
+    lines.append(f"rebuilding a generation, decoding alone ({r['cases']} cases, cut after {r['cut_points']} tokens), "
+                 f"token-identical continuations and first new token p50: replay {r['replay_identical']}/{r['cases']} "
+                 f"{r['replay_first_token_s_p50']:.2f} s, batched replay {r['batched_replay_identical']}/{r['cases']} "
+                 f"{r['batched_replay_first_token_s_p50']:.2f} s, re-prefill {r['reprefill_identical']}/{r['cases']} "
+                 f"{r['reprefill_first_token_s_p50']:.2f} s")
+    return "\n".join(lines)

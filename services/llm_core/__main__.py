@@ -28,6 +28,7 @@ def build(args: argparse.Namespace) -> Service:
             max_sequence_tokens=args.max_sequence_tokens,
             n_batch=args.n_batch,
             prefix_cache=not args.no_prefix_cache,
+            batched_replay=args.batched_replay,
         ),
         swap_out=snapshots.put,
     )
@@ -68,6 +69,9 @@ def main() -> None:
                         help="KV cells per resident sequence (prompt + generated)")
     parser.add_argument("--snapshot-ttl", type=float, default=600.0, help="seconds a snapshot lives in Redis")
     parser.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
+    parser.add_argument("--batched-replay", action="store_true",
+                        help="rebuild a generation after a fault by prefilling its delivered tokens in a batch "
+                             "(fast) instead of one decode step each (the KV exactly as the first run had it)")
     parser.add_argument("--n-batch", type=int, default=defaults.n_batch, help="most tokens per decode step")
     parser.add_argument("--prompt-format", default="transcript", choices=sorted(FORMATS),
                         help="how chat messages become a prompt (transcript suits base models)")

@@ -498,3 +498,26 @@ def test_a_replay_that_covers_the_whole_generation_just_finishes(harness, refere
     tokens, end = harness.tokens_until(events)
     assert tokens == [] and isinstance(end, FinishEvent) and end.reason.value == "length"
     assert end.completion_tokens == len(expected)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED, CONSTRAINED_SAMPLED],
+                         ids=["greedy", "seeded-sampling", "json-schema-sampled"])
+def test_a_batched_replay_rebuilds_in_one_prefill_and_says_where_its_numerics_disagreed(model, reference, sampling):
+    """The fast way (EngineConfig.batched_replay): the delivered tokens ride along with the prompt's prefill, each
+    with its logits, so the sampler draws as often as the first run did and the stream goes on from the next index
+    in far fewer steps. Its KV comes from a batched prefill, not single-token steps, so its choices may disagree
+    with the delivered tokens (counted in replay_divergences; the delivered ones stand): why it is not the
+    default."""
+    expected = reference.run_alone("ref", sampling)
+    fast = Harness(model, slots=2, resident=3, batched_replay=True)
+    try:
+        seq, events = fast.start("recovered", sampling)
+        seq.replay.extend(expected[:15])
+        first = events.get(timeout=60)
+        assert isinstance(first, TokenEvent) and first.completion_tokens == 16  # delivery continues by index
+        rest, end = fast.tokens_until(events)
+        assert isinstance(end, FinishEvent) and end.completion_tokens == len(expected) == 15 + 1 + len(rest)
+        assert fast.engine.stats.tokens_replayed == 15 and fast.engine.stats.steps < len(expected) - 15 + 3
+        assert 0 <= end.replay_divergences <= 15
+    finally:
+        fast.close()
