@@ -35,7 +35,7 @@ import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import llama_cpp as llama
 import numpy as np
@@ -204,6 +204,68 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return n if bool(equal.all()) else int(np.argmin(equal))
 
 
+class SeqIdTable:
+    """llama.cpp's seq_ids (one KV stream each) that no sequence holds: free ones, and cached prefixes (the KV
+    of finished sequences, kept for prompts that start the same way; least recently used first). Sequences hold
+    the others. It owns the KV operations on what it holds; `check` says whether, with the sequences' seq_ids,
+    every seq_id has exactly one holder."""
+
+    def __init__(self, memory: Any, count: int) -> None:
+        self.memory = memory
+        self.count = count
+        self.free = list(range(count))
+        self.cached: OrderedDict[int, np.ndarray] = OrderedDict()  # seq_id -> tokens in its KV; LRU first
+
+    def clear(self, slot: int) -> None:
+        llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
+
+    def release(self, slot: int) -> None:
+        """A sequence gave `slot` up: its KV goes, the seq_id is free."""
+        self.clear(slot)
+        self.free.append(slot)
+
+    def cache(self, slot: int, tokens: np.ndarray) -> None:
+        """A finished sequence's KV at `slot` stays, as a prefix for later prompts."""
+        self.cached[slot] = tokens
+
+    def take_free(self, slot: int) -> bool:
+        """Claims `slot` if it is free."""
+        if slot not in self.free:
+            return False
+        self.free.remove(slot)
+        return True
+
+    def spare_above(self, above: int, keep: int) -> int | None:
+        """A seq_id above `above` to move something resting lower to: the highest free one, else the least
+        recently used cached prefix (dropped), but not the one at `keep` (a copy source about to be used)."""
+        higher = [i for i in self.free if i > above]
+        if higher:
+            self.free.remove(max(higher))
+            return max(higher)
+        for slot in self.cached:  # least recently used first
+            if slot > above and slot != keep:
+                del self.cached[slot]
+                self.clear(slot)
+                return slot
+        return None
+
+    def drop_cached(self, slot: int) -> bool:
+        """Frees the cached prefix at `slot`, if one is there."""
+        if self.cached.pop(slot, None) is None:
+            return False
+        self.free.append(slot)
+        return True
+
+    def relabel(self, mapping: dict[int, int]) -> None:
+        """Two seq_ids exchanged their KV: what this table holds follows."""
+        self.cached = OrderedDict((mapping.get(slot, slot), tokens) for slot, tokens in self.cached.items())
+        self.free = [mapping.get(slot, slot) for slot in self.free]
+
+    def check(self, held_by_sequences: list[int]) -> None:
+        holders = held_by_sequences + list(self.cached) + self.free
+        assert sorted(holders) == list(range(self.count)), holders
+
+
 class BatchEngine:
     def __init__(
         self,
@@ -236,9 +298,8 @@ class BatchEngine:
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._parked: OrderedDict[str, Sequence] = OrderedDict()  # oldest first: the swap victim
-        self._cached: OrderedDict[int, np.ndarray] = OrderedDict()  # slot -> tokens; LRU first
+        self.slots = SeqIdTable(self.memory, config.resident)
         self._to_release: list[Sequence] = []
-        self._free_slots = list(range(config.resident))
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
 
@@ -363,7 +424,7 @@ class BatchEngine:
                 "slots": self.config.slots,
                 "slots_busy": len(self._active),
                 "slots_parked": len(self._parked),
-                "prefix_cache_entries": len(self._cached),
+                "prefix_cache_entries": len(self.slots.cached),
                 "resident_slots": self.config.resident,
                 "waiting": len(self._waiting),
                 "steps": self.stats.steps,
@@ -391,9 +452,8 @@ class BatchEngine:
         batch, parked or resumed, a cached prefix, or the free list), every sequence in the batch has KV ending
         where it writes next, and each sequence's status matches the list it is in. The tests call it before
         every step of a random stress; it reads llama.cpp's memory, so it is not for the hot path."""
-        holders = [s.slot for s in self._active] + [s.slot for s in self._parked.values()]
-        holders += [s.slot for s in self._waiting if s.slot >= 0] + list(self._cached) + list(self._free_slots)
-        assert sorted(holders) == list(range(self.config.resident)), holders
+        held = [s.slot for s in self._active] + [s.slot for s in self._parked.values()]
+        self.slots.check(held + [s.slot for s in self._waiting if s.slot >= 0])
         in_batch = (SequenceStatus.PREFILLING, SequenceStatus.DECODING, SequenceStatus.CANCELLED)
         for seq in self._active:
             assert seq.status in in_batch, (seq.request_id, seq.status)
@@ -429,20 +489,6 @@ class BatchEngine:
         busy = {s.slot for s in self._active} | {s.slot for s in self._waiting if s.slot >= 0}  # + resumed, resident
         return next((i for i in range(self.config.resident) if i not in busy), self.config.resident)
 
-    def _spare_slot_locked(self, above: int, keep: int) -> int | None:
-        """A free seq_id above `above` to move a resting sequence to; drops the LRU cached prefix there
-        if needed, but not the one at `keep` (the source of a prefix copy about to happen)."""
-        higher = [i for i in self._free_slots if i > above]
-        if higher:
-            self._free_slots.remove(max(higher))
-            return max(higher)
-        for slot in self._cached:  # least recently used first
-            if slot > above and slot != keep:
-                del self._cached[slot]
-                llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
-                return slot
-        return None
-
     def _copy_locked(self, src: int, dst: int) -> None:
         """Copies one sequence's KV to another seq_id, now.
 
@@ -460,22 +506,21 @@ class BatchEngine:
         """Makes `slot` free. A cached prefix or parked sequence resting there moves to a spare seq_id;
         with none, the prefix is dropped and the parked sequence written out. Returns where it went (-1: gone).
         The cached prefix at `keep` is not dropped to make room."""
-        if slot in self._free_slots:
-            self._free_slots.remove(slot)
+        if self.slots.take_free(slot):
             return -1
-        spare = self._spare_slot_locked(slot, keep)
-        if slot in self._cached:
-            tokens = self._cached.pop(slot)
+        spare = self.slots.spare_above(slot, keep)
+        if slot in self.slots.cached:
+            tokens = self.slots.cached.pop(slot)
             if spare is None:
-                llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                self.slots.clear(slot)
                 return -1
             self._move_locked(slot, spare)
-            self._cached[spare] = tokens
+            self.slots.cache(spare, tokens)
             return spare
         parked = next(p for p in self._parked.values() if p.slot == slot)
         if spare is None:
             self._swap_out_locked(parked)
-            self._free_slots.remove(slot)
+            self.slots.take_free(slot)
             return -1
         self._move_locked(slot, spare)
         parked.slot = spare
@@ -498,7 +543,7 @@ class BatchEngine:
         (a cached prefix or a parked sequence, if anything) moves up to where `top` was.
         False if llama.cpp refused to load `top` at `gap` (it then stays where it was)."""
         high = top.slot
-        resting = None if gap in self._free_slots else read_sequence_state(self.ctx, gap)
+        resting = None if gap in self.slots.free else read_sequence_state(self.ctx, gap)
         moving = read_sequence_state(self.ctx, high)
         llama.llama_memory_seq_rm(self.memory, gap, -1, -1)
         if not write_sequence_state(self.ctx, gap, moving):  # top keeps its KV at `high`
@@ -508,8 +553,7 @@ class BatchEngine:
         relabel = {gap: high, high: gap}
         for seq in [*self._parked.values(), *self._waiting, top]:
             seq.slot = relabel.get(seq.slot, seq.slot)
-        self._cached = OrderedDict((relabel.get(slot, slot), tokens) for slot, tokens in self._cached.items())
-        self._free_slots = [relabel.get(slot, slot) for slot in self._free_slots]
+        self.slots.relabel(relabel)
         if resting is not None and not write_sequence_state(self.ctx, high, resting):
             self._drop_resting_locked(high)
         return True
@@ -517,9 +561,8 @@ class BatchEngine:
     def _drop_resting_locked(self, slot: int) -> None:
         """What rested at `slot` lost its KV in a move that llama.cpp refused: forget it, or fail it."""
         log.error("llama.cpp refused to move seq_id %d; dropping what rested there", slot)
-        llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
-        if self._cached.pop(slot, None) is not None:
-            self._free_slots.append(slot)
+        self.slots.clear(slot)
+        if self.slots.drop_cached(slot):
             return
         for seq in [*self._parked.values(), *self._waiting]:
             if seq.slot == slot:
@@ -539,8 +582,7 @@ class BatchEngine:
         written = self.swap_out(self._snapshot(seq))
         self._parked.pop(seq.request_id, None)
         seq.status = SequenceStatus.SNAPSHOTTED
-        llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
-        self._free_slots.append(seq.slot)
+        self.slots.release(seq.slot)
         seq.slot = -1
         return written
 
@@ -574,7 +616,7 @@ class BatchEngine:
         want = seq.prompt_array[:-1]  # the last prompt token is always decoded, for its logits
         best, source, cached = 0, -1, False
         if self.config.prefix_cache:
-            for slot, tokens in self._cached.items():
+            for slot, tokens in self.slots.cached.items():
                 n = common_prefix(tokens, want)
                 if n > best:
                     best, source, cached = n, slot, True
@@ -606,7 +648,7 @@ class BatchEngine:
             return self._claim_slot_locked()
         slot = self._lowest_idle_slot_locked()
         if cached and source == slot:
-            del self._cached[slot]  # adopt the cached stream where it is: no copy
+            del self.slots.cached[slot]  # adopt the cached stream where it is: no copy
         else:
             moved_to = self._vacate_locked(slot, keep=source)
             if source == slot:  # the source was resting here and moved (or was written out)
@@ -669,10 +711,9 @@ class BatchEngine:
         if seq.slot < 0:
             return
         if keep_as_prefix and self.config.prefix_cache and seq.n_past >= self.config.min_prefix_tokens:
-            self._cached[seq.slot] = seq.tokens_in_kv().copy()
+            self.slots.cache(seq.slot, seq.tokens_in_kv().copy())
         else:
-            llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
-            self._free_slots.append(seq.slot)
+            self.slots.release(seq.slot)
         seq.slot = -1
         self._cond.notify()
 

@@ -247,7 +247,7 @@ def test_decoding_sequences_close_the_gap_a_finished_one_leaves(model):
         assert c_events[0].slot == 2 and c_events[-1].slot == 0  # c moved down into the gap ...
         assert [e.token_id for e in c_events] == [e.token_id for e in b_events]  # ... with its KV intact
         with h.engine._cond:  # ... and the finished sequence's prefix moved up to seq_id 2 with its KV
-            tokens = h.engine._cached[2]
+            tokens = h.engine.slots.cached[2]
             assert llama.llama_memory_seq_pos_max(h.engine.memory, 2) == len(tokens) - 1
     finally:
         h.close()
@@ -420,7 +420,7 @@ def test_a_cached_prefix_about_to_be_copied_is_not_dropped_to_make_room(model):
         _, c_events = h.start("c", SamplingConfig(max_tokens=200, ignore_eos=True), prompt="Count: 1, 2, 3,")
         h.tokens_until(c_events, stop_after=1)
         with h.engine._cond:
-            assert not h.engine._free_slots and len(h.engine._cached) == 2
+            assert not h.engine.slots.free and len(h.engine.slots.cached) == 2
         _, d_events = h.start("d", SamplingConfig(max_tokens=4), prompt=a_prompt)
         _, end = h.tokens_until(d_events)
         assert isinstance(end, FinishEvent), end
