@@ -29,6 +29,14 @@ KILL_AFTER = 16
 PROMPTS = [f"Write a long list of facts about the number {n}." for n in range(AGENTS)]
 
 
+def wait(condition: Callable[[], bool], what: str, within_s: float = 180.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {within_s:.0f} s")
+        time.sleep(0.1)  # polling another process's state
+
+
 def trial(cluster: Cluster, supervisor: Supervisor, kernel: Any) -> dict[str, float]:
     agents = [kernel.register(f"recovery-{i}-{time.monotonic_ns()}") for i in range(AGENTS)]
     arrivals: list[list[tuple[int, float]]] = [[] for _ in agents]  # (token index, monotonic time)
@@ -67,17 +75,21 @@ def trial(cluster: Cluster, supervisor: Supervisor, kernel: Any) -> dict[str, fl
 
 def run_recovery_bench(say: Callable[[str], None], trials: int = 2) -> dict[str, Any]:
     result: dict[str, Any] = {"agents": AGENTS, "tokens": TOKENS, "kill_after_tokens": KILL_AFTER}
-    for mode, extra in (("replay", []), ("batched_replay", ["--batched-replay"])):
+    for mode, extra, standby in (("replay", [], ()), ("batched_replay", ["--batched-replay"], ()),
+                                 ("standby", [], ("llm_core",))):
         with tempfile.TemporaryDirectory(prefix="aios-bench-recovery-") as home:
             say(f"recovery ({mode}): {AGENTS} agents streaming, kill -9 of the LLM core after {KILL_AFTER} tokens "
                 f"each, {trials} trials ...")
-            config = ClusterConfig(home=Path(home), slots=AGENTS, extra_args={"llm_core": extra})
+            config = ClusterConfig(home=Path(home), slots=AGENTS, extra_args={"llm_core": extra}, standby=standby,
+                                   standby_after_s=0.0)
             with Cluster(config) as cluster, cluster.connect() as kernel:
                 names = [n for n in ("redis", *SERVICE_ORDER) if n in cluster.processes]
                 supervisor = Supervisor(cluster, names, RestartPolicy(), say=lambda line: say(f"  supervisor: {line}"))
                 with supervising(supervisor):
                     rows = []
                     for number in range(trials):
+                        for name in standby:  # a hot standby must have its model loaded before the fault
+                            wait(lambda: cluster.standby_ready(name), f"{name}'s standby ready")
                         rows.append(trial(cluster, supervisor, kernel))
                         say(f"  trial {number + 1}: core back {rows[-1]['core_back_s']:.2f} s after the kill; first "
                             f"token after it p50 {rows[-1]['first_token_after_kill_s_p50']:.2f} s, "
@@ -151,7 +163,7 @@ def replay_against_reprefill(say: Callable[[str], None], cut_points: tuple[int, 
 def recovery_table(result: dict[str, Any]) -> str:
     lines = [f"recovery from kill -9 of the LLM core, {result['agents']} agents streaming (medians of "
              f"{len(result['replay']['trials'])} trials):"]
-    for mode in ("replay", "batched_replay"):
+    for mode in ("replay", "batched_replay", "standby"):
         r = result[mode]
         lines.append(f"  {mode:<15} core serving again {r['core_back_s']:.2f} s after the kill; first token after "
                      f"the kill: first stream {r['first_token_after_kill_s_min']:.2f} s, "

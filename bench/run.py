@@ -446,7 +446,7 @@ def main() -> int:
         floors["json_schema_vs_free_16_agents"] = result["gateway"]["json_schema_vs_free"]
         floors["gateway_ttft_p50_s"] = result["gateway"]["gateway"]["ttft_p50_s"]
     if "recovery" in result:
-        for mode in ("replay", "batched_replay"):
+        for mode in ("replay", "batched_replay", "standby"):
             floors[f"llm_core_kill_to_first_token_p50_s_{mode}"] = result["recovery"][mode]["first_token_after_kill_s_p50"]
     if "memory" in result:
         hit = {label: row["hit_ratio"] for label, row in result["memory"]["modes"].items()}

@@ -60,7 +60,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = ClusterConfig(home=home, redis_url=args.redis_url, model=model, slots=args.slots, policy=args.policy,
                            slice_tokens=args.slice_tokens, extra_args=extra, listen=args.listen,
                            tls_cert=args.tls_cert, tls_key=args.tls_key, open_registration=args.open_registration,
-                           gateway_listen=args.gateway_listen)
+                           gateway_listen=args.gateway_listen, standby=("llm_core",) if args.llm_standby else ())
     cluster = Cluster(config, progress=_say)
     _say(f"starting in {home} (logs in {home / 'logs'})")
     try:
@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="time slice in generated tokens (rr, fair)")
     up.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND",
                     help="mount an MCP server's tools (stdio) as NAME__<tool>, sandboxed; repeatable")
+    up.add_argument("--llm-standby", action="store_true",
+                    help="keep a hot standby LLM core (model loaded, waiting): a core that dies is replaced in "
+                         "a fraction of a second instead of a process start and model load (twice the memory)")
     up.add_argument("--mcp-network", action="append", default=[], metavar="NAME",
                     help="let the MCP server NAME use the host's network (none by default)")
     up.add_argument("--memory-budget-bytes", type=int, default=0, help="memory manager RAM budget (default 64 MB)")

@@ -92,6 +92,11 @@ class ClusterConfig:
     open_registration: bool = False
     # Where the OpenAI-compatible gateway listens (HOST:PORT); default loopback on a free port.
     gateway_listen: str = "127.0.0.1:0"
+    # Services that keep a hot standby (a second process, model loaded, waiting): when the primary dies, the
+    # supervisor promotes it instead of starting a process and loading a model. ("llm_core",) or ().
+    standby: tuple[str, ...] = ()
+    # How long a primary serves before its standby starts loading beside it.
+    standby_after_s: float = 10.0
 
 
 @dataclass
@@ -100,6 +105,7 @@ class ManagedProcess:
     popen: subprocess.Popen
     log_path: Path
     address: str = ""
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> int:
@@ -176,6 +182,7 @@ class Cluster:
         self.config = config
         self.progress = progress
         self.processes: dict[str, ManagedProcess] = {}
+        self.standbys: dict[str, ManagedProcess] = {}  # hot standbys, by the name of the service they stand in for
         self.redis_url = config.redis_url or ""
         self._args: dict[str, list[str]] = {}
         self._home_ready = False
@@ -272,6 +279,9 @@ class Cluster:
 
     def stop(self) -> None:
         """Stops services in reverse order (kernel first), then Redis; leaves no process behind."""
+        for name, standby in list(self.standbys.items()):
+            self._terminate(standby)
+            del self.standbys[name]
         for name in reversed(list(self.processes)):
             self.stop_service(name)
         self.endpoints_path.unlink(missing_ok=True)
@@ -280,13 +290,17 @@ class Cluster:
         process = self.processes.pop(name, None)
         if process is None:
             return
+        self._terminate(process, sig)
+        self.progress(f"stopped {name} (pid {process.pid})")
+
+    @staticmethod
+    def _terminate(process: ManagedProcess, sig: int = signal.SIGTERM) -> None:
         terminate_group(process.pid, sig)
         try:
             process.popen.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             terminate_group(process.pid, signal.SIGKILL)
             process.popen.wait()
-        self.progress(f"stopped {name} (pid {process.pid})")
 
     def add_replica(self, name: str, kind: str, extra_args: list[str] = ()) -> str:
         """Starts another instance of a service (e.g. a second LLM core on the same Redis); returns its address."""
@@ -294,12 +308,63 @@ class Cluster:
         return self.processes[name].address
 
     def restart_service(self, name: str) -> str:
-        """Starts a stopped service again on the address it had, so its clients reconnect."""
+        """Starts a stopped service again on the address it had, so its clients reconnect: by promoting its hot
+        standby if it has one ready, else as a new process."""
         if name == "redis":
             self._start_redis()
-        else:
+        elif not self._promote(name):
             self._start_service(name)
         return self.processes[name].address
+
+    def keep_standbys(self) -> bool:
+        """Starts a hot standby for each service `config.standby` names that has none, once its primary has
+        served `config.standby_after_s` (a standby loading its model right after a recovery would slow it down). Returns
+        whether it started one."""
+        started = False
+        for name in self.config.standby:
+            primary, standby = self.processes.get(name), self.standbys.get(name)
+            if primary is None or primary.popen.poll() is not None or time.monotonic() - primary.started < self.config.standby_after_s:
+                continue
+            if standby is not None and standby.popen.poll() is None:
+                continue
+            marker = self.config.home / f"{name}.standby"
+            marker.unlink(missing_ok=True)
+            argv = [*self._argv(name, self._standby_ready_path(name), self._args[name]), "--standby-file", str(marker)]
+            log_path = self.logs / f"{name}.log"
+            popen = subprocess.Popen(argv, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+            self.standbys[name] = ManagedProcess(f"{name} standby", popen, log_path)
+            self.progress(f"started a standby for {name} (pid {popen.pid})")
+            started = True
+        return started
+
+    def standby_ready(self, name: str) -> bool:
+        """Whether `name` has a standby that finished loading and waits to be promoted."""
+        standby = self.standbys.get(name)
+        return standby is not None and standby.popen.poll() is None and (self.config.home / f"{name}.standby").exists()
+
+    def _standby_ready_path(self, name: str) -> Path:
+        return self.config.home / f"{name}.standby.ready"
+
+    def _promote(self, name: str) -> bool:
+        """Makes `name`'s standby the service (SIGUSR1: it binds the dead primary's port); False if it has none
+        ready, or it fails."""
+        if not self.standby_ready(name):
+            return False
+        standby, ready = self.standbys.pop(name), self._standby_ready_path(name)
+        os.kill(standby.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready.exists():
+            if standby.popen.poll() is not None or time.monotonic() > deadline:
+                self._terminate(standby)
+                return False
+            time.sleep(0.01)  # waiting for it to bind and write its ready file
+        standby.address = json.loads(ready.read_text())["address"]
+        ready.unlink()
+        wait_healthy(standby.address, START_TIMEOUT_S)
+        standby.name, standby.started = name, time.monotonic()
+        self.processes[name] = standby
+        self.progress(f"promoted the standby of {name} at {standby.address} (pid {standby.pid})")
+        return True
 
     def exited(self) -> dict[str, int]:
         """name -> return code of every service that exited without being asked to."""
@@ -409,8 +474,7 @@ class Cluster:
             port = str(self._previous_port(name, listen.rsplit(":", 1)[0]))
         args = self._args.get(name) or ["--port", port, *self._service_args(name, kind), *extra_args]
         log_path = self.logs / f"{name}.log"
-        argv = [sys.executable, "-m", f"services.{'scheduler' if kind == 'kernel' else kind}",
-                "--ready-file", str(ready), *args]
+        argv = self._argv(kind, ready, args)
         started = time.monotonic()
         popen = subprocess.Popen(argv, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
         process = ManagedProcess(name, popen, log_path)
@@ -433,6 +497,11 @@ class Cluster:
         if name in AGENT_FACING:
             self._remember_port(name, int(process.address.rsplit(":", 1)[1]))
         self.progress(f"started {name:<12} {process.address}  (pid {popen.pid}, {time.monotonic() - started:.1f} s)")
+
+    @staticmethod
+    def _argv(kind: str, ready: Path, args: list[str]) -> list[str]:
+        return [sys.executable, "-m", f"services.{'scheduler' if kind == 'kernel' else kind}", "--ready-file", str(ready),
+                *args]
 
     def _previous_port(self, name: str, host: str) -> int:
         """The port `name` had in this home's last run if it is free now, else 0 (any)."""
@@ -466,7 +535,8 @@ class Cluster:
             "redis": self.processes["redis"].address if "redis" in self.processes else "external",
             "redis_persistence": (f"append-only file, fsync every second, in {self.data / 'redis'}"
                                   if "redis" in self.processes else "external: as configured there"),
-            "pids": {name: p.pid for name, p in self.processes.items()},
+            "pids": {**{name: p.pid for name, p in self.processes.items()},
+                     **{f"{name}_standby": p.pid for name, p in self.standbys.items()}},
             "started_at": self.started_at,
         }
         if supervisor_pid is not None:

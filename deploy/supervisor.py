@@ -73,6 +73,8 @@ class Supervised(Protocol):
 
     def pid_of(self, name: str) -> int: ...
 
+    def keep_standbys(self) -> bool: ...  # starts hot standbys that are due; True if it started one
+
 
 class Supervisor:
     def __init__(self, system: Supervised, names: list[str], policy: RestartPolicy = RestartPolicy(),
@@ -105,6 +107,7 @@ class Supervisor:
             record.state, record.pid, record.started_at = ServiceState.RUNNING, self.system.pid_of(record.name), time.time()
             record.restarts += 1
             self.say(f"restarted {record.name} at {address} (pid {record.pid}, restart {record.restarts})")
+        changed = self.system.keep_standbys() or changed
         if changed:
             self.on_change()
 

@@ -190,6 +190,9 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("AIOS_LOG_LEVEL", "INFO"))
     parser.add_argument("--cluster-secret-file", type=Path, required=True,
                         help="file (mode 0600) holding the secret shared by the kernel and the managers")
+    parser.add_argument("--standby-file", type=Path,
+                        help="start as a hot standby: build everything (load the model), write this file, and "
+                             "serve only on SIGUSR1 (the supervisor's signal that the primary on --port died)")
     return parser
 
 
@@ -286,6 +289,18 @@ async def serve(service: Service, host: str, port: int, ready_file: Path | None 
     log.info("%s stopped", service.name)
 
 
+async def _stand_by(service: Service, standby_file: Path) -> None:
+    """A hot standby: built (its model loaded), it says so in `standby_file` and waits for SIGUSR1, then serves.
+    A restart by promotion costs a bind instead of a process start and a model load."""
+    promoted = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, promoted.set)
+    standby_file.write_text(json.dumps({"pid": os.getpid()}))
+    log.info("%s standing by (pid %d); SIGUSR1 makes it serve", service.name, os.getpid())
+    await promoted.wait()
+    asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+    log.info("%s promoted: serving", service.name)
+
+
 def run(
     build: Callable[[argparse.Namespace], Service], parser: argparse.ArgumentParser, args: argparse.Namespace | None = None
 ) -> None:
@@ -295,6 +310,8 @@ def run(
 
     async def main() -> None:
         service = build(args)
+        if args.standby_file is not None:
+            await _stand_by(service, args.standby_file)
         await serve(service, args.host, args.port, args.ready_file)
 
     asyncio.run(main())

@@ -5,6 +5,7 @@ The restart is done by the real supervisor of `aios up` (deploy/supervisor.py), 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -16,7 +17,7 @@ import pytest
 import aios
 from aios.syscalls import syscall_request
 from aios.v1 import common_pb2, memory_pb2
-from deploy.cluster import SERVICE_ORDER, Cluster, ClusterConfig
+from deploy.cluster import SERVICE_ORDER, Cluster, ClusterConfig, process_alive
 from deploy.supervisor import RestartPolicy, Supervisor, supervising
 from tests.integration.waiting import wait_until
 
@@ -140,3 +141,31 @@ def test_streams_continue_across_kill_9_of_the_kernel_and_it_reclaims_what_the_d
     llm = kernel.status().llm
     assert (llm.slots_parked, llm.slots_busy) == (0, 0)  # nothing the dead kernel parked is held any more
     assert "kernel: killed by SIGKILL" in " ".join(said)
+
+
+def test_a_hot_standby_core_takes_over_and_the_stream_goes_on_token_identical(tmp_path):
+    """With a standby (`aios up --llm-standby`), the supervisor promotes the process that has the model loaded
+    instead of starting one, and a new standby is started beside it."""
+    config = ClusterConfig(home=tmp_path, slots=2, standby=("llm_core",), standby_after_s=0.0)
+    with Cluster(config) as cluster, cluster.connect() as kernel:
+        said: list[str] = []
+        names = [n for n in ("redis", *SERVICE_ORDER) if n in cluster.processes]
+        supervisor = Supervisor(cluster, names, RestartPolicy(first_delay_s=0.1), say=said.append,
+                                on_change=lambda: cluster.write_endpoints(None, supervisor.as_json()))
+        with supervising(supervisor):
+            wait_until(lambda: cluster.standby_ready("llm_core"), within_s=120, what="a standby with its model loaded")
+            standby_pid = cluster.standbys["llm_core"].pid
+            assert json.loads((tmp_path / "endpoints.json").read_text())["pids"]["llm_core_standby"] == standby_pid
+            agent = kernel.register("covered")
+            expected = token_ids(list(agent.generate(PROMPT, max_tokens=TOKENS, ignore_eos=True)))
+            chunks: list = []
+            reader = stream(agent, chunks)
+            kill_core_after(cluster, supervisor, chunks, 12)
+            reader.join(timeout=300)
+            assert not reader.is_alive()
+            assert token_ids(chunks) == expected
+            assert cluster.processes["llm_core"].pid == standby_pid  # promoted, not started anew
+            wait_until(lambda: cluster.standby_ready("llm_core") and cluster.standbys["llm_core"].pid != standby_pid,
+                       within_s=120, what="a new standby")
+            pids = [cluster.processes["llm_core"].pid, cluster.standbys["llm_core"].pid]
+    assert not [pid for pid in pids if process_alive(pid)]  # stopping the cluster stopped the standby too

@@ -33,6 +33,9 @@ class ScriptedSystem:
     def pid_of(self, name: str) -> int:
         return self.pids[name]
 
+    def keep_standbys(self) -> bool:
+        return False  # no standbys in these scripts
+
 
 class Clock:
     def __init__(self) -> None:
