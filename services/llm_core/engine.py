@@ -751,6 +751,7 @@ class BatchEngine:
         batch = self.batch
         batch.n_tokens = 0
         outputs: list[tuple[Sequence, int]] = []
+        unsampled: dict[Sequence, int] = {}  # greedy sequences whose replayed tokens rode along without logits
 
         def add(token: int, pos: int, seq: Sequence, want_logits: bool) -> None:
             i = batch.n_tokens
@@ -786,12 +787,16 @@ class BatchEngine:
                 budget -= take
                 self.stats.prefill_tokens += take
                 if self.config.batched_replay and seq.replay and not seq.prefilling and budget > 0:
-                    # Tokens delivered before a fault ride along with the end of the prompt, each with its logits,
-                    # so the sampler still steps through every one of them (its draws and grammar state as before);
-                    # one decode step each (the default) keeps the KV exactly as the first run computed it.
+                    # Tokens delivered before a fault ride along with the end of the prompt. A sampler that draws
+                    # or a grammar needs each one's logits to step through it as before; greedy decoding does not
+                    # (the LM head over the whole vocabulary is most of a token's cost). One decode step each (the
+                    # default) keeps the KV exactly as the first run computed it.
                     ride = list(seq.replay)[:min(budget, len(seq.replay) - 1)]
+                    stepped = seq.config.temperature > 0 or seq.constraint is not None
                     for n, token in enumerate(ride):
-                        add(token, seq.n_past + n, seq, True)
+                        add(token, seq.n_past + n, seq, stepped)
+                    if not stepped:
+                        unsampled[seq] = len(ride)
                     seq.n_past += len(ride)
                     budget -= len(ride)
         if batch.n_tokens == 0:
@@ -814,6 +819,8 @@ class BatchEngine:
                 self._fail([seq], exc)
                 continue
             self._accept(seq, token)
+            for _ in range(unsampled.pop(seq, 0)):  # they are in KV now: accepted as delivered, nothing to sample
+                self._accept(seq, seq.replay[0])
 
     def _accept(self, seq: Sequence, token: int) -> None:
         if seq.status is SequenceStatus.PREFILLING:  # its first sampled token: the prompt is all in KV
