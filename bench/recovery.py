@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from deploy.cluster import SERVICE_ORDER, Cluster, ClusterConfig
+from deploy.cluster import Cluster, ClusterConfig
 from deploy.supervisor import RestartPolicy, Supervisor, supervising
 
 AGENTS = 16
@@ -85,7 +85,7 @@ def run_recovery_bench(say: Callable[[str], None], trials: int = 2) -> dict[str,
             config = ClusterConfig(home=Path(home), slots=AGENTS, extra_args={"llm_core": extra}, standby=standby,
                                    standby_after_s=20.0)
             with Cluster(config) as cluster, cluster.connect() as kernel:
-                names = [n for n in ("redis", *SERVICE_ORDER) if n in cluster.processes]
+                names = list(cluster.processes)  # in start order
                 supervisor = Supervisor(cluster, names, RestartPolicy(), say=lambda line: say(f"  supervisor: {line}"))
                 with supervising(supervisor):
                     rows = []

@@ -77,7 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say("open registration is on: anyone who reaches the kernel may register an agent")
     _say(READY_LINE)
     signal.signal(signal.SIGTERM, _interrupt)
-    names = [name for name in ("redis", *SERVICE_ORDER) if name in cluster.processes]
+    names = list(cluster.processes)  # in start order
     supervisor = Supervisor(cluster, names, say=_say,
                             on_change=lambda: cluster.write_endpoints(os.getpid(), supervisor.as_json()))
     cluster.write_endpoints(os.getpid(), supervisor.as_json())

@@ -325,8 +325,9 @@ class Cluster:
             primary, standby = self.processes.get(name), self.standbys.get(name)
             if primary is None or primary.popen.poll() is not None or time.monotonic() - primary.started < self.config.standby_after_s:
                 continue
-            if standby is not None and standby.popen.poll() is None:
-                continue
+            if standby is not None and (standby.popen.poll() is None
+                                        or time.monotonic() - standby.started < self.config.standby_after_s):
+                continue  # standing by, or died lately: not another model load every tick
             marker = self.config.home / f"{name}.standby"
             marker.unlink(missing_ok=True)
             argv = [*self._argv(name, self._standby_ready_path(name), self._args[name]), "--standby-file", str(marker)]
@@ -360,7 +361,11 @@ class Cluster:
             time.sleep(0.01)  # waiting for it to bind and write its ready file
         standby.address = json.loads(ready.read_text())["address"]
         ready.unlink()
-        wait_healthy(standby.address, START_TIMEOUT_S)
+        try:
+            wait_healthy(standby.address, START_TIMEOUT_S)
+        except StartError:
+            self._terminate(standby)
+            return False
         standby.name, standby.started = name, time.monotonic()
         self.processes[name] = standby
         self.progress(f"promoted the standby of {name} at {standby.address} (pid {standby.pid})")
@@ -461,6 +466,8 @@ class Cluster:
                 args += ["--tls-cert", str(config.tls_cert), "--tls-key", str(config.tls_key)]
             if config.open_registration:
                 args += ["--open-registration"]
+            if name != "kernel":  # a second kernel must not reset what the first one parked in the core
+                args += ["--no-reclaim"]
         return args + config.extra_args.get(kind, [])
 
     def _start_service(self, name: str, kind: str = "", extra_args: list[str] = ()) -> None:

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aios.client import MESSAGE_LIMIT_BYTES
+from aios.client import MESSAGE_LIMIT_BYTES, NO_RETRY_PUSHBACK
 from services.credentials import ClusterSecretCheck, Metadata, read_secret
 from services.errors import AiosError
 
@@ -35,10 +35,6 @@ log = logging.getLogger("aios.server")
 HEALTH_PERIOD_S = 2.0
 # Trailing metadata key of the hint sent with RESOURCE_EXHAUSTED: seconds until a retry may succeed.
 RETRY_AFTER = "retry-after"
-# gRPC's own pushback key: a negative value tells a client's retry policy not to retry. Sent with every
-# UNAVAILABLE a service answers itself (a manager it needs is down, after its own retries): the clients' retry
-# policies are for a service that does not answer at all (restarting).
-RETRY_PUSHBACK = ("grpc-retry-pushback-ms", "-1")
 # Methods anyone may call, credential or not: the health check (launchers, load balancers) and reflection.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -47,7 +43,7 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[s
     if isinstance(exc, AiosError):
         trailing = () if exc.retry_after is None else ((RETRY_AFTER, f"{exc.retry_after:.3f}"),)
         if exc.code == grpc.StatusCode.UNAVAILABLE:
-            trailing += (RETRY_PUSHBACK,)
+            trailing += (NO_RETRY_PUSHBACK,)
         return exc.code, exc.message, trailing
     log.error("unexpected error: %s", "".join(traceback.format_exception(exc)))
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the service log", ()

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -19,7 +18,6 @@ import grpc
 
 from aios.client import SyscallError, open_channel, resolve, syscall_error
 from aios.syscalls import (
-    KERNEL_BACK_S,
     Completion,
     Messages,
     ResumableStream,
@@ -112,11 +110,9 @@ class Agent(SyscallMethods):
     async def generate(self, prompt: str = "", messages: Messages = (), *, timeout: float | None = None,
                        **options: Any) -> AsyncIterator[llm_core_pb2.GenerateChunk]:
         """Streams chunks as tokens are generated (options as aios.Agent.generate)."""
-        generation = ResumableStream(generate_request(prompt, messages, **options))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        generation = ResumableStream(generate_request(prompt, messages, **options), timeout)
         while True:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            call = self.kernel.stub.Generate(generation.request, timeout=remaining, metadata=self._metadata)
+            call = self.kernel.stub.Generate(generation.request, timeout=generation.remaining(), metadata=self._metadata)
             try:
                 async for chunk in call:
                     if generation.fresh(chunk):
@@ -128,7 +124,7 @@ class Agent(SyscallMethods):
             finally:
                 call.cancel()
             try:  # the kernel went away mid-stream: continue once it is back
-                await asyncio.wait_for(self.kernel.channel.channel_ready(), KERNEL_BACK_S)
+                await asyncio.wait_for(self.kernel.channel.channel_ready(), generation.back_within())
             except asyncio.TimeoutError:
                 pass  # the next attempt fails with UNAVAILABLE and says so
 

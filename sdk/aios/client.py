@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
 from aios.syscalls import (
-    KERNEL_BACK_S,
     Completion,
     Messages,
     ResumableStream,
@@ -149,6 +147,9 @@ SYSCALL_RETRY_POLICY = {"methodConfig": [{
     "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"]},
 }]}
+# gRPC's pushback trailer: -1 tells a client's retry policy not to retry. A service sends it with every UNAVAILABLE
+# it answers itself (it already retried what it depends on); the retry policies are for a service that is gone.
+NO_RETRY_PUSHBACK = ("grpc-retry-pushback-ms", "-1")
 MESSAGE_LIMIT_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -251,11 +252,9 @@ class Agent(SyscallMethods):
         json_schema (the output is JSON valid under it); with `messages`, `history_turns` replays the agent's newest
         turns from memory before them and `remember` stores them and the reply as turns; `whole`: one chunk at the
         end."""
-        generation = ResumableStream(generate_request(prompt, messages, **options))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        generation = ResumableStream(generate_request(prompt, messages, **options), timeout)
         while True:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            stream = self.kernel.stub.Generate(generation.request, timeout=remaining, metadata=self._metadata)
+            stream = self.kernel.stub.Generate(generation.request, timeout=generation.remaining(), metadata=self._metadata)
             try:
                 for chunk in stream:
                     if generation.fresh(chunk):
@@ -266,10 +265,11 @@ class Agent(SyscallMethods):
                     raise syscall_error(exc) from None
             finally:
                 stream.cancel()
+            back = grpc.channel_ready_future(self.kernel.channel)
             try:  # the kernel went away mid-stream: continue once it is back
-                grpc.channel_ready_future(self.kernel.channel).result(timeout=KERNEL_BACK_S)
+                back.result(timeout=generation.back_within())
             except grpc.FutureTimeoutError:
-                pass  # the next attempt fails with UNAVAILABLE and says so
+                back.cancel()  # the next attempt fails with UNAVAILABLE and says so
 
     def complete(self, prompt: str = "", messages: Messages = (), **options: Any) -> Completion:
         """Runs a generation to the end and returns the whole text (sent by the kernel in one message)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -88,10 +89,20 @@ class ResumableStream:
     (the kernel restarted) the SDK asks again with them (KernelGenerateRequest.received_token_ids) and the
     agent sees each token once, by its index."""
 
-    def __init__(self, request: kernel_pb2.KernelGenerateRequest) -> None:
+    def __init__(self, request: kernel_pb2.KernelGenerateRequest, timeout: float | None) -> None:
         self.request = request
         self.received: list[int] = []
         self.resumes = 0
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """The timeout of the next attempt: what is left of the caller's."""
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def back_within(self) -> float:
+        """How long to wait for the kernel to be back before the next attempt."""
+        left = self.remaining()
+        return KERNEL_BACK_S if left is None else min(KERNEL_BACK_S, left)
 
     def fresh(self, chunk: llm_core_pb2.GenerateChunk) -> bool:
         """Whether to hand `chunk` to the agent (False: a token it already has)."""
@@ -104,7 +115,9 @@ class ResumableStream:
     def may_resume(self, error: grpc.RpcError) -> bool:
         """After the stream broke with `error`: whether to send the request again (then updated to go on). Only
         when the kernel itself went away: an UNAVAILABLE it answered (pushback -1) is final."""
-        said_so = ("grpc-retry-pushback-ms", "-1") in tuple(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+        from aios.client import NO_RETRY_PUSHBACK  # aios.client imports this module
+
+        said_so = NO_RETRY_PUSHBACK in tuple(error.trailing_metadata() or ())  # type: ignore[attr-defined]
         if (error.code() != grpc.StatusCode.UNAVAILABLE or said_so  # type: ignore[attr-defined]
                 or self.request.remember or self.resumes >= MAX_STREAM_RESUMES):
             return False

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aios.client import CHANNEL_OPTIONS, open_channel, syscall_error
+from aios.client import open_channel, syscall_error
 from aios.v1 import kernel_pb2, kernel_pb2_grpc
 from services.credentials import bearer_metadata
 from services.gateway.openai_api import (
@@ -42,7 +42,7 @@ class KernelDoor:
     """The gateway's channel to the kernel; every call carries the caller's own token."""
 
     def __init__(self, address: str, root_certificates: bytes | None = None, server_name: str | None = None) -> None:
-        self.channel = open_channel(address, root_certificates, server_name, CHANNEL_OPTIONS, aio=True)
+        self.channel = open_channel(address, root_certificates, server_name, aio=True)
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
 
     async def healthy(self) -> bool:

@@ -65,11 +65,11 @@ class LLMCore:
             # The format's stops the caller did not ask for itself: reaching one is the model ending its turn.
             turn_end = tuple(s for s in self.format.stop if s not in sampling.stop)
             sampling = dataclasses.replace(sampling, stop=sampling.stop + self.format.stop, turn_end=turn_end)
-        seq = Sequence(request.request_id or f"gen-{next(self._ids)}", request.agent_id, tokens, sampling, emit,
-                       constraint=self.model.constraint(sampling.grammar))
         if any(not 0 <= t < self.model.n_vocab for t in request.replay) or len(request.replay) > sampling.max_tokens:
             raise InvalidArgument(f"replay_token_ids must be at most max_tokens ids of this model's vocabulary "
                                   f"(0..{self.model.n_vocab - 1})")
+        seq = Sequence(request.request_id or f"gen-{next(self._ids)}", request.agent_id, tokens, sampling, emit,
+                       constraint=self.model.constraint(sampling.grammar))
         seq.replay.extend(request.replay)
         self.engine.submit(seq)
         return seq

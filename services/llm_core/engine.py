@@ -813,6 +813,8 @@ class BatchEngine:
         for seq in active:
             seq.kv_ready = True
         for seq, index in outputs:
+            if seq.status.ended:  # failed by an earlier output of this step
+                continue
             try:
                 token = seq.sampler.sample(self.model.logits_view(self.ctx, index))
             except AiosError as exc:  # this sequence's grammar is stuck: fail it alone

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS requests (  -- adds that carried a request id, so tha
     entry_id INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS requests_by_age ON requests (created_at);
 """
 # How long an add's request id is remembered: a retry later than this adds again.
 REQUEST_ID_TTL_S = 24 * 3600

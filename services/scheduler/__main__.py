@@ -59,7 +59,7 @@ def build(args: argparse.Namespace) -> Service:
         grpc_services=["aios.v1.Kernel"],
         register=lambda server: kernel_pb2_grpc.add_KernelServicer_to_server(servicer, server),
         probes=[redis_ok],
-        on_start=kernel.start,
+        on_start=lambda: kernel.start(reclaim=not args.no_reclaim),
         on_stop=kernel.close,
         server_credentials=tls_server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None,
     )
@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--policy", default="fifo", choices=sorted(POLICIES))
     parser.add_argument("--slice-tokens", type=int, default=32,
                         help="round robin / fair share: tokens a generation runs before it may be preempted")
+    parser.add_argument("--no-reclaim", action="store_true",
+                        help="do not reset the LLM core at start (a kernel beside another on the same cores)")
     parser.add_argument("--llm-slots", type=int, default=16, help="LLM syscalls dispatched at once (= core slots)")
     parser.add_argument("--manager-concurrency", type=int, default=16, help="calls in flight per other manager")
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (chain)")

@@ -26,6 +26,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.credentials import AGENT_TOKEN_PREFIX, Metadata, bearer_token, new_secret, same_secret, token_hash
@@ -264,6 +265,8 @@ class AgentRegistry:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if time.monotonic() >= give_up:
                     raise Unavailable(f"cannot {what}: Redis is unreachable ({exc})") from None
+            except RedisError as exc:  # Redis answered, but refused (out of memory, read-only): no use waiting
+                raise Unavailable(f"cannot {what}: Redis refused ({exc})") from None
             await asyncio.sleep(REDIS_RETRY_S)  # polling: a restarting Redis announces nothing
 
     # ---- lookups -----------------------------------------------------------------------

@@ -124,7 +124,8 @@ def _remaining(deadline: float | None) -> float | None:
         return None
     left = deadline - time.monotonic()
     if left <= 0:
-        raise DeadlineExceeded("the caller's deadline passed while its generation was preempted")
+        raise DeadlineExceeded("the caller's deadline passed while the syscall waited (preempted, or its manager "
+                               "restarting)")
     return left
 
 
@@ -364,10 +365,12 @@ class Kernel:
         for role, text in turns:
             await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id=agent.id, text=text, role=role), timeout)
 
-    async def start(self) -> None:
-        """Starts the journal of syscall records and reclaims what an earlier kernel left in the LLM core."""
+    async def start(self, reclaim: bool = True) -> None:
+        """Starts the journal of syscall records and (unless another kernel shares the cores) reclaims what an
+        earlier kernel left in the LLM core."""
         self.journal.start()
-        await self.reclaim()
+        if reclaim:
+            await self.reclaim()
 
     async def reclaim(self) -> None:
         """Frees what a kernel before this one left in the LLM core (parked sequences, snapshots), which nothing

@@ -22,10 +22,9 @@ import json
 import threading
 import time
 import unicodedata
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 from services.durable_sqlite import connect_durable, fts_query, transaction
 from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, require
@@ -89,11 +88,6 @@ class RecordInfo:
     deleted: bool = False
     restored_from: int = 0
     owner: str = ""
-
-
-@dataclass
-class _Once:
-    reply: RecordInfo | None = None  # a repeated request's earlier reply, else this call's once it is made
 
 
 @dataclass
@@ -206,53 +200,48 @@ class RecordStore:
         if len(data) > self.max_record_bytes:
             raise ResourceExhausted(f"record is {len(data)} bytes; the limit is {self.max_record_bytes} bytes per record")
         owner = owner or agent_id
-        with self._lock, transaction(self._db), self._once(agent_id, request_id) as once:
-            if once.reply is None:
-                self._check_access(agent_id, owner, key, Access.READ_WRITE)
-                once.reply = self._add_version(owner, key, data, dict(metadata or {}), deleted=False, restored_from=None)
-        return once.reply
+        def write() -> RecordInfo:
+            self._check_access(agent_id, owner, key, Access.READ_WRITE)
+            return self._add_version(owner, key, data, dict(metadata or {}), deleted=False, restored_from=None)
+
+        return self._once(agent_id, request_id, write)
 
     def rollback(self, agent_id: str, key: str, version: int, owner: str = "", request_id: str = "") -> RecordInfo:
         """Makes `version`'s content the newest again, as a new version (once per `request_id`)."""
         validate_key(key)
         require(0 < version <= MAX_VERSION, "version must be a positive version number (see the record's history)")
         owner = owner or agent_id
-        with self._lock, transaction(self._db), self._once(agent_id, request_id) as once:
-            if once.reply is None:
-                self._check_access(agent_id, owner, key, Access.READ_WRITE)
-                data, metadata, deleted = self._version(owner, key, version)
-                once.reply = self._add_version(owner, key, data, json.loads(metadata), deleted=bool(deleted),
-                                               restored_from=version)
-        return once.reply
+        def roll_back() -> RecordInfo:
+            self._check_access(agent_id, owner, key, Access.READ_WRITE)
+            data, metadata, deleted = self._version(owner, key, version)
+            return self._add_version(owner, key, data, json.loads(metadata), deleted=bool(deleted),
+                                     restored_from=version)
+
+        return self._once(agent_id, request_id, roll_back)
 
     def delete(self, agent_id: str, key: str, purge: bool = False, owner: str = "", request_id: str = "") -> RecordInfo:
         """Adds a tombstone (the history stays), or with `purge` erases every version (once per `request_id`)."""
         validate_key(key)
         owner = owner or agent_id
-        with self._lock, transaction(self._db), self._once(agent_id, request_id) as once:
-            if once.reply is None:
-                once.reply = self._delete(agent_id, owner, key, purge)
-        return once.reply
+        return self._once(agent_id, request_id, lambda: self._delete(agent_id, owner, key, purge))
 
-    @contextmanager
-    def _once(self, agent_id: str, request_id: str) -> Iterator["_Once"]:
-        """Inside a write's transaction: the reply a call with this request id got before (if any), and the
-        reply of this one remembered with it, in the same transaction, so a retry never writes twice."""
-        once = _Once()
-        if request_id:
-            require(len(request_id) <= 128, "request_id is at most 128 characters")
-            row = self._db.execute("SELECT reply FROM requests WHERE agent_id=? AND request_id=?",
-                                   (agent_id, request_id)).fetchone()
-            if row is not None:
-                once.reply = RecordInfo(**json.loads(row[0]))
-                yield once
-                return
-        yield once
-        if request_id and once.reply is not None:
-            now = time.time()
-            self._db.execute("INSERT INTO requests VALUES (?, ?, ?, ?)",
-                             (agent_id, request_id, json.dumps(dataclasses.asdict(once.reply)), now))
-            self._db.execute("DELETE FROM requests WHERE created_at < ?", (now - REQUEST_ID_TTL_S,))
+    def _once(self, agent_id: str, request_id: str, write: Callable[[], RecordInfo]) -> RecordInfo:
+        """`write()` in a transaction, once per request id: a repeat answers the reply remembered with the first,
+        in the same transaction, so a retry never writes twice."""
+        require(len(request_id) <= 128, "request_id is at most 128 characters")
+        with self._lock, transaction(self._db):
+            if request_id:
+                row = self._db.execute("SELECT reply FROM requests WHERE agent_id=? AND request_id=?",
+                                       (agent_id, request_id)).fetchone()
+                if row is not None:
+                    return RecordInfo(**json.loads(row[0]))
+            reply = write()
+            if request_id:
+                now = time.time()
+                self._db.execute("INSERT INTO requests VALUES (?, ?, ?, ?)",
+                                 (agent_id, request_id, json.dumps(dataclasses.asdict(reply)), now))
+                self._db.execute("DELETE FROM requests WHERE created_at < ?", (now - REQUEST_ID_TTL_S,))
+            return reply
 
     def _delete(self, agent_id: str, owner: str, key: str, purge: bool) -> RecordInfo:
         self._check_access(agent_id, owner, key, Access.READ_WRITE)

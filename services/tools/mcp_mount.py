@@ -68,18 +68,22 @@ class McpConnection:
         ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._serve(ready))
         tools = await ready
-        names = []
-        for tool in tools:
-            name = f"{self.spec.name}__{tool.name}"
-            registry.register(Tool(
-                name=name,
-                description=tool.description or f"{tool.name} from MCP server {self.spec.name}",
-                parameters=tool.input_schema or {"type": "object"},
-                function=self._caller(tool.name),
-                concurrency=self.concurrency,
-                source=f"mcp:{self.spec.name}",
-            ))
-            names.append(name)
+        names: list[str] = []
+        try:
+            for tool in tools:
+                name = f"{self.spec.name}__{tool.name}"
+                registry.register(Tool(
+                    name=name,
+                    description=tool.description or f"{tool.name} from MCP server {self.spec.name}",
+                    parameters=tool.input_schema or {"type": "object"},
+                    function=self._caller(tool.name),
+                    concurrency=self.concurrency,
+                    source=f"mcp:{self.spec.name}",
+                ))
+                names.append(name)
+        except BaseException:  # a duplicate or invalid tool: none of this server's tools stays registered
+            registry.unregister(names)
+            raise
         log.info("mounted MCP server %s (%s): %s", self.spec.name, " ".join(self.spec.command), ", ".join(names))
         return names
 
@@ -180,7 +184,7 @@ class McpMounts:
         await connection.close()
         cgroup = self.cgroups.pop(name, None)
         if cgroup is not None:
-            cgroup.remove()
+            await asyncio.to_thread(cgroup.remove)
 
     async def unmount(self, name: str) -> list[str]:
         connection = self.connections.pop(name, None)

@@ -186,7 +186,7 @@ class Sandbox:
             shutil.rmtree(workdir, ignore_errors=True)
             out_of_memory = cgroup is not None and cgroup.ran_out_of_memory()
             if cgroup is not None:
-                cgroup.remove()
+                await asyncio.to_thread(cgroup.remove)  # it may wait for processes to leave
         if out_of_memory:  # even if only a child was killed: the agent learns which limit it met
             raise ResourceExhausted(f"the code used all {self.limits.memory_bytes >> 20} MB of memory its run may use "
                                     "(all its processes together) and was killed")

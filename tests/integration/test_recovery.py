@@ -17,7 +17,7 @@ import pytest
 import aios
 from aios.syscalls import syscall_request
 from aios.v1 import common_pb2, memory_pb2
-from deploy.cluster import SERVICE_ORDER, Cluster, ClusterConfig, process_alive
+from deploy.cluster import Cluster, ClusterConfig, process_alive
 from deploy.supervisor import RestartPolicy, Supervisor, supervising
 from tests.integration.waiting import wait_until
 
@@ -31,7 +31,7 @@ def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clust
     config = ClusterConfig(home=tmp_path_factory.mktemp("aios-recovery"), slots=2, policy="rr", slice_tokens=8)
     with Cluster(config) as cluster:
         said: list[str] = []
-        names = [n for n in ("redis", *SERVICE_ORDER) if n in cluster.processes]
+        names = list(cluster.processes)  # in start order
         supervisor = Supervisor(cluster, names, RestartPolicy(first_delay_s=0.1), say=said.append)
         with supervising(supervisor):
             yield cluster, supervisor, said
@@ -149,7 +149,7 @@ def test_a_hot_standby_core_takes_over_and_the_stream_goes_on_token_identical(tm
     config = ClusterConfig(home=tmp_path, slots=2, standby=("llm_core",), standby_after_s=0.0)
     with Cluster(config) as cluster, cluster.connect() as kernel:
         said: list[str] = []
-        names = [n for n in ("redis", *SERVICE_ORDER) if n in cluster.processes]
+        names = list(cluster.processes)  # in start order
         supervisor = Supervisor(cluster, names, RestartPolicy(first_delay_s=0.1), say=said.append,
                                 on_change=lambda: cluster.write_endpoints(None, supervisor.as_json()))
         with supervising(supervisor):
