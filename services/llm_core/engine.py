@@ -813,7 +813,7 @@ class BatchEngine:
         for seq in active:
             seq.kv_ready = True
         for seq, index in outputs:
-            if seq.status.ended:  # failed by an earlier output of this step
+            if seq.status is SequenceStatus.FAILED:  # failed by an earlier output of this step
                 continue
             try:
                 token = seq.sampler.sample(self.model.logits_view(self.ctx, index))
