@@ -4,8 +4,11 @@ One AIOS (16 slots) under the supervisor of `aios up`; 16 agents each stream a
 generation; once every stream has its first 16 tokens the core gets SIGKILL.
 Measured per trial: the core's restart (process start and model load, as the
 supervisor sees it), and for each stream the time from the kill to its first
-token after the core's return (the kernel rebuilt it by replay; tokens in flight at the kill do not count). Every stream must come out
-whole (token indexes 1..N, no gap, no repeat); the bench fails loudly if not.
+token after the core's return (the kernel rebuilt it by replay; tokens in flight at the kill do not count). Three
+ways back: exact replay for all (`--replay exact`), the default (`--replay auto`: these 16 streams were not decoding
+alone, so the core prefills their delivered tokens in a batch), and the default with a hot standby core
+(`--llm-standby`). Every stream must come out whole (token indexes 1..N, no gap, no repeat); the bench fails loudly
+if not.
 """
 
 from __future__ import annotations
@@ -75,10 +78,9 @@ def trial(cluster: Cluster, supervisor: Supervisor, kernel: Any) -> dict[str, fl
 
 def run_recovery_bench(say: Callable[[str], None], trials: int = 2) -> dict[str, Any]:
     result: dict[str, Any] = {"agents": AGENTS, "tokens": TOKENS, "kill_after_tokens": KILL_AFTER}
-    # The standby mode pairs the hot standby with batched replay (the fastest way back); its next standby starts
-    # loading 20 s after a promotion, not during the recovery it would slow down.
-    for mode, extra, standby in (("replay", [], ()), ("batched_replay", ["--batched-replay"], ()),
-                                 ("standby", ["--batched-replay"], ("llm_core",))):
+    # The next standby starts loading 20 s after a promotion, not during the recovery it would slow down.
+    for mode, extra, standby in (("exact", ["--replay", "exact"], ()), ("auto", [], ()),
+                                 ("standby", [], ("llm_core",))):
         with tempfile.TemporaryDirectory(prefix="aios-bench-recovery-") as home:
             say(f"recovery ({mode}): {AGENTS} agents streaming, kill -9 of the LLM core after {KILL_AFTER} tokens "
                 f"each, {trials} trials ...")
@@ -104,8 +106,9 @@ def run_recovery_bench(say: Callable[[str], None], trials: int = 2) -> dict[str,
 def replay_against_reprefill(say: Callable[[str], None], cut_points: tuple[int, ...] = (8, 24, 48),
                              tokens: int = 64) -> dict[str, Any]:
     """Three ways to rebuild a generation whose core died, in-process, each sequence decoding alone: replay (the
-    delivered tokens fed back one decode step each: what AIOS does by default), batched replay (`--batched-replay`:
-    they ride along with the prompt's prefill, the sampler still stepping through each) and plain re-prefill
+    delivered tokens fed back one decode step each: what AIOS does for a generation that decoded alone), batched
+    replay (`--replay batched`, and `auto` for one that did not: they ride along with the prompt's prefill, the
+    sampler still stepping through each) and plain re-prefill
     (prompt and delivered tokens as one longer prompt). How often is the continuation the fault-free one, and how
     long until the first new token?"""
     import queue
@@ -118,7 +121,8 @@ def replay_against_reprefill(say: Callable[[str], None], cut_points: tuple[int, 
     say(f"recovery: replay vs batched replay vs re-prefill, {len(prompts)} prompts x cut after {cut_points} tokens ...")
     model = LlamaModel(default_model_path())
     engines = {batched: BatchEngine(model, EngineConfig(slots=2, resident=4, max_sequence_tokens=512,
-                                                        batched_replay=batched), swap_out=lambda s: None)
+                                                        replay="batched" if batched else "exact"),
+                                    swap_out=lambda s: None)
                for batched in (False, True)}
     for engine in engines.values():
         engine.start()
@@ -164,10 +168,11 @@ def replay_against_reprefill(say: Callable[[str], None], cut_points: tuple[int, 
 
 def recovery_table(result: dict[str, Any]) -> str:
     lines = [f"recovery from kill -9 of the LLM core, {result['agents']} agents streaming (medians of "
-             f"{len(result['replay']['trials'])} trials):"]
-    for mode in ("replay", "batched_replay", "standby"):
+             f"{len(result['auto']['trials'])} trials):"]
+    for mode in ("exact", "auto", "standby"):
         r = result[mode]
-        lines.append(f"  {mode if mode != 'standby' else 'standby+batched':<15} core serving again {r['core_back_s']:.2f} s after the kill; first token after "
+        label = {"exact": "exact replay", "auto": "default (auto)", "standby": "default+standby"}[mode]
+        lines.append(f"  {label:<16} core serving again {r['core_back_s']:.2f} s after the kill; first token after "
                      f"the kill: first stream {r['first_token_after_kill_s_min']:.2f} s, "
                      f"p50 {r['first_token_after_kill_s_p50']:.2f} s, last {r['first_token_after_kill_s_max']:.2f} s")
     r = result["replay_vs_reprefill"]

@@ -25,12 +25,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aios.client import MESSAGE_LIMIT_BYTES, NO_RETRY_PUSHBACK
+from aios.client import MESSAGE_LIMIT_BYTES, NO_RETRY_PUSHBACK, retry_pushback
 from services.credentials import ClusterSecretCheck, Metadata, read_secret
 from services.errors import AiosError
 
 log = logging.getLogger("aios.server")
 
+# On SIGTERM, calls still running after this long (after on_drain) are cancelled.
+STOP_GRACE_S = 3.0
 # Health probes run this often; a failing probe turns the service NOT_SERVING.
 HEALTH_PERIOD_S = 2.0
 # Trailing metadata key of the hint sent with RESOURCE_EXHAUSTED: seconds until a retry may succeed.
@@ -42,8 +44,8 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     if isinstance(exc, AiosError):
         trailing = () if exc.retry_after is None else ((RETRY_AFTER, f"{exc.retry_after:.3f}"),)
-        if exc.code == grpc.StatusCode.UNAVAILABLE:
-            trailing += (NO_RETRY_PUSHBACK,)
+        if exc.code == grpc.StatusCode.UNAVAILABLE:  # retry when it says (the kernel stopping), else never
+            trailing += (NO_RETRY_PUSHBACK if exc.retry_after is None else retry_pushback(exc.retry_after),)
         return exc.code, exc.message, trailing
     log.error("unexpected error: %s", "".join(traceback.format_exception(exc)))
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the service log", ()
@@ -169,6 +171,8 @@ class Service:
     probes: list[HealthProbe] = field(default_factory=list)
     # Awaited once in the server's event loop before it serves (connect to what it depends on).
     on_start: Callable[[], Awaitable[None]] | None = None
+    # Awaited once on SIGTERM, before the server stops taking calls (the kernel suspends its generations).
+    on_drain: Callable[[], Awaitable[None]] | None = None
     # Called once after the server stopped (release models, files, threads).
     on_stop: Callable[[], Awaitable[None] | None] | None = None
     # Checks every call's metadata (raises Unauthenticated); managers check the cluster secret.
@@ -277,7 +281,9 @@ async def serve(service: Service, host: str, port: int, ready_file: Path | None 
     log.info("%s stopping", service.name)
     watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=2.0)
+    if service.on_drain is not None:
+        await service.on_drain()
+    await server.stop(grace=STOP_GRACE_S)
     if service.on_stop is not None:
         result = service.on_stop()
         if asyncio.iscoroutine(result):

@@ -119,10 +119,13 @@ class Agent(SyscallMethods):
                         yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
-                if not generation.may_resume(exc):
+                generation.opened(await call.initial_metadata())
+                wait = generation.retry_after(exc)
+                if wait is None:
                     raise syscall_error(exc) from None
             finally:
                 call.cancel()
+            await asyncio.sleep(wait)  # the kernel's pushback: it is stopping, and said when to ask again
             try:  # the kernel went away mid-stream: continue once it is back
                 await asyncio.wait_for(self.kernel.channel.channel_ready(), generation.back_within())
             except asyncio.TimeoutError:

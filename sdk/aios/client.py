@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -149,7 +150,14 @@ SYSCALL_RETRY_POLICY = {"methodConfig": [{
 }]}
 # gRPC's pushback trailer: -1 tells a client's retry policy not to retry. A service sends it with every UNAVAILABLE
 # it answers itself (it already retried what it depends on); the retry policies are for a service that is gone.
-NO_RETRY_PUSHBACK = ("grpc-retry-pushback-ms", "-1")
+# The one exception is a kernel that is stopping (`aios down`): it refuses new syscalls and suspends generations
+# with a pushback in milliseconds, after which the SDKs try again (and find the kernel restarted, or wait for it).
+PUSHBACK = "grpc-retry-pushback-ms"
+NO_RETRY_PUSHBACK = (PUSHBACK, "-1")
+
+
+def retry_pushback(seconds: float) -> tuple[str, str]:
+    return PUSHBACK, str(max(1, round(seconds * 1000)))
 MESSAGE_LIMIT_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -261,10 +269,13 @@ class Agent(SyscallMethods):
                         yield chunk
                 return
             except grpc.RpcError as exc:
-                if not generation.may_resume(exc):
+                generation.opened(stream.initial_metadata())
+                wait = generation.retry_after(exc)
+                if wait is None:
                     raise syscall_error(exc) from None
             finally:
                 stream.cancel()
+            time.sleep(wait)  # the kernel's pushback: it is stopping, and said when to ask again
             back = grpc.channel_ready_future(self.kernel.channel)
             try:  # the kernel went away mid-stream: continue once it is back
                 back.result(timeout=generation.back_within())

@@ -78,22 +78,27 @@ def generate_request(
     )
 
 
-# A generation whose stream broke with UNAVAILABLE (the kernel restarted) is continued this many times at most,
-# each after waiting up to KERNEL_BACK_S for the kernel to accept connections again.
+# A generation whose stream broke with UNAVAILABLE because the kernel went away is continued this many times at
+# most; the SDK waits up to KERNEL_BACK_S (from the break, or the last chunk since) for the kernel to be back.
 MAX_STREAM_RESUMES = 3
 KERNEL_BACK_S = 60.0
+# Initial metadata of a kernel Generate stream: the syscall id, sent before any chunk (a `whole` generation sends
+# its only chunk at the end), so that a stream that breaks early can still be continued by its id.
+SYSCALL_ID_METADATA = "aios-syscall-id"
 
 
 class ResumableStream:
-    """One generation as the SDK streams it: the tokens received so far, so that if the stream breaks
-    (the kernel restarted) the SDK asks again with them (KernelGenerateRequest.received_token_ids) and the
-    agent sees each token once, by its index."""
+    """One generation as the SDK streams it: its syscall id and the tokens received so far, so that if the stream
+    breaks (the kernel restarted, or was stopped and suspended it) the SDK asks again with them
+    (KernelGenerateRequest.resume_syscall_id and received_token_ids) and the agent sees each token once, by its
+    index."""
 
     def __init__(self, request: kernel_pb2.KernelGenerateRequest, timeout: float | None) -> None:
         self.request = request
         self.received: list[int] = []
         self.resumes = 0
         self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._broken_since: float | None = None
 
     def remaining(self) -> float | None:
         """The timeout of the next attempt: what is left of the caller's."""
@@ -104,27 +109,45 @@ class ResumableStream:
         left = self.remaining()
         return KERNEL_BACK_S if left is None else min(KERNEL_BACK_S, left)
 
+    def opened(self, metadata: Any) -> None:
+        """Notes the syscall id from the stream's initial metadata (absent if it broke before the kernel sent it)."""
+        syscall_id = dict(metadata or ()).get(SYSCALL_ID_METADATA)
+        if syscall_id:
+            self.request.resume_syscall_id = syscall_id
+
     def fresh(self, chunk: llm_core_pb2.GenerateChunk) -> bool:
         """Whether to hand `chunk` to the agent (False: a token it already has)."""
+        self._broken_since = None
         if chunk.HasField("token_id"):
             if chunk.completion_tokens <= len(self.received):
                 return False
             self.received.append(chunk.token_id)
         return True
 
-    def may_resume(self, error: grpc.RpcError) -> bool:
-        """After the stream broke with `error`: whether to send the request again (then updated to go on). Only
-        when the kernel itself went away: an UNAVAILABLE it answered (pushback -1) is final."""
-        from aios.client import NO_RETRY_PUSHBACK  # aios.client imports this module
+    def retry_after(self, error: grpc.RpcError) -> float | None:
+        """After the stream broke with `error`: None to give up (raise it), else the seconds to wait before sending
+        the request again, updated to go on from the next token. An UNAVAILABLE the kernel answered with pushback -1
+        is final; with a positive pushback (it is stopping: `aios down`) the SDK waits that long and tries again,
+        for up to KERNEL_BACK_S; with none (the kernel went away) it tries again at once, MAX_STREAM_RESUMES
+        times at most (the caller then waits for the channel to be ready)."""
+        from aios.client import PUSHBACK  # aios.client imports this module
 
-        said_so = NO_RETRY_PUSHBACK in tuple(error.trailing_metadata() or ())  # type: ignore[attr-defined]
-        if (error.code() != grpc.StatusCode.UNAVAILABLE or said_so  # type: ignore[attr-defined]
-                or self.request.remember or self.resumes >= MAX_STREAM_RESUMES):
-            return False
-        self.resumes += 1
+        pushback = dict(error.trailing_metadata() or ()).get(PUSHBACK)  # type: ignore[attr-defined]
+        if error.code() != grpc.StatusCode.UNAVAILABLE or pushback == "-1" or self.request.remember:  # type: ignore[attr-defined]
+            return None
+        now = time.monotonic()
+        self._broken_since = self._broken_since or now
+        if now - self._broken_since > KERNEL_BACK_S:
+            return None
+        if pushback is None:
+            if self.resumes >= MAX_STREAM_RESUMES:
+                return None
+            self.resumes += 1
         del self.request.received_token_ids[:]
         self.request.received_token_ids.extend(self.received)
-        return True
+        wait = int(pushback) / 1000 if pushback and pushback.isdigit() else 0.0
+        left = self.remaining()
+        return wait if left is None else min(wait, left)
 
 
 def completion_of(last: llm_core_pb2.GenerateChunk) -> Completion:

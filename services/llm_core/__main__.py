@@ -8,7 +8,7 @@ from pathlib import Path
 from aios.v1 import llm_core_pb2_grpc
 from services import redis_state
 from services.llm_core.core import LLMCore
-from services.llm_core.engine import BatchEngine, EngineConfig
+from services.llm_core.engine import REPLAY_MODES, BatchEngine, EngineConfig
 from services.llm_core.model import LlamaModel, default_model_path
 from services.llm_core.prompt import FORMATS
 from services.llm_core.servicer import LLMCoreServicer
@@ -28,7 +28,7 @@ def build(args: argparse.Namespace) -> Service:
             max_sequence_tokens=args.max_sequence_tokens,
             n_batch=args.n_batch,
             prefix_cache=not args.no_prefix_cache,
-            batched_replay=args.batched_replay,
+            replay=args.replay,
         ),
         swap_out=snapshots.put,
     )
@@ -69,9 +69,10 @@ def main() -> None:
                         help="KV cells per resident sequence (prompt + generated)")
     parser.add_argument("--snapshot-ttl", type=float, default=600.0, help="seconds a snapshot lives in Redis")
     parser.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
-    parser.add_argument("--batched-replay", action="store_true",
-                        help="rebuild a generation after a fault by prefilling its delivered tokens in a batch "
-                             "(fast) instead of one decode step each (the KV exactly as the first run had it)")
+    parser.add_argument("--replay", default=defaults.replay, choices=REPLAY_MODES,
+                        help="how a generation is rebuilt after a fault: its delivered tokens fed back one decode "
+                             "step each (exact: the KV as the first run had it), prefilled in a batch (batched: "
+                             "fast), or batched when the kernel says the generation was not decoding alone (auto)")
     parser.add_argument("--n-batch", type=int, default=defaults.n_batch, help="most tokens per decode step")
     parser.add_argument("--prompt-format", default="transcript", choices=sorted(FORMATS),
                         help="how chat messages become a prompt (transcript suits base models)")

@@ -23,6 +23,7 @@ class GenerationRequest:
     request_id: str = ""
     agent_id: str = ""
     replay: tuple[int, ...] = ()  # tokens already delivered by a core that died (GenerateRequest.replay_token_ids)
+    replay_in_batch: bool = False  # GenerateRequest.replay_in_batch
 
 
 class LLMCore:
@@ -71,6 +72,7 @@ class LLMCore:
         seq = Sequence(request.request_id or f"gen-{next(self._ids)}", request.agent_id, tokens, sampling, emit,
                        constraint=self.model.constraint(sampling.grammar))
         seq.replay.extend(request.replay)
+        seq.replay_in_batch = request.replay_in_batch
         self.engine.submit(seq)
         return seq
 
@@ -100,10 +102,10 @@ class LLMCore:
         self.snapshots.take(request_id, agent_id)  # ownership check; NOT_FOUND when already gone
         return self.snapshots.forget(request_id)
 
-    def reset(self) -> tuple[int, int]:
-        """Forgets every parked generation and snapshot (a new kernel starts); returns how many of each.
-        Blocks on Redis."""
-        return self.engine.discard_all_parked(), self.snapshots.forget_all()
+    def reset(self, keep: set[str]) -> tuple[int, int]:
+        """Forgets every parked generation and every snapshot but those of the syscalls in `keep` (a new kernel
+        starts); returns how many of each. Blocks on Redis."""
+        return self.engine.discard_all_parked(), self.snapshots.forget_all(keep)
 
     def cancel(self, seq: Sequence) -> None:
         self.engine.cancel(seq)

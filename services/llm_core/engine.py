@@ -135,6 +135,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     constraint: GrammarConstraint | None = None  # the output grammar's state, if the sampling has one
     replay: deque = field(default_factory=deque)  # delivered tokens to feed back first
+    replay_in_batch: bool = False  # may prefill them in a batch (EngineConfig.replay "auto")
     replay_divergences: int = 0
 
     def __post_init__(self) -> None:
@@ -165,9 +166,14 @@ class EngineConfig:
     prefill_chunk: int = 256
     prefix_cache: bool = True
     min_prefix_tokens: int = 32  # shorter shared prefixes are prefilled (a stream copy costs ~a few tokens)
-    # Rebuild a generation after a fault by prefilling its delivered tokens in a batch (fast) instead of one decode
-    # step each (exact: the KV the first run had). `make bench`'s recovery part measures both.
-    batched_replay: bool = False
+    # How to rebuild a generation after a fault (REPLAY_MODES): "exact" feeds its delivered tokens back one decode
+    # step each (the KV the first run had), "batched" prefills them in a batch (fast, batched numerics), "auto"
+    # batches those the kernel asks to (Sequence.replay_in_batch: they were not decoding alone, so their numerics
+    # depended on the batch anyway). `make bench`'s recovery part measures them.
+    replay: str = "auto"
+
+
+REPLAY_MODES = ("auto", "exact", "batched")
 
 
 @dataclass
@@ -446,6 +452,9 @@ class BatchEngine:
         self._thread.join(timeout=30)
         llama.llama_batch_free(self.batch)
         llama.llama_free(self.ctx)
+
+    def _replays_in_batch(self, seq: Sequence) -> bool:
+        return self.config.replay == "batched" or (self.config.replay == "auto" and seq.replay_in_batch)
 
     def check_invariants_locked(self) -> None:
         """Raises AssertionError unless the books balance: every seq_id has exactly one holder (a sequence in the
@@ -786,7 +795,7 @@ class BatchEngine:
                 seq.n_past += take
                 budget -= take
                 self.stats.prefill_tokens += take
-                if self.config.batched_replay and seq.replay and not seq.prefilling and budget > 0:
+                if seq.replay and not seq.prefilling and budget > 0 and self._replays_in_batch(seq):
                     # Tokens delivered before a fault ride along with the end of the prompt. A sampler that draws
                     # or a grammar needs each one's logits to step through it as before; greedy decoding does not
                     # (the LM head over the whole vocabulary is most of a token's cost). One decode step each (the

@@ -45,6 +45,7 @@ def request_from_proto(request: llm_core_pb2.GenerateRequest) -> GenerationReque
         request_id=request.syscall_id,
         agent_id=request.agent_id,
         replay=tuple(request.replay_token_ids),
+        replay_in_batch=request.replay_in_batch,
     )
 
 
@@ -123,7 +124,7 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
         return llm_core_pb2.DiscardResponse(discarded=discarded)
 
     async def Reset(self, request, context):
-        parked, snapshots = await asyncio.to_thread(self.core.reset)
+        parked, snapshots = await asyncio.to_thread(self.core.reset, set(request.keep_syscall_ids))
         return llm_core_pb2.ResetResponse(parked=parked, snapshots=snapshots)
 
     async def Info(self, request, context):

@@ -199,15 +199,16 @@ class KvSnapshotStore:
             removed = False
         return removed or local is not None
 
-    def forget_all(self) -> int:
-        """Drops every snapshot, local and in Redis; returns how many."""
+    def forget_all(self, keep: set[str] = frozenset()) -> int:
+        """Drops every snapshot, local and in Redis, but those of the request ids in `keep`; returns how many."""
         self.flush()
         with self._lock:
-            local = set(self._local)
-            self._local.clear()
-            self._local_bytes = 0
+            local = set(self._local) - keep
+            for request_id in local:
+                self._local_bytes -= self._local.pop(request_id).size
         try:
-            keys = list(self.redis.scan_iter(match=KEY_PREFIX + "*", count=1000))
+            kept = {snapshot_key(request_id).encode() for request_id in keep}
+            keys = [k for k in self.redis.scan_iter(match=KEY_PREFIX + "*", count=1000) if k not in kept]
             if keys:
                 self.redis.delete(*keys)
         except (RedisError, OSError) as exc:

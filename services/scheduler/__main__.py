@@ -15,6 +15,7 @@ from services.scheduler.kernel import Kernel, manager_clients
 from services.scheduler.policy import POLICIES, make_policy
 from services.scheduler.queues import ResourceQueue
 from services.scheduler.servicer import KernelServicer
+from services.scheduler.suspensions import SuspendedGenerations
 from services.scheduler.syscalls import Resource
 from services.server import Service, add_redis_argument, cluster_secret, common_arguments, redis_url, run
 
@@ -46,7 +47,8 @@ def build(args: argparse.Namespace) -> Service:
         default_quota=Quota(args.tokens_per_minute, args.concurrent_syscalls, args.tool_slots),
     )
     agents = AgentRegistry(redis, read_secret(args.operator_token_file), registration)
-    kernel = Kernel(agents, managers, queues, lambda: make_policy(args.policy, args.slice_tokens), RecordJournal(redis))
+    kernel = Kernel(agents, managers, queues, lambda: make_policy(args.policy, args.slice_tokens), RecordJournal(redis),
+                    SuspendedGenerations(redis))
     servicer = KernelServicer(kernel, args.registrations_per_second, args.registration_burst)
     if args.open_registration:
         log.warning("open registration is on: anyone who reaches %s:%s may register an agent", args.host, args.port)
@@ -60,6 +62,7 @@ def build(args: argparse.Namespace) -> Service:
         register=lambda server: kernel_pb2_grpc.add_KernelServicer_to_server(servicer, server),
         probes=[redis_ok],
         on_start=lambda: kernel.start(reclaim=not args.no_reclaim),
+        on_drain=kernel.drain,
         on_stop=kernel.close,
         server_credentials=tls_server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None,
     )

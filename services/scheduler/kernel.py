@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -37,6 +37,7 @@ from services.scheduler.journal import RecordJournal
 from services.scheduler.quotas import AgentUsage
 from services.scheduler.policy import SchedulingPolicy
 from services.scheduler.queues import ResourceQueue
+from services.scheduler.suspensions import SuspendedGenerations, Suspension
 from services.scheduler.syscalls import Resource, SyscallRecord, SyscallTable
 
 log = logging.getLogger("aios.kernel")
@@ -94,13 +95,21 @@ MAX_GENERATE_BYTES = 4 * 1024 * 1024
 MAX_RECOVERIES = 3  # times one generation is rebuilt after its core died, before the agent gets UNAVAILABLE
 CORE_RECOVERY_WAIT_S = 120.0  # how long a generation waits for its dead core to be restarted (model load included)
 CORE_POLL_S = 0.1  # how often a waiting call asks a restarting manager's health
+STOPPING = ("AIOS is stopping (`aios down`) and takes no syscalls; the SDKs ask again by themselves once it is back "
+            "(and continue a generation it suspended from where it stopped)")
+STOPPING_RETRY_S = 1.0  # the pushback sent with STOPPING
+DRAIN_S = 8.0  # how long a stopping kernel waits for its generations to be switched out of the core
+DRAIN_POLL_S = 0.05  # how often it asks again for those still prefilling or replaying (not switchable yet)
 
 
-def _replaying(first: llm_core_pb2.GenerateRequest, delivered: list[int]) -> llm_core_pb2.GenerateRequest:
-    """The generation `first` to rebuild on a core: the same request, with the tokens already delivered."""
+def _replaying(first: llm_core_pb2.GenerateRequest, delivered: list[int], in_batch: bool = False
+               ) -> llm_core_pb2.GenerateRequest:
+    """The generation `first` to rebuild on a core: the same request, with the tokens already delivered (which
+    the core may prefill `in_batch` when the generation was not decoding alone)."""
     message = llm_core_pb2.GenerateRequest()
     message.CopyFrom(first)
     message.replay_token_ids.extend(delivered)
+    message.replay_in_batch = in_batch
     return message
 
 
@@ -137,6 +146,7 @@ class Kernel:
         queues: dict[Resource, ResourceQueue],
         new_policy: Callable[[], SchedulingPolicy],
         journal: RecordJournal,
+        suspensions: SuspendedGenerations,
     ) -> None:
         self.agents = agents
         self.managers = managers
@@ -147,22 +157,31 @@ class Kernel:
         self.tool_queues: dict[str, ResourceQueue] = {}
         self.queues[Resource.LLM].preempt = self._preempt
         self.journal = journal
+        self.suspensions = suspensions
         self.table = SyscallTable(on_change=journal.changed)
+        self.draining = False  # set once by drain(): the kernel is stopping
         self._background: set[asyncio.Task] = set()
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise Unavailable(STOPPING, retry_after=STOPPING_RETRY_S)
 
     @asynccontextmanager
     async def _syscall(
         self, agent: Agent, kind: str, resource: Resource, queue: ResourceQueue | None = None, tool: str = "",
-        priority: int | None = None,
+        priority: int | None = None, syscall_id: str = "", opened: Callable[[str], Awaitable[None]] | None = None,
     ) -> AsyncIterator[SyscallRecord]:
-        """Opens the record, waits for the resource (or `queue`, after the agent's own line for `tool`), and
-        closes the record with the outcome."""
+        """Opens the record (with `syscall_id`, continuing a suspended syscall, else a new id; `opened` hears it),
+        waits for the resource (or `queue`, after the agent's own line for `tool`), and closes the record with the
+        outcome."""
         self.usage.enter(agent)
         priority = agent.priority if priority is None else min(priority, agent.priority)  # less, never more
-        record = self.table.create(agent.id, kind, resource, priority, agent.weight)
+        record = self.table.create(agent.id, kind, resource, priority, agent.weight, syscall_id)
         manager = self.managers[resource]
         try:
             async with AsyncExitStack() as stack:
+                if opened is not None:
+                    await opened(record.id)
                 if tool:
                     await stack.enter_async_context(self.usage.tool_turn(agent, tool))
                 await stack.enter_async_context((queue or self.queues[resource]).turn(record))
@@ -186,6 +205,7 @@ class Kernel:
         self, agent: Agent, request: kernel_pb2.SyscallRequest, timeout: float | None
     ) -> kernel_pb2.SyscallResponse:
         """A memory, storage or tool syscall of `agent` (authenticated); inner requests act as `agent` only."""
+        self._admit()
         kind = request.WhichOneof("call")
         if kind is None:
             raise InvalidArgument(f"SyscallRequest sets no call; set one of: {', '.join(SYSCALLS)}")
@@ -241,9 +261,12 @@ class Kernel:
         return self.tool_queues.get(name)
 
     async def generate(
-        self, agent: Agent, request: kernel_pb2.KernelGenerateRequest, timeout: float | None
+        self, agent: Agent, request: kernel_pb2.KernelGenerateRequest, timeout: float | None,
+        opened: Callable[[str], Awaitable[None]] | None = None,
     ) -> AsyncIterator[llm_core_pb2.GenerateChunk]:
-        """One LLM syscall of `agent`, as one uninterrupted stream across any number of preemptions."""
+        """One LLM syscall of `agent`, as one uninterrupted stream across any number of preemptions, core deaths and
+        (through the SDK) kernel restarts. `opened` hears the syscall id before any chunk."""
+        self._admit()
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self.queues[Resource.LLM]
         core = self.managers[Resource.LLM]
@@ -251,91 +274,140 @@ class Kernel:
         if size > MAX_GENERATE_BYTES:
             raise ResourceExhausted(f"the generation request is {size} bytes; the limit is {MAX_GENERATE_BYTES} "
                                     "(no context holds more). Shorten the prompt.")
+        if request.remember and (request.received_token_ids or request.resume_syscall_id):
+            raise InvalidArgument("a generation with `remember` cannot be continued from received tokens")
         self.usage.admit_generation(agent, time.monotonic())
-        messages = await self._with_history(agent, request, timeout)
-        reply: list[str] = []
+        suspended = None
+        if request.resume_syscall_id:  # suspended by a kernel that stopped gracefully: go on from its snapshot
+            suspended = await self.suspensions.take(request.resume_syscall_id, agent.id)
+        messages = [] if suspended else await self._with_history(agent, request, timeout)
+        reply: list[str] = []  # one text per token chunk, then the last chunk's
         token_ids: list[int] = []
-        finished = False
+        finished = handed_over = False
         hint = request.priority if request.HasField("priority") else None
-        async with self._syscall(agent, "llm_generate", Resource.LLM, priority=hint) as record:
-            sampling = common_pb2.SamplingParams()
-            sampling.CopyFrom(request.sampling)
-            if not sampling.HasField("seed"):  # fixed here, so that a recovery draws what the first run would have
-                sampling.seed = secrets.randbits(63)
-            first = llm_core_pb2.GenerateRequest(
-                agent_id=agent.id,
-                prompt=request.prompt,
-                messages=messages,
-                sampling=sampling,
-                syscall_id=record.id,
-            )
-            message = first
-            if request.received_token_ids:  # the agent's stream broke before (a kernel restart): go on from there
-                if request.remember:
-                    raise InvalidArgument("a generation with `remember` cannot be continued from received tokens")
-                token_ids.extend(request.received_token_ids)
-                record.tokens_out, record.recoveries = len(token_ids), 1
-                message = _replaying(first, token_ids)
-            parked = False  # the core holds a preempted sequence of ours
-            try:
-                while True:
-                    call = core.stream("Generate", message, _remaining(deadline))
-                    parked = lost = False
-                    record.preemptible = True
-                    try:
-                        async for chunk in call:
-                            if chunk.finish_reason == llm_core_pb2.FINISH_REASON_PREEMPTED:
-                                parked = True
-                                break
-                            if chunk.HasField("token_id") and chunk.completion_tokens <= record.tokens_out:
-                                continue  # delivered already (by token index), before a recovery
-                            chunk.syscall_id = record.id
-                            new_tokens = chunk.completion_tokens - record.tokens_out
-                            record.tokens_out = chunk.completion_tokens
-                            record.tokens_in = chunk.prompt_tokens or record.tokens_in
-                            if chunk.finish_reason:
-                                record.preemptible = False
-                                finished = True
-                            reply.append(chunk.text)
-                            if chunk.HasField("token_id"):
-                                token_ids.append(chunk.token_id)
-                            if not request.whole:
-                                yield chunk
-                            elif finished:
-                                chunk.text = "".join(reply)
-                                chunk.token_ids.extend(token_ids)
-                                yield chunk
-                            queue.progress(record, chunk.prompt_tokens, new_tokens)
-                    except grpc.aio.AioRpcError as exc:
-                        if not _core_lost_it(exc, message.resume) or record.recoveries >= MAX_RECOVERIES:
-                            raise
-                        lost = True
-                    finally:
-                        record.preemptible = False
-                        call.cancel()
-                    if parked:
-                        await queue.requeue(record)
-                        if core.channel.get_state() != grpc.ChannelConnectivity.READY:
-                            await self._core_back(deadline)
-                        message = llm_core_pb2.GenerateRequest(agent_id=agent.id, syscall_id=record.id, resume=True)
-                    elif lost:
-                        # The core died (or lost the sequence): rebuild it on the core that is back, from the prompt
-                        # and the tokens the agent already has; the stream goes on from the next token index.
-                        record.recoveries += 1
-                        record.preempt_requested = False  # a preemption asked of the dead core died with it
-                        log.warning("syscall %s: its LLM core lost it after %d tokens; recovering (recovery %d)",
-                                    record.id, len(token_ids), record.recoveries)
-                        await self._core_back(deadline)
+        try:
+            async with self._syscall(agent, "llm_generate", Resource.LLM, priority=hint, opened=opened,
+                                     syscall_id=suspended.syscall_id if suspended else "") as record:
+                if suspended:
+                    first, message = self._continuing(record, suspended, list(request.received_token_ids))
+                    token_ids.extend(suspended.token_ids)
+                    reply.extend(suspended.texts)
+                    if not request.whole:  # the tokens streamed before the stop that the agent did not get
+                        for index in range(len(request.received_token_ids), len(token_ids)):
+                            yield llm_core_pb2.GenerateChunk(text=reply[index], token_id=token_ids[index],
+                                                             completion_tokens=index + 1, syscall_id=record.id)
+                else:
+                    first = self._first_request(agent, request, messages, record.id)
+                    message = first
+                    if request.received_token_ids:  # the agent's stream broke before (the kernel died): go on
+                        token_ids.extend(request.received_token_ids)
+                        record.tokens_out, record.recoveries = len(token_ids), 1
                         message = _replaying(first, token_ids)
-                    else:
-                        break
-            finally:
-                self.usage.charge_tokens(agent, record.tokens_in + record.tokens_out, time.monotonic())
-                if parked:  # the caller left (or the deadline passed) while we were switched out
-                    self._spawn(self._discard(agent.id, record.id))
+                handed_over = True
+                parked = False  # the core holds a preempted sequence of ours
+                try:
+                    while True:
+                        call = core.stream("Generate", message, _remaining(deadline))
+                        parked = lost = False
+                        record.preemptible = True
+                        try:
+                            async for chunk in call:
+                                if chunk.finish_reason == llm_core_pb2.FINISH_REASON_PREEMPTED:
+                                    parked = True
+                                    break
+                                if chunk.HasField("token_id") and chunk.completion_tokens <= record.tokens_out:
+                                    continue  # delivered already (by token index), before a recovery
+                                chunk.syscall_id = record.id
+                                new_tokens = chunk.completion_tokens - record.tokens_out
+                                record.tokens_out = chunk.completion_tokens
+                                record.tokens_in = chunk.prompt_tokens or record.tokens_in
+                                if chunk.finish_reason:
+                                    record.preemptible = False
+                                    finished = True
+                                reply.append(chunk.text)
+                                if chunk.HasField("token_id"):
+                                    token_ids.append(chunk.token_id)
+                                if not request.whole:
+                                    yield chunk
+                                elif finished:
+                                    chunk.text = "".join(reply)
+                                    chunk.token_ids.extend(token_ids)
+                                    yield chunk
+                                queue.progress(record, chunk.prompt_tokens, new_tokens)
+                        except grpc.aio.AioRpcError as exc:
+                            if not _core_lost_it(exc, message.resume) or record.recoveries >= MAX_RECOVERIES:
+                                raise
+                            lost = True
+                        finally:
+                            record.preemptible = False
+                            call.cancel()
+                        if parked:
+                            try:
+                                await queue.requeue(record)  # refused at once while the kernel is stopping
+                            except Unavailable:
+                                parked = False  # not discarded: kept for the agent to continue after a restart
+                                await self._suspend(record, first, token_ids, reply)
+                                raise
+                            if core.channel.get_state() != grpc.ChannelConnectivity.READY:
+                                await self._core_back(deadline)
+                            message = llm_core_pb2.GenerateRequest(agent_id=agent.id, syscall_id=record.id,
+                                                                   resume=True)
+                        elif lost:
+                            # The core died (or lost the sequence): rebuild it on the core that is back, from the
+                            # prompt and the tokens the agent already has; the stream goes on from the next index.
+                            # Exactly when it decoded alone (token-identical); with others, its numerics depended
+                            # on the batch anyway, and the core may rebuild it the fast way.
+                            crowd = len(queue.running) > 1
+                            record.recoveries += 1
+                            record.preempt_requested = False  # a preemption asked of the dead core died with it
+                            log.warning("syscall %s: its LLM core lost it after %d tokens; recovering (recovery %d)",
+                                        record.id, len(token_ids), record.recoveries)
+                            await self._core_back(deadline)
+                            message = _replaying(first, token_ids, in_batch=crowd)
+                        else:
+                            break
+                finally:
+                    self.usage.charge_tokens(agent, record.tokens_in + record.tokens_out, time.monotonic())
+                    if parked:  # the caller left (or the deadline passed) while we were switched out
+                        self._spawn(self._discard(agent.id, record.id))
+        finally:
+            if suspended and not handed_over:  # refused before it could go on (the kernel stopping again)
+                await self.suspensions.put(suspended)
         if request.remember and finished:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             await self._remember(agent, request, "".join(reply), timeout)
+
+    @staticmethod
+    def _first_request(agent: Agent, request: kernel_pb2.KernelGenerateRequest,
+                       messages: list[common_pb2.ChatMessage], syscall_id: str) -> llm_core_pb2.GenerateRequest:
+        """The request the core gets, with the seed fixed here so that a recovery draws what the first run would."""
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        if not sampling.HasField("seed"):
+            sampling.seed = secrets.randbits(63)
+        return llm_core_pb2.GenerateRequest(agent_id=agent.id, prompt=request.prompt, messages=messages,
+                                            sampling=sampling, syscall_id=syscall_id)
+
+    @staticmethod
+    def _continuing(record: SyscallRecord, suspended: Suspension, received: list[int]
+                    ) -> tuple[llm_core_pb2.GenerateRequest, llm_core_pb2.GenerateRequest]:
+        """The first request of a suspended generation and the one that continues it from its snapshot (a core
+        that finds none, expired or lost with Redis, answers NOT_FOUND, and the generation is rebuilt by replay)."""
+        if received != suspended.token_ids[:len(received)]:
+            raise InvalidArgument(f"received_token_ids are not the tokens syscall {record.id} streamed; send the "
+                                  "ids of the chunks received, in order")
+        record.tokens_in, record.tokens_out = suspended.prompt_tokens, len(suspended.token_ids)
+        record.recoveries = suspended.recoveries + 1
+        return suspended.request, llm_core_pb2.GenerateRequest(agent_id=record.agent_id, syscall_id=record.id,
+                                                                resume=True)
+
+    async def _suspend(self, record: SyscallRecord, first: llm_core_pb2.GenerateRequest, token_ids: list[int],
+                       reply: list[str]) -> None:
+        """Keeps a generation switched out of the core while the kernel stops, for its agent to continue."""
+        kept = await self.suspensions.put(Suspension(
+            record.id, record.agent_id, first, list(token_ids), list(reply), record.tokens_in, record.recoveries))
+        log.info("syscall %s suspended after %d tokens%s", record.id, len(token_ids),
+                 "" if kept else " (not kept: its agent continues it by replay)")
 
     async def _with_history(
         self, agent: Agent, request: kernel_pb2.KernelGenerateRequest, timeout: float | None
@@ -375,14 +447,17 @@ class Kernel:
     async def reclaim(self) -> None:
         """Frees what a kernel before this one left in the LLM core (parked sequences, snapshots), which nothing
         could resume through this kernel. Best effort: a core that is down holds nothing."""
+        keep = await self.suspensions.ids()  # what the kernel before this one suspended stays for its agents
         try:
-            reply = await self.managers[Resource.LLM].call("Reset", llm_core_pb2.ResetRequest(), 30)
+            reply = await self.managers[Resource.LLM].call("Reset", llm_core_pb2.ResetRequest(keep_syscall_ids=keep), 30)
         except AiosError as exc:
             log.warning("could not reclaim what an earlier kernel left in the LLM core: %s", exc)
             return
         if reply.parked or reply.snapshots:
             log.info("reclaimed %d parked generations and %d snapshots left by an earlier kernel",
                      reply.parked, reply.snapshots)
+        if keep:
+            log.info("%d generations suspended by the earlier kernel wait for their agents", len(keep))
 
     async def _core_back(self, deadline: float | None) -> None:
         """Waits for the LLM core to serve again (its supervisor restarts it), within the call's deadline."""
@@ -404,10 +479,30 @@ class Kernel:
     def _preempt(self, record: SyscallRecord) -> None:
         self._spawn(self._ask_core_to_preempt(record))
 
-    async def _ask_core_to_preempt(self, record: SyscallRecord) -> None:
+    async def drain(self, within_s: float = DRAIN_S) -> None:
+        """Stops gracefully: takes no more syscalls (STOPPING, with a pushback after which the SDKs ask again) and
+        switches every generation out of the core with its snapshot written to Redis, where it waits (suspended)
+        for its agent to continue it after the restart. The syscalls already running finish in the server's
+        grace period."""
+        self.draining = True
+        queue = self.queues[Resource.LLM]
+        queue.close(lambda: Unavailable(STOPPING, retry_after=STOPPING_RETRY_S))
+        give_up = time.monotonic() + within_s
+        while queue.running and time.monotonic() < give_up:
+            for record in list(queue.running):
+                if record.preemptible and not record.preempt_requested:
+                    record.preempt_requested = True
+                    self._spawn(self._ask_core_to_preempt(record, swap_out=True))
+            await asyncio.sleep(DRAIN_POLL_S)  # one still prefilling or replaying cannot be switched out yet
+        if queue.running:
+            log.warning("%d generations were not suspended within %.0f s; their agents continue them by replay",
+                        len(queue.running), within_s)
+        await self.journal.flush()
+
+    async def _ask_core_to_preempt(self, record: SyscallRecord, swap_out: bool = False) -> None:
         try:
             reply = await self.managers[Resource.LLM].call(
-                "Preempt", llm_core_pb2.PreemptRequest(syscall_id=record.id), CONNECT_TIMEOUT_S)
+                "Preempt", llm_core_pb2.PreemptRequest(syscall_id=record.id, swap_out=swap_out), CONNECT_TIMEOUT_S)
             preempted = reply.preempted
         except AiosError as exc:
             log.warning("preempting %s failed: %s", record.id, exc.message)

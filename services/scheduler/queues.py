@@ -36,6 +36,7 @@ class ResourceQueue:
         self.completed = 0
         self.preemptions = 0
         self._grants: dict[SyscallRecord, asyncio.Future[None]] = {}
+        self._refusal: Callable[[], BaseException] | None = None  # set once closed
 
     @property
     def queued(self) -> int:
@@ -75,7 +76,18 @@ class ResourceQueue:
         self.policy.charge(record, tokens_in, tokens_out)
         self._maybe_preempt()
 
+    def close(self, refusal: Callable[[], BaseException]) -> None:
+        """Takes no more turns (the kernel is stopping): whoever waits for one, or asks later, gets `refusal()`;
+        the running syscalls go on."""
+        self._refusal = refusal
+        for record, granted in list(self._grants.items()):
+            self.policy.remove(record)
+            del self._grants[record]
+            granted.set_exception(refusal())
+
     async def _wait_for_grant(self, record: SyscallRecord) -> None:
+        if self._refusal is not None:
+            raise self._refusal()
         granted = asyncio.get_running_loop().create_future()
         self._grants[record] = granted
         self.policy.push(record, time.monotonic())

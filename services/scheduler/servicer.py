@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import grpc
 
+from aios.syscalls import SYSCALL_ID_METADATA
 from aios.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 from services import redis_state
 from services.errors import AiosError, ResourceExhausted
@@ -143,7 +144,10 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
 
     @kernel_rpc()
     async def Generate(self, request, context, caller):
-        async for chunk in self.kernel.generate(caller.as_agent(), request, _timeout(context)):
+        async def opened(syscall_id: str) -> None:  # before any chunk: a stream that breaks early can go on
+            await context.send_initial_metadata(((SYSCALL_ID_METADATA, syscall_id),))
+
+        async for chunk in self.kernel.generate(caller.as_agent(), request, _timeout(context), opened):
             yield chunk
 
     @kernel_rpc()

@@ -107,10 +107,13 @@ class SyscallTable:
         self.failed = 0
         self.tokens_out = 0
 
-    def create(self, agent_id: str, kind: str, resource: Resource, priority: int = 0, weight: float = 1.0) -> SyscallRecord:
+    def create(self, agent_id: str, kind: str, resource: Resource, priority: int = 0, weight: float = 1.0,
+               syscall_id: str = "") -> SyscallRecord:
+        """A new record; with `syscall_id`, the record of a syscall an earlier kernel suspended, continued."""
         with self._lock:
             # Random ids: unique across kernel restarts (LLM snapshots in Redis are keyed by them) and unguessable.
-            record = SyscallRecord(f"sc-{secrets.token_hex(10)}", agent_id, kind, resource, priority, weight)
+            record = SyscallRecord(syscall_id or f"sc-{secrets.token_hex(10)}", agent_id, kind, resource, priority,
+                                   weight)
             self._records[record.id] = record
             self.total += 1
             self._trim_locked()

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 import aios
+from aios.v1 import common_pb2
 from deploy.cluster import process_alive
 from tests.integration.tls import self_signed
 from tests.integration.waiting import wait_until
@@ -133,18 +134,20 @@ def test_agents_tokens_and_data_survive_down_and_up_and_a_foreground_up_exits_on
 
 
 def test_a_generation_streaming_through_aios_down_and_up_comes_out_whole_and_identical(tmp_path):
-    """`aios down` ends the agent's stream; `aios up` brings the kernel back on the same port; the SDK continues
-    the stream by itself (it sends the tokens it has, the kernel replays them) and the agent gets every token once,
-    the same ones as a run without the restart (decoding alone, greedy)."""
-    assert run(["up", "--detach", "--slots", "2"], tmp_path).returncode == 0
+    """`aios down` suspends the agent's generation (its snapshot goes to Redis) and ends the stream with UNAVAILABLE
+    and a pushback; `aios up` brings the kernel back on the same port; the SDK asks again by itself with the syscall
+    id and the tokens it has, and the new kernel continues the generation from its snapshot, under the same
+    syscall id, every token once. A crowd of other streams (round robin, more streams than slots: some decoding,
+    some parked, some waiting for a first turn when AIOS stops) all come out whole too. (Token identity with a run
+    without the restart, decoding alone, is in the next test.)"""
+    up_args = ["up", "--detach", "--slots", "2", "--policy", "rr", "--slice-tokens", "16"]
+    assert run(up_args, tmp_path).returncode == 0
     try:
         before = json.loads((tmp_path / "endpoints.json").read_text())
         token = run(["agent", "create", "patient"], tmp_path).stdout.strip().splitlines()[-1]
         with aios.connect(home=tmp_path, token=token) as connection:
             agent = connection.agent()
             prompt, tokens = "Write a long story about a lighthouse keeper.", 300
-            expected = [c.token_id for c in agent.generate(prompt, max_tokens=tokens, ignore_eos=True)
-                        if c.HasField("token_id")]
             chunks: list = []
 
             def read() -> None:
@@ -153,17 +156,89 @@ def test_a_generation_streaming_through_aios_down_and_up_comes_out_whole_and_ide
             reader = threading.Thread(target=read)
             reader.start()
             wait_until(lambda: len(chunks) >= 10, within_s=60, what="the stream under way")
+            crowd: list[list] = [[] for _ in range(3)]
+
+            def read_crowd(i: int) -> None:
+                crowd[i].extend(agent.generate(f"List {i + 2} facts about owls.", max_tokens=60, ignore_eos=True,
+                                               timeout=600))
+
+            readers = [threading.Thread(target=read_crowd, args=(i,)) for i in range(3)]
+            for thread in readers:
+                thread.start()
+            wait_until(lambda: sum(map(len, crowd)) >= 10, within_s=60, what="the crowd under way")
             assert run(["down"], tmp_path).returncode == 0
-            up = run(["up", "--detach", "--slots", "2"], tmp_path)
+            assert len(chunks) < tokens  # suspended mid-stream, not run to its end during the stop
+            up = run(up_args, tmp_path)
             assert up.returncode == 0, up.stdout + up.stderr
-            reader.join(timeout=300)
-            assert not reader.is_alive()
+            for thread in [reader, *readers]:
+                thread.join(timeout=300)
+                assert not thread.is_alive()
+            for got in crowd:
+                assert [c.completion_tokens for c in got if c.HasField("token_id")] == list(range(1, 61))
             after = json.loads((tmp_path / "endpoints.json").read_text())
             assert after["kernel"] == before["kernel"]  # the same address: the SDK's channel finds it again
-            ids = list(dict.fromkeys(c.syscall_id for c in chunks))
-            assert len(ids) == 2  # cut by `aios down`, continued as a new syscall after `aios up`
             assert [c.completion_tokens for c in chunks if c.HasField("token_id")] == list(range(1, tokens + 1))
-            assert [c.token_id for c in chunks if c.HasField("token_id")] == expected
-            assert agent.syscall(ids[1]).recoveries == 1
+            [syscall_id] = list(dict.fromkeys(c.syscall_id for c in chunks))  # one syscall across the restart
+            record = agent.syscall(syscall_id)
+            assert (record.recoveries, record.tokens_out) == (1, tokens)
+            assert record.state == common_pb2.SYSCALL_STATE_DONE
+        with aios.connect(home=tmp_path) as operator:
+            assert operator.status().llm.snapshots_restored >= 1  # from its snapshot, not rebuilt by replay
+    finally:
+        run(["down"], tmp_path)
+
+
+def test_a_suspended_generation_continues_for_its_agent_only_token_identical(tmp_path):
+    """The wire contract under the SDK, as an agent in another language sees it: the syscall id comes first, in
+    the stream's initial metadata; `aios down` ends the stream with UNAVAILABLE, a pushback and a message saying
+    AIOS is stopping; after `aios up`, another agent naming the suspended syscall id gets a generation of its own
+    (a new id, nothing of the victim's), and the owner gets the rest of its tokens under its syscall id: with the
+    ones before the stop, the same as a run without the restart (seeded sampling, decoding alone)."""
+    from aios.v1 import kernel_pb2, kernel_pb2_grpc
+
+    assert run(["up", "--detach", "--slots", "2"], tmp_path).returncode == 0
+    try:
+        victim = run(["agent", "create", "victim"], tmp_path).stdout.strip().splitlines()[-1]
+        thief = run(["agent", "create", "thief"], tmp_path).stdout.strip().splitlines()[-1]
+        address = json.loads((tmp_path / "endpoints.json").read_text())["kernel"]
+        prompt, tokens = "Write a long story about a secret recipe.", 200
+        request = kernel_pb2.KernelGenerateRequest(
+            prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True, seed=7,
+                                                              temperature=0.8, top_k=40))
+        with aios.connect(home=tmp_path, token=victim) as connection:
+            expected = [c.token_id for c in connection.agent().generate(
+                prompt, max_tokens=tokens, ignore_eos=True, seed=7, temperature=0.8, top_k=40) if c.HasField("token_id")]
+        with grpc.insecure_channel(address) as channel:
+            stream = kernel_pb2_grpc.KernelStub(channel).Generate(
+                request, metadata=(("authorization", f"Bearer {victim}"),), timeout=300)
+            syscall_id = dict(stream.initial_metadata())["aios-syscall-id"]
+            received: list[int] = []
+            with pytest.raises(grpc.RpcError) as cut:
+                for chunk in stream:
+                    assert chunk.syscall_id == syscall_id
+                    received.append(chunk.token_id)
+                    if len(received) == 10:
+                        down = subprocess.Popen(AIOS + ["down"], env=env(tmp_path))
+        assert down.wait(timeout=180) == 0
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "stopping" in cut.value.details()
+        assert int(dict(cut.value.trailing_metadata())["grpc-retry-pushback-ms"]) > 0  # ask again, later
+        assert 10 <= len(received) < tokens
+        assert run(["up", "--detach", "--slots", "2"], tmp_path).returncode == 0
+        with grpc.insecure_channel(address) as channel:
+            kernel = kernel_pb2_grpc.KernelStub(channel)
+            attack = kernel_pb2.KernelGenerateRequest(
+                prompt="Say hello.", sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True, seed=1),
+                resume_syscall_id=syscall_id)
+            stolen = list(kernel.Generate(attack, metadata=(("authorization", f"Bearer {thief}"),), timeout=120))
+            assert syscall_id not in {c.syscall_id for c in stolen}  # a syscall of its own
+            assert [c.token_id for c in stolen if c.HasField("token_id")] != expected[len(received):][:4]
+            request.resume_syscall_id = syscall_id
+            request.received_token_ids.extend(received)
+            rest = list(kernel.Generate(request, metadata=(("authorization", f"Bearer {victim}"),), timeout=300))
+        assert {c.syscall_id for c in rest} == {syscall_id}
+        assert [c.completion_tokens for c in rest if c.HasField("token_id")] == list(
+            range(len(received) + 1, tokens + 1))
+        assert received + [c.token_id for c in rest if c.HasField("token_id")] == expected
     finally:
         run(["down"], tmp_path)

@@ -169,3 +169,29 @@ def test_a_hot_standby_core_takes_over_and_the_stream_goes_on_token_identical(tm
                        within_s=120, what="a new standby")
             pids = [cluster.processes["llm_core"].pid, cluster.standbys["llm_core"].pid]
     assert not [pid for pid in pids if process_alive(pid)]  # stopping the cluster stopped the standby too
+
+
+def test_a_suspended_generation_is_taken_once_and_only_by_its_agent(supervised):
+    """The store a stopping kernel leaves its generations in (real Redis): another agent's take finds nothing and
+    leaves it; the owner's takes it; a second take (a replayed request) finds nothing."""
+    import asyncio
+
+    from aios.v1 import llm_core_pb2
+    from services import redis_state
+    from services.scheduler.suspensions import SuspendedGenerations, Suspension
+
+    async def scenario() -> None:
+        client = redis_state.connect(supervised[0].redis_url)
+        store = SuspendedGenerations(client, ttl_s=60)
+        suspended = Suspension("sc-test-suspended", "agent-a", llm_core_pb2.GenerateRequest(
+            prompt="p", syscall_id="sc-test-suspended", sampling=common_pb2.SamplingParams(seed=3)),
+            token_ids=[5, 6], texts=["a", "b"], prompt_tokens=3, recoveries=0)
+        assert await store.put(suspended)
+        assert "sc-test-suspended" in await store.ids()
+        assert await store.take("sc-test-suspended", "agent-b") is None
+        assert await store.take("sc-test-suspended", "agent-a") == suspended
+        assert await store.take("sc-test-suspended", "agent-a") is None
+        assert "sc-test-suspended" not in await store.ids()
+        await client.aclose()
+
+    asyncio.run(scenario())

@@ -61,10 +61,13 @@ class Harness:
         written.set_result(None)
         return written
 
-    def start(self, request_id: str, sampling: SamplingConfig, prompt: str = PROMPT) -> tuple[Sequence, "queue.Queue[Event]"]:
+    def start(self, request_id: str, sampling: SamplingConfig, prompt: str = PROMPT, replay: list[int] = (),
+              replay_in_batch: bool = False) -> tuple[Sequence, "queue.Queue[Event]"]:
         events: queue.Queue[Event] = queue.Queue()
         seq = Sequence(request_id, "agent-a", self.model.tokenize(prompt, True, True), sampling, events.put,
                        constraint=self.model.constraint(sampling.grammar))
+        seq.replay.extend(replay)
+        seq.replay_in_batch = replay_in_batch
         self.engine.submit(seq)
         return seq, events
 
@@ -503,13 +506,13 @@ def test_a_replay_that_covers_the_whole_generation_just_finishes(harness, refere
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED, CONSTRAINED_SAMPLED],
                          ids=["greedy", "seeded-sampling", "json-schema-sampled"])
 def test_a_batched_replay_rebuilds_in_one_prefill_and_says_where_its_numerics_disagreed(model, reference, sampling):
-    """The fast way (EngineConfig.batched_replay): the delivered tokens ride along with the prompt's prefill, each
-    with its logits, so the sampler draws as often as the first run did and the stream goes on from the next index
-    in far fewer steps. Its KV comes from a batched prefill, not single-token steps, so its choices may disagree
-    with the delivered tokens (counted in replay_divergences; the delivered ones stand): why it is not the
-    default."""
+    """The fast way (EngineConfig.replay "batched"): the delivered tokens ride along with the prompt's prefill,
+    each with its logits, so the sampler draws as often as the first run did and the stream goes on from the next
+    index in far fewer steps. Its KV comes from a batched prefill, not single-token steps, so its choices may
+    disagree with the delivered tokens (counted in replay_divergences; the delivered ones stand): why "auto" (the
+    default) uses it only for generations the kernel says were not decoding alone."""
     expected = reference.run_alone("ref", sampling)
-    fast = Harness(model, slots=2, resident=3, batched_replay=True)
+    fast = Harness(model, slots=2, resident=3, replay="batched")
     try:
         seq, events = fast.start("recovered", sampling)
         seq.replay.extend(expected[:15])
@@ -521,3 +524,19 @@ def test_a_batched_replay_rebuilds_in_one_prefill_and_says_where_its_numerics_di
         assert 0 <= end.replay_divergences <= 15
     finally:
         fast.close()
+
+
+def test_auto_replay_batches_only_the_generations_the_kernel_says_were_in_a_crowd(model, reference):
+    """The default: replay_in_batch (set by the kernel when the generation was not decoding alone) takes the fast
+    way; without it the replay is exact, one decode step per delivered token."""
+    expected = reference.run_alone("ref", GREEDY)
+    for in_batch in (True, False):
+        harness = Harness(model, slots=2, resident=3)
+        try:
+            seq, events = harness.start("recovered", GREEDY, replay=expected[:15], replay_in_batch=in_batch)
+            rest, end = harness.tokens_until(events)
+            assert isinstance(end, FinishEvent) and end.completion_tokens == len(expected)
+            steps = harness.engine.stats.steps
+            assert steps < len(expected) - 15 + 3 if in_batch else steps >= len(expected)
+        finally:
+            harness.close()

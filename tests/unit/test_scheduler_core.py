@@ -96,3 +96,37 @@ def test_a_caller_that_leaves_while_queued_gives_up_its_place():
 
     queue = run(scenario())
     assert not queue.running and queue.queued == 0
+
+
+def test_a_closed_queue_refuses_the_waiting_and_later_callers_and_lets_the_running_finish():
+    """What a stopping kernel does to the LLM queue (Kernel.drain): nobody gets a new turn, nothing is lost."""
+    from services.errors import Unavailable
+
+    async def scenario():
+        table = SyscallTable()
+        queue = ResourceQueue(Resource.LLM, FifoPolicy(), capacity=1)
+        hold = asyncio.Event()
+        outcomes: dict[str, str] = {}
+
+        async def syscall(agent: str):
+            try:
+                async with queue.turn(table.create(agent, "llm_generate", Resource.LLM)):
+                    await hold.wait()
+                outcomes[agent] = "ran"
+            except Unavailable as exc:
+                outcomes[agent] = exc.message
+
+        running = asyncio.create_task(syscall("a"))
+        waiting = [asyncio.create_task(syscall(name)) for name in ("b", "c")]
+        while queue.queued < 2:
+            await asyncio.sleep(0)
+        queue.close(lambda: Unavailable("stopping"))
+        await asyncio.gather(*waiting)
+        await syscall("d")  # asks after the close
+        hold.set()
+        await running
+        return outcomes, queue
+
+    outcomes, queue = run(scenario())
+    assert outcomes == {"a": "ran", "b": "stopping", "c": "stopping", "d": "stopping"}
+    assert queue.queued == 0 and not queue.running and queue.completed == 1
