@@ -1,21 +1,29 @@
-"""`make bench`: AIOS against running the same agent calls one at a time, side by side in one run.
+"""`make bench`: AIOS against what a user would run instead, side by side in one run.
 
-Modes, on the same workload (bench/workload.py):
+Systems, on the same workload (bench/workload.py, ReAct-shaped agent loops):
 - sequential: the LLM calls one after another straight on llama-cpp-python in
   this process (the paper's "without AIOS"), memory and tool work done inline;
-- AIOS with the fifo, rr and fair policies: a real cluster (`aios up`'s
-  processes, Redis, the model), one thread per agent through the SDK.
+- llama-server: llama.cpp's own server (`--parallel` = AIOS's slots, the same
+  context per sequence), built from the llama.cpp that llama-cpp-python vendors
+  (bench/peer.py), one client thread per agent, run right after AIOS at each N;
+- AIOS with the fifo policy at every N, rr and fair at BENCH_POLICY_NS: a real
+  cluster (`aios up`'s processes, Redis, the model), one thread per agent
+  through the SDK.
+The workload bound per N is what this CPU's raw llama.cpp rates allow (only
+the prefixes no earlier call began with prefilled, every token decoded at the
+batched rate). Floors are same-run ratios, printed PASS/FAIL with the CPU.
 Plus a snapshot microbenchmark (save/restore time and size against context
 length), the memory paging benchmark (bench/memory.py), storage throughput,
-tool-call latency and the token check's cost (bench/storage_tools.py), and the
+tool-call latency and the token check's cost (bench/storage_tools.py), the
 OpenAI gateway against the gRPC kernel and constrained against free decoding
-(bench/gateway.py).
+(bench/gateway.py), and recovery from a killed LLM core (bench/recovery.py).
 
 Prints a table and saves JSON (bench/results/bench-<time>.json and latest.json)
-and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage,gateway,recovery), BENCH_NS (default 1,4,8,16,32), BENCH_ROUNDS
-(3), BENCH_MODES (fifo,rr,fair), BENCH_SEQ_AGENTS (4: for larger N the
-sequential baseline runs the first 4 agents' calls; one-at-a-time throughput
-does not depend on N).
+and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage,gateway,recovery),
+BENCH_NS (1,16,32,64), BENCH_ROUNDS (2), BENCH_MODES (fifo,rr,fair), BENCH_POLICY_NS
+(32: where the policies after the first run), BENCH_PEER (1; 0 skips llama-server
+and its build), BENCH_SEQ_AGENTS (2: the sequential baseline runs that many agents'
+calls; one-at-a-time throughput does not depend on N).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from importlib.metadata import version
+
 import llama_cpp as llama
 import numpy as np
 import redis
@@ -38,6 +48,7 @@ import redis
 import aios
 from aios.v1 import common_pb2
 from bench.gateway import gateway_table, run_gateway_bench
+from bench.peer import run_peer
 from bench.memory import memory_table, run_memory_bench
 from bench.recovery import recovery_table, run_recovery_bench
 from bench.storage_tools import run_storage_tools_bench, storage_tools_table
@@ -258,7 +269,29 @@ def run_aios(kernel: aios.Connection, calls: list[list[Call]]) -> dict[str, Any]
         "snapshots_saved": after.llm.snapshots_saved - before.llm.snapshots_saved,
         "prefill_tokens": after.llm.prefill_tokens - before.llm.prefill_tokens,
         "prefill_tokens_saved": after.llm.prefill_tokens_saved - before.llm.prefill_tokens_saved,
+        "engine": engine_profile(before.llm, after.llm),
     }
+
+
+ENGINE_TIMES = ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds")
+
+
+def engine_profile(before: Any, after: Any) -> dict[str, float]:
+    """Where the LLM core's engine thread spent a run (from its own counters): llama_decode, sampling, scheduling
+    (admission, batch building, bookkeeping), copying KV state (snapshots, prefix copies) and waiting for work; and
+    how full its decode steps were."""
+    times = {name: getattr(after, name) - getattr(before, name) for name in ENGINE_TIMES}
+    total = sum(times.values()) or 1.0
+    steps = after.steps - before.steps
+    return {**times, **{name.replace("_seconds", "_share"): value / total for name, value in times.items()},
+            "steps": steps, "decoding_per_step": (after.decode_rows - before.decode_rows) / max(steps, 1)}
+
+
+def profile_line(n: int, mode: str, profile: dict[str, float]) -> str:
+    return (f"AIOS {mode} at {n} agents, LLM core engine thread: llama_decode {profile['decode_share']:.0%}, "
+            f"sampling {profile['sample_share']:.0%}, scheduling {profile['schedule_share']:.0%}, KV copies "
+            f"{profile['kv_copy_share']:.0%}, idle {profile['idle_share']:.0%}; {profile['steps']} steps, "
+            f"{profile['decoding_per_step']:.1f} sequences decoding per step")
 
 
 def bench_snapshots(runner: SequentialRunner, redis_url: str, lengths: list[int], reps: int = 15) -> list[dict[str, Any]]:
@@ -320,15 +353,25 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     ax = dict(zip(panels, axes[0]))
     if ns:
-        seq = [result["sequential"][str(n)]["tok_per_s"] for n in ns]
-        ax["tokens"].plot(ns, seq, "k--o", label="sequential (no AIOS)")
+        ticks = dict(xscale="log", xticks=ns, xticklabels=ns, xlabel="concurrent agents")
+        ax["tokens"].axhline(result["sequential"]["tok_per_s"], color="k", linestyle="--", label="sequential (no AIOS)")
+        if result["peer"]:
+            ax["tokens"].plot(ns, [result["peer"][str(n)]["tok_per_s"] for n in ns], "k-s",
+                              label="llama-server (peer)")
+            ax["ratio"].plot(ns, [result["aios"]["fifo"][str(n)]["ratio_vs_peer"] for n in ns], "-o",
+                             label="AIOS fifo / llama-server")
+            ax["ratio"].axhline(1.5, color="grey", linestyle=":", label="floor 1.5x llama-server")
+        bounds = [(n, result["bound"][str(n)]) for n in ns if str(n) in result["bound"]]
+        if bounds:
+            ax["tokens"].plot([n for n, _ in bounds], [b for _, b in bounds], "g:", label="workload bound")
         for mode in result["config"]["modes"]:
-            rows = [result["aios"][mode][str(n)] for n in ns]
-            ax["tokens"].plot(ns, [r["tok_per_s"] for r in rows], "-o", label=f"AIOS {mode}")
-            ax["ratio"].plot(ns, [r["ratio_vs_sequential"] for r in rows], "-o", label=f"AIOS {mode}")
-        ax["tokens"].set(title="generated tokens/s", xlabel="concurrent agents", xscale="log", xticks=ns, xticklabels=ns)
-        ax["ratio"].axhline(3.0, color="grey", linestyle=":", label="floor 3x")
-        ax["ratio"].set(title="throughput vs sequential", xlabel="concurrent agents", xscale="log", xticks=ns, xticklabels=ns)
+            rows = [(n, result["aios"][mode][str(n)]) for n in ns if str(n) in result["aios"][mode]]
+            ax["tokens"].plot([n for n, _ in rows], [r["tok_per_s"] for _, r in rows], "-o", label=f"AIOS {mode}")
+        fifo = [(n, result["aios"]["fifo"][str(n)]) for n in ns if str(n) in result["aios"].get("fifo", {})]
+        ax["ratio"].plot([n for n, _ in fifo], [r["ratio_vs_sequential"] for _, r in fifo], "-o",
+                         label="AIOS fifo / sequential")
+        ax["tokens"].set(title=f"generated tokens/s ({result['config']['cpu']})", **ticks)
+        ax["ratio"].set(title="same-run throughput ratios", **ticks)
     if "snapshots" in result:
         snaps = result["snapshots"]
         lengths = [s["context_tokens"] for s in snaps]
@@ -354,70 +397,166 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
+    s = result["sequential"]
     lines = [
-        f"{'mode':<11}{'N':>4}{'tok/s':>9}{'x seq':>7}{'sysc/s':>8}{'llm p50':>9}{'llm p95':>9}"
-        f"{'wait p50':>10}{'wait p95':>10}{'jain':>6}{'preempt':>8}{'prefill saved':>15}"
+        f"{'system':<13}{'N':>4}{'tok/s':>9}{'x seq':>7}{'x peer':>7}{'x bound':>8}{'llm p50':>9}{'llm p95':>9}"
+        f"{'wait p50':>10}{'jain':>6}{'preempt':>8}{'prefilled':>10}{'reused':>8}",
+        f"{'sequential':<13}{s['agents_run']:>4}{s['tok_per_s']:>9.1f}{1.0:>7.2f}{'':>7}{'':>8}"
+        f"{s['llm_latency_p50_s']:>9.2f}{s['llm_latency_p95_s']:>9.2f}",
     ]
     for n in result["config"]["agents"]:
-        s = result["sequential"][str(n)]
-        lines.append(f"{'sequential':<11}{n:>4}{s['tok_per_s']:>9.1f}{1.0:>7.2f}{s['syscalls_per_s']:>8.1f}"
-                     f"{s['llm_latency_p50_s']:>9.2f}{s['llm_latency_p95_s']:>9.2f}")
+        peer = result["peer"].get(str(n))
+        if peer:
+            lines.append(f"{'llama-server':<13}{n:>4}{peer['tok_per_s']:>9.1f}{peer['tok_per_s'] / s['tok_per_s']:>7.2f}"
+                         f"{1.0:>7.2f}{peer['tok_per_s'] / result['bound'][str(n)] if str(n) in result['bound'] else 0:>8.2f}"
+                         f"{peer['llm_latency_p50_s']:>9.2f}{peer['llm_latency_p95_s']:>9.2f}{'':>10}{'':>6}{'':>8}"
+                         f"{peer['prefill_tokens']:>10}{peer['prefill_tokens_saved']:>8}")
         for mode in result["config"]["modes"]:
-            r = result["aios"][mode][str(n)]
-            saved = f"{r['prefill_tokens_saved']}/{r['prefill_tokens'] + r['prefill_tokens_saved']}"
+            r = result["aios"][mode].get(str(n))
+            if r is None:
+                continue
             lines.append(
-                f"{'aios ' + mode:<11}{n:>4}{r['tok_per_s']:>9.1f}{r['ratio_vs_sequential']:>7.2f}{r['syscalls_per_s']:>8.1f}"
+                f"{'aios ' + mode:<13}{n:>4}{r['tok_per_s']:>9.1f}{r['ratio_vs_sequential']:>7.2f}"
+                f"{r.get('ratio_vs_peer', 0):>7.2f}{r.get('ratio_vs_bound', 0):>8.2f}"
                 f"{r['llm_latency_p50_s']:>9.2f}{r['llm_latency_p95_s']:>9.2f}{r['llm_wait_p50_s']:>10.2f}"
-                f"{r['llm_wait_p95_s']:>10.2f}{r['jain_fairness']:>6.2f}{r['preemptions']:>8}{saved:>15}"
+                f"{r['jain_fairness']:>6.2f}{r['preemptions']:>8}{r['prefill_tokens']:>10}{r['prefill_tokens_saved']:>8}"
             )
     return "\n".join(lines)
 
 
-def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int) -> None:
-    """Sequential against AIOS per policy, then the snapshot microbenchmark; fills `result`."""
+def bench_prefill(model: LlamaModel, tokens: int = 512, reps: int = 5) -> float:
+    """llama.cpp's raw prefill rate on this CPU (tok/s): one sequence, `tokens` prompt tokens in one batch."""
+    runner = SequentialRunner(model)
+    prompt = model.tokenize(SYSTEM * 8, add_bos=True, special=False)[:tokens]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        runner.prefill(prompt)
+        times.append(time.perf_counter() - t0)
+    runner.close()
+    rate = len(prompt) / statistics.median(times[1:])
+    say(f"llama.cpp alone: prefill {rate:.0f} tok/s ({len(prompt)} tokens in one batch)")
+    return rate
+
+
+def workload_bound(model: LlamaModel, calls: list[list[Call]], prefill_rate: float, decode_rate: float) -> float:
+    """The most tok/s any server could get on this plan with this CPU's raw rates: prefill only what no earlier
+    call's prompt began with (every reusable prefix reused), decode every token at the batched rate."""
+    generated = sum(c.max_tokens for agent in calls for c in agent)
+    earlier: list[list[int]] = []
+    fresh = 0
+    for round_calls in zip(*calls):  # the order the calls arrive in: round by round
+        for call in round_calls:
+            tokens = model.tokenize(call.prompt, add_bos=True, special=True)
+            shared = max((len(os.path.commonprefix([tokens, e])) for e in earlier), default=0)
+            fresh += len(tokens) - shared
+            earlier.append(tokens)
+    return generated / (fresh / prefill_rate + generated / decode_rate)
+
+
+def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int,
+                  policy_ns: list[int], peer: bool) -> None:
+    """Sequential, then AIOS fifo interleaved with llama-server per agent count, the other policies at
+    `policy_ns`, then the snapshot microbenchmark; fills `result`."""
+    from bench.peer import LlamaServer, build
+
     slots = result["config"]["slots"]
     say(f"machine: {result['config']['cpu']}, {result['config']['cpus']} CPUs")
-    say(f"workload: agents {ns}, {rounds} rounds each (LLM call + memory_add + calculator), modes sequential + {modes}")
+    say(f"workload: agents {ns}, {rounds} rounds each (LLM call + memory_add + calculator); AIOS {modes[0]}"
+        f"{' against llama-server' if peer else ''} at every N, {modes[1:]} at {policy_ns}")
+    binary = build(say) if peer else None
     model = LlamaModel(default_model_path(progress=True))
     result["decode_batching"] = bench_decode_batching(model, slots)
+    result["prefill_tok_per_s"] = bench_prefill(model)
     runner = SequentialRunner(model)
+    say(f"sequential, {seq_cap} agents ...")
+    result["sequential"] = run_sequential(runner, plan(seq_cap, rounds, SEED, "seq"), seq_cap)
+    say(f"  {result['sequential']['tok_per_s']:.1f} tok/s")
+    plans = {n: plan(n, rounds, SEED, f"n{n}") for n in ns}
     for n in ns:
-        say(f"sequential, {n} agents ({min(n, seq_cap)} run) ...")
-        result["sequential"][str(n)] = run_sequential(runner, plan(n, rounds, SEED, f"n{n}"), seq_cap)
-        say(f"  {result['sequential'][str(n)]['tok_per_s']:.1f} tok/s")
-    for mode in modes:
+        if n >= slots or n == 1:
+            rate = result["decode_batching"]["tok_per_s_slots" if n >= slots else "tok_per_s_1"]
+            result["bound"][str(n)] = workload_bound(model, plans[n], result["prefill_tok_per_s"], rate)
+    for number, mode in enumerate(modes):
         with tempfile.TemporaryDirectory(prefix=f"aios-bench-{mode}-") as home:
             say(f"starting AIOS ({mode}, {slots} slots) ...")
             with Cluster(ClusterConfig(home=Path(home), policy=mode, slots=slots, model=default_model_path())) as cluster:
-                with cluster.connect() as kernel:
-                    for n in ns:
-                        say(f"AIOS {mode}, {n} agents ...")
-                        row = run_aios(kernel, plan(n, rounds, SEED, f"n{n}"))
-                        row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
-                        result["aios"][mode][str(n)] = row
-                        say(f"  {row['tok_per_s']:.1f} tok/s ({row['ratio_vs_sequential']:.2f}x sequential), "
-                            f"{row['preemptions']} preemptions, jain {row['jain_fairness']:.2f}")
+                server = None
+                if peer and number == 0:
+                    say(f"starting llama-server (--parallel {slots}, {EngineConfig().max_sequence_tokens} tokens per "
+                        f"sequence) ...")
+                    server = LlamaServer(binary, default_model_path(), slots, EngineConfig().max_sequence_tokens,
+                                         EngineConfig().threads, Path(home) / "llama-server.log")
+                try:
+                    with cluster.connect() as kernel:
+                        for n in ns if number == 0 else [n for n in policy_ns if n in ns]:
+                            say(f"AIOS {mode}, {n} agents ...")
+                            row = run_aios(kernel, plans[n])
+                            row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"]["tok_per_s"]
+                            if str(n) in result["bound"]:
+                                row["ratio_vs_bound"] = row["tok_per_s"] / result["bound"][str(n)]
+                            result["aios"][mode][str(n)] = row
+                            say(f"  {row['tok_per_s']:.1f} tok/s ({row['ratio_vs_sequential']:.2f}x sequential), "
+                                f"{row['preemptions']} preemptions, jain {row['jain_fairness']:.2f}")
+                            if server is not None:  # interleaved: the peer right after AIOS, on the same plan
+                                say(f"llama-server, {n} agents ...")
+                                result["peer"][str(n)] = run_peer(server, plans[n])
+                                row["ratio_vs_peer"] = row["tok_per_s"] / result["peer"][str(n)]["tok_per_s"]
+                                say(f"  {result['peer'][str(n)]['tok_per_s']:.1f} tok/s; AIOS {mode} is "
+                                    f"{row['ratio_vs_peer']:.2f}x llama-server")
+                finally:
+                    if server is not None:
+                        server.close()
                 if mode == modes[-1]:
                     say("snapshot save/restore ...")
                     result["snapshots"] = bench_snapshots(runner, cluster.redis_url, [128, 512, 1024])
 
 
+def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
+    """(name, measured, comparison, floor) for every floor this run can check: same-run ratios only."""
+    checks: list[tuple[str, float, str, float]] = []
+    fifo = result["aios"].get("fifo", {})
+    for n in (16, 32, 64):
+        row = fifo.get(str(n), {})
+        if "ratio_vs_peer" in row:
+            checks.append((f"AIOS fifo / llama-server at {n} agents", row["ratio_vs_peer"], ">=", 1.5))
+        if "ratio_vs_bound" in row:
+            checks.append((f"AIOS fifo / workload bound at {n} agents", row["ratio_vs_bound"], ">=", 0.95))
+        if n != 16 and str(n) in fifo and "16" in fifo:
+            checks.append((f"AIOS fifo at {n} agents / at 16", fifo[str(n)]["tok_per_s"] / fifo["16"]["tok_per_s"],
+                           ">=", 1.0))
+    if "32" in result["aios"].get("rr", {}) and "32" in fifo:
+        checks.append(("AIOS rr / fifo at 32 agents", result["aios"]["rr"]["32"]["tok_per_s"] / fifo["32"]["tok_per_s"],
+                       ">=", 0.95))
+    if "recovery" in result:
+        checks.append(("LLM core kill to first token p50, s (hot standby)",
+                       result["recovery"]["standby"]["first_token_after_kill_s_p50"], "<", 3.0))
+    return checks
+
+
 def main() -> int:
     parts = os.environ.get("BENCH_PARTS", "llm,memory,storage,gateway,recovery").split(",")
-    ns = [int(x) for x in os.environ.get("BENCH_NS", "1,4,8,16,32").split(",")] if "llm" in parts else []
-    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
+    ns = [int(x) for x in os.environ.get("BENCH_NS", "1,16,32,64").split(",")] if "llm" in parts else []
+    rounds = int(os.environ.get("BENCH_ROUNDS", "2"))
     modes = os.environ.get("BENCH_MODES", "fifo,rr,fair").split(",") if "llm" in parts else []
-    seq_cap = int(os.environ.get("BENCH_SEQ_AGENTS", "4"))
+    policy_ns = [int(x) for x in os.environ.get("BENCH_POLICY_NS", "32").split(",")]
+    seq_cap = int(os.environ.get("BENCH_SEQ_AGENTS", "2"))
+    peer = os.environ.get("BENCH_PEER", "1") != "0"
     began = time.monotonic()
     result: dict[str, Any] = {
         "config": {"parts": parts, "agents": ns, "rounds": rounds, "modes": modes, "slots": ClusterConfig.slots,
                    "slice_tokens": 32, "sequential_agents_cap": seq_cap, "cpus": os.cpu_count(),
-                   "cpu": cpu_model()},
+                   "cpu": cpu_model(), "policy_agents": policy_ns, "peer": "llama-server" if peer else None,
+                   "llama_cpp_python": version("llama_cpp_python"), "python": sys.version.split()[0],
+                   "command": " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("BENCH_"))
+                              + " make bench"},
         "sequential": {},
         "aios": {m: {} for m in modes},
+        "peer": {},
+        "bound": {},
     }
     if "llm" in parts:
-        run_llm_bench(result, ns, rounds, modes, seq_cap)
+        run_llm_bench(result, ns, rounds, modes, seq_cap, policy_ns, peer)
     if "memory" in parts:
         result["memory"] = run_memory_bench(say)
     if "storage" in parts:
@@ -430,10 +569,6 @@ def main() -> int:
     floors = {}
     if "16" in result["aios"].get("fifo", {}):
         floors["throughput_16_agents_vs_sequential"] = result["aios"]["fifo"]["16"]["ratio_vs_sequential"]
-    if "16" in result["aios"].get("rr", {}) and "16" in result["aios"].get("fifo", {}):
-        floors["rr_loss_vs_fifo_16_agents"] = 1 - result["aios"]["rr"]["16"]["tok_per_s"] / result["aios"]["fifo"]["16"]["tok_per_s"]
-    if "32" in result["aios"].get("rr", {}) and "32" in result["aios"].get("fifo", {}):
-        floors["rr_loss_vs_fifo_32_agents"] = 1 - result["aios"]["rr"]["32"]["tok_per_s"] / result["aios"]["fifo"]["32"]["tok_per_s"]
     for s in result.get("snapshots", []):
         if s["context_tokens"] == 512:
             floors["snapshot_plus_restore_512_ms"] = s["save_plus_restore_ms_p50"]
@@ -446,12 +581,15 @@ def main() -> int:
         floors["json_schema_vs_free_16_agents"] = result["gateway"]["json_schema_vs_free"]
         floors["gateway_ttft_p50_s"] = result["gateway"]["gateway"]["ttft_p50_s"]
     if "recovery" in result:
-        for mode in ("replay", "batched_replay", "standby"):
+        for mode in ("exact", "auto", "standby"):
             floors[f"llm_core_kill_to_first_token_p50_s_{mode}"] = result["recovery"][mode]["first_token_after_kill_s_p50"]
     if "memory" in result:
         hit = {label: row["hit_ratio"] for label, row in result["memory"]["modes"].items()}
         floors["memory_hit_ratio_lru2_minus_lru"] = hit["LRU-2"] - hit["LRU"]
     result["floors"] = floors
+    result["floor_checks"] = [{"name": name, "measured": value, "floor": f"{op} {limit}",
+                               "pass": value >= limit if op == ">=" else value < limit}
+                              for name, value, op, limit in floor_checks(result)]
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (f"bench-{stamp}.json", "latest.json"):
@@ -476,6 +614,14 @@ def main() -> int:
         print()
     for key, value in floors.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    for mode, rows in result["aios"].items():
+        for n, row in rows.items():
+            print(profile_line(int(n), mode, row["engine"]))
+    if result["floor_checks"]:
+        print(f"\nfloors (same-run ratios) on {result['config']['cpu']}:")
+    for check in result["floor_checks"]:
+        print(f"  {'PASS' if check['pass'] else 'FAIL'}  {check['name']}: {check['measured']:.2f} "
+              f"(floor {check['floor']})")
     say(f"done in {result['elapsed_s'] / 60:.1f} min; saved {RESULTS / f'bench-{stamp}.json'} and {RESULTS / 'latest.png'}")
     return 0
 

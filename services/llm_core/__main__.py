@@ -29,6 +29,7 @@ def build(args: argparse.Namespace) -> Service:
             n_batch=args.n_batch,
             prefix_cache=not args.no_prefix_cache,
             replay=args.replay,
+            host_prefix_bytes=args.prefix_cache_ram_mb << 20,
         ),
         swap_out=snapshots.put,
     )
@@ -69,6 +70,9 @@ def main() -> None:
                         help="KV cells per resident sequence (prompt + generated)")
     parser.add_argument("--snapshot-ttl", type=float, default=600.0, help="seconds a snapshot lives in Redis")
     parser.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
+    parser.add_argument("--prefix-cache-ram-mb", type=int, default=defaults.host_prefix_bytes >> 20,
+                        help="host RAM for the KV of finished sequences whose seq_id was needed, reused by prompts "
+                             "that start the same way (an agent's next call); 0 keeps none")
     parser.add_argument("--replay", default=defaults.replay, choices=REPLAY_MODES,
                         help="how a generation is rebuilt after a fault: its delivered tokens fed back one decode "
                              "step each (exact: the KV as the first run had it), prefilled in a batch (batched: "

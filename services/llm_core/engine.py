@@ -32,6 +32,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from services.errors import (
 )
 from services.llm_core.model import LlamaModel
 from services.llm_core.grammar import GrammarConstraint
+from services.llm_core.prefix_store import HostPrefixCache, common_prefix
 from services.llm_core.sampling import SamplingConfig, TokenSampler
 from services.llm_core.snapshot import ContextShape, Snapshot
 from services.llm_core.text import TextStream
@@ -171,9 +173,20 @@ class EngineConfig:
     # batches those the kernel asks to (Sequence.replay_in_batch: they were not decoding alone, so their numerics
     # depended on the batch anyway). `make bench`'s recovery part measures them.
     replay: str = "auto"
+    # RAM for prefixes that lost their seq_id (prefix_store.HostPrefixCache); 0 keeps none.
+    host_prefix_bytes: int = 2 << 30
 
 
 REPLAY_MODES = ("auto", "exact", "batched")
+
+
+class PrefixSource(enum.Enum):
+    """Where the longest reusable prefix of a prompt is."""
+
+    NONE = "none"
+    CACHED = "cached"  # a finished sequence's KV still in its seq_id
+    SEQUENCE = "sequence"  # a decoding or parked sequence's KV
+    HOST_RAM = "host_ram"  # a finished sequence's KV copied to RAM when its seq_id was needed
 
 
 @dataclass
@@ -186,6 +199,17 @@ class EngineStats:
     resumes_resident: int = 0
     restores: int = 0
     tokens_replayed: int = 0  # fed back to recover generations whose core died
+    # Where the engine thread's time goes (`make bench` prints the shares): inside llama_decode, sampling and
+    # accepting tokens, everything else while it has work (admission, batch building, bookkeeping), copying KV
+    # state (snapshots, restores, prefix copies), and waiting for work. decode_rows: sequences decoding (one token
+    # each) summed over steps, so decode_rows / steps is how full the batch ran.
+    decode_seconds: float = 0.0
+    sample_seconds: float = 0.0
+    schedule_seconds: float = 0.0
+    kv_copy_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    decode_rows: int = 0
+    prefix_restores_from_ram: int = 0
 
 
 def read_sequence_state(ctx: llama.llama_context_p, seq_id: int) -> memoryview:
@@ -202,23 +226,17 @@ def write_sequence_state(ctx: llama.llama_context_p, seq_id: int, kv: bytes | by
     return llama.llama_state_seq_set_data(ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), len(data), seq_id) > 0
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    equal = a[:n] == b[:n]
-    return n if bool(equal.all()) else int(np.argmin(equal))
-
-
 class SeqIdTable:
     """llama.cpp's seq_ids (one KV stream each) that no sequence holds: free ones, and cached prefixes (the KV
     of finished sequences, kept for prompts that start the same way; least recently used first). Sequences hold
     the others. It owns the KV operations on what it holds; `check` says whether, with the sequences' seq_ids,
     every seq_id has exactly one holder."""
 
-    def __init__(self, memory: Any, count: int) -> None:
+    def __init__(self, memory: Any, count: int,
+                 on_drop: Callable[[int, np.ndarray], None] = lambda slot, tokens: None) -> None:
         self.memory = memory
         self.count = count
+        self.on_drop = on_drop  # hears a cached prefix about to be dropped (its KV still there)
         self.free = list(range(count))
         self.cached: OrderedDict[int, np.ndarray] = OrderedDict()  # seq_id -> tokens in its KV; LRU first
 
@@ -248,8 +266,9 @@ class SeqIdTable:
         if higher:
             self.free.remove(max(higher))
             return max(higher)
-        for slot in self.cached:  # least recently used first
+        for slot, tokens in self.cached.items():  # least recently used first
             if slot > above and slot != keep:
+                self.on_drop(slot, tokens)
                 del self.cached[slot]
                 self.clear(slot)
                 return slot
@@ -304,7 +323,9 @@ class BatchEngine:
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._parked: OrderedDict[str, Sequence] = OrderedDict()  # oldest first: the swap victim
-        self.slots = SeqIdTable(self.memory, config.resident)
+        self.slots = SeqIdTable(self.memory, config.resident, on_drop=self._keep_in_ram)
+        self.host_prefixes = HostPrefixCache(config.host_prefix_bytes)
+        self._idle_since: float | None = None  # the engine thread waits for work since then
         self._to_release: list[Sequence] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
@@ -424,7 +445,7 @@ class BatchEngine:
         seq.restore = snapshot
         return seq
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, int | float]:
         with self._cond:
             return {
                 "slots": self.config.slots,
@@ -440,6 +461,16 @@ class BatchEngine:
                 "snapshots_restored": self.stats.restores,
                 "prefill_tokens": self.stats.prefill_tokens,
                 "prefill_tokens_saved": self.stats.prefill_tokens_saved,
+                "decode_seconds": self.stats.decode_seconds,
+                "sample_seconds": self.stats.sample_seconds,
+                "schedule_seconds": self.stats.schedule_seconds,
+                "kv_copy_seconds": self.stats.kv_copy_seconds,
+                "idle_seconds": self.stats.idle_seconds + (  # a wait still going on counts up to now
+                    time.perf_counter() - self._idle_since if self._idle_since is not None else 0.0),
+                "decode_rows": self.stats.decode_rows,
+                "prefix_restores_from_ram": self.stats.prefix_restores_from_ram,
+                "prefix_ram_entries": len(self.host_prefixes),
+                "prefix_ram_bytes": self.host_prefixes.used_bytes,
             }
 
     def start(self) -> None:
@@ -498,13 +529,27 @@ class BatchEngine:
         busy = {s.slot for s in self._active} | {s.slot for s in self._waiting if s.slot >= 0}  # + resumed, resident
         return next((i for i in range(self.config.resident) if i not in busy), self.config.resident)
 
+    def _read_state(self, seq_id: int) -> memoryview:
+        started = time.perf_counter()
+        try:
+            return read_sequence_state(self.ctx, seq_id)
+        finally:
+            self.stats.kv_copy_seconds += time.perf_counter() - started
+
+    def _write_state(self, seq_id: int, kv: bytes | bytearray | memoryview) -> bool:
+        started = time.perf_counter()
+        try:
+            return write_sequence_state(self.ctx, seq_id, kv)
+        finally:
+            self.stats.kv_copy_seconds += time.perf_counter() - started
+
     def _copy_locked(self, src: int, dst: int) -> None:
         """Copies one sequence's KV to another seq_id, now.
 
         Not llama_memory_seq_cp: across streams it defers the data copy to the next decode, and a
         restore or a snapshot of either seq_id before then would read or clobber the wrong data.
         """
-        if not write_sequence_state(self.ctx, dst, read_sequence_state(self.ctx, src)):
+        if not self._write_state(dst, self._read_state(src)):
             raise RuntimeError(f"llama.cpp refused to copy seq_id {src} to {dst}")
 
     def _move_locked(self, src: int, dst: int) -> None:
@@ -521,6 +566,7 @@ class BatchEngine:
         if slot in self.slots.cached:
             tokens = self.slots.cached.pop(slot)
             if spare is None:
+                self._keep_in_ram(slot, tokens)
                 self.slots.clear(slot)
                 return -1
             self._move_locked(slot, spare)
@@ -552,10 +598,10 @@ class BatchEngine:
         (a cached prefix or a parked sequence, if anything) moves up to where `top` was.
         False if llama.cpp refused to load `top` at `gap` (it then stays where it was)."""
         high = top.slot
-        resting = None if gap in self.slots.free else read_sequence_state(self.ctx, gap)
-        moving = read_sequence_state(self.ctx, high)
+        resting = None if gap in self.slots.free else self._read_state(gap)
+        moving = self._read_state(high)
         llama.llama_memory_seq_rm(self.memory, gap, -1, -1)
-        if not write_sequence_state(self.ctx, gap, moving):  # top keeps its KV at `high`
+        if not self._write_state(gap, moving):  # top keeps its KV at `high`
             self._drop_resting_locked(gap)
             return False
         llama.llama_memory_seq_rm(self.memory, high, -1, -1)
@@ -563,7 +609,7 @@ class BatchEngine:
         for seq in [*self._parked.values(), *self._waiting, top]:
             seq.slot = relabel.get(seq.slot, seq.slot)
         self.slots.relabel(relabel)
-        if resting is not None and not write_sequence_state(self.ctx, high, resting):
+        if resting is not None and not self._write_state(high, resting):
             self._drop_resting_locked(high)
         return True
 
@@ -607,11 +653,11 @@ class BatchEngine:
             sampling=seq.config,
             rng_state=seq.sampler.rng.bit_generator.state,
             prefix_reused=seq.prefix_reused,
-            kv=read_sequence_state(self.ctx, seq.slot),
+            kv=self._read_state(seq.slot),
         )
 
     def _load(self, seq: Sequence, snapshot: Snapshot) -> None:
-        if not write_sequence_state(self.ctx, seq.slot, snapshot.kv) or (
+        if not self._write_state(seq.slot, snapshot.kv) or (
             llama.llama_memory_seq_pos_max(self.memory, seq.slot) != seq.n_past - 1
         ):
             llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
@@ -620,22 +666,30 @@ class BatchEngine:
             )
         self.stats.restores += 1
 
-    def _best_prefix_locked(self, seq: Sequence) -> tuple[int, int, bool]:
-        """The longest computed prefix of `seq`'s prompt resident here: (tokens, seq_id, is a cached prefix)."""
+    def _keep_in_ram(self, slot: int, tokens: np.ndarray) -> None:
+        """A cached prefix loses its seq_id: its KV goes to the host RAM store instead of away."""
+        if self.host_prefixes.budget_bytes and len(tokens) >= self.config.min_prefix_tokens:
+            self.host_prefixes.put(tokens, self._read_state(slot))
+
+    def _best_prefix_locked(self, seq: Sequence) -> tuple[int, int, PrefixSource]:
+        """The longest computed prefix of `seq`'s prompt here: (tokens, seq_id or host store key, where)."""
         want = seq.prompt_array[:-1]  # the last prompt token is always decoded, for its logits
-        best, source, cached = 0, -1, False
+        best, source, where = 0, -1, PrefixSource.NONE
         if self.config.prefix_cache:
             for slot, tokens in self.slots.cached.items():
                 n = common_prefix(tokens, want)
                 if n > best:
-                    best, source, cached = n, slot, True
+                    best, source, where = n, slot, PrefixSource.CACHED
             for other in [*self._active, *self._parked.values()]:
                 if not other.kv_ready:  # admitted this round: its cells are not computed yet
                     continue
                 n = common_prefix(other.tokens_in_kv(), want)
                 if n > best:
-                    best, source, cached = n, other.slot, False
-        return best, source, cached
+                    best, source, where = n, other.slot, PrefixSource.SEQUENCE
+            n, key = self.host_prefixes.longest(want)
+            if n > best + self.config.min_prefix_tokens:  # a copy from RAM must beat prefilling the difference
+                best, source, where = n, key, PrefixSource.HOST_RAM
+        return best, source, where
 
     def _prefix_coming_locked(self, seq: Sequence) -> bool:
         """True when a sequence prefilling now will soon hold a longer prefix of `seq`'s prompt than any
@@ -651,20 +705,29 @@ class BatchEngine:
         )
 
     def _reuse_prefix_locked(self, seq: Sequence) -> int:
-        """Gives `seq` a seq_id holding the longest resident prefix of its prompt."""
-        best, source, cached = self._best_prefix_locked(seq)
+        """Gives `seq` a seq_id holding the longest prefix of its prompt found here (resident or in RAM)."""
+        best, source, where = self._best_prefix_locked(seq)
         if best < self.config.min_prefix_tokens:
             return self._claim_slot_locked()
-        slot = self._lowest_idle_slot_locked()
-        if cached and source == slot:
-            del self.slots.cached[slot]  # adopt the cached stream where it is: no copy
-        else:
-            moved_to = self._vacate_locked(slot, keep=source)
-            if source == slot:  # the source was resting here and moved (or was written out)
-                source = moved_to
-            if source < 0:
+        if where is PrefixSource.HOST_RAM:
+            kv = self.host_prefixes.take(source)  # held here: claiming a seq_id may evict it from the store
+            slot = self._claim_slot_locked()
+            if not self._write_state(slot, kv):
+                log.error("llama.cpp refused a prefix from RAM for %s; prefilling in full", seq.request_id)
+                self.slots.clear(slot)
                 return slot
-            self._copy_locked(source, slot)
+            self.stats.prefix_restores_from_ram += 1
+        else:
+            slot = self._lowest_idle_slot_locked()
+            if where is PrefixSource.CACHED and source == slot:
+                del self.slots.cached[slot]  # adopt the cached stream where it is: no copy
+            else:
+                moved_to = self._vacate_locked(slot, keep=source)
+                if source == slot:  # the source was resting here and moved (or was written out)
+                    source = moved_to
+                if source < 0:
+                    return slot
+                self._copy_locked(source, slot)
         llama.llama_memory_seq_rm(self.memory, slot, best, -1)
         if llama.llama_memory_seq_pos_max(self.memory, slot) != best - 1:  # never decode on the wrong prefix
             log.error("prefix copy for %s left seq_id %d at pos_max %d, not %d; prefilling in full", seq.request_id,
@@ -730,17 +793,23 @@ class BatchEngine:
 
     def _run(self) -> None:
         while True:
+            started, idle, copying = time.perf_counter(), self.stats.idle_seconds, self.stats.kv_copy_seconds
             with self._cond:
                 self._housekeeping_locked()
                 self._admit_locked()
                 while not self._active and not self._stopping:
+                    self._idle_since = time.perf_counter()
                     self._cond.wait()
+                    self.stats.idle_seconds += time.perf_counter() - self._idle_since
+                    self._idle_since = None
                     self._housekeeping_locked()
                     self._admit_locked()
                 self._compact_locked()
                 if self._stopping:
                     break
                 active = list(self._active)
+            self.stats.schedule_seconds += (time.perf_counter() - started - (self.stats.idle_seconds - idle)
+                                            - (self.stats.kv_copy_seconds - copying))
             try:
                 self._step(active)
             except Exception as exc:  # noqa: BLE001 - fail the sequences, keep the engine alive
@@ -757,6 +826,7 @@ class BatchEngine:
         self._fail(pending, Unavailable("the LLM core is shutting down; retry on another replica"))
 
     def _step(self, active: list[Sequence]) -> None:
+        started = time.perf_counter()
         batch = self.batch
         batch.n_tokens = 0
         outputs: list[tuple[Sequence, int]] = []
@@ -810,7 +880,11 @@ class BatchEngine:
                     budget -= len(ride)
         if batch.n_tokens == 0:
             return
+        decode_started = time.perf_counter()
+        self.stats.schedule_seconds += decode_started - started
         rc = llama.llama_decode(self.ctx, batch)
+        decoded, copying = time.perf_counter(), self.stats.kv_copy_seconds
+        self.stats.decode_seconds += decoded - decode_started
         if rc != 0:
             state = ", ".join(
                 f"{s.request_id}@{s.slot}: n_past {s.n_past}, kv pos_max {llama.llama_memory_seq_pos_max(self.memory, s.slot)}"
@@ -819,6 +893,7 @@ class BatchEngine:
             log.error("llama_decode returned %d; batch of %d tokens; sequences: %s", rc, batch.n_tokens, state)
             raise RuntimeError(f"llama_decode returned {rc}")
         self.stats.steps += 1
+        self.stats.decode_rows += decoding
         for seq in active:
             seq.kv_ready = True
         for seq, index in outputs:
@@ -832,6 +907,7 @@ class BatchEngine:
             self._accept(seq, token)
             for _ in range(unsampled.pop(seq, 0)):  # they are in KV now: accepted as delivered, nothing to sample
                 self._accept(seq, seq.replay[0])
+        self.stats.sample_seconds += time.perf_counter() - decoded - (self.stats.kv_copy_seconds - copying)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         if seq.status is SequenceStatus.PREFILLING:  # its first sampled token: the prompt is all in KV

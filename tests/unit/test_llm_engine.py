@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import queue
 import random
+import time
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Iterator
@@ -540,3 +541,47 @@ def test_auto_replay_batches_only_the_generations_the_kernel_says_were_in_a_crow
             assert steps < len(expected) - 15 + 3 if in_batch else steps >= len(expected)
         finally:
             harness.close()
+
+
+def test_the_engine_accounts_for_its_time_and_how_full_its_batches_ran(model):
+    """The profile `make bench` prints (EngineStats): the five times do not overlap, so they add up to no more than
+    the engine thread's life, and decode_rows counts one row per decoding sequence per step."""
+    started = time.perf_counter()
+    harness = Harness(model, slots=2, resident=3)
+    try:
+        runs = [harness.start(f"profiled-{i}", SamplingConfig(max_tokens=12, ignore_eos=True)) for i in range(2)]
+        for _, events in runs:
+            assert isinstance(harness.tokens_until(events)[1], FinishEvent)
+        status = harness.engine.status()
+    finally:
+        harness.close()
+    times = [status[name] for name in ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds",
+                                       "idle_seconds")]
+    assert all(t >= 0 for t in times) and status["decode_seconds"] > 0 and status["sample_seconds"] > 0
+    assert sum(times) <= time.perf_counter() - started
+    assert 2 * 11 <= status["decode_rows"] <= 2 * 12  # each sequence decodes max_tokens - 1 steps after prefill
+    assert status["decode_rows"] <= 2 * status["steps"]
+
+
+def test_a_prefix_that_lost_its_seq_id_comes_back_from_ram_with_the_same_kv(model):
+    """An agent's next call extends its last one. With one seq_id, another call takes it and the finished
+    sequence's KV goes to host RAM; the next call restores it from there instead of prefilling it, and continues
+    exactly as it does from the same KV left resident."""
+    first = "Task: investigate the river, the harbor and the ledger, then report the total of the numbers. " * 2
+    later = first + "Observation: 42. Thought: I should now add the numbers and report the total.\nAnswer:"
+    greedy = SamplingConfig(max_tokens=8, ignore_eos=True)
+    outputs = {}
+    for evicted in (False, True):
+        h = Harness(model, slots=1, resident=1 if evicted else 2)
+        try:
+            h.tokens_until(h.start("first", SamplingConfig(max_tokens=2), prompt=first)[1])
+            if evicted:  # another call takes the only seq_id: the first's KV goes to RAM
+                h.tokens_until(h.start("other", SamplingConfig(max_tokens=2), prompt="Count: 1, 2, 3,")[1])
+                assert h.engine.status()["prefix_ram_entries"] == 1
+            outputs[evicted], end = h.tokens_until(h.start("next", greedy, prompt=later)[1])
+            assert isinstance(end, FinishEvent)
+            assert end.prefix_reused >= len(model.tokenize(first, True, True)) - 2
+            assert h.engine.stats.prefix_restores_from_ram == int(evicted)
+        finally:
+            h.close()
+    assert outputs[True] == outputs[False]
