@@ -100,7 +100,11 @@ class LlamaServer:
                 "--ubatch-size", "512", "--no-repack", "--no-webui"]
         self.log = log.open("wb")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_healthy()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.close()
+            raise
 
     def _wait_healthy(self, within_s: float = 120.0) -> None:
         deadline = time.monotonic() + within_s

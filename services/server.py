@@ -281,13 +281,15 @@ async def serve(service: Service, host: str, port: int, ready_file: Path | None 
     log.info("%s stopping", service.name)
     watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
-    if service.on_drain is not None:
-        await service.on_drain()
-    await server.stop(grace=STOP_GRACE_S)
-    if service.on_stop is not None:
-        result = service.on_stop()
-        if asyncio.iscoroutine(result):
-            await result
+    try:
+        if service.on_drain is not None:
+            await service.on_drain()
+    finally:  # a drain that failed still stops the server and releases what the service holds
+        await server.stop(grace=STOP_GRACE_S)
+        if service.on_stop is not None:
+            result = service.on_stop()
+            if asyncio.iscoroutine(result):
+                await result
     log.info("%s stopped", service.name)
 
 

@@ -105,14 +105,17 @@ class ResumableStream:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
 
     def back_within(self) -> float:
-        """How long to wait for the kernel to be back before the next attempt."""
+        """How long to wait for the kernel to be back before the next attempt: what is left of KERNEL_BACK_S
+        since the stream broke, and of the caller's deadline."""
+        since = 0.0 if self._broken_since is None else time.monotonic() - self._broken_since
         left = self.remaining()
-        return KERNEL_BACK_S if left is None else min(KERNEL_BACK_S, left)
+        back = max(KERNEL_BACK_S - since, 0.0)
+        return back if left is None else min(back, left)
 
     def opened(self, metadata: Any) -> None:
         """Notes the syscall id from the stream's initial metadata (absent if it broke before the kernel sent it)."""
         syscall_id = dict(metadata or ()).get(SYSCALL_ID_METADATA)
-        if syscall_id:
+        if syscall_id and not self.request.remember:  # one that remembers is never continued, only sent again
             self.request.resume_syscall_id = syscall_id
 
     def fresh(self, chunk: llm_core_pb2.GenerateChunk) -> bool:
@@ -129,11 +132,14 @@ class ResumableStream:
         the request again, updated to go on from the next token. An UNAVAILABLE the kernel answered with pushback -1
         is final; with a positive pushback (it is stopping: `aios down`) the SDK waits that long and tries again,
         for up to KERNEL_BACK_S; with none (the kernel went away) it tries again at once, MAX_STREAM_RESUMES
-        times at most (the caller then waits for the channel to be ready)."""
+        times at most (the caller then waits for the channel to be ready). A generation that remembers its turns
+        is sent again only when the kernel refused it before any token (stopping), never continued."""
         from aios.client import PUSHBACK  # aios.client imports this module
 
         pushback = dict(error.trailing_metadata() or ()).get(PUSHBACK)  # type: ignore[attr-defined]
-        if error.code() != grpc.StatusCode.UNAVAILABLE or pushback == "-1" or self.request.remember:  # type: ignore[attr-defined]
+        if error.code() != grpc.StatusCode.UNAVAILABLE or pushback == "-1":  # type: ignore[attr-defined]
+            return None
+        if self.request.remember and (self.received or not pushback):  # stores turns: only if nothing came yet
             return None
         now = time.monotonic()
         self._broken_since = self._broken_since or now

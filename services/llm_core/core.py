@@ -105,7 +105,7 @@ class LLMCore:
     def reset(self, keep: set[str]) -> tuple[int, int]:
         """Forgets every parked generation and every snapshot but those of the syscalls in `keep` (a new kernel
         starts); returns how many of each. Blocks on Redis."""
-        return self.engine.discard_all_parked(), self.snapshots.forget_all(keep)
+        return self.engine.discard_all_parked(keep), self.snapshots.forget_all(keep)
 
     def cancel(self, seq: Sequence) -> None:
         self.engine.cancel(seq)

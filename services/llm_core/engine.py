@@ -212,6 +212,14 @@ class EngineStats:
     prefix_restores_from_ram: int = 0
 
 
+@dataclass(frozen=True)
+class CachedPrefix:
+    """A finished sequence's KV resting in its seq_id: the tokens it holds and the agent whose they were."""
+
+    tokens: np.ndarray
+    agent_id: str
+
+
 def read_sequence_state(ctx: llama.llama_context_p, seq_id: int) -> memoryview:
     """One sequence's llama.cpp state (its KV cells), copied once into a fresh buffer."""
     size = llama.llama_state_seq_get_size(ctx, seq_id)
@@ -233,12 +241,12 @@ class SeqIdTable:
     every seq_id has exactly one holder."""
 
     def __init__(self, memory: Any, count: int,
-                 on_drop: Callable[[int, np.ndarray], None] = lambda slot, tokens: None) -> None:
+                 on_drop: Callable[[int, CachedPrefix], None] = lambda slot, prefix: None) -> None:
         self.memory = memory
         self.count = count
         self.on_drop = on_drop  # hears a cached prefix about to be dropped (its KV still there)
         self.free = list(range(count))
-        self.cached: OrderedDict[int, np.ndarray] = OrderedDict()  # seq_id -> tokens in its KV; LRU first
+        self.cached: OrderedDict[int, CachedPrefix] = OrderedDict()  # seq_id -> what its KV holds; LRU first
 
     def clear(self, slot: int) -> None:
         llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
@@ -248,9 +256,9 @@ class SeqIdTable:
         self.clear(slot)
         self.free.append(slot)
 
-    def cache(self, slot: int, tokens: np.ndarray) -> None:
+    def cache(self, slot: int, prefix: CachedPrefix) -> None:
         """A finished sequence's KV at `slot` stays, as a prefix for later prompts."""
-        self.cached[slot] = tokens
+        self.cached[slot] = prefix
 
     def take_free(self, slot: int) -> bool:
         """Claims `slot` if it is free."""
@@ -266,9 +274,9 @@ class SeqIdTable:
         if higher:
             self.free.remove(max(higher))
             return max(higher)
-        for slot, tokens in self.cached.items():  # least recently used first
+        for slot, prefix in self.cached.items():  # least recently used first
             if slot > above and slot != keep:
-                self.on_drop(slot, tokens)
+                self.on_drop(slot, prefix)
                 del self.cached[slot]
                 self.clear(slot)
                 return slot
@@ -283,7 +291,7 @@ class SeqIdTable:
 
     def relabel(self, mapping: dict[int, int]) -> None:
         """Two seq_ids exchanged their KV: what this table holds follows."""
-        self.cached = OrderedDict((mapping.get(slot, slot), tokens) for slot, tokens in self.cached.items())
+        self.cached = OrderedDict((mapping.get(slot, slot), prefix) for slot, prefix in self.cached.items())
         self.free = [mapping.get(slot, slot) for slot in self.free]
 
     def check(self, held_by_sequences: list[int]) -> None:
@@ -402,11 +410,13 @@ class BatchEngine:
                 self._to_release.append(seq)
             return seq is not None
 
-    def discard_all_parked(self) -> int:
-        """Frees every parked sequence's slot (their kernel is gone); returns how many."""
+    def discard_all_parked(self, keep: set[str] = frozenset()) -> int:
+        """Frees every parked sequence's slot but those of the request ids in `keep` (their kernel is gone, or
+        suspended them for their agents); returns how many."""
         with self._cond:
-            parked = list(self._parked.values())
-            self._parked.clear()
+            parked = [seq for seq in self._parked.values() if seq.request_id not in keep]
+            for seq in parked:
+                del self._parked[seq.request_id]
             for seq in parked:
                 seq.status = SequenceStatus.CANCELLED
             self._to_release.extend(parked)
@@ -564,13 +574,13 @@ class BatchEngine:
             return -1
         spare = self.slots.spare_above(slot, keep)
         if slot in self.slots.cached:
-            tokens = self.slots.cached.pop(slot)
+            prefix = self.slots.cached.pop(slot)
             if spare is None:
-                self._keep_in_ram(slot, tokens)
+                self._keep_in_ram(slot, prefix)
                 self.slots.clear(slot)
                 return -1
             self._move_locked(slot, spare)
-            self.slots.cache(spare, tokens)
+            self.slots.cache(spare, prefix)
             return spare
         parked = next(p for p in self._parked.values() if p.slot == slot)
         if spare is None:
@@ -666,18 +676,18 @@ class BatchEngine:
             )
         self.stats.restores += 1
 
-    def _keep_in_ram(self, slot: int, tokens: np.ndarray) -> None:
+    def _keep_in_ram(self, slot: int, prefix: CachedPrefix) -> None:
         """A cached prefix loses its seq_id: its KV goes to the host RAM store instead of away."""
-        if self.host_prefixes.budget_bytes and len(tokens) >= self.config.min_prefix_tokens:
-            self.host_prefixes.put(tokens, self._read_state(slot))
+        if self.host_prefixes.budget_bytes and len(prefix.tokens) >= self.config.min_prefix_tokens:
+            self.host_prefixes.put(prefix.agent_id, prefix.tokens, self._read_state(slot))
 
     def _best_prefix_locked(self, seq: Sequence) -> tuple[int, int, PrefixSource]:
         """The longest computed prefix of `seq`'s prompt here: (tokens, seq_id or host store key, where)."""
         want = seq.prompt_array[:-1]  # the last prompt token is always decoded, for its logits
         best, source, where = 0, -1, PrefixSource.NONE
         if self.config.prefix_cache:
-            for slot, tokens in self.slots.cached.items():
-                n = common_prefix(tokens, want)
+            for slot, prefix in self.slots.cached.items():
+                n = common_prefix(prefix.tokens, want)
                 if n > best:
                     best, source, where = n, slot, PrefixSource.CACHED
             for other in [*self._active, *self._parked.values()]:
@@ -686,7 +696,7 @@ class BatchEngine:
                 n = common_prefix(other.tokens_in_kv(), want)
                 if n > best:
                     best, source, where = n, other.slot, PrefixSource.SEQUENCE
-            n, key = self.host_prefixes.longest(want)
+            n, key = self.host_prefixes.longest(seq.agent_id, want)
             if n > best + self.config.min_prefix_tokens:  # a copy from RAM must beat prefilling the difference
                 best, source, where = n, key, PrefixSource.HOST_RAM
         return best, source, where
@@ -714,6 +724,7 @@ class BatchEngine:
             slot = self._claim_slot_locked()
             if not self._write_state(slot, kv):
                 log.error("llama.cpp refused a prefix from RAM for %s; prefilling in full", seq.request_id)
+                self.host_prefixes.drop(source)
                 self.slots.clear(slot)
                 return slot
             self.stats.prefix_restores_from_ram += 1
@@ -783,7 +794,7 @@ class BatchEngine:
         if seq.slot < 0:
             return
         if keep_as_prefix and self.config.prefix_cache and seq.n_past >= self.config.min_prefix_tokens:
-            self.slots.cache(seq.slot, seq.tokens_in_kv().copy())
+            self.slots.cache(seq.slot, CachedPrefix(seq.tokens_in_kv().copy(), seq.agent_id))
         else:
             self.slots.release(seq.slot)
         seq.slot = -1

@@ -97,7 +97,7 @@ CORE_RECOVERY_WAIT_S = 120.0  # how long a generation waits for its dead core to
 CORE_POLL_S = 0.1  # how often a waiting call asks a restarting manager's health
 STOPPING = ("AIOS is stopping (`aios down`) and takes no syscalls; the SDKs ask again by themselves once it is back "
             "(and continue a generation it suspended from where it stopped)")
-STOPPING_RETRY_S = 1.0  # the pushback sent with STOPPING
+STOPPING_RETRY_S = 3.0  # the pushback sent with STOPPING: gRPC's 5 attempts then outlast a drain and its grace
 DRAIN_S = 8.0  # how long a stopping kernel waits for its generations to be switched out of the core
 DRAIN_POLL_S = 0.05  # how often it asks again for those still prefilling or replaying (not switchable yet)
 
@@ -301,10 +301,12 @@ class Kernel:
                     message = first
                     if request.received_token_ids:  # the agent's stream broke before (the kernel died): go on
                         token_ids.extend(request.received_token_ids)
+                        reply.extend([""] * len(token_ids))  # their texts are the agent's; one entry per token
                         record.tokens_out, record.recoveries = len(token_ids), 1
                         message = _replaying(first, token_ids)
                 handed_over = True
                 parked = False  # the core holds a preempted sequence of ours
+                crashes = 0  # times this kernel rebuilt it after its core died (bounded; suspensions are not)
                 try:
                     while True:
                         call = core.stream("Generate", message, _remaining(deadline))
@@ -335,7 +337,7 @@ class Kernel:
                                     yield chunk
                                 queue.progress(record, chunk.prompt_tokens, new_tokens)
                         except grpc.aio.AioRpcError as exc:
-                            if not _core_lost_it(exc, message.resume) or record.recoveries >= MAX_RECOVERIES:
+                            if not _core_lost_it(exc, message.resume) or crashes >= MAX_RECOVERIES:
                                 raise
                             lost = True
                         finally:
@@ -358,6 +360,7 @@ class Kernel:
                             # Exactly when it decoded alone (token-identical); with others, its numerics depended
                             # on the batch anyway, and the core may rebuild it the fast way.
                             crowd = len(queue.running) > 1
+                            crashes += 1
                             record.recoveries += 1
                             record.preempt_requested = False  # a preemption asked of the dead core died with it
                             log.warning("syscall %s: its LLM core lost it after %d tokens; recovering (recovery %d)",

@@ -83,7 +83,8 @@ class ResourceQueue:
         for record, granted in list(self._grants.items()):
             self.policy.remove(record)
             del self._grants[record]
-            granted.set_exception(refusal())
+            if not granted.done():  # a caller cancelled in this instant cleans up after itself
+                granted.set_exception(refusal())
 
     async def _wait_for_grant(self, record: SyscallRecord) -> None:
         if self._refusal is not None:

@@ -251,7 +251,7 @@ def test_decoding_sequences_close_the_gap_a_finished_one_leaves(model):
         assert c_events[0].slot == 2 and c_events[-1].slot == 0  # c moved down into the gap ...
         assert [e.token_id for e in c_events] == [e.token_id for e in b_events]  # ... with its KV intact
         with h.engine._cond:  # ... and the finished sequence's prefix moved up to seq_id 2 with its KV
-            tokens = h.engine.slots.cached[2]
+            tokens = h.engine.slots.cached[2].tokens
             assert llama.llama_memory_seq_pos_max(h.engine.memory, 2) == len(tokens) - 1
     finally:
         h.close()

@@ -66,9 +66,21 @@ def test_final_answers_are_not_retried(error):
     assert ResumableStream(generate_request("hi"), timeout=None).retry_after(error) is None
 
 
-def test_a_generation_that_remembers_its_turns_is_not_continued():
+def test_a_generation_that_remembers_its_turns_is_not_continued_only_sent_again_when_refused_before_a_token():
+    stopping = BrokenStream(grpc.StatusCode.UNAVAILABLE, (("grpc-retry-pushback-ms", "1000"),))
     generation = ResumableStream(generate_request(messages=[("user", "hi")], remember=True), timeout=None)
-    assert generation.retry_after(BrokenStream(grpc.StatusCode.UNAVAILABLE)) is None
+    generation.opened((("aios-syscall-id", "sc-1"),))
+    assert generation.retry_after(stopping) == 1.0 and not generation.request.resume_syscall_id
+    assert generation.retry_after(BrokenStream(grpc.StatusCode.UNAVAILABLE)) is None  # the kernel died under it
+    streamed(generation, 5)
+    assert generation.retry_after(stopping) is None  # a token came: sending it again would store the turns twice
+
+
+def test_the_wait_for_the_kernel_counts_from_the_break():
+    generation = ResumableStream(generate_request("hi"), timeout=None)
+    generation.retry_after(BrokenStream(grpc.StatusCode.UNAVAILABLE))
+    generation._broken_since -= KERNEL_BACK_S - 5  # broke that long ago
+    assert generation.back_within() <= 5
 
 
 def test_the_wait_never_outlasts_the_callers_deadline():
