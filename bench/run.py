@@ -23,7 +23,8 @@ and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage,gateway,reco
 BENCH_NS (1,16,32,64), BENCH_ROUNDS (2), BENCH_MODES (fifo,rr,fair), BENCH_POLICY_NS
 (32: where the policies after the first run), BENCH_PEER (1; 0 skips llama-server
 and its build), BENCH_SEQ_AGENTS (2: the sequential baseline runs that many agents'
-calls; one-at-a-time throughput does not depend on N).
+calls; one-at-a-time throughput does not depend on N), BENCH_QUICK (1: a few-minute
+subset, see QUICK; explicit knobs still win).
 """
 
 from __future__ import annotations
@@ -534,13 +535,25 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
     return checks
 
 
+# BENCH_QUICK=1: a few-minute subset (AIOS fifo and llama-server at 1 and 16 agents, one round), for a first look.
+QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo", "BENCH_SEQ_AGENTS": "1"}
+DEFAULTS = {"BENCH_PARTS": "llm,memory,storage,gateway,recovery", "BENCH_NS": "1,16,32,64", "BENCH_ROUNDS": "2",
+            "BENCH_MODES": "fifo,rr,fair", "BENCH_POLICY_NS": "32", "BENCH_SEQ_AGENTS": "2"}
+
+
+def knob(name: str) -> str:
+    """An environment knob: as set, else its BENCH_QUICK value when quick, else its default."""
+    quick = os.environ.get("BENCH_QUICK", "0") != "0"
+    return os.environ.get(name) or (QUICK.get(name) if quick else None) or DEFAULTS[name]
+
+
 def main() -> int:
-    parts = os.environ.get("BENCH_PARTS", "llm,memory,storage,gateway,recovery").split(",")
-    ns = [int(x) for x in os.environ.get("BENCH_NS", "1,16,32,64").split(",")] if "llm" in parts else []
-    rounds = int(os.environ.get("BENCH_ROUNDS", "2"))
-    modes = os.environ.get("BENCH_MODES", "fifo,rr,fair").split(",") if "llm" in parts else []
-    policy_ns = [int(x) for x in os.environ.get("BENCH_POLICY_NS", "32").split(",")]
-    seq_cap = int(os.environ.get("BENCH_SEQ_AGENTS", "2"))
+    parts = knob("BENCH_PARTS").split(",")
+    ns = [int(x) for x in knob("BENCH_NS").split(",")] if "llm" in parts else []
+    rounds = int(knob("BENCH_ROUNDS"))
+    modes = knob("BENCH_MODES").split(",") if "llm" in parts else []
+    policy_ns = [int(x) for x in knob("BENCH_POLICY_NS").split(",")]
+    seq_cap = int(knob("BENCH_SEQ_AGENTS"))
     peer = os.environ.get("BENCH_PEER", "1") != "0"
     began = time.monotonic()
     result: dict[str, Any] = {
