@@ -23,8 +23,10 @@ and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage,gateway,reco
 BENCH_NS (1,16,32,64), BENCH_ROUNDS (2), BENCH_MODES (fifo,rr,fair), BENCH_POLICY_NS
 (32: where the policies after the first run), BENCH_PEER (1; 0 skips llama-server
 and its build), BENCH_SEQ_AGENTS (2: the sequential baseline runs that many agents'
-calls; one-at-a-time throughput does not depend on N), BENCH_QUICK (1: a few-minute
-subset, see QUICK; explicit knobs still win).
+calls; one-at-a-time throughput does not depend on N), BENCH_REPEATS (1: runs per N,
+each AIOS run paired with a peer run right after it; the table shows the median run,
+the ratio is the median of the paired ratios, the JSON every run and their spread),
+BENCH_QUICK (1: a few-minute subset, see QUICK; explicit knobs still win).
 """
 
 from __future__ import annotations
@@ -423,6 +425,8 @@ def table(result: dict[str, Any]) -> str:
                 f"{r.get('ratio_vs_peer', 0):>7.2f}{r.get('ratio_vs_bound', 0):>8.2f}"
                 f"{r['llm_latency_p50_s']:>9.2f}{r['llm_latency_p95_s']:>9.2f}{r['llm_wait_p50_s']:>10.2f}"
                 f"{r['jain_fairness']:>6.2f}{r['preemptions']:>8}{r['prefill_tokens']:>10}{r['prefill_tokens_saved']:>8}"
+                + (f"  runs {', '.join(f'{x:.1f}' for x in r['tok_per_s_runs'])} (spread {r['spread']:.0%})"
+                   if len(r["tok_per_s_runs"]) > 1 else "")
             )
     return "\n".join(lines)
 
@@ -457,8 +461,18 @@ def workload_bound(model: LlamaModel, calls: list[list[Call]], prefill_rate: flo
     return generated / (fresh / prefill_rate + generated / decode_rate)
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput (the lower middle of an even number), with every run's tok/s and their
+    spread ((max - min) / median) beside it."""
+    ranked = sorted(runs, key=lambda r: r["tok_per_s"])
+    middle = dict(ranked[(len(ranked) - 1) // 2])
+    middle["tok_per_s_runs"] = [r["tok_per_s"] for r in runs]
+    middle["spread"] = (ranked[-1]["tok_per_s"] - ranked[0]["tok_per_s"]) / middle["tok_per_s"]
+    return middle
+
+
 def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int,
-                  policy_ns: list[int], peer: bool) -> None:
+                  policy_ns: list[int], peer: bool, repeats: int = 1) -> None:
     """Sequential, then AIOS fifo interleaved with llama-server per agent count, the other policies at
     `policy_ns`, then the snapshot microbenchmark; fills `result`."""
     from bench.peer import LlamaServer, build
@@ -499,20 +513,30 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                         if server is not None:
                             server.complete("Hello", 8)
                         for n in ns if number == 0 else [n for n in policy_ns if n in ns]:
-                            say(f"AIOS {mode}, {n} agents ...")
-                            row = run_aios(kernel, plans[n])
+                            runs: list[dict[str, Any]] = []
+                            peers: list[dict[str, Any]] = []
+                            for trial in range(repeats):
+                                # Each repeat its own plan of the same shape: a repeat of the same prompts would
+                                # find them cached by the one before.
+                                calls = plans[n] if trial == 0 else plan(n, rounds, SEED + trial, f"n{n}")
+                                say(f"AIOS {mode}, {n} agents{f' (run {trial + 1} of {repeats})' if repeats > 1 else ''} ...")
+                                runs.append(run_aios(kernel, calls))
+                                say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
+                                    f"jain {runs[-1]['jain_fairness']:.2f}")
+                                if server is not None:  # interleaved: the peer right after AIOS, on the same plan
+                                    say(f"llama-server, {n} agents ...")
+                                    peers.append(run_peer(server, calls))
+                                    say(f"  {peers[-1]['tok_per_s']:.1f} tok/s; AIOS {mode} is "
+                                        f"{runs[-1]['tok_per_s'] / peers[-1]['tok_per_s']:.2f}x llama-server")
+                            row = median_run(runs)
                             row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
                             if str(n) in result["bound"]:
                                 row["ratio_vs_bound"] = row["tok_per_s"] / result["bound"][str(n)]
+                            if peers:  # paired: each AIOS run against the peer's run right after it
+                                result["peer"][str(n)] = median_run(peers)
+                                row["ratio_vs_peer_runs"] = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(runs, peers)]
+                                row["ratio_vs_peer"] = statistics.median(row["ratio_vs_peer_runs"])
                             result["aios"][mode][str(n)] = row
-                            say(f"  {row['tok_per_s']:.1f} tok/s ({row['ratio_vs_sequential']:.2f}x sequential), "
-                                f"{row['preemptions']} preemptions, jain {row['jain_fairness']:.2f}")
-                            if server is not None:  # interleaved: the peer right after AIOS, on the same plan
-                                say(f"llama-server, {n} agents ...")
-                                result["peer"][str(n)] = run_peer(server, plans[n])
-                                row["ratio_vs_peer"] = row["tok_per_s"] / result["peer"][str(n)]["tok_per_s"]
-                                say(f"  {result['peer'][str(n)]['tok_per_s']:.1f} tok/s; AIOS {mode} is "
-                                    f"{row['ratio_vs_peer']:.2f}x llama-server")
                 finally:
                     if server is not None:
                         server.close()
@@ -546,7 +570,7 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
 # BENCH_QUICK=1: a few-minute subset (AIOS fifo and llama-server at 1 and 16 agents, one round), for a first look.
 QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo", "BENCH_SEQ_AGENTS": "1"}
 DEFAULTS = {"BENCH_PARTS": "llm,memory,storage,gateway,recovery", "BENCH_NS": "1,16,32,64", "BENCH_ROUNDS": "2",
-            "BENCH_MODES": "fifo,rr,fair", "BENCH_POLICY_NS": "32", "BENCH_SEQ_AGENTS": "2"}
+            "BENCH_MODES": "fifo,rr,fair", "BENCH_POLICY_NS": "32", "BENCH_SEQ_AGENTS": "2", "BENCH_REPEATS": "1"}
 
 
 def knob(name: str) -> str:
@@ -562,12 +586,13 @@ def main() -> int:
     modes = knob("BENCH_MODES").split(",") if "llm" in parts else []
     policy_ns = [int(x) for x in knob("BENCH_POLICY_NS").split(",")]
     seq_cap = int(knob("BENCH_SEQ_AGENTS"))
+    repeats = int(knob("BENCH_REPEATS"))
     peer = os.environ.get("BENCH_PEER", "1") != "0"
     began = time.monotonic()
     result: dict[str, Any] = {
         "config": {"parts": parts, "agents": ns, "rounds": rounds, "modes": modes, "slots": ClusterConfig.slots,
                    "slice_tokens": 32, "sequential_agents_cap": seq_cap, "cpus": os.cpu_count(),
-                   "cpu": cpu_model(), "policy_agents": policy_ns, "peer": "llama-server" if peer else None,
+                   "cpu": cpu_model(), "policy_agents": policy_ns, "repeats": repeats, "peer": "llama-server" if peer else None,
                    "llama_cpp_python": version("llama_cpp_python"), "python": sys.version.split()[0],
                    "command": " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("BENCH_"))
                               + " make bench"},
@@ -577,7 +602,7 @@ def main() -> int:
         "bound": {},
     }
     if "llm" in parts:
-        run_llm_bench(result, ns, rounds, modes, seq_cap, policy_ns, peer)
+        run_llm_bench(result, ns, rounds, modes, seq_cap, policy_ns, peer, repeats)
     if "memory" in parts:
         result["memory"] = run_memory_bench(say)
     if "storage" in parts:
