@@ -18,12 +18,16 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
+
+from services.tools.builtin import evaluate
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aios"
 
@@ -152,11 +156,6 @@ def run_peer(server: LlamaServer, calls: list[list[Any]]) -> dict[str, Any]:
     """The workload plan against llama-server, one client thread per agent, as `bench.run.run_aios` runs it against
     AIOS: each call a `/completion` of exactly max_tokens tokens; the memory note and the calculator action done in
     the agent's own process (what a user of a bare model server does)."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from services.tools.builtin import evaluate
-
     barrier = threading.Barrier(len(calls))
 
     def agent_loop(agent_calls: list[Any]) -> dict[str, Any]:

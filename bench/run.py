@@ -58,6 +58,7 @@ from bench.storage_tools import run_storage_tools_bench, storage_tools_table
 from bench.workload import SYSTEM, Call, plan
 from deploy.cluster import Cluster, ClusterConfig
 from services.llm_core.engine import (
+    ENGINE_TIMES,
     EngineConfig,
     read_sequence_state,
     write_sequence_state,
@@ -276,9 +277,6 @@ def run_aios(kernel: aios.Connection, calls: list[list[Call]]) -> dict[str, Any]
     }
 
 
-ENGINE_TIMES = ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds")
-
-
 def engine_profile(before: Any, after: Any) -> dict[str, float]:
     """Where the LLM core's engine thread spent a run (from its own counters): llama_decode, sampling, scheduling
     (admission, batch building, bookkeeping), copying KV state (snapshots, prefix copies) and waiting for work; and
@@ -431,16 +429,14 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_prefill(model: LlamaModel, tokens: int = 512, reps: int = 5) -> float:
+def bench_prefill(runner: SequentialRunner, tokens: int = 512, reps: int = 5) -> float:
     """llama.cpp's raw prefill rate on this CPU (tok/s): one sequence, `tokens` prompt tokens in one batch."""
-    runner = SequentialRunner(model)
-    prompt = model.tokenize(SYSTEM * 8, add_bos=True, special=False)[:tokens]
+    prompt = runner.model.tokenize(SYSTEM * 8, add_bos=True, special=False)[:tokens]
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         runner.prefill(prompt)
         times.append(time.perf_counter() - t0)
-    runner.close()
     rate = len(prompt) / statistics.median(times[1:])
     say(f"llama.cpp alone: prefill {rate:.0f} tok/s ({len(prompt)} tokens in one batch)")
     return rate
@@ -484,8 +480,8 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
     binary = build(say) if peer else None
     model = LlamaModel(default_model_path(progress=True))
     result["decode_batching"] = bench_decode_batching(model, slots)
-    result["prefill_tok_per_s"] = bench_prefill(model)
     runner = SequentialRunner(model)
+    result["prefill_tok_per_s"] = bench_prefill(runner)
     plans = {n: plan(n, rounds, SEED, f"n{n}") for n in ns}
     for n in ns:  # the same calls as each AIOS run's first agents (one at a time, its rate does not depend on N)
         say(f"sequential, the first {min(n, seq_cap)} of {n} agents ...")

@@ -158,6 +158,8 @@ NO_RETRY_PUSHBACK = (PUSHBACK, "-1")
 
 def retry_pushback(seconds: float) -> tuple[str, str]:
     return PUSHBACK, str(max(1, round(seconds * 1000)))
+
+
 MESSAGE_LIMIT_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),

@@ -178,6 +178,8 @@ class EngineConfig:
 
 
 REPLAY_MODES = ("auto", "exact", "batched")
+# EngineStats' times, in InfoResponse under the same names: they do not overlap (see EngineStats).
+ENGINE_TIMES = ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds")
 
 
 class PrefixSource(enum.Enum):
@@ -274,13 +276,16 @@ class SeqIdTable:
         if higher:
             self.free.remove(max(higher))
             return max(higher)
-        for slot, prefix in self.cached.items():  # least recently used first
+        for slot in self.cached:  # least recently used first
             if slot > above and slot != keep:
-                self.on_drop(slot, prefix)
-                del self.cached[slot]
-                self.clear(slot)
+                self.evict(slot)
                 return slot
         return None
+
+    def evict(self, slot: int) -> None:
+        """Drops the cached prefix at `slot` to reuse the seq_id (still claimed): `on_drop` hears it first."""
+        self.on_drop(slot, self.cached.pop(slot))
+        self.clear(slot)
 
     def drop_cached(self, slot: int) -> bool:
         """Frees the cached prefix at `slot`, if one is there."""
@@ -471,10 +476,7 @@ class BatchEngine:
                 "snapshots_restored": self.stats.restores,
                 "prefill_tokens": self.stats.prefill_tokens,
                 "prefill_tokens_saved": self.stats.prefill_tokens_saved,
-                "decode_seconds": self.stats.decode_seconds,
-                "sample_seconds": self.stats.sample_seconds,
-                "schedule_seconds": self.stats.schedule_seconds,
-                "kv_copy_seconds": self.stats.kv_copy_seconds,
+                **{name: getattr(self.stats, name) for name in ENGINE_TIMES},
                 "idle_seconds": self.stats.idle_seconds + (  # a wait still going on counts up to now
                     time.perf_counter() - self._idle_since if self._idle_since is not None else 0.0),
                 "decode_rows": self.stats.decode_rows,
@@ -574,13 +576,11 @@ class BatchEngine:
             return -1
         spare = self.slots.spare_above(slot, keep)
         if slot in self.slots.cached:
-            prefix = self.slots.cached.pop(slot)
             if spare is None:
-                self._keep_in_ram(slot, prefix)
-                self.slots.clear(slot)
+                self.slots.evict(slot)
                 return -1
             self._move_locked(slot, spare)
-            self.slots.cache(spare, prefix)
+            self.slots.cache(spare, self.slots.cached.pop(slot))
             return spare
         parked = next(p for p in self._parked.values() if p.slot == slot)
         if spare is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -37,10 +37,9 @@ class Suspension:
     recoveries: int
 
     def to_json(self) -> str:
-        return json.dumps({"syscall_id": self.syscall_id, "agent_id": self.agent_id,
-                           "request": base64.b64encode(self.request.SerializeToString()).decode(),
-                           "token_ids": self.token_ids, "texts": self.texts, "prompt_tokens": self.prompt_tokens,
-                           "recoveries": self.recoveries})
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["request"] = base64.b64encode(self.request.SerializeToString()).decode()
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, blob: bytes | str) -> "Suspension":
