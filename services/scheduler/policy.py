@@ -40,6 +40,9 @@ class SchedulingPolicy(Protocol):
     def charge(self, item: Schedulable, tokens_in: int, tokens_out: int) -> None:
         """A dispatched syscall received this much service."""
 
+    def done(self, item: Schedulable) -> None:
+        """A dispatched syscall left its place (finished, failed, or preempted: it is pushed again then)."""
+
     def victim(self, running: Iterable[Schedulable], now: float) -> Schedulable | None:
         """A running syscall that should yield its place to the next waiting one, if any."""
 
@@ -64,6 +67,9 @@ class FifoPolicy:
         self._items.remove(item)
 
     def charge(self, item: Schedulable, tokens_in: int, tokens_out: int) -> None:
+        pass
+
+    def done(self, item: Schedulable) -> None:
         pass
 
     def victim(self, running: Iterable[Schedulable], now: float) -> Schedulable | None:
@@ -109,6 +115,9 @@ class _Ordered:
     def remove(self, item: Schedulable) -> None:
         del self._items[item]
 
+    def done(self, item: Schedulable) -> None:
+        pass
+
     def __iter__(self):
         return iter(self._items)
 
@@ -153,7 +162,14 @@ class FairSharePolicy(_Ordered):
     weighted tokens it is served divided by its weight; the waiting syscall of the agent with
     the smallest counter goes first. An agent that comes back after idling is lifted to the
     smallest counter among waiting agents, so idling earns no credit. A running syscall yields
-    when its agent is ahead of the neediest waiting agent by more than one slice of service."""
+    when its agent is ahead of the neediest waiting agent by more than one slice of service.
+
+    Dispatch charges one slice in advance (service then draws on it first; what a syscall
+    leaves unused is refunded when it leaves its place). Without it, places freed at the same
+    instant would all go to the one agent with the smallest counter, whose counter does not
+    move until tokens flow: agents with many calls would be served a burst at a time, and
+    everyone else's first answer would wait behind those bursts. With it, agents at equal
+    virtual time are interleaved one call each."""
 
     name = "fair"
 
@@ -163,6 +179,7 @@ class FairSharePolicy(_Ordered):
         self.input_weight = input_weight
         self.output_weight = output_weight
         self.counters: dict[str, float] = {}
+        self.advances: dict[Schedulable, float] = {}  # dispatched syscalls' unused advance, in counter units
 
     def push(self, item: Schedulable, now: float) -> None:
         waiting_agents = {other.agent_id for other in self}
@@ -173,11 +190,21 @@ class FairSharePolicy(_Ordered):
         super().push(item, now)
 
     def pop(self, now: float) -> Schedulable:
-        return self.pop_best(lambda item: self.counters.get(item.agent_id, 0.0))
+        item = self.pop_best(lambda item: self.counters.get(item.agent_id, 0.0))
+        advance = self.output_weight * self.slice_tokens / item.weight
+        self.counters[item.agent_id] = self.counters.get(item.agent_id, 0.0) + advance
+        self.advances[item] = self.advances.get(item, 0.0) + advance
+        return item
 
     def charge(self, item: Schedulable, tokens_in: int, tokens_out: int) -> None:
-        cost = self.input_weight * tokens_in + self.output_weight * tokens_out
-        self.counters[item.agent_id] = self.counters.get(item.agent_id, 0.0) + cost / item.weight
+        cost = (self.input_weight * tokens_in + self.output_weight * tokens_out) / item.weight
+        prepaid = min(cost, self.advances.get(item, 0.0))
+        if prepaid:
+            self.advances[item] -= prepaid
+        self.counters[item.agent_id] = self.counters.get(item.agent_id, 0.0) + cost - prepaid
+
+    def done(self, item: Schedulable) -> None:
+        self.counters[item.agent_id] = self.counters.get(item.agent_id, 0.0) - self.advances.pop(item, 0.0)
 
     def victim(self, running: Iterable[Schedulable], now: float) -> Schedulable | None:
         if not len(self):

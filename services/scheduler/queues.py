@@ -59,13 +59,13 @@ class ResourceQueue:
             yield
         finally:
             if record in self.running:
-                self.running.discard(record)
+                self._leave(record)
                 self.completed += 1
                 self._dispatch()
 
     async def requeue(self, record: SyscallRecord) -> None:
         """Gives up the running place after a preemption and waits, PREEMPTED, for the next one."""
-        self.running.discard(record)
+        self._leave(record)
         record.preempt_requested = False
         record.preempt()
         await self._wait_for_grant(record)
@@ -98,12 +98,17 @@ class ResourceQueue:
         except BaseException:
             self._grants.pop(record, None)
             if granted.done() and not granted.cancelled():
-                self.running.discard(record)  # dispatched in the same instant the caller left
+                self._leave(record)  # dispatched in the same instant the caller left
                 self._dispatch()
             else:
                 self.policy.remove(record)
             raise
         record.start()
+
+    def _leave(self, record: SyscallRecord) -> None:
+        if record in self.running:
+            self.running.discard(record)
+            self.policy.done(record)
 
     def _dispatch(self) -> None:
         while len(self.running) < self.capacity and len(self.policy):

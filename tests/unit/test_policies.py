@@ -63,10 +63,12 @@ def simulate(policy, jobs: list[Job], capacity: int, ticks: int = 100_000) -> li
             if job.tokens == 0:
                 job.done_at = tick
                 running.remove(job)
+                policy.done(job)
         if len(policy) and len(running) == capacity:
             victim = policy.victim(running, now)
             if victim is not None:
                 running.remove(victim)
+                policy.done(victim)
                 victim.enqueued_at = now
                 policy.push(victim, now)
     raise AssertionError("simulation did not finish")
@@ -152,6 +154,43 @@ def test_fair_share_splits_service_by_weight_while_both_are_backlogged():
     window = served[: 64 * 30]  # while both still have work
     ratio = window.count("gold") / window.count("bronze")
     assert 1.7 < ratio < 2.3
+
+
+def first_answers(jobs: list[Job]) -> dict[str, int]:
+    """Each agent's time to first response: the tick its first call finished."""
+    first: dict[str, int] = {}
+    for job in jobs:
+        first[job.agent_id] = min(first.get(job.agent_id, job.done_at), job.done_at)
+    return first
+
+
+def test_fair_share_interleaves_agents_so_every_light_agent_gets_its_first_answer_early():
+    # The issue's case: one heavy agent makes 80 calls at once, 49 light agents 8 each, 16 places. Places freed
+    # together used to go to one agent's whole burst (two light agents at a time, first answers from 2 to 26 calls'
+    # time); charging a slice at dispatch interleaves them one call each: 49 agents need 4 waves of 16 places.
+    call = 32
+    jobs = [Job("heavy", call) for _ in range(80)] + [Job(f"light-{i}", call) for i in range(49) for _ in range(8)]
+    served = simulate(FairSharePolicy(slice_tokens=call), jobs, capacity=16)
+    light = {agent: tick for agent, tick in first_answers(jobs).items() if agent != "heavy"}
+    assert max(light.values()) < 4 * call
+    assert sorted(light.values())[14] < call  # the first wave: 15 light agents beside the heavy one's first call
+    fifo_jobs = [Job(j.agent_id, call) for j in jobs]
+    fifo_served = simulate(FifoPolicy(), fifo_jobs, capacity=16)
+    # No throughput lost: every place busy until the work runs out, as with FIFO.
+    assert max(j.done_at for j in jobs) == max(j.done_at for j in fifo_jobs)
+    assert len(served) == len(fifo_served)
+
+
+def test_fair_share_refunds_the_unused_advance_of_a_short_call():
+    policy = FairSharePolicy(slice_tokens=32)
+    short = Job("short", 5)
+    policy.push(short, 0.0)
+    assert policy.pop(0.0) is short
+    assert policy.counters["short"] == 2.0 * 32  # one slice of output charged at dispatch
+    policy.charge(short, 10, 5)
+    assert policy.counters["short"] == 2.0 * 32  # drawn from the advance
+    policy.done(short)
+    assert policy.counters["short"] == 10 + 2.0 * 5  # exactly what it was served
 
 
 def test_fair_share_gives_no_credit_for_idling():
