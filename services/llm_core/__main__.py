@@ -30,6 +30,8 @@ def build(args: argparse.Namespace) -> Service:
             prefix_cache=not args.no_prefix_cache,
             replay=args.replay,
             host_prefix_bytes=args.prefix_cache_ram_mb << 20,
+            draft_tokens=args.draft_tokens,
+            draft_step_tokens=args.draft_step_tokens,
         ),
         swap_out=snapshots.put,
     )
@@ -77,6 +79,12 @@ def main() -> None:
                         help="how a generation is rebuilt after a fault: its delivered tokens fed back one decode "
                              "step each (exact: the KV as the first run had it), prefilled in a batch (batched: "
                              "fast), or batched when the kernel says the generation was not decoding alone (auto)")
+    parser.add_argument("--draft-tokens", type=int, default=defaults.draft_tokens,
+                        help="speculative decoding: up to this many tokens guessed from a sequence's own context "
+                             "(prompt lookup) are verified in each decode step; outputs do not change. 0: off")
+    parser.add_argument("--draft-step-tokens", type=int, default=defaults.draft_step_tokens,
+                        help="drafts ride only in decode steps of at most this many tokens (on a CPU a fuller step "
+                             "costs more per token than speculation saves)")
     parser.add_argument("--n-batch", type=int, default=defaults.n_batch, help="most tokens per decode step")
     parser.add_argument("--prompt-format", default="transcript", choices=sorted(FORMATS),
                         help="how chat messages become a prompt (transcript suits base models)")

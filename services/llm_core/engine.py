@@ -53,6 +53,7 @@ from services.llm_core.grammar import GrammarConstraint
 from services.llm_core.prefix_store import HostPrefixCache, common_prefix
 from services.llm_core.sampling import SamplingConfig, TokenSampler
 from services.llm_core.snapshot import ContextShape, Snapshot
+from services.llm_core.speculation import PromptLookup
 from services.llm_core.text import TextStream
 
 log = logging.getLogger("aios.llm_core.engine")
@@ -139,6 +140,8 @@ class Sequence:
     replay: deque = field(default_factory=deque)  # delivered tokens to feed back first
     replay_in_batch: bool = False  # may prefill them in a batch (EngineConfig.replay "auto")
     replay_divergences: int = 0
+    lookup: PromptLookup | None = None  # its context's n-grams, for drafts (built when it first drafts)
+    draft_hit_rate: float = 1.0  # recent share of its guesses the model kept (DRAFT_MIN_HIT_RATE)
 
     def __post_init__(self) -> None:
         self.sampler = TokenSampler(self.config, self.constraint)
@@ -175,9 +178,21 @@ class EngineConfig:
     replay: str = "auto"
     # RAM for prefixes that lost their seq_id (prefix_store.HostPrefixCache); 0 keeps none.
     host_prefix_bytes: int = 2 << 30
+    # Speculative decoding (speculation.py): a decoding sequence may carry up to `draft_tokens` guessed tokens in a
+    # step, verified in the same llama_decode. On a CPU a step's cost grows with its tokens once a few ride in it
+    # (`make bench` measures where), so drafts only fill steps up to `draft_step_tokens` tokens: they speed up a
+    # lone or thinning batch and leave a full one alone. 0 turns speculation off.
+    draft_tokens: int = 0
+    draft_step_tokens: int = 16
 
 
 REPLAY_MODES = ("auto", "exact", "batched")
+# A sequence whose recent guesses the model mostly refused stops drafting (a refused guess costs a token's compute
+# for nothing); its rate climbs back by DRAFT_RATE_RECOVERY of the way to 1 each step without drafts (about ten
+# steps from a bad run), so it tries again later: its output may start copying.
+DRAFT_MIN_HIT_RATE = 0.5
+DRAFT_RATE_WEIGHT = 0.3  # how much one step's share of kept guesses moves the rate
+DRAFT_RATE_RECOVERY = 0.05
 # EngineStats' times, in InfoResponse under the same names: they do not overlap (see EngineStats).
 ENGINE_TIMES = ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds")
 
@@ -212,6 +227,8 @@ class EngineStats:
     idle_seconds: float = 0.0
     decode_rows: int = 0
     prefix_restores_from_ram: int = 0
+    draft_tokens: int = 0  # guessed tokens decoded for verification
+    draft_tokens_accepted: int = 0  # of them, those the model produced too: each saved a decode step
 
 
 @dataclass(frozen=True)
@@ -481,6 +498,8 @@ class BatchEngine:
                     time.perf_counter() - self._idle_since if self._idle_since is not None else 0.0),
                 "decode_rows": self.stats.decode_rows,
                 "prefix_restores_from_ram": self.stats.prefix_restores_from_ram,
+                "draft_tokens": self.stats.draft_tokens,
+                "draft_tokens_accepted": self.stats.draft_tokens_accepted,
                 "prefix_ram_entries": len(self.host_prefixes),
                 "prefix_ram_bytes": self.host_prefixes.used_bytes,
             }
@@ -843,7 +862,7 @@ class BatchEngine:
         outputs: list[tuple[Sequence, int]] = []
         unsampled: dict[Sequence, int] = {}  # greedy sequences whose replayed tokens rode along without logits
 
-        def add(token: int, pos: int, seq: Sequence, want_logits: bool) -> None:
+        def add(token: int, pos: int, seq: Sequence, want_logits: bool, output: bool = True) -> None:
             i = batch.n_tokens
             batch.token[i] = token
             batch.pos[i] = pos
@@ -851,17 +870,20 @@ class BatchEngine:
             batch.seq_id[i][0] = seq.slot
             batch.logits[i] = want_logits
             batch.n_tokens = i + 1
-            if want_logits:
+            if want_logits and output:
                 outputs.append((seq, i))
 
         # llama.cpp splits a multi-stream batch into one ubatch (one pass over the weights) per run of
         # consecutive seq_ids in batch order, so the batch lists sequences by seq_id.
         active = sorted(active, key=lambda s: s.slot)
+        drafts = self._drafts(active)
         for seq in active:
             if seq.next_token is not None:
                 add(seq.next_token, seq.n_past, seq, True)
                 seq.n_past += 1
                 seq.next_token = None
+                for m, token in enumerate(drafts.get(seq, [])):
+                    add(token, seq.n_past + m, seq, True, output=False)
         decoding = batch.n_tokens
         budget = self.config.n_batch - decoding
         if decoding:
@@ -910,15 +932,66 @@ class BatchEngine:
         for seq, index in outputs:
             if seq.status is SequenceStatus.FAILED:  # failed by an earlier output of this step
                 continue
+            draft = drafts.get(seq, [])
             try:
-                token = seq.sampler.sample(self.model.logits_view(self.ctx, index))
+                tokens = self._verify(seq, index, draft)
             except AiosError as exc:  # this sequence's grammar is stuck: fail it alone
                 self._fail([seq], exc)
                 continue
-            self._accept(seq, token)
+            self._accept(seq, tokens[0])
+            for token in tokens[1:]:
+                if seq.status.ended:  # it finished (end of generation, a stop string) before the rest
+                    break
+                self._accept(seq, token)
             for _ in range(unsampled.pop(seq, 0)):  # they are in KV now: accepted as delivered, nothing to sample
                 self._accept(seq, seq.replay[0])
         self.stats.sample_seconds += time.perf_counter() - decoded - (self.stats.kv_copy_seconds - copying)
+
+    def _drafts(self, active: list[Sequence]) -> dict[Sequence, list[int]]:
+        """Guesses to ride after each decoding sequence's next token this step, the same number for each: llama.cpp
+        gives every sequence of a multi-stream ubatch the same number of tokens, so a longer draft alone would cost a
+        pass over the weights of its own. None while a prompt is prefilling (it fills the step), when the step
+        would pass `draft_step_tokens`, or when some sequence has nothing to guess from."""
+        decoding = [s for s in active if s.next_token is not None]
+        if not self.config.draft_tokens or not decoding or any(s.prefilling or s.replay for s in active):
+            return {}
+        per_sequence = min(self.config.draft_tokens, self.config.draft_step_tokens // len(decoding) - 1)
+        drafts = {seq: self._draft(seq, per_sequence) for seq in decoding}
+        if all(draft and seq.draft_hit_rate >= DRAFT_MIN_HIT_RATE for seq, draft in drafts.items()):
+            per_sequence = min(len(draft) for draft in drafts.values())
+            return {seq: draft[:per_sequence] for seq, draft in drafts.items()}
+        for seq in decoding:  # no guesses this step: let refused ones try again in a while
+            seq.draft_hit_rate += DRAFT_RATE_RECOVERY * (1.0 - seq.draft_hit_rate)
+        return {}
+
+    def _draft(self, seq: Sequence, limit: int) -> list[int]:
+        """Up to `limit` guesses at `seq`'s next tokens from its own context (its next token ends `generated`)."""
+        if seq.lookup is None:
+            seq.lookup = PromptLookup()
+            seq.lookup.extend(seq.prompt)
+        seq.lookup.extend(seq.generated[len(seq.lookup.tokens) - len(seq.prompt):])
+        return seq.lookup.draft(min(limit,
+                                    seq.config.max_tokens - len(seq.generated) - 1,  # the last one comes from logits
+                                    self.config.max_sequence_tokens - seq.n_past - 2))
+
+    def _verify(self, seq: Sequence, index: int, draft: list[int]) -> list[int]:
+        """The tokens this step yields for `seq`: sampled from the logits at `index`, then from each draft position
+        whose guess the model produced too. Each token is drawn exactly as without speculation (the same sampler,
+        RNG and grammar, in order), so a guess is kept exactly when the model picks it (with a one-token draft,
+        this is speculative sampling's rejection rule) and the output is what decoding one token per step
+        gives, up to batch numerics. The rejected guesses' KV cells are removed."""
+        tokens = [seq.sampler.sample(self.model.logits_view(self.ctx, index))]
+        while len(tokens) <= len(draft) and tokens[-1] == draft[len(tokens) - 1]:
+            tokens.append(seq.sampler.sample(self.model.logits_view(self.ctx, index + len(tokens))))
+        if draft:
+            accepted = len(tokens) - 1
+            seq.draft_hit_rate += DRAFT_RATE_WEIGHT * (accepted / len(draft) - seq.draft_hit_rate)
+            self.stats.draft_tokens += len(draft)
+            self.stats.draft_tokens_accepted += accepted
+            seq.n_past += accepted
+            if accepted < len(draft):
+                llama.llama_memory_seq_rm(self.memory, seq.slot, seq.n_past, -1)
+        return tokens
 
     def _accept(self, seq: Sequence, token: int) -> None:
         if seq.status is SequenceStatus.PREFILLING:  # its first sampled token: the prompt is all in KV

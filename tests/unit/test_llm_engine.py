@@ -585,3 +585,63 @@ def test_a_prefix_that_lost_its_seq_id_comes_back_from_ram_with_the_same_kv(mode
         finally:
             h.close()
     assert outputs[True] == outputs[False]
+
+
+# Speculative decoding. The prompt invites copying (as tool arguments and quoted observations do), so prompt-lookup
+# guesses are often right. One sequence at a time on both sides: the same batch shapes for the non-speculative run,
+# and on this model and prompt the multi-token verification steps pick the same tokens (the bench measures how often
+# batch numerics make them differ in general).
+COPY_PROMPT = ("Copy each list exactly.\nList: river mountain signal engine harbor ledger orbit canyon lantern\n"
+               "Copy: river mountain signal engine harbor ledger orbit canyon lantern\n"
+               "List: meadow circuit compass glacier market tunnel beacon archive prism ember\nCopy:")
+
+
+def speculative_run(model: LlamaModel, sampling: SamplingConfig, draft_tokens: int) -> tuple[list[int], Harness]:
+    h = Harness(model, slots=2, resident=3, draft_tokens=draft_tokens)
+    try:
+        _, events = h.start("spec", sampling, prompt=COPY_PROMPT)
+        tokens, end = h.tokens_until(events)
+        assert isinstance(end, FinishEvent) and end.completion_tokens == len(tokens)
+        return tokens, h
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(max_tokens=40, ignore_eos=True),
+                                      SamplingConfig(max_tokens=40, temperature=0.7, top_k=40, seed=99, ignore_eos=True),
+                                      CONSTRAINED],
+                         ids=["greedy", "seeded-sampling", "json-schema"])
+def test_speculative_decoding_yields_the_same_tokens_in_fewer_steps(model, sampling):
+    plain, off = speculative_run(model, sampling, draft_tokens=0)
+    drafted, on = speculative_run(model, sampling, draft_tokens=4)
+    assert drafted == plain  # each token drawn as without drafts: the same sampler, RNG and grammar, in order
+    assert len(drafted) == sampling.max_tokens or sampling is CONSTRAINED
+    assert off.engine.stats.draft_tokens == 0
+    assert on.engine.stats.draft_tokens_accepted > 0
+    assert on.engine.stats.steps == off.engine.stats.steps - on.engine.stats.draft_tokens_accepted
+
+
+def test_a_generation_preempted_while_drafting_keeps_no_guessed_cells_and_resumes_whole(model):
+    """A snapshot taken between speculative steps holds exactly the sequence's n_past cells (a leftover guess would
+    make the restore fail its pos_max check), and the resumed generation ends with all its tokens."""
+    h = Harness(model, slots=2, resident=2, draft_tokens=4)
+    try:
+        sampling = SamplingConfig(max_tokens=60, ignore_eos=True)
+        _, events = h.start("g1", sampling)  # free text: some guesses right, some not
+        first: list[int] = []
+        stats = h.engine.stats
+        while not stats.draft_tokens > stats.draft_tokens_accepted > 0:  # until some guess was refused
+            first += h.tokens_until(events, stop_after=1)[0]
+            assert len(first) < 50, "the model kept every guess: this test needs one refused"
+        assert h.engine.preempt("g1", swap=True)
+        more, end = h.tokens_until(events)
+        assert isinstance(end, PreemptedEvent)
+        [snapshot] = h.swapped
+        assert snapshot.n_past == len(snapshot.prompt) + len(snapshot.generated) - 1
+        resumed: queue.Queue[Event] = queue.Queue()
+        h.engine.submit(h.engine.restored(snapshot, resumed.put))
+        rest, end = h.tokens_until(resumed)
+        assert isinstance(end, FinishEvent)
+        assert len(first + more + rest) == 60
+    finally:
+        h.close()
