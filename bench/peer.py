@@ -95,13 +95,19 @@ def _free_port() -> int:
 class LlamaServer:
     """One llama-server process on the bundled model: `--parallel` sequences of `context` tokens each."""
 
-    def __init__(self, binary: Path, model: Path, parallel: int, context: int, threads: int, log: Path) -> None:
+    def __init__(self, binary: Path, model: Path, parallel: int, context: int, threads: int, log: Path,
+                 draft_tokens: int = 0) -> None:
+        """`draft_tokens` > 0: speculative decoding by prompt lookup (`--spec-type ngram-simple`), drafts of up to
+        that many tokens after a 3-gram match, as AIOS's `--draft-tokens` does."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                 "--parallel", str(parallel), "--ctx-size", str(parallel * context), "--no-kv-unified",
                 "--threads", str(threads), "--threads-batch", str(threads), "--batch-size", "512",
                 "--ubatch-size", "512", "--no-repack", "--no-webui"]
+        if draft_tokens:
+            argv += ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+                     "--spec-ngram-simple-size-m", str(draft_tokens), "--spec-draft-n-max", str(draft_tokens)]
         self.log = log.open("wb")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         try:
@@ -161,7 +167,7 @@ def run_peer(server: LlamaServer, calls: list[list[Any]]) -> dict[str, Any]:
     def agent_loop(agent_calls: list[Any]) -> dict[str, Any]:
         notes: list[str] = []
         latencies: list[float] = []
-        tokens = prefilled = reused = 0
+        tokens = prefilled = reused = drafted = accepted = 0
         barrier.wait()
         start = time.monotonic()
         for call in agent_calls:
@@ -171,9 +177,12 @@ def run_peer(server: LlamaServer, calls: list[list[Any]]) -> dict[str, Any]:
             tokens += reply["tokens_predicted"]
             prefilled += reply["timings"]["prompt_n"]
             reused += reply["timings"].get("cache_n", 0)
+            drafted += reply["timings"].get("draft_n", 0)
+            accepted += reply["timings"].get("draft_n_accepted", 0)
             notes.append(f"round {call.round}: {reply['content'][:200]}")
             evaluate(f"{call.a} * {call.b}")
-        return {"tokens": tokens, "prefilled": prefilled, "reused": reused, "start": start,
+        return {"tokens": tokens, "prefilled": prefilled, "reused": reused, "drafted": drafted, "accepted": accepted,
+                "start": start,
                 "end": time.monotonic(), "latencies": latencies}
 
     with ThreadPoolExecutor(len(calls)) as pool:
@@ -185,4 +194,6 @@ def run_peer(server: LlamaServer, calls: list[list[Any]]) -> dict[str, Any]:
             "llm_latency_p50_s": latencies[len(latencies) // 2],
             "llm_latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
             "prefill_tokens": sum(a["prefilled"] for a in per_agent),
-            "prefill_tokens_saved": sum(a["reused"] for a in per_agent)}
+            "prefill_tokens_saved": sum(a["reused"] for a in per_agent),
+            "draft_tokens": sum(a["drafted"] for a in per_agent),
+            "draft_tokens_accepted": sum(a["accepted"] for a in per_agent)}

@@ -8,25 +8,31 @@ Systems, on the same workload (bench/workload.py, ReAct-shaped agent loops):
   (bench/peer.py), one client thread per agent, run right after AIOS at each N;
 - AIOS with the fifo policy at every N, rr and fair at BENCH_POLICY_NS: a real
   cluster (`aios up`'s processes, Redis, the model), one thread per agent
-  through the SDK.
+  through the SDK;
+- speculative decoding at BENCH_DRAFT_NS: AIOS fifo with `--draft-tokens`
+  against llama-server with its `ngram-simple` drafts, both guessing from the
+  context, both paired as above.
 The workload bound per N is what this CPU's raw llama.cpp rates allow (only
 the prefixes no earlier call began with prefilled, every token decoded at the
 batched rate). Floors are same-run ratios, printed PASS/FAIL with the CPU.
 Plus a snapshot microbenchmark (save/restore time and size against context
-length), the memory paging benchmark (bench/memory.py), storage throughput,
-tool-call latency and the token check's cost (bench/storage_tools.py), the
-OpenAI gateway against the gRPC kernel and constrained against free decoding
+length), fair share with one heavy and many light agents (bench/fairness.py),
+the memory paging benchmark (bench/memory.py), storage throughput, tool-call
+latency and the token check's cost (bench/storage_tools.py), the OpenAI gateway
+against the gRPC kernel and constrained against free decoding
 (bench/gateway.py), and recovery from a killed LLM core (bench/recovery.py).
 
 Prints a table and saves JSON (bench/results/bench-<time>.json and latest.json)
-and a PNG chart. Environment knobs: BENCH_PARTS (llm,memory,storage,gateway,recovery),
-BENCH_NS (1,16,32,64), BENCH_ROUNDS (2), BENCH_MODES (fifo,rr,fair), BENCH_POLICY_NS
-(32: where the policies after the first run), BENCH_PEER (1; 0 skips llama-server
-and its build), BENCH_SEQ_AGENTS (2: the sequential baseline runs that many agents'
-calls; one-at-a-time throughput does not depend on N), BENCH_REPEATS (1: runs per N,
-each AIOS run paired with a peer run right after it; the table shows the median run,
-the ratio is the median of the paired ratios, the JSON every run and their spread),
-BENCH_QUICK (1: a few-minute subset, see QUICK; explicit knobs still win).
+and a PNG chart. Environment knobs (defaults in DEFAULTS): BENCH_PARTS
+(llm,fairness,memory,storage,gateway,recovery), BENCH_NS (agent counts),
+BENCH_ROUNDS, BENCH_MODES (fifo,rr,fair,fifo+draft), BENCH_POLICY_NS (where the
+policies after the first run), BENCH_DRAFT_NS (where the "+draft" modes run),
+BENCH_PEER (1; 0 skips llama-server and its build), BENCH_SEQ_AGENTS (the
+sequential baseline runs that many agents' calls; one-at-a-time throughput does
+not depend on N), BENCH_REPEATS (1: runs per N, each AIOS run paired with a peer
+run right after it; the table shows the median run, the ratio is the median of
+the paired ratios, the JSON every run and their spread), BENCH_QUICK (1: a
+few-minute subset, see QUICK; explicit knobs still win).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import redis
 
 import aios
 from aios.v1 import common_pb2
+from bench.fairness import fairness_table, jain, run_fairness_bench
 from bench.gateway import gateway_table, run_gateway_bench
 from bench.peer import run_peer
 from bench.memory import memory_table, run_memory_bench
@@ -87,13 +94,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown CPU"
-
-
-def jain(values: list[float]) -> float:
-    """Jain's fairness index: 1.0 when every agent got the same, 1/n when one got everything."""
-    if not values or not any(values):
-        return 0.0
-    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
 
 
 class SequentialRunner:
@@ -285,7 +285,9 @@ def engine_profile(before: Any, after: Any) -> dict[str, float]:
     total = sum(times.values()) or 1.0
     steps = after.steps - before.steps
     return {**times, **{name.replace("_seconds", "_share"): value / total for name, value in times.items()},
-            "steps": steps, "decoding_per_step": (after.decode_rows - before.decode_rows) / max(steps, 1)}
+            "steps": steps, "decoding_per_step": (after.decode_rows - before.decode_rows) / max(steps, 1),
+            "draft_tokens": after.draft_tokens - before.draft_tokens,
+            "draft_tokens_accepted": after.draft_tokens_accepted - before.draft_tokens_accepted}
 
 
 def profile_line(n: int, mode: str, profile: dict[str, float]) -> str:
@@ -360,6 +362,10 @@ def chart(result: dict[str, Any], path: Path) -> None:
         if result["peer"]:
             ax["tokens"].plot(ns, [result["peer"][str(n)]["tok_per_s"] for n in ns], "k-s",
                               label="llama-server (peer)")
+        drafting = [(n, result["peer_draft"][str(n)]) for n in ns if str(n) in result["peer_draft"]]
+        if drafting:
+            ax["tokens"].plot([n for n, _ in drafting], [r["tok_per_s"] for _, r in drafting], "k:^",
+                              label="llama-server, ngram drafts")
             ax["ratio"].plot(ns, [result["aios"]["fifo"][str(n)]["ratio_vs_peer"] for n in ns], "-o",
                              label="AIOS fifo / llama-server")
             ax["ratio"].axhline(1.5, color="grey", linestyle=":", label="floor 1.5x llama-server")
@@ -400,33 +406,40 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"{'system':<13}{'N':>4}{'tok/s':>9}{'x seq':>7}{'x peer':>7}{'x bound':>8}{'llm p50':>9}{'llm p95':>9}"
+        f"{'system':<16}{'N':>4}{'tok/s':>9}{'x seq':>7}{'x peer':>7}{'x bound':>8}{'llm p50':>9}{'llm p95':>9}"
         f"{'wait p50':>10}{'jain':>6}{'preempt':>8}{'prefilled':>10}{'reused':>8}",
     ]
     for n in result["config"]["agents"]:
         s = result["sequential"][str(n)]
-        lines.append(f"{'sequential':<13}{n:>4}{s['tok_per_s']:>9.1f}{1.0:>7.2f}{'':>7}{'':>8}"
+        lines.append(f"{'sequential':<16}{n:>4}{s['tok_per_s']:>9.1f}{1.0:>7.2f}{'':>7}{'':>8}"
                      f"{s['llm_latency_p50_s']:>9.2f}{s['llm_latency_p95_s']:>9.2f}"
                      f"{'':>30}  ({s['agents_run']} agents' calls)")
-        peer = result["peer"].get(str(n))
-        if peer:
-            lines.append(f"{'llama-server':<13}{n:>4}{peer['tok_per_s']:>9.1f}{peer['tok_per_s'] / s['tok_per_s']:>7.2f}"
-                         f"{1.0:>7.2f}{peer['tok_per_s'] / result['bound'][str(n)] if str(n) in result['bound'] else 0:>8.2f}"
-                         f"{peer['llm_latency_p50_s']:>9.2f}{peer['llm_latency_p95_s']:>9.2f}{'':>10}{'':>6}{'':>8}"
-                         f"{peer['prefill_tokens']:>10}{peer['prefill_tokens_saved']:>8}")
+        for key, label in (("peer", "llama-server"), ("peer_draft", "llama-srv+ngram")):
+            peer = result[key].get(str(n))
+            if peer:
+                lines.append(f"{label:<16}{n:>4}{peer['tok_per_s']:>9.1f}{peer['tok_per_s'] / s['tok_per_s']:>7.2f}"
+                             f"{1.0:>7.2f}{peer['tok_per_s'] / result['bound'][str(n)] if str(n) in result['bound'] else 0:>8.2f}"
+                             f"{peer['llm_latency_p50_s']:>9.2f}{peer['llm_latency_p95_s']:>9.2f}{'':>10}{'':>6}{'':>8}"
+                             f"{peer['prefill_tokens']:>10}{peer['prefill_tokens_saved']:>8}" + draft_note(peer))
         for mode in result["config"]["modes"]:
             r = result["aios"][mode].get(str(n))
             if r is None:
                 continue
             lines.append(
-                f"{'aios ' + mode:<13}{n:>4}{r['tok_per_s']:>9.1f}{r['ratio_vs_sequential']:>7.2f}"
+                f"{'aios ' + mode:<16}{n:>4}{r['tok_per_s']:>9.1f}{r['ratio_vs_sequential']:>7.2f}"
                 f"{r.get('ratio_vs_peer', 0):>7.2f}{r.get('ratio_vs_bound', 0):>8.2f}"
                 f"{r['llm_latency_p50_s']:>9.2f}{r['llm_latency_p95_s']:>9.2f}{r['llm_wait_p50_s']:>10.2f}"
                 f"{r['jain_fairness']:>6.2f}{r['preemptions']:>8}{r['prefill_tokens']:>10}{r['prefill_tokens_saved']:>8}"
                 + (f"  runs {', '.join(f'{x:.1f}' for x in r['tok_per_s_runs'])} (spread {r['spread']:.0%})"
-                   if len(r["tok_per_s_runs"]) > 1 else "")
+                   if len(r["tok_per_s_runs"]) > 1 else "") + draft_note(r["engine"])
             )
     return "\n".join(lines)
+
+
+def draft_note(counts: dict[str, Any]) -> str:
+    """How many guessed tokens a speculative run verified and kept, if it drafted."""
+    drafted, kept = counts.get("draft_tokens", 0), counts.get("draft_tokens_accepted", 0)
+    return f"  drafts: {kept} of {drafted} kept ({kept / drafted:.0%})" if drafted else ""
 
 
 def bench_prefill(runner: SequentialRunner, tokens: int = 512, reps: int = 5) -> float:
@@ -467,16 +480,36 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return middle
 
 
+# Speculative runs: AIOS `--draft-tokens` and llama-server's ngram-simple draft up to this many tokens.
+DRAFT_TOKENS = 4
+
+
+def mode_runs(mode: str, first: bool, ns: list[int], policy_ns: list[int], draft_ns: list[int]
+              ) -> tuple[str, bool, list[int], str | None]:
+    """What a bench mode ("fifo", "rr", "fair", "fifo+draft", ...) runs: (policy, speculative, agent counts, where
+    its paired llama-server runs go: "peer", "peer_draft" or None). The first mode runs at every N against plain
+    llama-server; a "+draft" mode at `draft_ns` against llama-server drafting too; the rest at `policy_ns`."""
+    policy, _, variant = mode.partition("+")
+    drafting = variant == "draft"
+    if first:
+        return policy, drafting, ns, "peer"
+    return policy, drafting, [n for n in (draft_ns if drafting else policy_ns) if n in ns], \
+        "peer_draft" if drafting else None
+
+
 def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int,
-                  policy_ns: list[int], peer: bool, repeats: int = 1) -> None:
+                  policy_ns: list[int], peer: bool, repeats: int = 1, draft_ns: list[int] = ()) -> None:
     """Sequential, then AIOS fifo interleaved with llama-server per agent count, the other policies at
-    `policy_ns`, then the snapshot microbenchmark; fills `result`."""
+    `policy_ns`, speculative AIOS against speculative llama-server at `draft_ns`, then the snapshot
+    microbenchmark; fills `result`."""
     from bench.peer import LlamaServer, build
 
     slots = result["config"]["slots"]
     say(f"machine: {result['config']['cpu']}, {result['config']['cpus']} CPUs")
-    say(f"workload: agents {ns}, {rounds} rounds each (LLM call + memory_add + calculator); AIOS {modes[0]}"
-        f"{' against llama-server' if peer else ''} at every N, {modes[1:]} at {policy_ns}")
+    plan_of = {mode: mode_runs(mode, number == 0, ns, policy_ns, draft_ns) for number, mode in enumerate(modes)}
+    say(f"workload: {rounds} round(s) per agent (LLM call + memory_add + calculator); "
+        + "; ".join(f"AIOS {mode} at {runs[2]}{' against llama-server' if peer and runs[3] else ''}"
+                    for mode, runs in plan_of.items()))
     binary = build(say) if peer else None
     model = LlamaModel(default_model_path(progress=True))
     result["decode_batching"] = bench_decode_batching(model, slots)
@@ -492,15 +525,19 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
             rate = result["decode_batching"]["tok_per_s_slots" if n >= slots else "tok_per_s_1"]
             result["bound"][str(n)] = workload_bound(model, plans[n], result["prefill_tok_per_s"], rate)
     for number, mode in enumerate(modes):
-        with tempfile.TemporaryDirectory(prefix=f"aios-bench-{mode}-") as home:
-            say(f"starting AIOS ({mode}, {slots} slots) ...")
-            with Cluster(ClusterConfig(home=Path(home), policy=mode, slots=slots, model=default_model_path())) as cluster:
+        policy, drafting, mode_ns, peer_key = mode_runs(mode, number == 0, ns, policy_ns, draft_ns)
+        drafts = DRAFT_TOKENS if drafting else 0
+        with tempfile.TemporaryDirectory(prefix=f"aios-bench-{policy}-") as home:
+            say(f"starting AIOS ({policy}, {slots} slots{f', drafts of {drafts} tokens' if drafts else ''}) ...")
+            config = ClusterConfig(home=Path(home), policy=policy, slots=slots, model=default_model_path(),
+                                   extra_args={"llm_core": ["--draft-tokens", str(drafts)]})
+            with Cluster(config) as cluster:
                 server = None
-                if peer and number == 0:
+                if peer and peer_key:
                     say(f"starting llama-server (--parallel {slots}, {EngineConfig().max_sequence_tokens} tokens per "
-                        f"sequence) ...")
+                        f"sequence{f', ngram-simple drafts of {drafts} tokens' if drafts else ''}) ...")
                     server = LlamaServer(binary, default_model_path(), slots, EngineConfig().max_sequence_tokens,
-                                         EngineConfig().threads, Path(home) / "llama-server.log")
+                                         EngineConfig().threads, Path(home) / "llama-server.log", draft_tokens=drafts)
                 try:
                     with cluster.connect() as kernel:
                         # One short call each before measuring: a fresh process's first decodes allocate and fault
@@ -508,7 +545,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                         kernel.register("bench-warm-up").complete("Hello", max_tokens=8, ignore_eos=True)
                         if server is not None:
                             server.complete("Hello", 8)
-                        for n in ns if number == 0 else [n for n in policy_ns if n in ns]:
+                        for n in mode_ns:
                             runs: list[dict[str, Any]] = []
                             peers: list[dict[str, Any]] = []
                             for trial in range(repeats):
@@ -529,7 +566,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                             if str(n) in result["bound"]:
                                 row["ratio_vs_bound"] = row["tok_per_s"] / result["bound"][str(n)]
                             if peers:  # paired: each AIOS run against the peer's run right after it
-                                result["peer"][str(n)] = median_run(peers)
+                                result[peer_key][str(n)] = median_run(peers)
                                 row["ratio_vs_peer_runs"] = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(runs, peers)]
                                 row["ratio_vs_peer"] = statistics.median(row["ratio_vs_peer_runs"])
                             result["aios"][mode][str(n)] = row
@@ -557,6 +594,13 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
     if "32" in result["aios"].get("rr", {}) and "32" in fifo:
         checks.append(("AIOS rr / fifo at 32 agents", result["aios"]["rr"]["32"]["tok_per_s"] / fifo["32"]["tok_per_s"],
                        ">=", 0.95))
+    for n, row in result["aios"].get("fifo+draft", {}).items():
+        if int(n) >= 16 and "ratio_vs_peer" in row:
+            checks.append((f"AIOS fifo+draft / llama-server ngram at {n} agents", row["ratio_vs_peer"], ">=", 1.5))
+    if "fairness" in result:
+        fair, fifo_ = result["fairness"]["policies"]["fair"], result["fairness"]["policies"]["fifo"]
+        checks.append(("fair / fifo throughput, heavy + light agents", fair["tok_per_s"] / fifo_["tok_per_s"], ">=", 0.95))
+        checks.append(("fair / fifo worst light first answer", fair["ttfr_max_s"] / fifo_["ttfr_max_s"], "<", 1.0))
     if "recovery" in result:
         checks.append(("LLM core kill to first token p50, s (hot standby)",
                        result["recovery"]["standby"]["first_token_after_kill_s_p50"], "<", 3.0))
@@ -564,9 +608,14 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
 
 
 # BENCH_QUICK=1: a few-minute subset (AIOS fifo and llama-server at 1 and 16 agents, one round), for a first look.
-QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo", "BENCH_SEQ_AGENTS": "1"}
-DEFAULTS = {"BENCH_PARTS": "llm,memory,storage,gateway,recovery", "BENCH_NS": "1,16,32,64", "BENCH_ROUNDS": "2",
-            "BENCH_MODES": "fifo,rr,fair", "BENCH_POLICY_NS": "32", "BENCH_SEQ_AGENTS": "2", "BENCH_REPEATS": "1"}
+QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,fifo+draft",
+         "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1"}
+# The defaults keep the whole `make bench` under 15 minutes on a 2-core EPYC: one round per agent (BENCH_ROUNDS=3 is
+# the issue's full ReAct loop, where conversations grow across rounds), rr beside fifo at 32 agents (add fair with
+# BENCH_MODES=fifo,rr,fair,fifo+draft), 128 agents on request (BENCH_NS=1,16,32,64,128).
+DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery", "BENCH_NS": "1,16,32,64",
+            "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,rr,fifo+draft", "BENCH_POLICY_NS": "32",
+            "BENCH_DRAFT_NS": "1,16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1"}
 
 
 def knob(name: str) -> str:
@@ -581,6 +630,7 @@ def main() -> int:
     rounds = int(knob("BENCH_ROUNDS"))
     modes = knob("BENCH_MODES").split(",") if "llm" in parts else []
     policy_ns = [int(x) for x in knob("BENCH_POLICY_NS").split(",")]
+    draft_ns = [int(x) for x in knob("BENCH_DRAFT_NS").split(",")]
     seq_cap = int(knob("BENCH_SEQ_AGENTS"))
     repeats = int(knob("BENCH_REPEATS"))
     peer = os.environ.get("BENCH_PEER", "1") != "0"
@@ -588,25 +638,29 @@ def main() -> int:
     result: dict[str, Any] = {
         "config": {"parts": parts, "agents": ns, "rounds": rounds, "modes": modes, "slots": ClusterConfig.slots,
                    "slice_tokens": 32, "sequential_agents_cap": seq_cap, "cpus": os.cpu_count(),
-                   "cpu": cpu_model(), "policy_agents": policy_ns, "repeats": repeats, "peer": "llama-server" if peer else None,
+                   "cpu": cpu_model(), "policy_agents": policy_ns, "draft_agents": draft_ns, "draft_tokens": DRAFT_TOKENS,
+                   "repeats": repeats, "peer": "llama-server" if peer else None,
                    "llama_cpp_python": version("llama_cpp_python"), "python": sys.version.split()[0],
                    "command": " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("BENCH_"))
                               + " make bench"},
         "sequential": {},
         "aios": {m: {} for m in modes},
         "peer": {},
+        "peer_draft": {},
         "bound": {},
     }
     if "llm" in parts:
-        run_llm_bench(result, ns, rounds, modes, seq_cap, policy_ns, peer, repeats)
+        run_llm_bench(result, ns, rounds, modes, seq_cap, policy_ns, peer, repeats, draft_ns)
+    if "fairness" in parts:
+        result["fairness"] = run_fairness_bench(say)
     if "memory" in parts:
         result["memory"] = run_memory_bench(say)
     if "storage" in parts:
         result["storage_tools"] = run_storage_tools_bench(say)
     if "gateway" in parts:
-        result["gateway"] = run_gateway_bench(say)
+        result["gateway"] = run_gateway_bench(say, rounds=2)  # each round runs the three paths in turn
     if "recovery" in parts:
-        result["recovery"] = run_recovery_bench(say)
+        result["recovery"] = run_recovery_bench(say, trials=1)
     result["elapsed_s"] = time.monotonic() - began
     floors = {}
     if "16" in result["aios"].get("fifo", {}):
@@ -653,6 +707,9 @@ def main() -> int:
         print()
     if "recovery" in result:
         print(recovery_table(result["recovery"]))
+        print()
+    if "fairness" in result:
+        print(fairness_table(result["fairness"]))
         print()
     for key, value in floors.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")

@@ -55,6 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
              "memory": [*(["--ram-budget-bytes", str(args.memory_budget_bytes)] if args.memory_budget_bytes else []),
                         *(["--quota-bytes", str(args.memory_quota_bytes)] if args.memory_quota_bytes else [])],
              "storage": ["--quota-bytes", str(args.storage_quota_bytes)] if args.storage_quota_bytes else [],
+             "llm_core": ["--draft-tokens", str(args.draft_tokens)] if args.draft_tokens else [],
              "kernel": [*(["--tokens-per-minute", str(args.tokens_per_minute)] if args.tokens_per_minute else []),
                         *(["--concurrent-syscalls", str(args.concurrent_syscalls)] if args.concurrent_syscalls else [])]}
     config = ClusterConfig(home=home, redis_url=args.redis_url, model=model, slots=args.slots, policy=args.policy,
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--llm-standby", action="store_true",
                     help="keep a hot standby LLM core (model loaded, waiting): a core that dies is replaced in "
                          "a fraction of a second instead of a process start and model load (twice the memory)")
+    up.add_argument("--draft-tokens", type=int, default=0, metavar="N",
+                    help="speculative decoding: verify up to N tokens guessed from each sequence's own context per "
+                         "decode step (same outputs; pays off when few sequences decode: `make bench` measures it)")
     up.add_argument("--mcp-network", action="append", default=[], metavar="NAME",
                     help="let the MCP server NAME use the host's network (none by default)")
     up.add_argument("--memory-budget-bytes", type=int, default=0, help="memory manager RAM budget (default 64 MB)")
