@@ -22,9 +22,9 @@ from typing import Any, Callable
 from deploy.cluster import Cluster, ClusterConfig
 from services.llm_core.model import default_model_path
 
-HEAVY_CALLS = 48
+HEAVY_CALLS = 32
 LIGHT_AGENTS = 24
-LIGHT_CALLS = 4
+LIGHT_CALLS = 3
 CALL_TOKENS = 16
 POLICIES = ("fifo", "fair")
 

@@ -76,11 +76,19 @@ def trial(cluster: Cluster, supervisor: Supervisor, kernel: Any) -> dict[str, fl
             "core_back_s": core_back_s}
 
 
-def run_recovery_bench(say: Callable[[str], None], trials: int = 2) -> dict[str, Any]:
+RECOVERY_MODES = {  # name: the LLM core's extra flags, the services kept on hot standby
+    "exact": (["--replay", "exact"], ()),
+    "auto": ([], ()),
+    "standby": ([], ("llm_core",)),
+}
+
+
+def run_recovery_bench(say: Callable[[str], None], trials: int = 2,
+                       modes: tuple[str, ...] = tuple(RECOVERY_MODES)) -> dict[str, Any]:
     result: dict[str, Any] = {"agents": AGENTS, "tokens": TOKENS, "kill_after_tokens": KILL_AFTER}
     # The next standby starts loading 20 s after a promotion, not during the recovery it would slow down.
-    for mode, extra, standby in (("exact", ["--replay", "exact"], ()), ("auto", [], ()),
-                                 ("standby", [], ("llm_core",))):
+    for mode in modes:
+        extra, standby = RECOVERY_MODES[mode]
         with tempfile.TemporaryDirectory(prefix="aios-bench-recovery-") as home:
             say(f"recovery ({mode}): {AGENTS} agents streaming, kill -9 of the LLM core after {KILL_AFTER} tokens "
                 f"each, {trials} trials ...")
@@ -168,8 +176,8 @@ def replay_against_reprefill(say: Callable[[str], None], cut_points: tuple[int, 
 
 def recovery_table(result: dict[str, Any]) -> str:
     lines = [f"recovery from kill -9 of the LLM core, {result['agents']} agents streaming (medians of "
-             f"{len(result['auto']['trials'])} trials):"]
-    for mode in ("exact", "auto", "standby"):
+             f"{len(next(result[m] for m in RECOVERY_MODES if m in result)['trials'])} trials):"]
+    for mode in [m for m in RECOVERY_MODES if m in result]:
         r = result[mode]
         label = {"exact": "exact replay", "auto": "default (auto)", "standby": "default+standby"}[mode]
         lines.append(f"  {label:<16} core serving again {r['core_back_s']:.2f} s after the kill; first token after "

@@ -53,7 +53,7 @@ from services.llm_core.grammar import GrammarConstraint
 from services.llm_core.prefix_store import HostPrefixCache, common_prefix
 from services.llm_core.sampling import SamplingConfig, TokenSampler
 from services.llm_core.snapshot import ContextShape, Snapshot
-from services.llm_core.speculation import PromptLookup
+from services.llm_core.speculation import PromptLookup, StepCosts, draft_length
 from services.llm_core.text import TextStream
 
 log = logging.getLogger("aios.llm_core.engine")
@@ -141,7 +141,7 @@ class Sequence:
     replay_in_batch: bool = False  # may prefill them in a batch (EngineConfig.replay "auto")
     replay_divergences: int = 0
     lookup: PromptLookup | None = None  # its context's n-grams, for drafts (built when it first drafts)
-    draft_hit_rate: float = 1.0  # recent share of its guesses the model kept (DRAFT_MIN_HIT_RATE)
+    draft_hit_rate: float = 1.0  # recent share of its guesses the model kept (speculation.draft_length weighs it)
 
     def __post_init__(self) -> None:
         self.sampler = TokenSampler(self.config, self.constraint)
@@ -179,19 +179,18 @@ class EngineConfig:
     # RAM for prefixes that lost their seq_id (prefix_store.HostPrefixCache); 0 keeps none.
     host_prefix_bytes: int = 2 << 30
     # Speculative decoding (speculation.py): a decoding sequence may carry up to `draft_tokens` guessed tokens in a
-    # step, verified in the same llama_decode. On a CPU a step's cost grows with its tokens once a few ride in it
-    # (`make bench` measures where), so drafts only fill steps up to `draft_step_tokens` tokens: they speed up a
-    # lone or thinning batch and leave a full one alone. 0 turns speculation off.
+    # step, verified in the same llama_decode, as many as the step costs measured here and the sequences' recent
+    # hit rates say pay (on a CPU a step's cost grows with its tokens). Steps stay within `draft_step_tokens`
+    # tokens. 0 turns speculation off.
     draft_tokens: int = 0
-    draft_step_tokens: int = 16
+    draft_step_tokens: int = 64
 
 
 REPLAY_MODES = ("auto", "exact", "batched")
-# A sequence whose recent guesses the model mostly refused stops drafting (a refused guess costs a token's compute
-# for nothing); its rate climbs back by DRAFT_RATE_RECOVERY of the way to 1 each step without drafts (about ten
-# steps from a bad run), so it tries again later: its output may start copying.
-DRAFT_MIN_HIT_RATE = 0.5
-DRAFT_RATE_WEIGHT = 0.3  # how much one step's share of kept guesses moves the rate
+# A sequence's hit rate moves by DRAFT_RATE_WEIGHT of the way to each step's share of kept guesses; a low rate makes
+# its guesses not worth a step's cost, and it climbs back by DRAFT_RATE_RECOVERY of the way to 1 each step without
+# drafts, so the sequence tries again later (its output may start copying).
+DRAFT_RATE_WEIGHT = 0.3
 DRAFT_RATE_RECOVERY = 0.05
 # EngineStats' times, in InfoResponse under the same names: they do not overlap (see EngineStats).
 ENGINE_TIMES = ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds")
@@ -349,6 +348,7 @@ class BatchEngine:
         self.memory = llama.llama_get_memory(self.ctx)
         self.batch = llama.llama_batch_init(config.n_batch, 0, 1)
         self.stats = EngineStats()
+        self.step_costs = StepCosts()
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
@@ -884,9 +884,9 @@ class BatchEngine:
                 seq.next_token = None
                 for m, token in enumerate(drafts.get(seq, [])):
                     add(token, seq.n_past + m, seq, True, output=False)
-        decoding = batch.n_tokens
-        budget = self.config.n_batch - decoding
-        if decoding:
+        decoding, stepping = len(outputs), batch.n_tokens  # sequences decoding; their tokens, guesses included
+        budget = self.config.n_batch - stepping
+        if stepping:
             budget = min(budget, self.config.prefill_chunk)
         for seq in active:
             if budget <= 0:
@@ -918,6 +918,8 @@ class BatchEngine:
         rc = llama.llama_decode(self.ctx, batch)
         decoded, copying = time.perf_counter(), self.stats.kv_copy_seconds
         self.stats.decode_seconds += decoded - decode_started
+        if batch.n_tokens == stepping:  # decoding only, no prompt: what a step of this size costs, for drafts
+            self.step_costs.observe(stepping, decoded - decode_started)
         if rc != 0:
             state = ", ".join(
                 f"{s.request_id}@{s.slot}: n_past {s.n_past}, kv pos_max {llama.llama_memory_seq_pos_max(self.memory, s.slot)}"
@@ -950,16 +952,17 @@ class BatchEngine:
     def _drafts(self, active: list[Sequence]) -> dict[Sequence, list[int]]:
         """Guesses to ride after each decoding sequence's next token this step, the same number for each: llama.cpp
         gives every sequence of a multi-stream ubatch the same number of tokens, so a longer draft alone would cost a
-        pass over the weights of its own. None while a prompt is prefilling (it fills the step), when the step
-        would pass `draft_step_tokens`, or when some sequence has nothing to guess from."""
+        pass over the weights of its own. None while a prompt is prefilling (it fills the step), when they would not
+        pay (speculation.draft_length), or when some sequence has nothing to guess from."""
         decoding = [s for s in active if s.next_token is not None]
         if not self.config.draft_tokens or not decoding or any(s.prefilling or s.replay for s in active):
             return {}
-        per_sequence = min(self.config.draft_tokens, self.config.draft_step_tokens // len(decoding) - 1)
-        drafts = {seq: self._draft(seq, per_sequence) for seq in decoding}
-        if all(draft and seq.draft_hit_rate >= DRAFT_MIN_HIT_RATE for seq, draft in drafts.items()):
-            per_sequence = min(len(draft) for draft in drafts.values())
-            return {seq: draft[:per_sequence] for seq, draft in drafts.items()}
+        limit = min(self.config.draft_tokens, self.config.draft_step_tokens // len(decoding) - 1)
+        length = draft_length([s.draft_hit_rate for s in decoding], limit, self.step_costs)
+        drafts = {seq: self._draft(seq, length) for seq in decoding} if length else {}
+        if drafts and all(drafts.values()):
+            length = min(len(draft) for draft in drafts.values())
+            return {seq: draft[:length] for seq, draft in drafts.items()}
         for seq in decoding:  # no guesses this step: let refused ones try again in a while
             seq.draft_hit_rate += DRAFT_RATE_RECOVERY * (1.0 - seq.draft_hit_rate)
         return {}
