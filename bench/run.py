@@ -14,7 +14,7 @@ Systems, on the same workload (bench/workload.py, ReAct-shaped agent loops):
   context, both paired as above.
 The workload bound per N is what this CPU's raw llama.cpp rates allow (only
 the prefixes no earlier call began with prefilled, every token decoded at the
-batched rate). Floors are same-run ratios, printed PASS/FAIL with the CPU.
+batched rate, measured again right before each AIOS run: the machine drifts). Floors are same-run ratios, printed PASS/FAIL with the CPU.
 Plus a snapshot microbenchmark (save/restore time and size against context
 length), fair share with one heavy and many light agents (bench/fairness.py),
 the memory paging benchmark (bench/memory.py), storage throughput, tool-call
@@ -160,35 +160,42 @@ class SequentialRunner:
         llama.llama_free(self.ctx)
 
 
-def bench_decode_batching(model: LlamaModel, slots: int, context: int = 384, reps: int = 12) -> dict[str, Any]:
-    """llama.cpp's own gain from batching on this CPU, with no kernel in the way.
+class DecodeProbe:
+    """llama.cpp's own gain from batching on this CPU, with no kernel in the way, measurable again at any time.
 
     Greedy decode tok/s with 1 sequence per `llama_decode` (what sequential gets) and with
     `slots` (what the engine gets when every slot decodes). AIOS's ratio vs sequential follows
-    this gain, plus the prefill that shared prefixes save; it differs a lot between CPUs.
+    this gain, plus the prefill that shared prefixes save; it differs a lot between CPUs. The
+    machine's speed drifts by 10-20% over a bench, so the workload bound of each AIOS run uses
+    rates measured right before it.
     """
-    runner = SequentialRunner(model, n_ctx=context + reps + 8, sequences=slots)
-    prompt = model.tokenize(SYSTEM * 4, add_bos=True, special=False)[:context]
-    runner.prefill(prompt, 0)
-    prefilled = read_sequence_state(runner.ctx, 0)
-    for seq in range(1, slots):  # the same context in every sequence, copied rather than prefilled again
-        if not write_sequence_state(runner.ctx, seq, prefilled):
-            raise RuntimeError("llama.cpp refused to copy a sequence's state")
-    rates = []
-    for size in (1, slots):
-        times = []
-        for rep in range(reps):
-            t0 = time.perf_counter()
-            runner.step(size, prompt[rep], context + rep)
-            times.append(time.perf_counter() - t0)
-        for seq in range(size):
-            llama.llama_memory_seq_rm(runner.memory, seq, context, -1)
-        rates.append(size / statistics.median(times[2:]))
-    runner.close()
-    result = {"slots": slots, "context_tokens": context, "tok_per_s_1": rates[0], "tok_per_s_slots": rates[1],
-              "gain": rates[1] / rates[0]}
-    say(decode_batching_line(result))
-    return result
+
+    def __init__(self, model: LlamaModel, slots: int, context: int = 384, reps: int = 12) -> None:
+        self.slots, self.context, self.reps = slots, context, reps
+        self.runner = SequentialRunner(model, n_ctx=context + reps + 8, sequences=slots)
+        self.prompt = model.tokenize(SYSTEM * 4, add_bos=True, special=False)[:context]
+        self.runner.prefill(self.prompt, 0)
+        prefilled = read_sequence_state(self.runner.ctx, 0)
+        for seq in range(1, slots):  # the same context in every sequence, copied rather than prefilled again
+            if not write_sequence_state(self.runner.ctx, seq, prefilled):
+                raise RuntimeError("llama.cpp refused to copy a sequence's state")
+
+    def measure(self) -> dict[str, Any]:
+        rates = []
+        for size in (1, self.slots):
+            times = []
+            for rep in range(self.reps):
+                t0 = time.perf_counter()
+                self.runner.step(size, self.prompt[rep], self.context + rep)
+                times.append(time.perf_counter() - t0)
+            for seq in range(size):
+                llama.llama_memory_seq_rm(self.runner.memory, seq, self.context, -1)
+            rates.append(size / statistics.median(times[2:]))
+        return {"slots": self.slots, "context_tokens": self.context, "tok_per_s_1": rates[0],
+                "tok_per_s_slots": rates[1], "gain": rates[1] / rates[0]}
+
+    def close(self) -> None:
+        self.runner.close()
 
 
 def decode_batching_line(batching: dict[str, Any]) -> str:
@@ -516,7 +523,9 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                     for mode, runs in plan_of.items()))
     binary = build(say) if peer else None
     model = LlamaModel(default_model_path(progress=True))
-    result["decode_batching"] = bench_decode_batching(model, slots)
+    probe = DecodeProbe(model, slots)
+    result["decode_batching"] = probe.measure()
+    say(decode_batching_line(result["decode_batching"]))
     runner = SequentialRunner(model)
     result["prefill_tok_per_s"] = bench_prefill(runner)
     plans = {n: plan(n, rounds, SEED, f"n{n}") for n in ns}
@@ -524,10 +533,13 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
         say(f"sequential, the first {min(n, seq_cap)} of {n} agents ...")
         result["sequential"][str(n)] = run_sequential(runner, plans[n], seq_cap)
         say(f"  {result['sequential'][str(n)]['tok_per_s']:.1f} tok/s")
-    for n in ns:
-        if n >= slots or n == 1:
-            rate = result["decode_batching"]["tok_per_s_slots" if n >= slots else "tok_per_s_1"]
-            result["bound"][str(n)] = workload_bound(model, plans[n], result["prefill_tok_per_s"], rate)
+
+    def bound(n: int, calls: list[list[Call]]) -> float | None:
+        """The workload bound of these calls at this moment's raw decode rate (None between 1 and `slots` agents)."""
+        if n < slots and n != 1:
+            return None
+        rate = probe.measure()["tok_per_s_slots" if n >= slots else "tok_per_s_1"]
+        return workload_bound(model, calls, result["prefill_tok_per_s"], rate)
     for number, mode in enumerate(modes):
         policy, drafting, mode_ns, peer_key = mode_runs(mode, number == 0, ns, policy_ns, draft_ns)
         drafts = DRAFT_TOKENS if drafting else 0
@@ -557,7 +569,10 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                                 # find them cached by the one before.
                                 calls = plans[n] if trial == 0 else plan(n, rounds, SEED + trial, f"n{n}")
                                 say(f"AIOS {mode}, {n} agents{f' (run {trial + 1} of {repeats})' if repeats > 1 else ''} ...")
+                                limit = bound(n, calls) if number == 0 else None
                                 runs.append(run_aios(kernel, calls))
+                                if limit:
+                                    runs[-1]["bound_tok_per_s"] = limit
                                 say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
                                     f"jain {runs[-1]['jain_fairness']:.2f}")
                                 if server is not None:  # interleaved: the peer right after AIOS, on the same plan
@@ -567,7 +582,11 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                                         f"{runs[-1]['tok_per_s'] / peers[-1]['tok_per_s']:.2f}x llama-server")
                             row = median_run(runs)
                             row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
-                            if str(n) in result["bound"]:
+                            if "bound_tok_per_s" in runs[0]:  # each run against the bound measured right before it
+                                result["bound"][str(n)] = statistics.median(r["bound_tok_per_s"] for r in runs)
+                                row["ratio_vs_bound"] = statistics.median(r["tok_per_s"] / r["bound_tok_per_s"]
+                                                                          for r in runs)
+                            elif str(n) in result["bound"]:
                                 row["ratio_vs_bound"] = row["tok_per_s"] / result["bound"][str(n)]
                             if peers:  # paired: each AIOS run against the peer's run right after it
                                 result[peer_key][str(n)] = median_run(peers)
@@ -580,6 +599,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                 if mode == modes[-1]:
                     say("snapshot save/restore ...")
                     result["snapshots"] = bench_snapshots(runner, cluster.redis_url, [128, 512, 1024])
+    probe.close()
 
 
 def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
