@@ -61,7 +61,7 @@ from bench.fairness import fairness_table, jain, run_fairness_bench
 from bench.gateway import gateway_table, run_gateway_bench
 from bench.peer import run_peer
 from bench.memory import memory_table, run_memory_bench
-from bench.recovery import recovery_table, run_recovery_bench
+from bench.recovery import RECOVERY_MODES, recovery_table, run_recovery_bench
 from bench.storage_tools import run_storage_tools_bench, storage_tools_table
 from bench.workload import SYSTEM, Call, plan
 from deploy.cluster import Cluster, ClusterConfig
@@ -370,25 +370,27 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ticks = dict(xscale="log", xticks=ns, xticklabels=ns, xlabel="concurrent agents")
         ax["tokens"].plot(ns, [result["sequential"][str(n)]["tok_per_s"] for n in ns], "k--o",
                           label="sequential (no AIOS)")
+        first = result["config"]["modes"][0]
         if result["peer"]:
             ax["tokens"].plot(ns, [result["peer"][str(n)]["tok_per_s"] for n in ns], "k-s",
                               label="llama-server (peer)")
+            paired = [(n, r["ratio_vs_peer"]) for n, r in ((n, result["aios"][first].get(str(n), {})) for n in ns)
+                      if "ratio_vs_peer" in r]
+            ax["ratio"].plot([n for n, _ in paired], [x for _, x in paired], "-o", label=f"AIOS {first} / llama-server")
+            ax["ratio"].axhline(1.5, color="grey", linestyle=":", label="floor 1.5x llama-server")
         drafting = [(n, result["peer_draft"][str(n)]) for n in ns if str(n) in result["peer_draft"]]
         if drafting:
             ax["tokens"].plot([n for n, _ in drafting], [r["tok_per_s"] for _, r in drafting], "k:^",
                               label="llama-server, ngram drafts")
-            ax["ratio"].plot(ns, [result["aios"]["fifo"][str(n)]["ratio_vs_peer"] for n in ns], "-o",
-                             label="AIOS fifo / llama-server")
-            ax["ratio"].axhline(1.5, color="grey", linestyle=":", label="floor 1.5x llama-server")
         bounds = [(n, result["bound"][str(n)]) for n in ns if str(n) in result["bound"]]
         if bounds:
             ax["tokens"].plot([n for n, _ in bounds], [b for _, b in bounds], "g:", label="workload bound")
         for mode in result["config"]["modes"]:
             rows = [(n, result["aios"][mode][str(n)]) for n in ns if str(n) in result["aios"][mode]]
             ax["tokens"].plot([n for n, _ in rows], [r["tok_per_s"] for _, r in rows], "-o", label=f"AIOS {mode}")
-        fifo = [(n, result["aios"]["fifo"][str(n)]) for n in ns if str(n) in result["aios"].get("fifo", {})]
-        ax["ratio"].plot([n for n, _ in fifo], [r["ratio_vs_sequential"] for _, r in fifo], "-o",
-                         label="AIOS fifo / sequential")
+        rows = [(n, result["aios"][first][str(n)]) for n in ns if str(n) in result["aios"][first]]
+        ax["ratio"].plot([n for n, _ in rows], [r["ratio_vs_sequential"] for _, r in rows], "-o",
+                         label=f"AIOS {first} / sequential")
         ax["tokens"].set(title=f"generated tokens/s ({result['config']['cpu']})", **ticks)
         ax["ratio"].set(title="same-run throughput ratios", **ticks)
     if "snapshots" in result:
@@ -503,7 +505,7 @@ def mode_runs(mode: str, first: bool, ns: list[int], policy_ns: list[int], draft
     policy, _, variant = mode.partition("+")
     drafting = variant == "draft"
     if first:
-        return policy, drafting, ns, "peer"
+        return policy, drafting, ns, "peer_draft" if drafting else "peer"
     return policy, drafting, [n for n in (draft_ns if drafting else policy_ns) if n in ns], \
         "peer_draft" if drafting else None
 
@@ -637,7 +639,7 @@ QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_M
 # The defaults keep the whole `make bench` under 15 minutes on a 2-core EPYC: one round per agent (BENCH_ROUNDS=3 is
 # the issue's full ReAct loop, where conversations grow across rounds), rr beside fifo at 32 agents (add fair with
 # BENCH_MODES=fifo,rr,fair,fifo+draft), 128 agents on request (BENCH_NS=1,16,32,64,128), the recovery part without
-# --replay exact (BENCH_RECOVERY_MODES=exact,auto,standby adds it).
+# --replay exact and the in-process comparison of rebuilds (BENCH_RECOVERY_MODES=exact,auto,standby adds both).
 DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery", "BENCH_NS": "1,16,32,64",
             "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,rr,fifo+draft", "BENCH_POLICY_NS": "32",
             "BENCH_DRAFT_NS": "1,16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1", "BENCH_RECOVERY_MODES": "auto,standby"}
@@ -656,6 +658,9 @@ def main() -> int:
     modes = knob("BENCH_MODES").split(",") if "llm" in parts else []
     policy_ns = [int(x) for x in knob("BENCH_POLICY_NS").split(",")]
     draft_ns = [int(x) for x in knob("BENCH_DRAFT_NS").split(",")]
+    recovery_modes = tuple(knob("BENCH_RECOVERY_MODES").split(","))
+    if set(recovery_modes) - set(RECOVERY_MODES):  # before anything runs, not after the other parts
+        raise SystemExit(f"BENCH_RECOVERY_MODES takes {','.join(RECOVERY_MODES)}; got {','.join(recovery_modes)}")
     seq_cap = int(knob("BENCH_SEQ_AGENTS"))
     repeats = int(knob("BENCH_REPEATS"))
     peer = os.environ.get("BENCH_PEER", "1") != "0"
@@ -685,7 +690,7 @@ def main() -> int:
     if "gateway" in parts:
         result["gateway"] = run_gateway_bench(say, rounds=2)  # its floor is a median of per-round ratios: one round is too noisy
     if "recovery" in parts:
-        result["recovery"] = run_recovery_bench(say, trials=1, modes=tuple(knob("BENCH_RECOVERY_MODES").split(",")))
+        result["recovery"] = run_recovery_bench(say, trials=1, modes=recovery_modes)
     result["elapsed_s"] = time.monotonic() - began
     floors = {}
     if "16" in result["aios"].get("fifo", {}):

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                          "a fraction of a second instead of a process start and model load (twice the memory)")
     up.add_argument("--draft-tokens", type=int, default=0, metavar="N",
                     help="speculative decoding: verify up to N tokens guessed from each sequence's own context per "
-                         "decode step (same outputs; pays off when few sequences decode: `make bench` measures it)")
+                         "decode step, as many as pay on this machine (outputs as without, up to batch numerics)")
     up.add_argument("--mcp-network", action="append", default=[], metavar="NAME",
                     help="let the MCP server NAME use the host's network (none by default)")
     up.add_argument("--memory-budget-bytes", type=int, default=0, help="memory manager RAM budget (default 64 MB)")

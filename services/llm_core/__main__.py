@@ -81,10 +81,10 @@ def main() -> None:
                              "fast), or batched when the kernel says the generation was not decoding alone (auto)")
     parser.add_argument("--draft-tokens", type=int, default=defaults.draft_tokens,
                         help="speculative decoding: up to this many tokens guessed from a sequence's own context "
-                             "(prompt lookup) are verified in each decode step; outputs do not change. 0: off")
+                             "(prompt lookup) are verified in each decode step, as many as pay on this machine; outputs are "
+                             "what one token per step gives, up to batch numerics. 0: off")
     parser.add_argument("--draft-step-tokens", type=int, default=defaults.draft_step_tokens,
-                        help="drafts ride only in decode steps of at most this many tokens (on a CPU a fuller step "
-                             "costs more per token than speculation saves)")
+                        help="decode steps carrying drafts stay within this many tokens (at most --n-batch)")
     parser.add_argument("--n-batch", type=int, default=defaults.n_batch, help="most tokens per decode step")
     parser.add_argument("--prompt-format", default="transcript", choices=sorted(FORMATS),
                         help="how chat messages become a prompt (transcript suits base models)")

@@ -918,8 +918,6 @@ class BatchEngine:
         rc = llama.llama_decode(self.ctx, batch)
         decoded, copying = time.perf_counter(), self.stats.kv_copy_seconds
         self.stats.decode_seconds += decoded - decode_started
-        if batch.n_tokens == stepping:  # decoding only, no prompt: what a step of this size costs, for drafts
-            self.step_costs.observe(stepping, decoded - decode_started)
         if rc != 0:
             state = ", ".join(
                 f"{s.request_id}@{s.slot}: n_past {s.n_past}, kv pos_max {llama.llama_memory_seq_pos_max(self.memory, s.slot)}"
@@ -927,6 +925,8 @@ class BatchEngine:
             )
             log.error("llama_decode returned %d; batch of %d tokens; sequences: %s", rc, batch.n_tokens, state)
             raise RuntimeError(f"llama_decode returned {rc}")
+        if decoding and batch.n_tokens == stepping:  # decoding only, no prompt: what this shape costs, for drafts
+            self.step_costs.observe(decoding, stepping // decoding, decoded - decode_started)
         self.stats.steps += 1
         self.stats.decode_rows += decoding
         for seq in active:
@@ -941,9 +941,10 @@ class BatchEngine:
                 self._fail([seq], exc)
                 continue
             self._accept(seq, tokens[0])
-            for token in tokens[1:]:
+            for token in tokens[1:]:  # kept guesses: each one's cell is in KV once the token before it is accepted
                 if seq.status.ended:  # it finished (end of generation, a stop string) before the rest
                     break
+                seq.n_past += 1
                 self._accept(seq, token)
             for _ in range(unsampled.pop(seq, 0)):  # they are in KV now: accepted as delivered, nothing to sample
                 self._accept(seq, seq.replay[0])
@@ -957,12 +958,15 @@ class BatchEngine:
         decoding = [s for s in active if s.next_token is not None]
         if not self.config.draft_tokens or not decoding or any(s.prefilling or s.replay for s in active):
             return {}
-        limit = min(self.config.draft_tokens, self.config.draft_step_tokens // len(decoding) - 1)
-        length = draft_length([s.draft_hit_rate for s in decoding], limit, self.step_costs)
+        limit = min(self.config.draft_tokens, min(self.config.draft_step_tokens, self.config.n_batch) // len(decoding) - 1)
+        rates = [s.draft_hit_rate for s in decoding]
+        length = draft_length(rates, limit, self.step_costs)
         drafts = {seq: self._draft(seq, length) for seq in decoding} if length else {}
         if drafts and all(drafts.values()):
-            length = min(len(draft) for draft in drafts.values())
-            return {seq: draft[:length] for seq, draft in drafts.items()}
+            # The shortest guess sets the length; that shorter step must pay on its own.
+            length = draft_length(rates, min(len(draft) for draft in drafts.values()), self.step_costs)
+            if length:
+                return {seq: draft[:length] for seq, draft in drafts.items()}
         for seq in decoding:  # no guesses this step: let refused ones try again in a while
             seq.draft_hit_rate += DRAFT_RATE_RECOVERY * (1.0 - seq.draft_hit_rate)
         return {}
@@ -982,7 +986,8 @@ class BatchEngine:
         whose guess the model produced too. Each token is drawn exactly as without speculation (the same sampler,
         RNG and grammar, in order), so a guess is kept exactly when the model picks it (with a one-token draft,
         this is speculative sampling's rejection rule) and the output is what decoding one token per step
-        gives, up to batch numerics. The rejected guesses' KV cells are removed."""
+        gives, up to batch numerics (the guesses' KV is computed several tokens per step). The rejected guesses' KV
+        cells are removed; the kept ones join n_past as their tokens are accepted (`_step`)."""
         tokens = [seq.sampler.sample(self.model.logits_view(self.ctx, index))]
         while len(tokens) <= len(draft) and tokens[-1] == draft[len(tokens) - 1]:
             tokens.append(seq.sampler.sample(self.model.logits_view(self.ctx, index + len(tokens))))
@@ -991,9 +996,13 @@ class BatchEngine:
             seq.draft_hit_rate += DRAFT_RATE_WEIGHT * (accepted / len(draft) - seq.draft_hit_rate)
             self.stats.draft_tokens += len(draft)
             self.stats.draft_tokens_accepted += accepted
-            seq.n_past += accepted
-            if accepted < len(draft):
-                llama.llama_memory_seq_rm(self.memory, seq.slot, seq.n_past, -1)
+            kept = seq.n_past + accepted  # cells: up to the next token's and the kept guesses'
+            if accepted < len(draft) and not (
+                llama.llama_memory_seq_rm(self.memory, seq.slot, kept, -1)
+                and llama.llama_memory_seq_pos_max(self.memory, seq.slot) == kept - 1
+            ):  # a memory that cannot drop its last cells (a recurrent model): never decode on a wrong context
+                raise FailedPrecondition(f"the LLM core could not take back refused guesses of {seq.request_id!r}; "
+                                         "run this model without --draft-tokens")
         return tokens
 
     def _accept(self, seq: Sequence, token: int) -> None:

@@ -51,31 +51,32 @@ class PromptLookup:
 
 
 class StepCosts:
-    """Seconds a decode step of n tokens takes here, learnt from the steps run (a moving average per size)."""
+    """Seconds a decode step takes here by its shape (sequences, tokens each), learnt from the steps run (a moving
+    average per shape: 16 sequences of 2 tokens do not cost what 32 of 1 do)."""
 
     def __init__(self) -> None:
-        self.seconds: dict[int, float] = {}
+        self.seconds: dict[tuple[int, int], float] = {}
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        known = self.seconds.get(tokens)
-        self.seconds[tokens] = seconds if known is None else known + COST_WEIGHT * (seconds - known)
+    def observe(self, sequences: int, tokens_each: int, seconds: float) -> None:
+        known = self.seconds.get((sequences, tokens_each))
+        self.seconds[sequences, tokens_each] = seconds if known is None else known + COST_WEIGHT * (seconds - known)
 
-    def of(self, tokens: int) -> float | None:
-        return self.seconds.get(tokens)
+    def of(self, sequences: int, tokens_each: int) -> float | None:
+        return self.seconds.get((sequences, tokens_each))
 
 
 def draft_length(hit_rates: list[float], limit: int, costs: StepCosts) -> int:
     """How many guesses each of these decoding sequences should carry this step (0..limit): the k that maximises
     expected tokens per second, where a sequence whose guesses are kept with probability r yields
-    1 + r + ... + r^k tokens from a step of len(hit_rates) * (1 + k) tokens. A step size not measured yet is taken
+    1 + r + ... + r^k tokens from a step of 1 + k tokens each. A step size not measured yet is taken
     to cost what the plain step does, so it gets tried once and then judged by what it cost."""
-    plain = costs.of(len(hit_rates))
+    plain = costs.of(len(hit_rates), 1)
     if plain is None or limit <= 0:
         return 0
     best, best_rate = 0, len(hit_rates) / plain
     for k in range(1, limit + 1):
         tokens = sum(sum(r ** i for i in range(k + 1)) for r in hit_rates)
-        rate = tokens / (costs.of(len(hit_rates) * (1 + k)) or plain)
+        rate = tokens / (costs.of(len(hit_rates), 1 + k) or plain)
         if rate > best_rate:
             best, best_rate = k, rate
     return best

@@ -180,43 +180,52 @@ class FairSharePolicy(_Ordered):
         self.output_weight = output_weight
         self.counters: dict[str, float] = {}
         self.advances: dict[Schedulable, float] = {}  # dispatched syscalls' unused advance, in counter units
+        self.reserved: dict[str, float] = {}  # per agent, the sum of its advances
+
+    def served(self, agent_id: str) -> float:
+        """Its counter without what is only reserved: the service it actually received."""
+        return self.counters.get(agent_id, 0.0) - self.reserved.get(agent_id, 0.0)
 
     def push(self, item: Schedulable, now: float) -> None:
         waiting_agents = {other.agent_id for other in self}
         if item.agent_id not in waiting_agents:
-            floor = min((self.counters.get(a, 0.0) for a in waiting_agents), default=None)
-            current = self.counters.get(item.agent_id, floor if floor is not None else 0.0)
-            self.counters[item.agent_id] = max(current, floor) if floor is not None else current
+            floor = min((self.served(a) for a in waiting_agents), default=None)
+            if floor is not None and self.served(item.agent_id) < floor:
+                self.counters[item.agent_id] = floor + self.reserved.get(item.agent_id, 0.0)
+            self.counters.setdefault(item.agent_id, 0.0)
         super().push(item, now)
 
     def pop(self, now: float) -> Schedulable:
         item = self.pop_best(lambda item: self.counters.get(item.agent_id, 0.0))
-        advance = self.output_weight * self.slice_tokens / item.weight
-        self.counters[item.agent_id] = self.counters.get(item.agent_id, 0.0) + advance
-        self.advances[item] = self.advances.get(item, 0.0) + advance
+        self._reserve(item, self.output_weight * self.slice_tokens / item.weight)
         return item
 
     def charge(self, item: Schedulable, tokens_in: int, tokens_out: int) -> None:
         cost = (self.input_weight * tokens_in + self.output_weight * tokens_out) / item.weight
         prepaid = min(cost, self.advances.get(item, 0.0))
-        if prepaid:
-            self.advances[item] -= prepaid
-        self.counters[item.agent_id] = self.counters.get(item.agent_id, 0.0) + cost - prepaid
+        self._reserve(item, -prepaid)  # the advance becomes service received
+        self.counters[item.agent_id] = self.counters.get(item.agent_id, 0.0) + cost
 
     def done(self, item: Schedulable) -> None:
-        self.counters[item.agent_id] = self.counters.get(item.agent_id, 0.0) - self.advances.pop(item, 0.0)
+        self._reserve(item, -self.advances.get(item, 0.0))  # refunded: it left before using all of it
+        self.advances.pop(item, None)
+
+    def _reserve(self, item: Schedulable, amount: float) -> None:
+        """Moves `item`'s advance (and its agent's counter and reservation) by `amount`."""
+        if amount:
+            self.advances[item] = self.advances.get(item, 0.0) + amount
+            self.counters[item.agent_id] = self.counters.get(item.agent_id, 0.0) + amount
+            self.reserved[item.agent_id] = self.reserved.get(item.agent_id, 0.0) + amount
 
     def victim(self, running: Iterable[Schedulable], now: float) -> Schedulable | None:
         if not len(self):
             return None
-        neediest = min(self.counters.get(item.agent_id, 0.0) for item in self)
+        neediest = min(self.served(item.agent_id) for item in self)
         margin = self.output_weight * self.slice_tokens
         candidates = [
-            r
-            for r in running
-            if r.slice_used >= self.slice_tokens and self.counters.get(r.agent_id, 0.0) - neediest > margin
+            r for r in running if r.slice_used >= self.slice_tokens and self.served(r.agent_id) - neediest > margin
         ]
-        return max(candidates, key=lambda r: self.counters.get(r.agent_id, 0.0), default=None)
+        return max(candidates, key=lambda r: self.served(r.agent_id), default=None)
 
 
 POLICIES: dict[str, type] = {p.name: p for p in (FifoPolicy, RoundRobinPolicy, PriorityPolicy, FairSharePolicy)}

@@ -96,12 +96,11 @@ class ResourceQueue:
         try:
             await granted
         except BaseException:
-            self._grants.pop(record, None)
-            if granted.done() and not granted.cancelled():
-                self._leave(record)  # dispatched in the same instant the caller left
-                self._dispatch()
-            else:
+            if self._grants.pop(record, None) is not None:  # still waiting: the policy still holds it
                 self.policy.remove(record)
+            elif record in self.running:  # dispatched in the same instant the caller left
+                self._leave(record)
+                self._dispatch()
             raise
         record.start()
 
@@ -114,6 +113,9 @@ class ResourceQueue:
         while len(self.running) < self.capacity and len(self.policy):
             record = self.policy.pop(time.monotonic())
             future = self._grants.pop(record)
+            if future.done():  # its caller was cancelled a moment ago and has not cleaned up yet: skip it
+                self.policy.done(record)
+                continue
             self.running.add(record)
             future.set_result(None)
         self._maybe_preempt()

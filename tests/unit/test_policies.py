@@ -252,3 +252,59 @@ def test_the_queue_preempts_a_running_generation_and_resumes_it_when_the_policy_
     assert preempted[:2] == ["a", "b"] and queue.preemptions == len(preempted)
     assert all(r.preemptions >= 1 and r.state == SyscallState.RUNNING for r in records)
     assert not queue.running and queue.queued == 0
+
+
+def test_a_newcomer_is_lifted_to_the_service_others_received_not_to_what_they_reserved():
+    # "heavy" has four calls dispatched (each charged a slice in advance) and none served yet; "light" waits. A new
+    # agent arriving now starts level with what the waiting agent received (0), not with heavy's reservations.
+    policy = FairSharePolicy(slice_tokens=32)
+    heavy = [Job("heavy", 64) for _ in range(4)]
+    for job in heavy:
+        policy.push(job, 0.0)
+    for _ in heavy:
+        policy.pop(0.0)
+    policy.push(Job("light", 64), 0.0)
+    policy.push(Job("new", 64), 0.0)
+    assert policy.counters["new"] == policy.served("light") == 0.0
+    for job in heavy:  # they finish after 10 tokens each: heavy ends charged exactly what it was served
+        policy.charge(job, 0, 10)
+        policy.done(job)
+    assert policy.counters["heavy"] == policy.served("heavy") == 4 * 2.0 * 10
+    assert not any(policy.advances.values()) and policy.reserved["heavy"] == 0.0
+
+
+def test_a_caller_cancelled_just_before_its_dispatch_frees_its_place_and_its_advance():
+    """ResourceQueue: a waiting caller is cancelled, and a place frees before its cleanup runs; the queue skips it
+    (its place goes to the next), and the fair policy keeps no advance for it."""
+
+    async def scenario():
+        table = SyscallTable()
+        policy = FairSharePolicy(slice_tokens=4)
+        queue = ResourceQueue(Resource.LLM, policy, capacity=1)
+        first = table.create("a", "llm_generate", Resource.LLM)
+        second = table.create("b", "llm_generate", Resource.LLM)
+        third = table.create("c", "llm_generate", Resource.LLM)
+        release = asyncio.Event()
+        order: list[str] = []
+
+        async def hold(record):
+            async with queue.turn(record):
+                order.append(record.agent_id)
+                await release.wait()
+
+        holder = asyncio.create_task(hold(first))
+        await asyncio.sleep(0)  # first runs
+        cancelled = asyncio.create_task(hold(second))
+        waiting = asyncio.create_task(hold(third))
+        await asyncio.sleep(0)  # both wait
+        release.set()  # the place frees (the holder runs next) ...
+        cancelled.cancel()  # ... and the waiting caller's wait is cancelled: its cleanup runs after the dispatch
+        await asyncio.wait_for(holder, 5)
+        await asyncio.wait_for(waiting, 5)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert order == ["a", "c"]
+        assert queue.running == set() and len(policy) == 0
+        assert policy.reserved.get("b", 0.0) == 0.0 and second not in policy.advances
+
+    asyncio.run(scenario())
