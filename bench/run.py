@@ -47,7 +47,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from importlib.metadata import version
 
@@ -510,6 +510,37 @@ def mode_runs(mode: str, first: bool, ns: list[int], policy_ns: list[int], draft
         "peer_draft" if drafting else None
 
 
+def race(kernel: aios.Connection, server: Any, mode: str, n: int, plans: list[list[list[Call]]],
+         bound: Callable[[int, list[list[Call]]], float | None] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """AIOS on each plan (repeats: each its own plan of the same shape, since a repeat of the same prompts would find
+    them cached by the one before), each run followed by llama-server on the same plan if `server`. Returns the median AIOS run, with the median of the paired ratios and, given `bound` (the workload bound
+    measured right before each run), of the ratios to it; and the median peer run."""
+    runs: list[dict[str, Any]] = []
+    peers: list[dict[str, Any]] = []
+    for trial, calls in enumerate(plans):
+        say(f"AIOS {mode}, {n} agents{f' (run {trial + 1} of {len(plans)})' if len(plans) > 1 else ''} ...")
+        limit = bound(n, calls) if bound else None
+        runs.append(run_aios(kernel, calls))
+        if limit:
+            runs[-1]["bound_tok_per_s"] = limit
+        say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
+            f"jain {runs[-1]['jain_fairness']:.2f}")
+        if server is not None:  # interleaved: the peer right after AIOS, on the same plan
+            say(f"llama-server, {n} agents ...")
+            peers.append(run_peer(server, calls))
+            say(f"  {peers[-1]['tok_per_s']:.1f} tok/s; AIOS {mode} is "
+                f"{runs[-1]['tok_per_s'] / peers[-1]['tok_per_s']:.2f}x llama-server")
+    row = median_run(runs)
+    if "bound_tok_per_s" in runs[0]:
+        row["bound_tok_per_s"] = statistics.median(r["bound_tok_per_s"] for r in runs)
+        row["ratio_vs_bound"] = statistics.median(r["tok_per_s"] / r["bound_tok_per_s"] for r in runs)
+    if not peers:
+        return row, None
+    row["ratio_vs_peer_runs"] = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(runs, peers)]
+    row["ratio_vs_peer"] = statistics.median(row["ratio_vs_peer_runs"])
+    return row, median_run(peers)
+
+
 def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int,
                   policy_ns: list[int], peer: bool, repeats: int = 1, draft_ns: list[int] = ()) -> None:
     """Sequential, then AIOS fifo interleaved with llama-server per agent count, the other policies at
@@ -542,8 +573,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
             return None
         rate = probe.measure()["tok_per_s_slots" if n >= slots else "tok_per_s_1"]
         return workload_bound(model, calls, result["prefill_tok_per_s"], rate)
-    for number, mode in enumerate(modes):
-        policy, drafting, mode_ns, peer_key = mode_runs(mode, number == 0, ns, policy_ns, draft_ns)
+    for number, (mode, (policy, drafting, mode_ns, peer_key)) in enumerate(plan_of.items()):
         drafts = DRAFT_TOKENS if drafting else 0
         with tempfile.TemporaryDirectory(prefix=f"aios-bench-{policy}-") as home:
             say(f"starting AIOS ({policy}, {slots} slots{f', drafts of {drafts} tokens' if drafts else ''}) ...")
@@ -564,36 +594,15 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                         if server is not None:
                             server.complete("Hello", 8)
                         for n in mode_ns:
-                            runs: list[dict[str, Any]] = []
-                            peers: list[dict[str, Any]] = []
-                            for trial in range(repeats):
-                                # Each repeat its own plan of the same shape: a repeat of the same prompts would
-                                # find them cached by the one before.
-                                calls = plans[n] if trial == 0 else plan(n, rounds, SEED + trial, f"n{n}")
-                                say(f"AIOS {mode}, {n} agents{f' (run {trial + 1} of {repeats})' if repeats > 1 else ''} ...")
-                                limit = bound(n, calls) if number == 0 else None
-                                runs.append(run_aios(kernel, calls))
-                                if limit:
-                                    runs[-1]["bound_tok_per_s"] = limit
-                                say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
-                                    f"jain {runs[-1]['jain_fairness']:.2f}")
-                                if server is not None:  # interleaved: the peer right after AIOS, on the same plan
-                                    say(f"llama-server, {n} agents ...")
-                                    peers.append(run_peer(server, calls))
-                                    say(f"  {peers[-1]['tok_per_s']:.1f} tok/s; AIOS {mode} is "
-                                        f"{runs[-1]['tok_per_s'] / peers[-1]['tok_per_s']:.2f}x llama-server")
-                            row = median_run(runs)
+                            calls = [plans[n]] + [plan(n, rounds, SEED + trial, f"n{n}") for trial in range(1, repeats)]
+                            row, peer_row = race(kernel, server, mode, n, calls, bound if number == 0 else None)
                             row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
-                            if "bound_tok_per_s" in runs[0]:  # each run against the bound measured right before it
-                                result["bound"][str(n)] = statistics.median(r["bound_tok_per_s"] for r in runs)
-                                row["ratio_vs_bound"] = statistics.median(r["tok_per_s"] / r["bound_tok_per_s"]
-                                                                          for r in runs)
+                            if "bound_tok_per_s" in row:
+                                result["bound"][str(n)] = row["bound_tok_per_s"]
                             elif str(n) in result["bound"]:
                                 row["ratio_vs_bound"] = row["tok_per_s"] / result["bound"][str(n)]
-                            if peers:  # paired: each AIOS run against the peer's run right after it
-                                result[peer_key][str(n)] = median_run(peers)
-                                row["ratio_vs_peer_runs"] = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(runs, peers)]
-                                row["ratio_vs_peer"] = statistics.median(row["ratio_vs_peer_runs"])
+                            if peer_row is not None:
+                                result[peer_key][str(n)] = peer_row
                             result["aios"][mode][str(n)] = row
                 finally:
                     if server is not None:
@@ -707,7 +716,7 @@ def main() -> int:
         floors["json_schema_vs_free_16_agents"] = result["gateway"]["json_schema_vs_free"]
         floors["gateway_ttft_p50_s"] = result["gateway"]["gateway"]["ttft_p50_s"]
     if "recovery" in result:
-        for mode in [m for m in ("exact", "auto", "standby") if m in result["recovery"]]:
+        for mode in [m for m in RECOVERY_MODES if m in result["recovery"]]:
             floors[f"llm_core_kill_to_first_token_p50_s_{mode}"] = result["recovery"][mode]["first_token_after_kill_s_p50"]
     if "memory" in result:
         hit = {label: row["hit_ratio"] for label, row in result["memory"]["modes"].items()}

@@ -925,7 +925,7 @@ class BatchEngine:
             )
             log.error("llama_decode returned %d; batch of %d tokens; sequences: %s", rc, batch.n_tokens, state)
             raise RuntimeError(f"llama_decode returned {rc}")
-        if decoding and batch.n_tokens == stepping:  # decoding only, no prompt: what this shape costs, for drafts
+        if self.config.draft_tokens and decoding and batch.n_tokens == stepping:  # decoding only: its cost, for drafts
             self.step_costs.observe(decoding, stepping // decoding, decoded - decode_started)
         self.stats.steps += 1
         self.stats.decode_rows += decoding
@@ -955,8 +955,10 @@ class BatchEngine:
         gives every sequence of a multi-stream ubatch the same number of tokens, so a longer draft alone would cost a
         pass over the weights of its own. None while a prompt is prefilling (it fills the step), when they would not
         pay (speculation.draft_length), or when some sequence has nothing to guess from."""
+        if not self.config.draft_tokens or any(s.prefilling or s.replay for s in active):
+            return {}
         decoding = [s for s in active if s.next_token is not None]
-        if not self.config.draft_tokens or not decoding or any(s.prefilling or s.replay for s in active):
+        if not decoding:
             return {}
         limit = min(self.config.draft_tokens, min(self.config.draft_step_tokens, self.config.n_batch) // len(decoding) - 1)
         rates = [s.draft_hit_rate for s in decoding]

@@ -58,8 +58,7 @@ class ResourceQueue:
         try:
             yield
         finally:
-            if record in self.running:
-                self._leave(record)
+            if self._leave(record):
                 self.completed += 1
                 self._dispatch()
 
@@ -98,16 +97,18 @@ class ResourceQueue:
         except BaseException:
             if self._grants.pop(record, None) is not None:  # still waiting: the policy still holds it
                 self.policy.remove(record)
-            elif record in self.running:  # dispatched in the same instant the caller left
-                self._leave(record)
+            elif self._leave(record):  # dispatched in the same instant the caller left
                 self._dispatch()
             raise
         record.start()
 
-    def _leave(self, record: SyscallRecord) -> None:
-        if record in self.running:
-            self.running.discard(record)
-            self.policy.done(record)
+    def _leave(self, record: SyscallRecord) -> bool:
+        """Gives up `record`'s running place, if it holds one (the policy hears it); True if it did."""
+        if record not in self.running:
+            return False
+        self.running.discard(record)
+        self.policy.done(record)
+        return True
 
     def _dispatch(self) -> None:
         while len(self.running) < self.capacity and len(self.policy):
