@@ -1,0 +1,40 @@
+"""The bench's workload bound: the ideal server it compares AIOS against (bench/run.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.run import decode_steps, workload_bound
+from bench.workload import Call
+
+
+def agents(*lengths: tuple[int, ...]) -> list[list[Call]]:
+    """One agent per tuple, one call per length, in order."""
+    return [[Call(a, r, f"agent {a} round {r}", n, 2, 3) for r, n in enumerate(calls)] for a, calls in enumerate(lengths)]
+
+
+def test_a_batch_drains_as_its_calls_end() -> None:
+    assert decode_steps(agents((3,), (1,), (2,)), slots=4) == [3, 2, 1]
+
+
+def test_an_agents_next_call_joins_the_step_after_its_previous_one_ends() -> None:
+    assert decode_steps(agents((1, 3), (3,)), slots=2) == [2, 2, 2, 1]
+
+
+def test_calls_beyond_the_slots_start_in_arrival_order_unless_lengths_are_known() -> None:
+    plan = agents((1,), (1,), (4,))
+    assert decode_steps(plan, slots=2) == [2, 1, 1, 1, 1]  # the long call starts last and ends alone
+    assert decode_steps(plan, slots=2, longest_first=True) == [2, 2, 1, 1]
+
+
+def test_the_bound_prices_each_step_by_its_sequences() -> None:
+    plan = agents((2,), (1,))  # steps of 2 then 1 sequence
+    costs = {"1": 0.02, "4": 0.05}  # 2 sequences: 0.03 s, interpolated
+    assert workload_bound(10, plan, 4, 100.0, costs) == pytest.approx(3 / (10 / 100.0 + 0.03 + 0.02))
+
+
+def test_costs_proportional_to_sequences_give_the_full_batch_rate() -> None:
+    plan = agents((5,), (2,), (7,))
+    per_token = 0.01
+    costs = {"1": per_token, "16": 16 * per_token}
+    assert workload_bound(0, plan, 16, 100.0, costs) == pytest.approx(1 / per_token)
