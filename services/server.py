@@ -35,6 +35,10 @@ log = logging.getLogger("aios.server")
 STOP_GRACE_S = 3.0
 # Health probes run this often; a failing probe turns the service NOT_SERVING.
 HEALTH_PERIOD_S = 2.0
+# Calls that reached the server but wait for its event loop to take them. gRPC's defaults (1,000, hard limit 3,000)
+# cancel the excess with a bare CANCELLED that reaches no handler: 9% of 2,000 agents registering at once were lost
+# that way. The loop takes them in order; these bound only memory (a call's few hundred bytes).
+MAX_PENDING_CALLS = 32768
 # Trailing metadata key of the hint sent with RESOURCE_EXHAUSTED: seconds until a retry may succeed.
 RETRY_AFTER = "retry-after"
 # Methods anyone may call, credential or not: the health check (launchers, load balancers) and reflection.
@@ -249,6 +253,8 @@ async def serve(service: Service, host: str, port: int, ready_file: Path | None 
         options=[
             ("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES),
             ("grpc.max_send_message_length", MESSAGE_LIMIT_BYTES),
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ],
     )
     if service.on_start is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -49,6 +51,8 @@ CREATE TABLE IF NOT EXISTS requests (  -- adds that carried a request id, so tha
 );
 CREATE INDEX IF NOT EXISTS requests_by_age ON requests (created_at);
 """
+# Raised whenever SCHEMA changes: a file with a lower PRAGMA user_version gets SCHEMA (all IF NOT EXISTS) on opening.
+SCHEMA_VERSION = 1
 # How long an add's request id is remembered: a retry later than this adds again.
 REQUEST_ID_TTL_S = 24 * 3600
 
@@ -87,11 +91,11 @@ class AgentDatabase:
     """One agent's file. Not thread-safe: the memory store serialises calls."""
 
     def __init__(self, path: Path, agent_id: str) -> None:
+        """Opens the agent's file, which `AgentDatabases` created whole (schema and owner)."""
         self.agent_id = agent_id
         self.db = connect_durable(path)
-        with self.db:
-            self.db.executescript(SCHEMA)
-            self.db.execute("INSERT INTO owner SELECT ? WHERE NOT EXISTS (SELECT 1 FROM owner)", (agent_id,))
+        if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # a file from before it was set
+            self.db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         (owner,) = self.db.execute("SELECT agent_id FROM owner").fetchone()
         if owner != agent_id:  # a 64-bit hash collision: refuse rather than mix two agents' memory
             self.db.close()
@@ -201,11 +205,37 @@ class AgentDatabases:
         with self._lock:
             db = self._open.pop(key, None)
             if db is None:
+                if not self.path(key).exists():
+                    self._create(self.path(key), agent_id)
                 db = AgentDatabase(self.path(key), agent_id)
             self._open[key] = db
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()
             return db
+
+    def _create(self, path: Path, agent_id: str) -> None:
+        """A new agent's file: a copy of an empty one holding the schema (creating the schema costs several times
+        a copy: 2,000 agents arriving at once made it most of the memory service's time), its owner written in before
+        the file takes its name, so a file under an agent's name is always whole, even after a crash."""
+        template = self.directory / f".empty-v{SCHEMA_VERSION}.db"  # not *.sqlite3: never taken for an agent's file
+        if not template.exists():
+            building = template.with_suffix(".tmp")
+            building.unlink(missing_ok=True)
+            db = connect_durable(building)
+            db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            db.close()
+            building.replace(template)
+        fresh = path.with_suffix(".new")
+        shutil.copyfile(template, fresh)
+        db = connect_durable(fresh)
+        db.execute("INSERT INTO owner VALUES (?)", (agent_id,))
+        db.close()
+        fresh.replace(path)
+        directory = os.open(self.directory, os.O_RDONLY)  # the new name is durable before any write is acknowledged
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     def holds(self, key: str, number: int) -> bool:
         """Whether the file with that key has entry `number`, read-only and without opening it for use."""

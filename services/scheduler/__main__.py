@@ -94,8 +94,9 @@ def main() -> None:
     access.add_argument("--tokens-per-minute", type=int, default=0, help="LLM tokens per minute per agent (0: no limit)")
     access.add_argument("--concurrent-syscalls", type=int, default=64, help="syscalls in flight per agent (0: no limit)")
     access.add_argument("--tool-slots", type=int, default=1, help="calls of one tool an agent runs at once (0: no limit)")
-    access.add_argument("--registrations-per-second", type=float, default=20.0)
-    access.add_argument("--registration-burst", type=int, default=200)
+    access.add_argument("--registrations-per-second", type=float, default=20.0,
+                        help="open registrations (anyone but the operator) per second, all callers together")
+    access.add_argument("--registration-burst", type=int, default=200, help="open registrations allowed at once")
     args = parser.parse_args()
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")

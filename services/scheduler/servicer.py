@@ -124,14 +124,15 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     def __init__(self, kernel: Kernel, registrations_per_second: float = 20.0, registration_burst: int = 200) -> None:
         self.kernel = kernel
         self.audit = Audit()
-        # All registrations share one bucket: a flood of them cannot exhaust Redis or the operator's patience.
+        # Registrations by anyone but the operator (open registration) share one bucket: a flood of them cannot
+        # exhaust Redis. The operator registering a fleet of agents at once is not a flood.
         self.registrations = TokenBucket(registration_burst, registrations_per_second, time.monotonic())
 
     @kernel_rpc(anonymous_ok=True)
     async def RegisterAgent(self, request, context, caller):
-        wait = self.registrations.take(1, time.monotonic())
+        wait = 0.0 if caller is not None and caller.role is Role.OPERATOR else self.registrations.take(1, time.monotonic())
         if wait:
-            raise ResourceExhausted(f"too many registrations; retry in {wait:.1f} s", retry_after=wait)
+            raise ResourceExhausted(f"too many open registrations; retry in {wait:.1f} s", retry_after=wait)
         q = request.quota
         agent, token = await self.kernel.agents.register(
             caller, request.name, request.priority, request.weight,

@@ -335,7 +335,7 @@ def test_one_agent_cannot_hold_every_place_of_a_tool(kernel):
         assert first.result()["stdout"] == second.result()["stdout"] == "hog\n"
 
 
-def test_registration_is_rate_limited_and_open_registration_is_capped(cluster: Cluster):
+def test_open_registration_is_rate_limited_and_capped_and_the_operator_is_not_limited(cluster: Cluster):
     address = cluster.add_replica("kernel_open", "kernel", [
         "--open-registration", "--registration-burst", "5", "--registrations-per-second", "0.5"])
     try:
@@ -350,6 +350,8 @@ def test_registration_is_rate_limited_and_open_registration_is_capped(cluster: C
             with pytest.raises(aios.SyscallError) as limited:
                 anonymous.register("one too many")
             assert limited.value.code == C.RESOURCE_EXHAUSTED and 0 < limited.value.retry_after <= 2.5
+        with aios.connect(address, token=cluster.operator_token) as operator:  # registering a fleet is no flood
+            assert [operator.register(f"fleet-{i}").name for i in range(3)] == ["fleet-0", "fleet-1", "fleet-2"]
     finally:
         cluster.stop_service("kernel_open")
 

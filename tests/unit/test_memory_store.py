@@ -207,3 +207,40 @@ def test_an_add_repeated_with_its_request_id_adds_once_even_after_a_restart(tmp_
     assert entry_id(store.add("alice", "remember the milk", request_id="req-2")) != entry_id(first)
     assert entry_id(store.add("bob", "remember the milk", request_id="req-1")) != entry_id(first)  # per agent
     assert store.stats()["entries"] == 3
+
+
+def test_a_file_from_before_schema_versions_is_brought_up_to_date_when_opened(tmp_path):
+    """Files made before SCHEMA_VERSION existed (user_version 0, maybe missing newer tables) still open and work."""
+    import sqlite3
+
+    from services.memory.agent_db import SCHEMA_VERSION
+
+    old = tmp_path / f"{agent_key('veteran')}.sqlite3"
+    db = sqlite3.connect(old)
+    db.executescript("CREATE TABLE owner (agent_id TEXT NOT NULL); INSERT INTO owner VALUES ('veteran');")
+    db.close()
+    s = store_at(tmp_path)
+    try:
+        added = s.add("veteran", "still here", request_id="r-1")  # uses the requests table the old file lacked
+        assert s.add("veteran", "still here", request_id="r-1").number == added.number
+        assert sqlite3.connect(old).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        s.close()
+
+
+def test_a_file_half_made_when_the_service_died_is_never_taken_for_an_agent(tmp_path):
+    """A new agent's file takes its name only once whole (schema and owner): a leftover of a crash in between is
+    ignored at start-up and replaced when the agent comes."""
+    (tmp_path / f"{agent_key('newcomer')}.new").write_bytes(b"torn")
+    s = store_at(tmp_path)
+    try:
+        assert s.stats()["agents"] == 0
+        entry = s.add("newcomer", NOTE)
+        assert s.get("newcomer", entry_id(entry)).text == NOTE
+    finally:
+        s.close()
+    again = store_at(tmp_path)
+    try:
+        assert again.stats()["entries"] == 1
+    finally:
+        again.close()

@@ -1,0 +1,120 @@
+"""Scale: many agents arriving at once, each making the non-LLM syscalls of an agent's turn.
+
+Every agent registers, then memory add + get, storage write + read and one
+calculator call, all agents released together (asyncio SDK, one connection).
+Per agent count: wall time, syscalls/s, p50/p99 per kind, errors by status,
+the kernel's CPU seconds per syscall and its resident memory per agent; over
+the counts, a least-squares line of wall time against agents and its R² (the
+AIOS paper's claim is linear scaling from 250 to 2,000 agents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import aios
+import aios.aio
+from deploy.cluster import Cluster, ClusterConfig
+
+KINDS = ("register", "memory_add", "memory_get", "storage_write", "storage_read", "tool")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def crowd(address: str, token: str, agents: int, tag: str) -> tuple[float, dict[str, list[float]], collections.Counter]:
+    latencies: dict[str, list[float]] = collections.defaultdict(list)
+    errors: collections.Counter = collections.Counter()
+
+    async def timed(kind: str, call: Any) -> Any:
+        started = time.monotonic()
+        try:
+            result = await call
+        except aios.SyscallError as error:
+            errors[f"{kind} {error.code.name}"] += 1
+            raise
+        latencies[kind].append(time.monotonic() - started)
+        return result
+
+    async def one(kernel: aios.aio.Connection, i: int) -> None:
+        try:
+            agent = await timed("register", kernel.register(f"scale-{tag}-{i}"))
+            entry = await timed("memory_add", agent.memory_add(f"note {i}"))
+            await timed("memory_get", agent.memory_get(entry.id))
+            await timed("storage_write", agent.storage_write("k", f"value {i}"))
+            await timed("storage_read", agent.storage_read("k"))
+            await timed("tool", agent.call_tool("calculator", expression=f"{i} * 2"))
+        except aios.SyscallError:
+            pass  # counted in errors
+
+    async with aios.aio.connect(address, token=token) as kernel:
+        started = time.monotonic()
+        await asyncio.gather(*(one(kernel, i) for i in range(agents)))
+        return time.monotonic() - started, latencies, errors
+
+
+def run_scale_bench(say: Callable[[str], None], agent_counts: list[int]) -> dict[str, Any]:
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as home:
+        say("scale: starting AIOS ...")
+        with Cluster(ClusterConfig(home=Path(home))) as cluster:
+            kernel_pid = cluster.processes["kernel"].pid
+            for n in agent_counts:
+                say(f"scale: {n} agents at once (register, memory add+get, storage write+read, calculator) ...")
+                cpu, rss = process_cpu_seconds(kernel_pid), process_rss_bytes(kernel_pid)
+                wall, latencies, errors = asyncio.run(crowd(cluster.kernel_address, cluster.operator_token, n, str(n)))
+                done = sum(len(v) for v in latencies.values())
+                rows[str(n)] = {
+                    "wall_s": wall,
+                    "syscalls": done,
+                    "syscalls_per_s": done / wall,
+                    "errors": dict(errors),
+                    "kernel_cpu_ms_per_syscall": 1000 * (process_cpu_seconds(kernel_pid) - cpu) / max(done, 1),
+                    "kernel_rss_kb_per_agent": (process_rss_bytes(kernel_pid) - rss) / 1024 / n,
+                    **{f"{kind}_p50_ms": 1000 * float(np.percentile(latencies[kind], 50)) for kind in KINDS if latencies[kind]},
+                    **{f"{kind}_p99_ms": 1000 * float(np.percentile(latencies[kind], 99)) for kind in KINDS if latencies[kind]},
+                }
+                say(f"  {wall:.1f} s, {done / wall:.0f} syscalls/s, {sum(errors.values())} errors")
+    result: dict[str, Any] = {"agents": rows}
+    if len(rows) >= 2:
+        xs = np.array([int(n) for n in rows], dtype=float)
+        ys = np.array([r["wall_s"] for r in rows.values()])
+        slope, intercept = np.polyfit(xs, ys, 1)
+        fitted = slope * xs + intercept
+        total = float(((ys - ys.mean()) ** 2).sum())
+        result["fit"] = {"ms_per_agent": 1000 * float(slope), "intercept_s": float(intercept),
+                         "r2": 1 - float(((ys - fitted) ** 2).sum()) / total if total else 1.0}
+    return result
+
+
+def scale_table(result: dict[str, Any]) -> str:
+    lines = ["scale: agents arriving at once, each register + memory add/get + storage write/read + calculator",
+             f"{'agents':>7}{'wall s':>8}{'sys/s':>7}{'errors':>8}{'kernel ms/sys':>15}{'KB/agent':>10}"
+             + "".join(f"{kind + ' p50/p99 ms':>28}" for kind in KINDS)]
+    for n, r in result["agents"].items():
+        lines.append(f"{n:>7}{r['wall_s']:>8.1f}{r['syscalls_per_s']:>7.0f}{sum(r['errors'].values()):>8}"
+                     f"{r['kernel_cpu_ms_per_syscall']:>15.2f}{r['kernel_rss_kb_per_agent']:>10.1f}"
+                     + "".join(f"{r.get(f'{kind}_p50_ms', 0):>18.0f} / {r.get(f'{kind}_p99_ms', 0):<7.0f}"
+                               for kind in KINDS))
+    if "fit" in result:
+        fit = result["fit"]
+        lines.append(f"wall time = {fit['ms_per_agent']:.1f} ms per agent {fit['intercept_s']:+.1f} s "
+                     f"(least squares, R² {fit['r2']:.3f})")
+    return "\n".join(lines)
