@@ -1,7 +1,10 @@
-"""Scale: many agents arriving at once, each making the non-LLM syscalls of an agent's turn.
+"""Scale: many agents arriving at once, each making the syscalls of an agent's turn.
 
-Every agent registers, then memory add + get, storage write + read and one
-calculator call, all agents released together (asyncio SDK, one connection).
+Every agent registers, then makes one LLM call (16 tokens), memory add + get,
+storage write + read and one calculator call, all agents released together
+(asyncio SDK, one connection). The LLM core runs the instant backend
+(services/llm_core/instant.py: a test double that returns tokens without a
+model), so that this measures the kernel and the managers, not llama.cpp.
 Per agent count: wall time, syscalls/s, p50/p99 per kind, errors by status,
 the kernel's CPU seconds per syscall and its resident memory per agent; over
 the counts, a least-squares line of wall time against agents and its R² (the
@@ -24,7 +27,8 @@ import aios
 import aios.aio
 from deploy.cluster import Cluster, ClusterConfig
 
-KINDS = ("register", "memory_add", "memory_get", "storage_write", "storage_read", "tool")
+KINDS = ("register", "llm", "memory_add", "memory_get", "storage_write", "storage_read", "tool")
+LLM_TOKENS = 16
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -56,6 +60,7 @@ async def crowd(address: str, token: str, agents: int, tag: str) -> tuple[float,
     async def one(kernel: aios.aio.Connection, i: int) -> None:
         try:
             agent = await timed("register", kernel.register(f"scale-{tag}-{i}"))
+            await timed("llm", agent.complete(f"Agent {i}: the next step is", max_tokens=LLM_TOKENS, ignore_eos=True))
             entry = await timed("memory_add", agent.memory_add(f"note {i}"))
             await timed("memory_get", agent.memory_get(entry.id))
             await timed("storage_write", agent.storage_write("k", f"value {i}"))
@@ -73,11 +78,11 @@ async def crowd(address: str, token: str, agents: int, tag: str) -> tuple[float,
 def run_scale_bench(say: Callable[[str], None], agent_counts: list[int]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as home:
-        say("scale: starting AIOS ...")
-        with Cluster(ClusterConfig(home=Path(home))) as cluster:
+        say("scale: starting AIOS with the instant LLM backend (a test double: no model runs) ...")
+        with Cluster(ClusterConfig(home=Path(home), extra_args={"llm_core": ["--backend", "instant"]})) as cluster:
             kernel_pid = cluster.processes["kernel"].pid
             for n in agent_counts:
-                say(f"scale: {n} agents at once (register, memory add+get, storage write+read, calculator) ...")
+                say(f"scale: {n} agents at once (register, LLM call, memory add+get, storage write+read, calculator) ...")
                 cpu, rss = process_cpu_seconds(kernel_pid), process_rss_bytes(kernel_pid)
                 wall, latencies, errors = asyncio.run(crowd(cluster.kernel_address, cluster.operator_token, n, str(n)))
                 done = sum(len(v) for v in latencies.values())
@@ -105,7 +110,8 @@ def run_scale_bench(say: Callable[[str], None], agent_counts: list[int]) -> dict
 
 
 def scale_table(result: dict[str, Any]) -> str:
-    lines = ["scale: agents arriving at once, each register + memory add/get + storage write/read + calculator",
+    lines = [f"scale: agents arriving at once, each register + LLM call ({LLM_TOKENS} tokens, instant backend: a test "
+             "double) + memory add/get + storage write/read + calculator",
              f"{'agents':>7}{'wall s':>8}{'sys/s':>7}{'errors':>8}{'kernel ms/sys':>15}{'KB/agent':>10}"
              + "".join(f"{kind + ' p50/p99 ms':>28}" for kind in KINDS)]
     for n, r in result["agents"].items():

@@ -9,6 +9,7 @@ from aios.v1 import llm_core_pb2_grpc
 from services import redis_state
 from services.llm_core.core import LLMCore
 from services.llm_core.engine import REPLAY_MODES, BatchEngine, EngineConfig
+from services.llm_core.instant import InstantEngine
 from services.llm_core.model import LlamaModel, default_model_path
 from services.llm_core.prompt import FORMATS
 from services.llm_core.servicer import LLMCoreServicer
@@ -20,21 +21,22 @@ def build(args: argparse.Namespace) -> Service:
     model = LlamaModel(args.model or default_model_path())
     url = redis_url(args)
     snapshots = KvSnapshotStore(url, ttl_s=args.snapshot_ttl)
-    engine = BatchEngine(
-        model,
-        EngineConfig(
-            slots=args.slots,
-            resident=args.resident or 2 * args.slots,
-            max_sequence_tokens=args.max_sequence_tokens,
-            n_batch=args.n_batch,
-            prefix_cache=not args.no_prefix_cache,
-            replay=args.replay,
-            host_prefix_bytes=args.prefix_cache_ram_mb << 20,
-            draft_tokens=args.draft_tokens,
-            draft_step_tokens=args.draft_step_tokens,
-        ),
-        swap_out=snapshots.put,
+    config = EngineConfig(
+        slots=args.slots,
+        resident=args.resident or 2 * args.slots,
+        max_sequence_tokens=args.max_sequence_tokens,
+        n_batch=args.n_batch,
+        prefix_cache=not args.no_prefix_cache,
+        replay=args.replay,
+        host_prefix_bytes=args.prefix_cache_ram_mb << 20,
+        draft_tokens=args.draft_tokens,
+        draft_step_tokens=args.draft_step_tokens,
     )
+    if args.backend == "instant":
+        engine: BatchEngine | InstantEngine = InstantEngine(model, config)
+        model.description = f"instant backend: a test double, no model run (tokenizer of {model.description})"
+    else:
+        engine = BatchEngine(model, config, swap_out=snapshots.put)
     engine.start()
     redis = redis_state.connect(url)
 
@@ -86,6 +88,9 @@ def main() -> None:
     parser.add_argument("--draft-step-tokens", type=int, default=defaults.draft_step_tokens,
                         help="decode steps carrying drafts stay within this many tokens (at most --n-batch)")
     parser.add_argument("--n-batch", type=int, default=defaults.n_batch, help="most tokens per decode step")
+    parser.add_argument("--backend", default="llama", choices=("llama", "instant"),
+                        help="llama: the model through llama.cpp; instant: a test double that returns tokens without "
+                             "running the model (services/llm_core/instant.py), to measure everything else")
     parser.add_argument("--prompt-format", default="transcript", choices=sorted(FORMATS),
                         help="how chat messages become a prompt (transcript suits base models)")
     run(build, parser)

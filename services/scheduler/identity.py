@@ -252,6 +252,7 @@ class AgentRegistry:
 
         await self._redis("record the agent", write)
         self._by_token.pop(old_sha256, None)
+        self._by_token[agent.token_sha256] = (agent, time.monotonic() + CACHE_TTL_S)  # its first call skips Redis
         return agent, token
 
     @staticmethod

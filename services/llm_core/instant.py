@@ -1,0 +1,106 @@
+"""`--backend instant`: a test double for the model, which returns tokens without running it.
+
+Why: the scale benchmark measures what the kernel itself costs per syscall with
+thousands of agents, LLM calls included; with the real model those calls would
+measure llama.cpp instead. Everything around the model is real: the request
+goes through the kernel's queue, the core's servicer, tokenization of the
+prompt and the sequence's text stream (stop strings), and the stream back.
+What it does not do: run the model (every generated token is the same
+ordinary word), keep KV (nothing to preempt, park, snapshot or restore) or
+follow a grammar (such requests are refused, FAILED_PRECONDITION). It shows
+as "instant (test double)" in the core's model description.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+from services.errors import FailedPrecondition
+from services.llm_core.engine import (
+    ENGINE_TIMES,
+    EngineConfig,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    FinishReason,
+    Sequence,
+    SequenceStatus,
+    TokenEvent,
+)
+from services.llm_core.model import LlamaModel
+from services.llm_core.snapshot import Snapshot
+
+WORD = " ok"  # every generated token is this word's first token
+
+
+class InstantEngine:
+    """Stands in for BatchEngine (the same methods LLMCore and the servicer call): each generation gets all its
+    tokens at once, in the order submitted, on one thread."""
+
+    def __init__(self, model: LlamaModel, config: EngineConfig) -> None:
+        self.model = model
+        self.config = config
+        self.token = model.tokenize(WORD, add_bos=False, special=False)[0]
+        self._queue: queue.Queue[Sequence | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="instant-engine", daemon=True)
+        self.generations = 0
+        self.tokens_generated = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def submit(self, seq: Sequence) -> None:
+        self._queue.put(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.CANCELLED
+
+    def preempt(self, request_id: str, swap: bool = False) -> bool:
+        return False  # a generation ends within the call that started it: nothing is ever running to preempt
+
+    def resume(self, request_id: str, agent_id: str, emit: Callable[[Event], None]) -> Sequence | None:
+        return None
+
+    def restored(self, snapshot: Snapshot, emit: Callable[[Event], None]) -> Sequence:
+        raise FailedPrecondition("this LLM core runs the instant backend (a test double): it keeps no KV to restore")
+
+    def discard(self, request_id: str, agent_id: str) -> bool:
+        return False
+
+    def discard_all_parked(self, keep: set[str] = frozenset()) -> int:
+        return 0
+
+    def status(self) -> dict[str, Any]:
+        return {"slots": self.config.slots, "slots_busy": 0, "slots_parked": 0, "resident_slots": self.config.resident,
+                "waiting": self._queue.qsize(), "steps": self.generations, "tokens_generated": self.tokens_generated,
+                **{name: 0.0 for name in ENGINE_TIMES}}
+
+    def _run(self) -> None:
+        while (seq := self._queue.get()) is not None:
+            if seq.status is SequenceStatus.CANCELLED:
+                continue
+            if seq.constraint is not None:
+                seq.emit(ErrorEvent(FailedPrecondition(
+                    "this LLM core runs the instant backend (a test double that returns tokens without a model): it "
+                    "does not follow a json_schema; use a core with the llama backend")))
+                continue
+            self.generations += 1
+            seq.generated.extend(seq.replay)  # delivered before a fault: they stand, as in BatchEngine
+            seq.replay.clear()
+            reason = FinishReason.LENGTH
+            while len(seq.generated) < seq.config.max_tokens and seq.status is not SequenceStatus.CANCELLED:
+                seq.generated.append(self.token)
+                self.tokens_generated += 1
+                seq.emit(TokenEvent(seq.text.feed(self.model.piece(self.token)), self.token, len(seq.generated), 0))
+                if seq.text.stopped:
+                    reason = FinishReason.STOP_STRING
+                    break
+            seq.status = SequenceStatus.FINISHED
+            seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), 0,
+                                 seq.text.hidden_tokens))
