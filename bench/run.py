@@ -181,7 +181,7 @@ class DecodeProbe:
 
     def __init__(self, model: LlamaModel, slots: int, context: int = 384, reps: int = 12) -> None:
         self.slots, self.context, self.reps = slots, context, reps
-        self.sizes = sorted({1, 2, 4, 8, (slots * 3) // 4, slots} - {0})
+        self.sizes = sorted(size for size in {1, 2, 4, 8, (slots * 3) // 4, slots} if 0 < size <= slots)
         self.runner = SequentialRunner(model, n_ctx=context + 8, sequences=slots)
         self.prompt = model.tokenize(SYSTEM * 4, add_bos=True, special=False)[:context]
         self.runner.prefill(self.prompt, 0)

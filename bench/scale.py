@@ -6,7 +6,8 @@ storage write + read and one calculator call, all agents released together
 (services/llm_core/instant.py: a test double that returns tokens without a
 model), so that this measures the kernel and the managers, not llama.cpp.
 Per agent count: wall time, syscalls/s, p50/p99 per kind, errors by status,
-the kernel's CPU seconds per syscall and its resident memory per agent; over
+the kernel's CPU seconds per syscall and how much its resident memory grew per
+agent of the wave (agents of earlier waves stay registered); over
 the counts, a least-squares line of wall time against agents and its R² (the
 AIOS paper's claim is linear scaling from 250 to 2,000 agents).
 """
@@ -112,11 +113,11 @@ def run_scale_bench(say: Callable[[str], None], agent_counts: list[int]) -> dict
 def scale_table(result: dict[str, Any]) -> str:
     lines = [f"scale: agents arriving at once, each register + LLM call ({LLM_TOKENS} tokens, instant backend: a test "
              "double) + memory add/get + storage write/read + calculator",
-             f"{'agents':>7}{'wall s':>8}{'sys/s':>7}{'errors':>8}{'kernel ms/sys':>15}{'KB/agent':>10}"
+             f"{'agents':>7}{'wall s':>8}{'sys/s':>7}{'errors':>8}{'kernel ms/sys':>15}{'RSS+ KB/ag':>11}"
              + "".join(f"{kind + ' p50/p99 ms':>28}" for kind in KINDS)]
     for n, r in result["agents"].items():
         lines.append(f"{n:>7}{r['wall_s']:>8.1f}{r['syscalls_per_s']:>7.0f}{sum(r['errors'].values()):>8}"
-                     f"{r['kernel_cpu_ms_per_syscall']:>15.2f}{r['kernel_rss_kb_per_agent']:>10.1f}"
+                     f"{r['kernel_cpu_ms_per_syscall']:>15.2f}{r['kernel_rss_kb_per_agent']:>11.1f}"
                      + "".join(f"{r.get(f'{kind}_p50_ms', 0):>18.0f} / {r.get(f'{kind}_p99_ms', 0):<7.0f}"
                                for kind in KINDS))
     if "fit" in result:

@@ -76,6 +76,10 @@ def write_secret(path: Path, value: str) -> None:
     tmp.replace(path)
 
 
+# The deployment files' example secrets contain this: a service refuses to start on one (a publicly known secret).
+PLACEHOLDER = "REPLACE-ME"
+
+
 def read_secret(path: Path) -> str:
     """A secret file's content; refuses an empty file or one that others may read."""
     mode = path.stat().st_mode & 0o777
@@ -84,6 +88,9 @@ def read_secret(path: Path) -> str:
     value = path.read_text().strip()
     if not value:
         raise ValueError(f"{path} is empty; it should hold a secret")
+    if PLACEHOLDER in value:
+        raise ValueError(f"{path} still holds a placeholder ({PLACEHOLDER}...) from deploy/; put a real secret there "
+                         "(e.g. `openssl rand -hex 32`)")
     return value
 
 

@@ -31,6 +31,7 @@ def build(args: argparse.Namespace) -> Service:
         host_prefix_bytes=args.prefix_cache_ram_mb << 20,
         draft_tokens=args.draft_tokens,
         draft_step_tokens=args.draft_step_tokens,
+        threads=args.threads or EngineConfig().threads,
     )
     if args.backend == "instant":
         engine: BatchEngine | InstantEngine = InstantEngine(model, config)
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--draft-step-tokens", type=int, default=defaults.draft_step_tokens,
                         help="decode steps carrying drafts stay within this many tokens (at most --n-batch)")
     parser.add_argument("--n-batch", type=int, default=defaults.n_batch, help="most tokens per decode step")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="llama.cpp threads; default: the machine's CPUs (in a container, set its CPU limit)")
     parser.add_argument("--backend", default="llama", choices=("llama", "instant"),
                         help="llama: the model through llama.cpp; instant: a test double that returns tokens without "
                              "running the model (services/llm_core/instant.py), to measure everything else")

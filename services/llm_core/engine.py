@@ -187,6 +187,21 @@ class EngineConfig:
 
 
 REPLAY_MODES = ("auto", "exact", "batched")
+
+
+def check_fits(config: EngineConfig, prompt_tokens: int, max_tokens: int) -> None:
+    """Refuses a request that can never fit one sequence's context."""
+    limit = config.max_sequence_tokens
+    if prompt_tokens >= limit:
+        raise ResourceExhausted(
+            f"prompt is {prompt_tokens} tokens; this LLM core holds at most {limit} tokens per sequence "
+            "(prompt + generated). Shorten the prompt."
+        )
+    if prompt_tokens + max_tokens > limit:
+        raise ResourceExhausted(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the {limit}-token "
+            f"sequence limit; ask for at most {limit - prompt_tokens} tokens"
+        )
 # A sequence's hit rate moves by DRAFT_RATE_WEIGHT of the way to each step's share of kept guesses; a low rate makes
 # its guesses not worth a step's cost, and it climbs back by DRAFT_RATE_RECOVERY of the way to 1 each step without
 # drafts, so the sequence tries again later (its output may start copying).
@@ -363,18 +378,7 @@ class BatchEngine:
     # ---- API used from other threads -------------------------------------------------
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Refuses a request that can never fit one sequence's context."""
-        limit = self.config.max_sequence_tokens
-        if prompt_tokens >= limit:
-            raise ResourceExhausted(
-                f"prompt is {prompt_tokens} tokens; this LLM core holds at most {limit} tokens per sequence "
-                "(prompt + generated). Shorten the prompt."
-            )
-        if prompt_tokens + max_tokens > limit:
-            raise ResourceExhausted(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the {limit}-token "
-                f"sequence limit; ask for at most {limit - prompt_tokens} tokens"
-            )
+        check_fits(self.config, prompt_tokens, max_tokens)
 
     def submit(self, seq: Sequence) -> None:
         """Queues a new sequence, or a restored one (`seq.restore` set)."""

@@ -7,8 +7,8 @@ goes through the kernel's queue, the core's servicer, tokenization of the
 prompt and the sequence's text stream (stop strings), and the stream back.
 What it does not do: run the model (every generated token is the same
 ordinary word), keep KV (nothing to preempt, park, snapshot or restore) or
-follow a grammar (such requests are refused, FAILED_PRECONDITION). It shows
-as "instant (test double)" in the core's model description.
+follow a grammar (such requests are refused, FAILED_PRECONDITION). The core's
+model description says it is this test double.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import queue
 import threading
 from typing import Any, Callable
 
-from services.errors import FailedPrecondition
+from services.errors import FailedPrecondition, Unavailable
 from services.llm_core.engine import (
     ENGINE_TIMES,
     EngineConfig,
@@ -28,6 +28,7 @@ from services.llm_core.engine import (
     Sequence,
     SequenceStatus,
     TokenEvent,
+    check_fits,
 )
 from services.llm_core.model import LlamaModel
 from services.llm_core.snapshot import Snapshot
@@ -47,19 +48,25 @@ class InstantEngine:
         self._thread = threading.Thread(target=self._run, name="instant-engine", daemon=True)
         self.generations = 0
         self.tokens_generated = 0
+        self._stopping = False
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopping = True
         self._queue.put(None)
         self._thread.join()
 
     def submit(self, seq: Sequence) -> None:
+        if self._stopping:
+            raise Unavailable("the LLM core is shutting down; retry on another replica")
+        check_fits(self.config, len(seq.prompt), seq.config.max_tokens)  # the limits the real core has
         self._queue.put(seq)
 
     def cancel(self, seq: Sequence) -> None:
-        seq.status = SequenceStatus.CANCELLED
+        if not seq.status.ended:
+            seq.status = SequenceStatus.CANCELLED
 
     def preempt(self, request_id: str, swap: bool = False) -> bool:
         return False  # a generation ends within the call that started it: nothing is ever running to preempt
@@ -83,24 +90,32 @@ class InstantEngine:
 
     def _run(self) -> None:
         while (seq := self._queue.get()) is not None:
+            try:
+                self._answer(seq)
+            except Exception as exc:  # noqa: BLE001 - fail this generation, keep answering the others
+                seq.emit(ErrorEvent(Unavailable(f"the instant backend failed a generation: {exc}")))
+
+    def _answer(self, seq: Sequence) -> None:
+        """All of a generation's tokens, as BatchEngine._accept would emit them."""
+        if seq.status is SequenceStatus.CANCELLED:
+            return
+        if seq.constraint is not None:
+            seq.emit(ErrorEvent(FailedPrecondition(
+                "this LLM core runs the instant backend (a test double that returns tokens without a model): it "
+                "does not follow a json_schema; use a core with the llama backend")))
+            return
+        self.generations += 1
+        while seq.replay:  # delivered before a fault: they stand, through the text stream, unsent (as BatchEngine)
+            seq.generated.append(seq.replay.popleft())
+            seq.text.feed(self.model.piece(seq.generated[-1]))
+        while len(seq.generated) < seq.config.max_tokens and not seq.text.stopped:
             if seq.status is SequenceStatus.CANCELLED:
-                continue
-            if seq.constraint is not None:
-                seq.emit(ErrorEvent(FailedPrecondition(
-                    "this LLM core runs the instant backend (a test double that returns tokens without a model): it "
-                    "does not follow a json_schema; use a core with the llama backend")))
-                continue
-            self.generations += 1
-            seq.generated.extend(seq.replay)  # delivered before a fault: they stand, as in BatchEngine
-            seq.replay.clear()
-            reason = FinishReason.LENGTH
-            while len(seq.generated) < seq.config.max_tokens and seq.status is not SequenceStatus.CANCELLED:
-                seq.generated.append(self.token)
-                self.tokens_generated += 1
-                seq.emit(TokenEvent(seq.text.feed(self.model.piece(self.token)), self.token, len(seq.generated), 0))
-                if seq.text.stopped:
-                    reason = FinishReason.STOP_STRING
-                    break
-            seq.status = SequenceStatus.FINISHED
-            seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), 0,
-                                 seq.text.hidden_tokens))
+                return
+            seq.generated.append(self.token)
+            self.tokens_generated += 1
+            seq.emit(TokenEvent(seq.text.feed(self.model.piece(self.token)), self.token, len(seq.generated), 0))
+        reason = FinishReason.LENGTH
+        if seq.text.stopped:  # the model ending its chat turn is a normal stop, as in BatchEngine._accept
+            reason = FinishReason.STOP if seq.text.matched in seq.config.turn_end else FinishReason.STOP_STRING
+        seq.status = SequenceStatus.FINISHED
+        seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), 0, seq.text.hidden_tokens))

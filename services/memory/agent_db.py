@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -51,12 +52,21 @@ CREATE TABLE IF NOT EXISTS requests (  -- adds that carried a request id, so tha
 );
 CREATE INDEX IF NOT EXISTS requests_by_age ON requests (created_at);
 """
-# Raised whenever SCHEMA changes: a file with a lower PRAGMA user_version gets SCHEMA (all IF NOT EXISTS) on opening.
+# Raised whenever SCHEMA changes: a file with a lower PRAGMA user_version gets SCHEMA on opening. Every statement is
+# IF NOT EXISTS, so that adds tables, indexes and triggers; a changed column needs a migration of its own.
 SCHEMA_VERSION = 1
 # How long an add's request id is remembered: a retry later than this adds again.
 REQUEST_ID_TTL_S = 24 * 3600
 
 COLUMNS = "id, text, metadata, role, created_at, updated_at"
+# SCHEMA one statement at a time (a trigger's body holds semicolons), to run inside one transaction.
+SCHEMA_STATEMENTS = [statement for statement in re.split(r";\s*\n(?=CREATE)", SCHEMA.strip()) if statement.strip()]
+
+
+def remove_database(path: Path) -> None:
+    """A database file and its WAL and shared-memory files, if there."""
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
 
 
 @dataclass
@@ -95,7 +105,11 @@ class AgentDatabase:
         self.agent_id = agent_id
         self.db = connect_durable(path)
         if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # a file from before it was set
-            self.db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            with transaction(self.db):
+                for statement in SCHEMA_STATEMENTS:
+                    self.db.execute(statement)
+                self.db.execute("INSERT INTO owner SELECT ? WHERE NOT EXISTS (SELECT 1 FROM owner)", (agent_id,))
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         (owner,) = self.db.execute("SELECT agent_id FROM owner").fetchone()
         if owner != agent_id:  # a 64-bit hash collision: refuse rather than mix two agents' memory
             self.db.close()
@@ -220,12 +234,16 @@ class AgentDatabases:
         template = self.directory / f".empty-v{SCHEMA_VERSION}.db"  # not *.sqlite3: never taken for an agent's file
         if not template.exists():
             building = template.with_suffix(".tmp")
-            building.unlink(missing_ok=True)
+            remove_database(building)
             db = connect_durable(building)
-            db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            with transaction(db):
+                for statement in SCHEMA_STATEMENTS:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.close()
             building.replace(template)
         fresh = path.with_suffix(".new")
+        remove_database(fresh)  # a crash's leftover, with its WAL, which SQLite would replay into the new copy
         shutil.copyfile(template, fresh)
         db = connect_durable(fresh)
         db.execute("INSERT INTO owner VALUES (?)", (agent_id,))

@@ -39,6 +39,7 @@ MAX_PRIORITY = 10
 MAX_WEIGHT = 100.0
 T = TypeVar("T")
 CACHE_TTL_S = 2.0
+CACHE_PRUNE_AT = 10_000  # cached tokens before the expired ones are dropped
 # While Redis is unreachable, a token this kernel checked within this long is still taken (agents keep working
 # through a Redis restart); a token it has not seen waits up to REDIS_WAIT_S for Redis to be back.
 STALE_OK_S = 300.0
@@ -170,7 +171,7 @@ class AgentRegistry:
         if agent is None:
             self._by_token.pop(digest, None)
             raise Unauthenticated("the token is unknown or revoked; ask the operator for a new one (`aios agent create`)")
-        self._by_token[digest] = (agent, time.monotonic() + CACHE_TTL_S)
+        self._remember(agent)
         return Caller(Role.AGENT, agent)
 
     async def _agent_of_token(self, digest: str, wait: bool = True) -> Agent | None:
@@ -252,8 +253,16 @@ class AgentRegistry:
 
         await self._redis("record the agent", write)
         self._by_token.pop(old_sha256, None)
-        self._by_token[agent.token_sha256] = (agent, time.monotonic() + CACHE_TTL_S)  # its first call skips Redis
+        self._remember(agent)  # its first call skips Redis
         return agent, token
+
+    def _remember(self, agent: Agent) -> None:
+        """Caches a token's agent for CACHE_TTL_S; entries past use even while Redis is down go, so that the cache
+        holds about the agents active in the last few seconds, not every agent ever registered."""
+        now = time.monotonic()
+        if len(self._by_token) >= CACHE_PRUNE_AT:
+            self._by_token = {k: v for k, v in self._by_token.items() if v[1] + STALE_OK_S > now}
+        self._by_token[agent.token_sha256] = (agent, now + CACHE_TTL_S)
 
     @staticmethod
     async def _redis(what: str, operation: Callable[[], Awaitable[T]], wait_s: float = REDIS_WAIT_S) -> T:

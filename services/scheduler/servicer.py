@@ -124,13 +124,13 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     def __init__(self, kernel: Kernel, registrations_per_second: float = 20.0, registration_burst: int = 200) -> None:
         self.kernel = kernel
         self.audit = Audit()
-        # Registrations by anyone but the operator (open registration) share one bucket: a flood of them cannot
-        # exhaust Redis. The operator registering a fleet of agents at once is not a flood.
+        # Open registrations (callers without a token) share one bucket: a flood of them cannot exhaust Redis. The
+        # operator registering a fleet of agents at once is not a flood; an agent may not register at all.
         self.registrations = TokenBucket(registration_burst, registrations_per_second, time.monotonic())
 
     @kernel_rpc(anonymous_ok=True)
     async def RegisterAgent(self, request, context, caller):
-        wait = 0.0 if caller is not None and caller.role is Role.OPERATOR else self.registrations.take(1, time.monotonic())
+        wait = self.registrations.take(1, time.monotonic()) if caller is None else 0.0  # anonymous: open registration
         if wait:
             raise ResourceExhausted(f"too many open registrations; retry in {wait:.1f} s", retry_after=wait)
         q = request.quota

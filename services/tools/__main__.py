@@ -31,6 +31,9 @@ def build(args: argparse.Namespace) -> Service:
 
     async def start() -> None:
         await sandbox.probe()
+        if args.require_bubblewrap and not sandbox.bwrap:
+            raise SystemExit("tools: --require-bubblewrap is set and bubblewrap cannot confine runs here (see the "
+                             "warning above); not starting, since runs would share this container's files and network")
         for tool in builtin_tools(sandbox, storage):
             registry.register(tool)
         for spec in specs:
@@ -66,6 +69,9 @@ def main() -> None:
                         help="a directory no MCP server may see even if it is bound (the AIOS home); repeatable")
     parser.add_argument("--sandbox-dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where sandboxed runs get their private working directories")
+    parser.add_argument("--require-bubblewrap", action="store_true",
+                        help="refuse to start unless bubblewrap confines runs (a deployment that counts on it, not a "
+                             "developer's machine without it)")
     parser.add_argument("--sandbox-wall-seconds", type=float, default=10.0)
     parser.add_argument("--sandbox-cpu-seconds", type=int, default=5)
     parser.add_argument("--sandbox-memory-mb", type=int, default=512)

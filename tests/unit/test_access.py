@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from pathlib import Path
+
 import pytest
 
 from services.credentials import ClusterSecretCheck, bearer_token, new_secret, read_secret, token_hash, write_secret
@@ -45,6 +47,21 @@ def test_secrets_are_256_bits_stored_0600_and_refused_when_others_may_read_them(
     path.chmod(0o644)
     with pytest.raises(PermissionError, match="0600"):
         read_secret(path)
+
+
+def test_the_deployment_files_placeholder_secrets_are_refused(tmp_path):
+    """deploy/k8s/secret.yaml ships example values: a cluster applied unchanged must not run on a known secret."""
+    import yaml
+
+    from services.credentials import PLACEHOLDER
+
+    secret = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "secret.yaml").read_text())
+    for name, value in secret["stringData"].items():
+        assert PLACEHOLDER in value, name
+        path = tmp_path / name
+        write_secret(path, value)
+        with pytest.raises(ValueError, match="placeholder"):
+            read_secret(path)
 
 
 def test_a_token_bucket_refills_at_its_rate_up_to_its_capacity():

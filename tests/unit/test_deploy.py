@@ -154,5 +154,5 @@ def test_every_environment_variable_set_for_aios_is_read_by_the_code():
 
 @pytest.mark.parametrize("flag", ["--registration-burst", "--data-dir"])
 def test_the_flag_check_would_catch_a_flag_that_does_not_exist(flag):
-    """The check above reads each service's real parser: a typo'd flag is not in it."""
-    assert flag + "x" not in flags_of("scheduler") | flags_of("memory")
+    """The check above reads each service's real parser: the flag is in it, a typo'd one is not."""
+    assert flag in flags_of("scheduler") | flags_of("memory") and flag + "x" not in flags_of("scheduler") | flags_of("memory")

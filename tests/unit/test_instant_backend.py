@@ -58,3 +58,10 @@ def test_a_json_schema_is_refused_not_ignored(engine):
     [error] = run(engine, SamplingConfig.checked(8, 0.0, 1.0, 0, None, [], json_schema='{"type": "object"}'))
     assert isinstance(error, ErrorEvent) and error.error.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "test double" in str(error.error)
+
+
+def test_a_request_that_cannot_fit_is_refused_as_the_real_core_refuses_it(engine):
+    seq = Sequence("big", "agent", [1] * engine.config.max_sequence_tokens, SamplingConfig(max_tokens=4), lambda e: None)
+    with pytest.raises(Exception) as refused:
+        engine.submit(seq)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -231,7 +231,9 @@ def test_a_file_from_before_schema_versions_is_brought_up_to_date_when_opened(tm
 def test_a_file_half_made_when_the_service_died_is_never_taken_for_an_agent(tmp_path):
     """A new agent's file takes its name only once whole (schema and owner): a leftover of a crash in between is
     ignored at start-up and replaced when the agent comes."""
-    (tmp_path / f"{agent_key('newcomer')}.new").write_bytes(b"torn")
+    torn = tmp_path / f"{agent_key('newcomer')}.new"
+    torn.write_bytes(b"torn")
+    torn.with_name(torn.name + "-wal").write_bytes(b"a stale WAL SQLite would replay into the new copy")
     s = store_at(tmp_path)
     try:
         assert s.stats()["agents"] == 0
