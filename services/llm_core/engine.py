@@ -143,6 +143,11 @@ class Sequence:
     lookup: PromptLookup | None = None  # its context's n-grams, for drafts (built when it first drafts)
     draft_hit_rate: float = 1.0  # recent share of its guesses the model kept (speculation.draft_length weighs it)
 
+    def text_stop_reason(self) -> FinishReason:
+        """Why it ends once its text stream stopped: the model ending its chat turn is a normal stop; the caller's
+        own stop strings say STOP_STRING."""
+        return FinishReason.STOP if self.text.matched in self.config.turn_end else FinishReason.STOP_STRING
+
     def __post_init__(self) -> None:
         self.sampler = TokenSampler(self.config, self.constraint)
         self.text = TextStream(self.config.stop)
@@ -187,6 +192,13 @@ class EngineConfig:
 
 
 REPLAY_MODES = ("auto", "exact", "batched")
+# A sequence's hit rate moves by DRAFT_RATE_WEIGHT of the way to each step's share of kept guesses; a low rate makes
+# its guesses not worth a step's cost, and it climbs back by DRAFT_RATE_RECOVERY of the way to 1 each step without
+# drafts, so the sequence tries again later (its output may start copying).
+DRAFT_RATE_WEIGHT = 0.3
+DRAFT_RATE_RECOVERY = 0.05
+# EngineStats' times, in InfoResponse under the same names: they do not overlap (see EngineStats).
+ENGINE_TIMES = ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds")
 
 
 def check_fits(config: EngineConfig, prompt_tokens: int, max_tokens: int) -> None:
@@ -202,13 +214,6 @@ def check_fits(config: EngineConfig, prompt_tokens: int, max_tokens: int) -> Non
             f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the {limit}-token "
             f"sequence limit; ask for at most {limit - prompt_tokens} tokens"
         )
-# A sequence's hit rate moves by DRAFT_RATE_WEIGHT of the way to each step's share of kept guesses; a low rate makes
-# its guesses not worth a step's cost, and it climbs back by DRAFT_RATE_RECOVERY of the way to 1 each step without
-# drafts, so the sequence tries again later (its output may start copying).
-DRAFT_RATE_WEIGHT = 0.3
-DRAFT_RATE_RECOVERY = 0.05
-# EngineStats' times, in InfoResponse under the same names: they do not overlap (see EngineStats).
-ENGINE_TIMES = ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds")
 
 
 class PrefixSource(enum.Enum):
@@ -377,12 +382,9 @@ class BatchEngine:
 
     # ---- API used from other threads -------------------------------------------------
 
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        check_fits(self.config, prompt_tokens, max_tokens)
-
     def submit(self, seq: Sequence) -> None:
         """Queues a new sequence, or a restored one (`seq.restore` set)."""
-        self.check_fits(len(seq.prompt), seq.config.max_tokens)
+        check_fits(self.config, len(seq.prompt), seq.config.max_tokens)
         with self._cond:
             if self._stopping:
                 raise Unavailable("the LLM core is shutting down; retry on another replica")
@@ -1038,9 +1040,7 @@ class BatchEngine:
         if seq.replay:
             return  # the first run went on past this token
         if seq.text.stopped:
-            # The model ending its chat turn is a normal stop; the caller's own stop strings say STOP_STRING.
-            turn_end = seq.text.matched in seq.config.turn_end
-            self._finish(seq, FinishReason.STOP if turn_end else FinishReason.STOP_STRING)
+            self._finish(seq, seq.text_stop_reason())
         elif len(seq.generated) >= seq.config.max_tokens:
             self._finish(seq, FinishReason.LENGTH)
         elif seq.n_past + 1 >= self.config.max_sequence_tokens:

@@ -114,8 +114,6 @@ class InstantEngine:
             seq.generated.append(self.token)
             self.tokens_generated += 1
             seq.emit(TokenEvent(seq.text.feed(self.model.piece(self.token)), self.token, len(seq.generated), 0))
-        reason = FinishReason.LENGTH
-        if seq.text.stopped:  # the model ending its chat turn is a normal stop, as in BatchEngine._accept
-            reason = FinishReason.STOP if seq.text.matched in seq.config.turn_end else FinishReason.STOP_STRING
+        reason = seq.text_stop_reason() if seq.text.stopped else FinishReason.LENGTH
         seq.status = SequenceStatus.FINISHED
         seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), 0, seq.text.hidden_tokens))

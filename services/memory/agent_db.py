@@ -63,6 +63,13 @@ COLUMNS = "id, text, metadata, role, created_at, updated_at"
 SCHEMA_STATEMENTS = [statement for statement in re.split(r";\s*\n(?=CREATE)", SCHEMA.strip()) if statement.strip()]
 
 
+def apply_schema(db: sqlite3.Connection) -> None:
+    """SCHEMA and its version, within the caller's transaction."""
+    for statement in SCHEMA_STATEMENTS:
+        db.execute(statement)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def remove_database(path: Path) -> None:
     """A database file and its WAL and shared-memory files, if there."""
     for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
@@ -106,10 +113,8 @@ class AgentDatabase:
         self.db = connect_durable(path)
         if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # a file from before it was set
             with transaction(self.db):
-                for statement in SCHEMA_STATEMENTS:
-                    self.db.execute(statement)
+                apply_schema(self.db)
                 self.db.execute("INSERT INTO owner SELECT ? WHERE NOT EXISTS (SELECT 1 FROM owner)", (agent_id,))
-                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         (owner,) = self.db.execute("SELECT agent_id FROM owner").fetchone()
         if owner != agent_id:  # a 64-bit hash collision: refuse rather than mix two agents' memory
             self.db.close()
@@ -237,9 +242,7 @@ class AgentDatabases:
             remove_database(building)
             db = connect_durable(building)
             with transaction(db):
-                for statement in SCHEMA_STATEMENTS:
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                apply_schema(db)
             db.close()
             building.replace(template)
         fresh = path.with_suffix(".new")

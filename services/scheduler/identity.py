@@ -141,6 +141,7 @@ class AgentRegistry:
         self.policy = policy or RegistrationPolicy()
         self._operator_sha256 = token_hash(operator_token)
         self._by_token: dict[str, tuple[Agent, float]] = {}  # token SHA-256 -> (agent, cached until)
+        self._pruned_at = 0.0
 
     # ---- authentication ----------------------------------------------------------------
 
@@ -260,8 +261,9 @@ class AgentRegistry:
         """Caches a token's agent for CACHE_TTL_S; entries past use even while Redis is down go, so that the cache
         holds about the agents active in the last few seconds, not every agent ever registered."""
         now = time.monotonic()
-        if len(self._by_token) >= CACHE_PRUNE_AT:
+        if len(self._by_token) >= CACHE_PRUNE_AT and now >= self._pruned_at + CACHE_TTL_S:  # not on every miss
             self._by_token = {k: v for k, v in self._by_token.items() if v[1] + STALE_OK_S > now}
+            self._pruned_at = now
         self._by_token[agent.token_sha256] = (agent, now + CACHE_TTL_S)
 
     @staticmethod

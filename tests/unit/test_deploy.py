@@ -18,6 +18,7 @@ K8S = ROOT / "deploy" / "k8s"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 KUBERNETES_VERSION = "1.32.0"  # what the manifests are validated against (kubernetes-validate's bundled schemas)
 SECRETS_DIR = "/run/aios/secrets/"
+ADDRESS_FLAGS = ("--llm-core", "--memory", "--storage", "--tools", "--kernel")  # host:port of another service
 
 
 def manifests() -> list[dict[str, Any]]:
@@ -40,11 +41,15 @@ def service_argv(argv: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
+def container_argv(container: dict[str, Any]) -> tuple[str, list[str]] | None:
+    return service_argv([*container.get("command", []), *container.get("args", [])])
+
+
 def k8s_commands() -> list[tuple[str, str, list[str]]]:
     """(workload name, service module, args) of every AIOS container."""
     found = []
     for doc, container in containers():
-        parsed = service_argv([*container.get("command", []), *container.get("args", [])])
+        parsed = container_argv(container)
         if parsed:
             found.append((doc["metadata"]["name"], *parsed))
     return found
@@ -100,7 +105,7 @@ def test_ports_probes_and_service_addresses_match():
     for doc, container in containers():
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         labels = doc["spec"]["template"]["metadata"]["labels"]
-        parsed = service_argv([*container.get("command", []), *container.get("args", [])])
+        parsed = container_argv(container)
         if parsed:
             bound = int(flag_value(parsed[1], "--port"))
             assert bound in ports.values(), f"{doc['metadata']['name']} binds {bound}, declares {ports}"
@@ -114,7 +119,7 @@ def test_ports_probes_and_service_addresses_match():
                     assert port["targetPort"] in ports, f"{service['metadata']['name']} targets {port['targetPort']}"
                     listening[service["metadata"]["name"]] = ports[port["targetPort"]]
     for name, module, args in k8s_commands():
-        for flag in ("--llm-core", "--memory", "--storage", "--tools", "--kernel"):
+        for flag in ADDRESS_FLAGS:
             if flag in args:
                 host, port = flag_value(args, flag).split(":")
                 assert host in services, f"{name} {flag} names no Service {host}"
@@ -123,7 +128,7 @@ def test_ports_probes_and_service_addresses_match():
     compose = yaml.safe_load(COMPOSE.read_text())["services"]
     bound = {name: int(flag_value(args, "--port")) for name, _, args in compose_commands()}
     for name, _, args in compose_commands():
-        for flag in ("--llm-core", "--memory", "--storage", "--tools", "--kernel"):
+        for flag in ADDRESS_FLAGS:
             if flag in args:
                 host, port = flag_value(args, flag).split(":")
                 assert host in compose and bound.get(host) == int(port), f"compose {name} {flag} {host}:{port}"
@@ -133,7 +138,7 @@ def test_every_secret_file_a_service_reads_is_a_key_of_the_secret_copied_into_it
     [secret] = [d for d in manifests() if d["kind"] == "Secret"]
     keys = set(secret["stringData"])
     for doc, container in containers():
-        parsed = service_argv([*container.get("command", []), *container.get("args", [])])
+        parsed = container_argv(container)
         files = [a for a in (parsed[1] if parsed else []) if a.startswith(SECRETS_DIR)]
         copied = {Path(arg).name for init in doc["spec"]["template"]["spec"].get("initContainers", [])
                   for arg in init["command"] if arg.startswith("/etc/aios/secret-source/")}
