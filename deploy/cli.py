@@ -61,8 +61,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = ClusterConfig(home=home, redis_url=args.redis_url, model=model, slots=args.slots, policy=args.policy,
                            slice_tokens=args.slice_tokens, extra_args=extra, listen=args.listen,
                            tls_cert=args.tls_cert, tls_key=args.tls_key, open_registration=args.open_registration,
-                           gateway_listen=args.gateway_listen, standby=("llm_core",) if args.llm_standby else ())
+                           gateway_listen=args.gateway_listen, llm_cores=args.llm_cores,
+                           attached_llm_cores=tuple(args.llm_core), llm_threads=args.llm_threads)
     cluster = Cluster(config, progress=_say)
+    if args.llm_standby:
+        config.standby = tuple(cluster.llm_core_names)
     _say(f"starting in {home} (logs in {home / 'logs'})")
     try:
         endpoints = cluster.start(supervisor_pid=os.getpid())
@@ -159,7 +162,7 @@ def _connect(args: argparse.Namespace):
 
 def cmd_status(args: argparse.Namespace) -> int:
     import aios
-    from aios.v1 import common_pb2
+    from aios.v1 import common_pb2, kernel_pb2
 
     try:
         state = read_endpoints(args.home)
@@ -195,9 +198,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         name = f"tool {q.name}" if q.name else common_pb2.Resource.Name(q.resource).removeprefix("RESOURCE_").lower()
         print(f"  {name:<8} policy={q.policy:<8} queued={q.queued:<4} (preempted {q.preempted}) "
               f"running={q.running}/{q.capacity:<4} completed={q.completed}  preemptions={q.preemptions}")
+    for core in status.cores:
+        state = kernel_pb2.LLMCoreState.Name(core.state).removeprefix("LLM_CORE_STATE_")
+        moved = f", {core.migration_seconds / core.migrated_in * 1000:.0f} ms each" if core.migrated_in else ""
+        print(f"{core.name:<11} {core.address:<22} {state:<9} running {core.running}/{core.slots}, parked "
+              f"{core.parked}, dispatched {core.dispatched}, migrated in {core.migrated_in}{moved} / out "
+              f"{core.migrated_out}")
     if status.HasField("llm"):
         llm = status.llm
-        print(f"llm: {llm.model_description}")
+        print(f"llm ({len(status.cores)} core{'s' if len(status.cores) != 1 else ''}): {llm.model_description}")
         print(f"  slots {llm.slots_busy}/{llm.slots} decoding, {llm.slots_parked} parked, "
               f"{llm.prefix_cache_entries} cached prefixes (of {llm.resident_slots} resident), {llm.waiting} waiting")
         print(f"  {llm.tokens_generated} tokens generated in {llm.steps} steps; prefill {llm.prefill_tokens} tokens, "
@@ -211,6 +220,23 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"bytes resident, blocks {m.blocks_resident} resident / {m.blocks_spilled} spilled; LRU-{m.lru_k}: "
               f"{m.hits} hits, {m.faults} faults (hit ratio {m.hit_ratio:.2f}), {m.evictions} evictions")
     return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from aios.v1 import kernel_pb2
+
+    def act(kernel) -> None:
+        core = kernel.drain_core(args.core, undo=args.undo)
+        state = kernel_pb2.LLMCoreState.Name(core.state).removeprefix("LLM_CORE_STATE_").lower()
+        left = f"; still holds {core.running} running and {core.parked} parked" if core.running or core.parked else ""
+        print(f"{core.name} ({core.address}) is {state}; {core.migrated_out} generations moved out so far{left}")
+
+    return _with_kernel(args, act)
+
+
+def cmd_llm_core(args: argparse.Namespace) -> int:
+    """`aios llm-core ARGS`: an LLM core for a kernel elsewhere (`aios up --llm-core HOST:PORT` attaches it)."""
+    os.execv(sys.executable, [sys.executable, "-m", "services.llm_core", *args.core_args])
 
 
 def _with_kernel(args: argparse.Namespace, action) -> int:
@@ -288,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="time slice in generated tokens (rr, fair)")
     up.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND",
                     help="mount an MCP server's tools (stdio) as NAME__<tool>, sandboxed; repeatable")
+    up.add_argument("--llm-cores", type=int, default=1, metavar="N",
+                    help="LLM core processes to start, each on its own port; the kernel routes between them")
+    up.add_argument("--llm-core", action="append", default=[], metavar="HOST:PORT",
+                    help="also route to an LLM core started elsewhere (`aios llm-core ...` there, with this Redis, "
+                         "cluster secret and --slots); repeatable")
+    up.add_argument("--llm-threads", type=int, default=None, metavar="N", help="llama.cpp threads per LLM core")
     up.add_argument("--llm-standby", action="store_true",
                     help="keep a hot standby LLM core (model loaded, waiting): a core that dies is replaced in "
                          "a fraction of a second instead of a process start and model load (twice the memory)")
@@ -337,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     tool_sub.add_parser("unmount", help="stop an MCP server and remove its tools").add_argument("name")
     tool.set_defaults(func=cmd_tool)
     sub.add_parser("model", help="assemble the default model and print its path").set_defaults(func=cmd_model)
+    drain = sub.add_parser("drain", help="move every generation off an LLM core and give it no new ones (operator)")
+    drain.add_argument("core", help="the core's name (as `aios status` lists it) or address")
+    drain.add_argument("--undo", action="store_true", help="let the core take generations again")
+    drain.set_defaults(func=cmd_drain)
+    core = sub.add_parser("llm-core", add_help=False,
+                          help="run an LLM core for a kernel elsewhere: the arguments of `python -m services.llm_core`")
+    core.add_argument("core_args", nargs=argparse.REMAINDER)
+    core.set_defaults(func=cmd_llm_core)
     args = parser.parse_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
     return args.func(args)

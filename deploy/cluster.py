@@ -75,8 +75,15 @@ class ClusterConfig:
     redis_url: str | None = None
     # GGUF model; None means the bundled default.
     model: Path | None = None
-    # LLM sequences decoded together (measured best on 2 cores: 16).
+    # LLM sequences decoded together by each LLM core (measured best on 2 cores: 16).
     slots: int = 16
+    # LLM core processes started here (llm_core, llm_core_2, ...), each on its own port; the kernel routes between them.
+    llm_cores: int = 1
+    # LLM cores started elsewhere (`python -m services.llm_core` on another machine, same Redis, same cluster secret
+    # and --slots) that the kernel routes to as well: HOST:PORT each.
+    attached_llm_cores: tuple[str, ...] = ()
+    # llama.cpp threads per LLM core (None: the core's default, every CPU).
+    llm_threads: int | None = None
     # Scheduling policy: fifo, rr, priority or fair.
     policy: str = "fifo"
     # Round robin / fair share time slice, in generated tokens.
@@ -185,6 +192,7 @@ class Cluster:
         self.standbys: dict[str, ManagedProcess] = {}  # hot standbys, by the name of the service they stand in for
         self.redis_url = config.redis_url or ""
         self._args: dict[str, list[str]] = {}
+        self._kinds: dict[str, str] = {}  # service name -> what it runs (llm_core_2 runs an llm_core)
         self._home_ready = False
         self.started_at = time.time()
 
@@ -253,7 +261,8 @@ class Cluster:
             else:
                 self._start_redis()
             for name in SERVICE_ORDER:
-                self._start_service(name)
+                for replica in self.llm_core_names if name == "llm_core" else [name]:
+                    self._start_service(replica, name)
         except BaseException:
             self.stop()
             raise
@@ -330,7 +339,7 @@ class Cluster:
                 continue  # standing by, or died lately: not another model load every tick
             marker = self.config.home / f"{name}.standby"
             marker.unlink(missing_ok=True)
-            argv = [*self._argv(name, self._standby_ready_path(name), self._args[name]), "--standby-file", str(marker)]
+            argv = [*self._argv(self._kinds.get(name, name), self._standby_ready_path(name), self._args[name]), "--standby-file", str(marker)]
             log_path = self.logs / f"{name}.log"
             popen = subprocess.Popen(argv, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
             self.standbys[name] = ManagedProcess(f"{name} standby", popen, log_path)
@@ -451,6 +460,8 @@ class Cluster:
             args += ["--redis-url-file", str(self.secrets / "redis.url")]
         if kind == "llm_core":
             args += ["--slots", str(config.slots)]
+            if config.llm_threads:
+                args += ["--threads", str(config.llm_threads)]
             if config.model:
                 args += ["--model", str(config.model)]
         elif kind in ("storage", "memory"):
@@ -460,8 +471,12 @@ class Cluster:
         elif kind == "kernel":
             args += ["--policy", config.policy, "--slice-tokens", str(config.slice_tokens), "--llm-slots", str(config.slots),
                      "--operator-token-file", str(self.operator_token_path), "--host", config.listen.rsplit(":", 1)[0]]
-            for manager in MANAGERS:
+            for manager in MANAGERS[1:]:
                 args += [f"--{manager.replace('_', '-')}", self.processes[manager].address]
+            local = [f"{core}={self.processes[core].address}" for core in self.llm_core_names]
+            attached = [f"llm_core_{len(local) + i + 1}={address}" for i, address in enumerate(config.attached_llm_cores)]
+            for core in local + attached:
+                args += ["--llm-core", core]
             if config.tls_cert and config.tls_key:
                 args += ["--tls-cert", str(config.tls_cert), "--tls-key", str(config.tls_key)]
             if config.open_registration:
@@ -470,8 +485,14 @@ class Cluster:
                 args += ["--no-reclaim"]
         return args + config.extra_args.get(kind, [])
 
+    @property
+    def llm_core_names(self) -> list[str]:
+        """The LLM core processes this cluster starts: llm_core, llm_core_2, ..."""
+        return ["llm_core", *(f"llm_core_{i}" for i in range(2, self.config.llm_cores + 1))]
+
     def _start_service(self, name: str, kind: str = "", extra_args: list[str] = ()) -> None:
-        kind = kind or name
+        kind = kind or self._kinds.get(name, name)
+        self._kinds[name] = kind
         self._prepare_home()
         ready = self.config.home / f"{name}.ready"
         ready.unlink(missing_ok=True)

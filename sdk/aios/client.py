@@ -239,6 +239,12 @@ class Connection:
     def status(self) -> kernel_pb2.KernelStatus:
         return self.call("GetStatus", kernel_pb2.GetStatusRequest(), timeout=10)
 
+    def drain_core(self, core: str, undo: bool = False, timeout: float = 90) -> kernel_pb2.LLMCoreStatus:
+        """Operator: drains an LLM core (by name or address): no new generations, its running ones move to the
+        other cores; returns once it holds none (or the kernel's limit passed: see `running` and `parked`).
+        `undo`: it serves again."""
+        return self.call("DrainCore", kernel_pb2.DrainCoreRequest(core=core, undo=undo), timeout=timeout)
+
     def close(self) -> None:
         self.channel.close()
 

@@ -14,6 +14,8 @@ from services.llm_core.prompt import PromptFormat
 from services.llm_core.sampling import SamplingConfig
 from services.llm_core.snapshot import KvSnapshotStore
 
+SWAP_OUT_TIMEOUT_S = 30.0  # how long Preempt(swap_out) waits for a parked sequence's snapshot to be written
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -93,7 +95,12 @@ class LLMCore:
         return seq
 
     def preempt(self, request_id: str, swap_out: bool) -> bool:
-        return self.engine.preempt(request_id, swap_out)
+        """Switches a decoding generation out; with `swap_out`, also writes out one already parked here (it moves to
+        another core). Blocks until that write is done; call it off the event loop."""
+        if self.engine.preempt(request_id, swap_out):
+            return True
+        written = self.engine.swap_out_parked(request_id) if swap_out else None
+        return written is not None and written.result(timeout=SWAP_OUT_TIMEOUT_S)
 
     def discard(self, request_id: str, agent_id: str) -> bool:
         """Forgets a preempted generation wherever it is (resident slot or snapshot). Blocks on Redis."""

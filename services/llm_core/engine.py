@@ -377,6 +377,7 @@ class BatchEngine:
         self.host_prefixes = HostPrefixCache(config.host_prefix_bytes)
         self._idle_since: float | None = None  # the engine thread waits for work since then
         self._to_release: list[Sequence] = []
+        self._to_swap: list[tuple[Sequence, Future]] = []  # parked sequences to write out (moving to another core)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
 
@@ -418,6 +419,19 @@ class BatchEngine:
                     self._cond.notify()
                     return True
             return False
+
+    def swap_out_parked(self, request_id: str) -> Future | None:
+        """Has a parked (resident) sequence's snapshot written, so that another core can resume it; the future
+        completes once it is written. None when no sequence of that id is parked here (it is running, finished,
+        unknown, or already written out)."""
+        with self._cond:
+            seq = self._parked.get(request_id)
+            if seq is None:
+                return None
+            written: Future = Future()
+            self._to_swap.append((seq, written))  # KV is read on the engine thread, between steps
+            self._cond.notify()
+            return written
 
     def resume(self, request_id: str, agent_id: str, emit: Callable[[Event], None]) -> Sequence | None:
         """Re-queues a parked (resident) sequence; None if it is not resident here."""
@@ -544,6 +558,15 @@ class BatchEngine:
         for seq in self._to_release:
             self._release_locked(seq, SequenceStatus.CANCELLED)
         self._to_release.clear()
+        for seq, written in self._to_swap:
+            if seq.status is SequenceStatus.PARKED:
+                try:
+                    self._swap_out_locked(seq).add_done_callback(lambda _, written=written: written.set_result(True))
+                except AiosError as exc:
+                    written.set_exception(exc)
+            else:  # resumed, discarded or written out since it was asked
+                written.set_result(seq.status is SequenceStatus.SNAPSHOTTED)
+        self._to_swap.clear()
         for seq in [s for s in self._active if s.preempt]:
             self._active.remove(seq)
             self._parked[seq.request_id] = seq
@@ -859,6 +882,8 @@ class BatchEngine:
                     self._swap_out_locked(seq)
                 except AiosError:
                     log.warning("could not save parked sequence %s at shutdown", seq.request_id)
+            for seq, written in self._to_swap:  # written out just above, if it could be
+                written.set_result(seq.status is SequenceStatus.SNAPSHOTTED)
         self._fail(pending, Unavailable("the LLM core is shutting down; retry on another replica"))
 
     def _step(self, active: list[Sequence]) -> None:

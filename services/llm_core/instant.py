@@ -71,6 +71,9 @@ class InstantEngine:
     def preempt(self, request_id: str, swap: bool = False) -> bool:
         return False  # a generation ends within the call that started it: nothing is ever running to preempt
 
+    def swap_out_parked(self, request_id: str) -> None:
+        return None  # nothing is ever parked
+
     def resume(self, request_id: str, agent_id: str, emit: Callable[[Event], None]) -> Sequence | None:
         return None
 

@@ -115,7 +115,8 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
     async def Preempt(self, request, context):
         if not request.syscall_id:
             raise InvalidArgument("syscall_id is required")
-        return llm_core_pb2.PreemptResponse(preempted=self.core.preempt(request.syscall_id, request.swap_out))
+        preempted = await asyncio.to_thread(self.core.preempt, request.syscall_id, request.swap_out)
+        return llm_core_pb2.PreemptResponse(preempted=preempted)
 
     async def Discard(self, request, context):
         if not request.syscall_id:

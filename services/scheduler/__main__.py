@@ -11,7 +11,8 @@ from services import redis_state
 from services.credentials import read_secret, tls_server_credentials
 from services.scheduler.identity import AgentRegistry, Quota, RegistrationPolicy
 from services.scheduler.journal import RecordJournal
-from services.scheduler.kernel import Kernel, manager_clients
+from services.scheduler.cores import parse_core_addresses
+from services.scheduler.kernel import Kernel, core_router, manager_clients
 from services.scheduler.policy import POLICIES, make_policy
 from services.scheduler.queues import ResourceQueue
 from services.scheduler.servicer import KernelServicer
@@ -24,9 +25,9 @@ log = logging.getLogger("aios.kernel")
 
 def build(args: argparse.Namespace) -> Service:
     redis = redis_state.connect(redis_url(args))
+    cores = core_router(parse_core_addresses(args.llm_core), args.llm_slots, cluster_secret(args))
     managers = manager_clients(
         {
-            Resource.LLM: args.llm_core,
             Resource.MEMORY: args.memory,
             Resource.STORAGE: args.storage,
             Resource.TOOLS: args.tools,
@@ -34,7 +35,7 @@ def build(args: argparse.Namespace) -> Service:
         cluster_secret(args),
     )
     capacities = {
-        Resource.LLM: args.llm_slots,
+        Resource.LLM: cores.capacity,
         Resource.MEMORY: args.manager_concurrency,
         Resource.STORAGE: args.manager_concurrency,
         Resource.TOOLS: args.manager_concurrency,
@@ -47,7 +48,7 @@ def build(args: argparse.Namespace) -> Service:
         default_quota=Quota(args.tokens_per_minute, args.concurrent_syscalls, args.tool_slots),
     )
     agents = AgentRegistry(redis, read_secret(args.operator_token_file), registration)
-    kernel = Kernel(agents, managers, queues, lambda: make_policy(args.policy, args.slice_tokens), RecordJournal(redis),
+    kernel = Kernel(agents, managers, cores, queues, lambda: make_policy(args.policy, args.slice_tokens), RecordJournal(redis),
                     SuspendedGenerations(redis))
     servicer = KernelServicer(kernel, args.registrations_per_second, args.registration_burst)
     if args.open_registration:
@@ -73,7 +74,9 @@ def main() -> None:
     add_redis_argument(parser)
     parser.add_argument("--operator-token-file", type=Path, required=True,
                         help="file (mode 0600) holding the operator token, which registers and administers agents")
-    parser.add_argument("--llm-core", required=True, help="host:port of the LLM core")
+    parser.add_argument("--llm-core", required=True, action="append", metavar="[NAME=]HOST:PORT",
+                        help="an LLM core; repeat for several (unnamed: llm_core, llm_core_2, ...). The kernel routes "
+                             "each generation to one of them")
     parser.add_argument("--memory", required=True, help="host:port of the memory manager")
     parser.add_argument("--storage", required=True, help="host:port of the storage manager")
     parser.add_argument("--tools", required=True, help="host:port of the tool manager")
@@ -82,7 +85,8 @@ def main() -> None:
                         help="round robin / fair share: tokens a generation runs before it may be preempted")
     parser.add_argument("--no-reclaim", action="store_true",
                         help="do not reset the LLM core at start (a kernel beside another on the same cores)")
-    parser.add_argument("--llm-slots", type=int, default=16, help="LLM syscalls dispatched at once (= core slots)")
+    parser.add_argument("--llm-slots", type=int, default=16,
+                        help="generations each LLM core decodes at once (= its --slots)")
     parser.add_argument("--manager-concurrency", type=int, default=16, help="calls in flight per other manager")
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (chain)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's PEM private key")
@@ -100,6 +104,10 @@ def main() -> None:
     args = parser.parse_args()
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    try:
+        parse_core_addresses(args.llm_core)
+    except ValueError as exc:
+        parser.error(str(exc))
     run(build, parser, args)
 
 

@@ -31,7 +31,7 @@ MAX_PENDING = 100_000  # records waiting for Redis while it is down; beyond, the
 # What a record keeps in Redis: its identity, outcome, counts and times (not the scheduler's working state).
 PERSISTED = ("id", "agent_id", "kind", "resource", "priority", "weight", "state", "created_at", "started_at",
              "finished_at", "error", "error_code", "tokens_in", "tokens_out", "queued_s", "running_s",
-             "preempted_s", "preemptions", "recoveries", "retries")
+             "preempted_s", "preemptions", "recoveries", "retries", "core", "migrations")
 assert set(PERSISTED) <= {f.name for f in fields(SyscallRecord)}
 
 

@@ -32,6 +32,7 @@ from aios.v1 import (
 )
 from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.manager_client import CONNECT_TIMEOUT_S, ManagerClient
+from services.scheduler.cores import CoreRouter, CoreState, LLMCoreReplica, prefix_key
 from services.scheduler.identity import Agent, AgentRegistry, Caller
 from services.scheduler.journal import RecordJournal
 from services.scheduler.quotas import AgentUsage
@@ -76,14 +77,12 @@ MANAGER_RETRIES = 3  # attempts after the first, each once the manager answers i
 MANAGER_BACK_S = 30.0  # how long one retry waits for the manager to be restarted
 
 MANAGER_NAMES = {
-    Resource.LLM: "llm_core",
     Resource.MEMORY: "memory",
     Resource.STORAGE: "storage",
     Resource.TOOLS: "tools",
 }
 
 STUBS = {
-    Resource.LLM: llm_core_pb2_grpc.LLMCoreStub,
     Resource.MEMORY: memory_pb2_grpc.MemoryStub,
     Resource.STORAGE: storage_pb2_grpc.StorageStub,
     Resource.TOOLS: tools_pb2_grpc.ToolsStub,
@@ -93,7 +92,8 @@ STUBS = {
 # refused before any work, so one agent's 30 MB request costs the others nothing.
 MAX_GENERATE_BYTES = 4 * 1024 * 1024
 MAX_RECOVERIES = 3  # times one generation is rebuilt after its core died, before the agent gets UNAVAILABLE
-CORE_RECOVERY_WAIT_S = 120.0  # how long a generation waits for its dead core to be restarted (model load included)
+CORE_RECOVERY_WAIT_S = 120.0  # how long a generation waits for a core to serve again (model load included)
+DRAIN_CORE_S = 60.0  # how long `aios drain` waits for a core's generations to move, unless the call says less
 CORE_POLL_S = 0.1  # how often a waiting call asks a restarting manager's health
 STOPPING = ("AIOS is stopping (`aios down`) and takes no syscalls; the SDKs ask again by themselves once it is back "
             "(and continue a generation it suspended from where it stopped)")
@@ -127,6 +127,12 @@ def manager_clients(addresses: dict[Resource, str], cluster_secret: str) -> dict
     return {r: ManagerClient(MANAGER_NAMES[r], a, STUBS[r], cluster_secret) for r, a in addresses.items()}
 
 
+def core_router(cores: list[tuple[str, str]], slots: int, cluster_secret: str) -> CoreRouter:
+    """The LLM cores (name, address), each decoding `slots` generations at once, behind one router."""
+    return CoreRouter([LLMCoreReplica(name, address, slots, ManagerClient(
+        name, address, llm_core_pb2_grpc.LLMCoreStub, cluster_secret)) for name, address in cores])
+
+
 def _remaining(deadline: float | None) -> float | None:
     """Seconds left until the caller's deadline; DEADLINE_EXCEEDED once it has passed."""
     if deadline is None:
@@ -143,19 +149,22 @@ class Kernel:
         self,
         agents: AgentRegistry,
         managers: dict[Resource, ManagerClient],
+        cores: CoreRouter,
         queues: dict[Resource, ResourceQueue],
         new_policy: Callable[[], SchedulingPolicy],
         journal: RecordJournal,
         suspensions: SuspendedGenerations,
     ) -> None:
         self.agents = agents
-        self.managers = managers
+        self.managers = managers  # memory, storage, tools
+        self.cores = cores  # the LLM cores
         self.queues = queues
         self.new_policy = new_policy
         self.usage = AgentUsage()
         # One queue per tool, as wide as the tool's declared concurrency (read from the tool service).
         self.tool_queues: dict[str, ResourceQueue] = {}
         self.queues[Resource.LLM].preempt = self._preempt
+        self.cores.on_capacity = self.queues[Resource.LLM].resize
         self.journal = journal
         self.suspensions = suspensions
         self.table = SyscallTable(on_change=journal.changed)
@@ -177,7 +186,6 @@ class Kernel:
         self.usage.enter(agent)
         priority = agent.priority if priority is None else min(priority, agent.priority)  # less, never more
         record = self.table.create(agent.id, kind, resource, priority, agent.weight, syscall_id)
-        manager = self.managers[resource]
         try:
             async with AsyncExitStack() as stack:
                 if opened is not None:
@@ -185,10 +193,7 @@ class Kernel:
                 if tool:
                     await stack.enter_async_context(self.usage.tool_turn(agent, tool))
                 await stack.enter_async_context((queue or self.queues[resource]).turn(record))
-                try:
-                    yield record
-                except grpc.aio.AioRpcError as exc:
-                    raise manager.error(exc) from None
+                yield record
         except AiosError as exc:
             record.finish(exc.code.name, exc.message)
             raise
@@ -269,7 +274,6 @@ class Kernel:
         self._admit()
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self.queues[Resource.LLM]
-        core = self.managers[Resource.LLM]
         size = request.ByteSize()
         if size > MAX_GENERATE_BYTES:
             raise ResourceExhausted(f"the generation request is {size} bytes; the limit is {MAX_GENERATE_BYTES} "
@@ -305,15 +309,23 @@ class Kernel:
                         record.tokens_out, record.recoveries = len(token_ids), 1
                         message = _replaying(first, token_ids)
                 handed_over = True
-                parked = False  # the core holds a preempted sequence of ours
+                parked = False  # a core holds a preempted sequence of ours
                 crashes = 0  # times this kernel rebuilt it after its core died (bounded; suspensions are not)
+                prefix = prefix_key(first.prompt, first.messages[0].content if first.messages else "")
+                replica: LLMCoreReplica | None = None  # the core it last streamed from
                 try:
                     while True:
-                        call = core.stream("Generate", message, _remaining(deadline))
+                        replica = await self._place(record, prefix, replica if message.resume else None, deadline)
+                        call = replica.client.stream("Generate", message, _remaining(deadline))
+                        self.cores.started(replica, record.id, agent.id, prefix)
+                        record.core = replica.name
                         parked = lost = False
                         record.preemptible = True
                         try:
                             async for chunk in call:
+                                if record.moved_at:  # the first sign of life on the core it moved to
+                                    replica.migration_seconds += time.monotonic() - record.moved_at
+                                    record.moved_at = 0.0
                                 if chunk.finish_reason == llm_core_pb2.FINISH_REASON_PREEMPTED:
                                     parked = True
                                     break
@@ -338,41 +350,47 @@ class Kernel:
                                 queue.progress(record, chunk.prompt_tokens, new_tokens)
                         except grpc.aio.AioRpcError as exc:
                             if not _core_lost_it(exc, message.resume) or crashes >= MAX_RECOVERIES:
-                                raise
+                                raise replica.client.error(exc) from None
                             lost = True
                         finally:
                             record.preemptible = False
                             call.cancel()
-                        if parked:
+                            # Switched out to move (swap_out): its snapshot is in Redis, the core keeps nothing.
+                            self.cores.stopped(replica, record.id, parked and not record.moving)
+                        if parked and record.moving and self.cores.has_room():
+                            record.moving = False  # keeps its place in the queue and continues on another core
+                            message = llm_core_pb2.GenerateRequest(agent_id=agent.id, syscall_id=record.id, resume=True)
+                        elif parked:
+                            record.moving = False
                             try:
                                 await queue.requeue(record)  # refused at once while the kernel is stopping
                             except Unavailable:
                                 parked = False  # not discarded: kept for the agent to continue after a restart
                                 await self._suspend(record, first, token_ids, reply)
                                 raise
-                            if core.channel.get_state() != grpc.ChannelConnectivity.READY:
-                                await self._core_back(deadline)
                             message = llm_core_pb2.GenerateRequest(agent_id=agent.id, syscall_id=record.id,
                                                                    resume=True)
                         elif lost:
-                            # The core died (or lost the sequence): rebuild it on the core that is back, from the
-                            # prompt and the tokens the agent already has; the stream goes on from the next index.
-                            # Exactly when it decoded alone (token-identical); with others, its numerics depended
-                            # on the batch anyway, and the core may rebuild it the fast way.
+                            # The core died (or lost the sequence): rebuild it on a core that serves (another one,
+                            # or this one once it is back), from the prompt and the tokens the agent already has;
+                            # the stream goes on from the next index. Exactly when it decoded alone
+                            # (token-identical); with others, its numerics depended on the batch anyway, and the
+                            # core may rebuild it the fast way.
                             crowd = len(queue.running) > 1
                             crashes += 1
                             record.recoveries += 1
-                            record.preempt_requested = False  # a preemption asked of the dead core died with it
-                            log.warning("syscall %s: its LLM core lost it after %d tokens; recovering (recovery %d)",
-                                        record.id, len(token_ids), record.recoveries)
-                            await self._core_back(deadline)
+                            record.preempt_requested = record.moving = False  # asked of the dead core: died with it
+                            log.warning("syscall %s: LLM core %s lost it after %d tokens; recovering (recovery %d)",
+                                        record.id, replica.name, len(token_ids), record.recoveries)
+                            if not await replica.client.healthy():
+                                self._core_down(replica)
                             message = _replaying(first, token_ids, in_batch=crowd)
                         else:
                             break
                 finally:
                     self.usage.charge_tokens(agent, record.tokens_in + record.tokens_out, time.monotonic())
                     if parked:  # the caller left (or the deadline passed) while we were switched out
-                        self._spawn(self._discard(agent.id, record.id))
+                        self._spawn(self._discard(agent.id, record.id, replica))
         finally:
             if suspended and not handed_over:  # refused before it could go on (the kernel stopping again)
                 await self.suspensions.put(suspended)
@@ -451,22 +469,87 @@ class Kernel:
         """Frees what a kernel before this one left in the LLM core (parked sequences, snapshots), which nothing
         could resume through this kernel. Best effort: a core that is down holds nothing."""
         keep = await self.suspensions.ids()  # what the kernel before this one suspended stays for its agents
-        try:
-            reply = await self.managers[Resource.LLM].call("Reset", llm_core_pb2.ResetRequest(keep_syscall_ids=keep), 30)
-        except AiosError as exc:
-            log.warning("could not reclaim what an earlier kernel left in the LLM core: %s", exc)
-            return
-        if reply.parked or reply.snapshots:
-            log.info("reclaimed %d parked generations and %d snapshots left by an earlier kernel",
-                     reply.parked, reply.snapshots)
+        for replica in self.cores.replicas:
+            try:
+                reply = await replica.client.call("Reset", llm_core_pb2.ResetRequest(keep_syscall_ids=keep), 30)
+            except AiosError as exc:
+                log.warning("could not reclaim what an earlier kernel left in LLM core %s: %s", replica.name, exc)
+                continue
+            if reply.parked or reply.snapshots:
+                log.info("reclaimed %d parked generations and %d snapshots left by an earlier kernel on %s",
+                         reply.parked, reply.snapshots, replica.name)
         if keep:
             log.info("%d generations suspended by the earlier kernel wait for their agents", len(keep))
 
-    async def _core_back(self, deadline: float | None) -> None:
-        """Waits for the LLM core to serve again (its supervisor restarts it), within the call's deadline."""
-        if not await self._back(self.managers[Resource.LLM], deadline, CORE_RECOVERY_WAIT_S):
-            raise Unavailable(f"the LLM core died during the generation and was not back within "
-                              f"{CORE_RECOVERY_WAIT_S:.0f} s; retry when `aios status` shows it serving")
+    async def _place(self, record: SyscallRecord, prefix: str, holder: LLMCoreReplica | None,
+                     deadline: float | None) -> LLMCoreReplica:
+        """The core to run (or resume) a generation on, once one serves. `holder`: the core it was preempted on;
+        when it goes elsewhere, its KV resident on `holder` is first written to Redis, where the new core finds it
+        (one that cannot find it answers NOT_FOUND, and the generation is rebuilt by replay)."""
+        target = self.cores.pick(record.agent_id, prefix, holder)
+        give_up = time.monotonic() + CORE_RECOVERY_WAIT_S
+        while target is None:  # every core is down (their supervisors restart them) or drained
+            if time.monotonic() > give_up:
+                raise Unavailable(f"no LLM core has served for {CORE_RECOVERY_WAIT_S:.0f} s (all down or drained); "
+                                  "retry when `aios status` shows one serving")
+            _remaining(deadline)
+            await asyncio.sleep(CORE_POLL_S)  # the watchers of the down cores mark them serving again
+            target = self.cores.pick(record.agent_id, prefix, holder)
+        if holder is not None and target is not holder:
+            record.moved_at = record.moved_at or time.monotonic()
+            if record.id in holder.parked:
+                await self._write_out(holder, record.id)
+            self.cores.moved(holder, target, record.id)
+            record.migrations += 1
+        return target
+
+    async def _write_out(self, replica: LLMCoreReplica, syscall_id: str) -> None:
+        """Has a parked generation's KV written from `replica` to Redis (it continues elsewhere)."""
+        try:
+            await replica.client.call("Preempt", llm_core_pb2.PreemptRequest(syscall_id=syscall_id, swap_out=True),
+                                      MANAGER_BACK_S)
+        except AiosError as exc:  # down: what it wrote before dying is in Redis, else the new core rebuilds it
+            log.warning("could not write out %s from LLM core %s: %s", syscall_id, replica.name, exc.message)
+        replica.parked.discard(syscall_id)
+
+    def _core_down(self, replica: LLMCoreReplica) -> None:
+        """A core whose stream broke and whose health check fails takes no new work until it answers again."""
+        if replica.state is CoreState.SERVING:  # a draining one stays drained
+            log.warning("LLM core %s at %s is down; its generations continue on the others", replica.name,
+                        replica.address)
+            self.cores.set_state(replica, CoreState.DOWN)
+            self._spawn(self._watch(replica))
+
+    async def _watch(self, replica: LLMCoreReplica) -> None:
+        while not await replica.client.healthy():
+            await asyncio.sleep(CORE_POLL_S)  # polling its health: the restarted process gets a new connection
+        if replica.state is CoreState.DOWN:
+            log.info("LLM core %s serves again", replica.name)
+            self.cores.set_state(replica, CoreState.SERVING)
+
+    async def drain_core(self, name: str, undo: bool, timeout: float | None) -> LLMCoreReplica:
+        """Takes a core out of service (`aios drain`): it gets no new generations, its running ones move to the other
+        cores (switched out with their KV written to Redis, resumed there token for token), its parked ones are
+        written out for whichever core resumes them. Returns once it holds none, or the time is up. `undo`: it
+        serves again."""
+        replica = self.cores.get(name)
+        if undo:
+            if replica.state is CoreState.DRAINING:
+                self.cores.set_state(replica, CoreState.SERVING)
+            return replica
+        self.cores.set_state(replica, CoreState.DRAINING)
+        give_up = time.monotonic() + min(DRAIN_CORE_S, timeout or DRAIN_CORE_S)
+        while (replica.running or replica.parked) and time.monotonic() < give_up:
+            for syscall_id in list(replica.running):
+                record = self.table.get(syscall_id)
+                if record is not None and record.preemptible and not record.preempt_requested:
+                    record.preempt_requested = record.moving = True
+                    record.moved_at = time.monotonic()
+                    self._spawn(self._ask_core_to_preempt(record, swap_out=True))
+            for syscall_id in list(replica.parked):
+                await self._write_out(replica, syscall_id)
+            await asyncio.sleep(DRAIN_POLL_S)  # one still prefilling or replaying cannot be switched out yet
+        return replica
 
     @staticmethod
     async def _back(manager: ManagerClient, deadline: float | None, wait_s: float = MANAGER_BACK_S) -> bool:
@@ -503,19 +586,30 @@ class Kernel:
         await self.journal.flush()
 
     async def _ask_core_to_preempt(self, record: SyscallRecord, swap_out: bool = False) -> None:
+        replica = self.cores.holding(record.id)
         try:
-            reply = await self.managers[Resource.LLM].call(
+            if replica is None:
+                raise Unavailable("it streams from no core")
+            reply = await replica.client.call(
                 "Preempt", llm_core_pb2.PreemptRequest(syscall_id=record.id, swap_out=swap_out), CONNECT_TIMEOUT_S)
             preempted = reply.preempted
         except AiosError as exc:
             log.warning("preempting %s failed: %s", record.id, exc.message)
             preempted = False
-        if not preempted:  # it finished first, or is not decoding yet: let the policy choose again later
-            record.preempt_requested = False
+        if not preempted:  # it finished first, or is not decoding yet: let the policy (or the drain) ask again later
+            record.preempt_requested = record.moving = False
+            record.moved_at = 0.0
 
-    async def _discard(self, agent_id: str, syscall_id: str) -> None:
+    async def _discard(self, agent_id: str, syscall_id: str, replica: LLMCoreReplica | None) -> None:
+        """Forgets a preempted generation its caller left: on the core that holds it, else (written out to Redis)
+        through any core that serves."""
+        if replica is None or syscall_id not in replica.parked:
+            replica = self.cores.pick(agent_id, "")
+        if replica is None:
+            return  # no core serves: its snapshot expires on its own
+        replica.parked.discard(syscall_id)
         try:
-            await self.managers[Resource.LLM].call(
+            await replica.client.call(
                 "Discard", llm_core_pb2.DiscardRequest(syscall_id=syscall_id, agent_id=agent_id), CONNECT_TIMEOUT_S)
         except AiosError as exc:
             log.warning("could not discard preempted %s (its snapshot will expire): %s", syscall_id, exc.message)
@@ -535,5 +629,5 @@ class Kernel:
 
     async def close(self) -> None:
         await self.journal.stop()
-        for manager in self.managers.values():
+        for manager in [*self.managers.values(), *(replica.client for replica in self.cores.replicas)]:
             await manager.close()

@@ -75,6 +75,12 @@ class ResourceQueue:
         self.policy.charge(record, tokens_in, tokens_out)
         self._maybe_preempt()
 
+    def resize(self, capacity: int) -> None:
+        """Runs at most `capacity` at once from now on (LLM cores drained, down or back; 0 while none serves): more
+        are dispatched at once if it grew; if it shrank, those running finish and no one replaces them meanwhile."""
+        self.capacity = capacity
+        self._dispatch()
+
     def close(self, refusal: Callable[[], BaseException]) -> None:
         """Takes no more turns (the kernel is stopping): whoever waits for one, or asks later, gets `refusal()`;
         the running syscalls go on."""

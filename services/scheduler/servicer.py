@@ -21,11 +21,39 @@ from services import redis_state
 from services.errors import AiosError, ResourceExhausted
 from services.scheduler.audit import Audit
 from services.scheduler.identity import Agent, Caller, Quota, Role
-from services.scheduler.kernel import MANAGER_NAMES, Kernel
+from services.scheduler.cores import CoreState, LLMCoreReplica
+from services.scheduler.kernel import Kernel
 from services.scheduler.quotas import TokenBucket
 from services.scheduler.syscalls import Resource, SyscallRecord
 
 STATUS_PROBE_TIMEOUT_S = 1.0
+CORE_STATES = {CoreState.SERVING: kernel_pb2.LLM_CORE_STATE_SERVING, CoreState.DRAINING: kernel_pb2.LLM_CORE_STATE_DRAINING,
+               CoreState.DOWN: kernel_pb2.LLM_CORE_STATE_DOWN}
+# InfoResponse fields every core reports alike (the model, its limits, the snapshots in the Redis they share): in the
+# sum of all cores, the first core's value stands.
+ALIKE_ON_EVERY_CORE = {"model_path", "model_description", "max_sequence_tokens", "snapshots_in_redis"}
+
+
+def added_up(infos: list[llm_core_pb2.InfoResponse]) -> llm_core_pb2.InfoResponse | None:
+    """Every LLM core's counters summed into one InfoResponse (None if no core answered)."""
+    if not infos:
+        return None
+    total = llm_core_pb2.InfoResponse()
+    total.CopyFrom(infos[0])
+    for info in infos[1:]:
+        for field in info.DESCRIPTOR.fields:
+            if field.name not in ALIKE_ON_EVERY_CORE and field.type != field.TYPE_BOOL:
+                setattr(total, field.name, getattr(total, field.name) + getattr(info, field.name))
+    total.redis_ok = all(info.redis_ok for info in infos)
+    return total
+
+
+def core_to_proto(replica: LLMCoreReplica, info: llm_core_pb2.InfoResponse | None = None) -> kernel_pb2.LLMCoreStatus:
+    return kernel_pb2.LLMCoreStatus(
+        name=replica.name, address=replica.address, state=CORE_STATES[replica.state], slots=replica.slots,
+        running=len(replica.running), parked=len(replica.parked), dispatched=replica.dispatched,
+        migrated_in=replica.migrated_in, migrated_out=replica.migrated_out,
+        migration_seconds=replica.migration_seconds, info=info)
 
 
 def record_to_proto(record: SyscallRecord) -> common_pb2.SyscallInfo:
@@ -49,6 +77,8 @@ def record_to_proto(record: SyscallRecord) -> common_pb2.SyscallInfo:
         priority=record.priority,
         recoveries=record.recoveries,
         retries=record.retries,
+        core=record.core,
+        migrations=record.migrations,
     )
 
 
@@ -188,12 +218,19 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         return await self.kernel.unmount_tools(request, _timeout(context))
 
     @kernel_rpc()
+    async def DrainCore(self, request, context, caller):
+        caller.require_operator("draining an LLM core")
+        return core_to_proto(await self.kernel.drain_core(request.core, request.undo, _timeout(context)))
+
+    @kernel_rpc()
     async def GetStatus(self, request, context, caller):
         kernel = self.kernel
         managers = kernel.managers
         resources = list(managers)
+        cores = kernel.cores.replicas
+        clients = [*(managers[r] for r in resources), *(replica.client for replica in cores)]
         health, redis_ok = await asyncio.gather(
-            asyncio.gather(*(managers[r].healthy() for r in resources)), redis_state.is_up(kernel.agents.redis)
+            asyncio.gather(*(client.healthy() for client in clients)), redis_state.is_up(kernel.agents.redis)
         )
         queues = [*(("", q) for q in kernel.queues.values()), *sorted(kernel.tool_queues.items())]
         if caller.role is Role.AGENT:  # its own place in each queue, the system's health, nothing of other agents
@@ -206,7 +243,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                                            running=running, capacity=q.capacity, name=name)
                     for name, q in queues for queued, running in [q.counts_of(agent_id)]
                 ],
-                services=[kernel_pb2.ServiceStatus(name=MANAGER_NAMES[r], healthy=h) for r, h in zip(resources, health)],
+                services=[kernel_pb2.ServiceStatus(name=c.name, healthy=h) for c, h in zip(clients, health)],
                 redis_ok=redis_ok,
             )
 
@@ -216,10 +253,11 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             except AiosError:
                 return None
 
-        llm, memory, agents = await asyncio.gather(
-            optional(managers[Resource.LLM].call("Info", llm_core_pb2.InfoRequest(), STATUS_PROBE_TIMEOUT_S)),
+        memory, agents, *infos = await asyncio.gather(
             optional(managers[Resource.MEMORY].call("Stats", memory_pb2.MemoryStatsRequest(), STATUS_PROBE_TIMEOUT_S)),
             optional(kernel.agents.all()),
+            *(optional(replica.client.call("Info", llm_core_pb2.InfoRequest(), STATUS_PROBE_TIMEOUT_S))
+              for replica in cores),
         )
         return kernel_pb2.KernelStatus(
             agents=len(agents or ()),
@@ -237,15 +275,13 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                 )
                 for name, q in queues
             ],
-            services=[
-                kernel_pb2.ServiceStatus(name=MANAGER_NAMES[r], address=managers[r].address, healthy=h)
-                for r, h in zip(resources, health)
-            ],
+            services=[kernel_pb2.ServiceStatus(name=c.name, address=c.address, healthy=h) for c, h in zip(clients, health)],
             syscalls_total=kernel.table.total,
             syscalls_failed=kernel.table.failed,
             tokens_generated=kernel.table.tokens_out,
             redis_ok=redis_ok,
-            llm=llm,
+            llm=added_up([info for info in infos if info is not None]),
+            cores=[core_to_proto(replica, info) for replica, info in zip(cores, infos)],
             memory=memory,
             caller=caller_to_proto(caller),
             refusals=dict(self.audit.refusals),

@@ -54,12 +54,16 @@ class SyscallRecord:
     preemptions: int = 0
     recoveries: int = 0  # times its generation was rebuilt after its LLM core died
     retries: int = 0  # times its manager call was repeated after the manager restarted
+    core: str = ""  # the LLM core its generation last streamed from
+    migrations: int = 0  # times its generation moved to another LLM core (drained, or resumed where a slot was free)
     # Scheduling state read by the policies.
     slice_used: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
     submitted_at: float = field(default_factory=time.monotonic)
     preemptible: bool = False  # an LLM stream is open that the core can context-switch
     preempt_requested: bool = False
+    moving: bool = False  # switched out to continue on another core (a drain), not to wait for a turn
+    moved_at: float = 0.0  # monotonic time its move began, until its first chunk on the new core
     _mark: float = field(default_factory=time.monotonic, repr=False)
 
     def _move(self, state: SyscallState) -> None:

@@ -48,7 +48,9 @@ def test_up_status_down_leaves_no_process_behind(tmp_path):
             assert kernel.address == state["kernel"]
             assert kernel.register("cli").call_tool("calculator", expression="3*3")["result"] == 9
         status = run(["status"], tmp_path)
-        assert status.returncode == 0 and status.stdout.count("SERVING") == 7, status.stdout
+        # kernel, four managers, redis, gateway, and the LLM core's line of the kernel's routing
+        assert status.returncode == 0 and status.stdout.count("SERVING") == 8, status.stdout
+        assert "running 0/2, parked 0, dispatched 0" in status.stdout
         assert "slots 0/2 decoding" in status.stdout and "snapshots in redis 0" in status.stdout
         assert "append-only file, fsync every second" in status.stdout
         mounted = run(["tool", "mount", "--network", "--read-only", str(tmp_path), "words", "--",

@@ -19,6 +19,7 @@ from aios.syscalls import syscall_request
 from aios.v1 import common_pb2, memory_pb2
 from deploy.cluster import Cluster, ClusterConfig, process_alive
 from deploy.supervisor import RestartPolicy, Supervisor, supervising
+from tests.integration.streams import stream_in_thread, token_ids
 from tests.integration.waiting import wait_until
 
 PROMPT = "Question: Name three rivers in Europe and say where each one flows.\nAnswer:"
@@ -44,13 +45,7 @@ def kernel(supervised) -> Iterator[aios.Connection]:
 
 
 def stream(agent: aios.Agent, chunks: list, **sampling) -> threading.Thread:
-    def read() -> None:
-        for chunk in agent.generate(PROMPT, max_tokens=TOKENS, ignore_eos=True, timeout=300, **sampling):
-            chunks.append(chunk)
-
-    thread = threading.Thread(target=read)
-    thread.start()
-    return thread
+    return stream_in_thread(agent, chunks, PROMPT, TOKENS, **sampling)
 
 
 def kill_core_after(cluster: Cluster, supervisor: Supervisor, chunks: list, tokens: int) -> float:
@@ -60,10 +55,6 @@ def kill_core_after(cluster: Cluster, supervisor: Supervisor, chunks: list, toke
     killed = time.monotonic()
     wait_until(lambda: supervisor.services["llm_core"].restarts > restarts, within_s=120, what="the core restarted")
     return killed
-
-
-def token_ids(chunks: list) -> list[int]:
-    return [c.token_id for c in chunks if c.HasField("token_id")]
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 40, "seed": 77}], ids=["greedy", "seeded"])
