@@ -25,12 +25,13 @@ length), fair share with one heavy and many light agents (bench/fairness.py),
 the memory paging benchmark (bench/memory.py), storage throughput, tool-call
 latency and the token check's cost (bench/storage_tools.py), the OpenAI gateway
 against the gRPC kernel and constrained against free decoding
-(bench/gateway.py), recovery from a killed LLM core (bench/recovery.py), and
-hundreds of agents arriving at once (bench/scale.py).
+(bench/gateway.py), recovery from a killed LLM core (bench/recovery.py),
+hundreds of agents arriving at once (bench/scale.py), and two LLM cores against
+one, a drain under load and the cost of one migration (bench/cores.py).
 
 Prints a table and saves JSON (bench/results/bench-<time>.json and latest.json)
 and a PNG chart. Environment knobs (defaults in DEFAULTS): BENCH_PARTS
-(llm,fairness,memory,storage,gateway,recovery,scale), BENCH_NS (agent counts),
+(llm,fairness,memory,storage,gateway,recovery,scale,cores), BENCH_NS (agent counts),
 BENCH_ROUNDS, BENCH_MODES (fifo,rr,fair,fifo+draft), BENCH_POLICY_NS (where the
 policies after the first run), BENCH_DRAFT_NS (where the "+draft" modes run),
 BENCH_RECOVERY_MODES (exact,auto,standby: how the recovery part restarts the core),
@@ -64,6 +65,7 @@ import redis
 
 import aios
 from aios.v1 import common_pb2
+from bench.cores import cores_table, run_cores_bench
 from bench.fairness import fairness_table, jain, run_fairness_bench
 from bench.gateway import gateway_table, run_gateway_bench
 from bench.peer import run_peer
@@ -112,14 +114,15 @@ class SequentialRunner:
     what one `llama_decode` over several sequences costs on this CPU.
     """
 
-    def __init__(self, model: LlamaModel, n_ctx: int = 2048, n_batch: int = 512, sequences: int = 1) -> None:
+    def __init__(self, model: LlamaModel, n_ctx: int = 2048, n_batch: int = 512, sequences: int = 1,
+                 threads: int | None = None) -> None:
         self.model = model
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx * sequences
         params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = sequences
         params.kv_unified = False
-        params.n_threads = params.n_threads_batch = EngineConfig().threads
+        params.n_threads = params.n_threads_batch = threads or EngineConfig().threads
         self.ctx = llama.llama_init_from_model(model.model, params)
         self.memory = llama.llama_get_memory(self.ctx)
         self.batch = llama.llama_batch_init(n_batch, 0, 1)
@@ -699,6 +702,11 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
     if "scale" in result:
         fastest = max(row["syscalls_per_s"] for row in result["scale"]["agents"].values())
         checks.append(("scale: syscalls/s through the kernel (instant LLM backend)", fastest, ">=", 2000))
+    if "cores" in result:
+        checks.append(("cores: two cores (1 thread each) / one core (2 threads), tok/s, over llama.cpp's own ratio "
+                       "for the same split", result["cores"]["two_vs_one_of_raw"], ">=", 0.9))
+        checks.append(("cores: tokens lost or repeated when a core is drained under load",
+                       result["cores"]["drain_under_load"]["lost_or_repeated_tokens"], "<", 1))
     if "standby" in result.get("recovery", {}):
         checks.append(("LLM core kill to first token p50, s (hot standby)",
                        result["recovery"]["standby"]["first_token_after_kill_s_p50"], "<", 3.0))
@@ -713,7 +721,7 @@ QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_M
 # BENCH_MODES=fifo,rr,fair,fifo+draft), 128 agents on request (BENCH_NS=1,16,32,64,128), the recovery part without
 # --replay exact and the in-process comparison of rebuilds (BENCH_RECOVERY_MODES=exact,auto,standby adds both), the
 # scale part up to 1,000 agents (BENCH_SCALE_NS=250,500,1000,2000 adds the paper's 2,000; `make test` runs 2,000).
-DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery,scale", "BENCH_NS": "1,16,32,64",
+DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery,scale,cores", "BENCH_NS": "1,16,32,64",
             "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,rr,fifo+draft", "BENCH_POLICY_NS": "32",
             "BENCH_DRAFT_NS": "1,16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1", "BENCH_RECOVERY_MODES": "auto,standby",
             "BENCH_SCALE_NS": "250,500,1000"}
@@ -767,6 +775,8 @@ def main() -> int:
         result["recovery"] = run_recovery_bench(say, trials=1, modes=recovery_modes)
     if "scale" in parts:
         result["scale"] = run_scale_bench(say, [int(x) for x in knob("BENCH_SCALE_NS").split(",")])
+    if "cores" in parts:
+        result["cores"] = run_cores_bench(say)
     result["elapsed_s"] = time.monotonic() - began
     floors = {}
     if "16" in result["aios"].get("fifo", {}):
@@ -819,6 +829,9 @@ def main() -> int:
         print()
     if "scale" in result:
         print(scale_table(result["scale"]))
+        print()
+    if "cores" in result:
+        print(cores_table(result["cores"]))
         print()
     for key, value in floors.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")

@@ -1,12 +1,14 @@
 """The LLM cores behind the kernel: one view of every core's slots, and which core takes each generation.
 
 Plain Python, no sockets: the kernel tells the router where generations start,
-stop and park, and asks it where the next one goes. The order, as vLLM's
-production stack and llm-d route: the core that holds the generation (parked
-there, its KV resident), then the core that last served the agent (its
-conversation is in that core's prefix cache), then the core that last served the
-same prompt opening (the shared system prompt), then the least loaded. Only
-SERVING cores with a free slot, unless none has one (then the least loaded
+stop and park, and asks it where the next one goes. Cache affinity weighed
+against load, as llm-d's scorers do: the core that holds the generation (parked
+there, its KV resident: moving it costs a snapshot round trip); else the core
+that last served the agent (its conversation, hundreds of tokens, is in that
+core's prefix cache) unless it is much busier than the least loaded; else the
+core that last served the same prompt opening (a shared system prompt: cheap to
+prefill again, so only between equally loaded cores); else the least loaded.
+Only SERVING cores with a free slot, unless none has one (then the least loaded
 serving core queues it). A DRAINING or DOWN core takes nothing new.
 """
 
@@ -21,6 +23,9 @@ from services.errors import NotFound
 
 AFFINITY_ENTRIES = 65_536  # agents and prompt openings remembered per map (least recently used dropped first)
 PREFIX_CHARS = 512  # how much of a prompt's opening names its shared prefix
+# How much busier (in running generations per slot) the agent's own core may be than the least loaded one and
+# still get its next generation: prefilling a conversation again costs more than a somewhat fuller batch.
+AGENT_SLACK = 0.25
 
 
 class CoreState(enum.Enum):
@@ -48,6 +53,10 @@ class LLMCoreReplica:
     @property
     def free(self) -> int:
         return self.slots - len(self.running)
+
+    @property
+    def load(self) -> float:
+        return len(self.running) / self.slots
 
 
 def prefix_key(prompt: str, first_message: str) -> str:
@@ -95,11 +104,13 @@ class CoreRouter:
         if not serving:
             return None
         candidates = [r for r in serving if r.free > 0] or serving
-        for name in (holder.name if holder else None, self._agent_core.get(agent_id), self._prefix_core.get(prefix)):
+        least = min(r.load for r in candidates)
+        for name, slack in ((holder.name if holder else None, 1.0), (self._agent_core.get(agent_id), AGENT_SLACK),
+                            (self._prefix_core.get(prefix), 0.0)):
             replica = self._by_name.get(name) if name else None
-            if replica in candidates:
+            if replica in candidates and replica.load <= least + slack:
                 return replica
-        return min(candidates, key=lambda r: (len(r.running) / r.slots, r.dispatched))
+        return min(candidates, key=lambda r: (r.load, r.dispatched))
 
     def started(self, replica: LLMCoreReplica, syscall_id: str, agent_id: str, prefix: str) -> None:
         """A generation's stream opened on `replica`."""

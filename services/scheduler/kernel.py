@@ -320,12 +320,13 @@ class Kernel:
                         self.cores.started(replica, record.id, agent.id, prefix)
                         record.core = replica.name
                         parked = lost = False
+                        moved_at, record.moved_at = record.moved_at, 0.0  # it moved here (else 0)
                         record.preemptible = True
                         try:
                             async for chunk in call:
-                                if record.moved_at:  # the first sign of life on the core it moved to
-                                    replica.migration_seconds += time.monotonic() - record.moved_at
-                                    record.moved_at = 0.0
+                                if moved_at:  # the first sign of life on the core it moved to
+                                    replica.migration_seconds += time.monotonic() - moved_at
+                                    moved_at = 0.0
                                 if chunk.finish_reason == llm_core_pb2.FINISH_REASON_PREEMPTED:
                                     parked = True
                                     break
@@ -361,7 +362,7 @@ class Kernel:
                             record.moving = False  # keeps its place in the queue and continues on another core
                             message = llm_core_pb2.GenerateRequest(agent_id=agent.id, syscall_id=record.id, resume=True)
                         elif parked:
-                            record.moving = False
+                            record.moving, record.moved_at = False, 0.0  # a move that waits for a turn starts then
                             try:
                                 await queue.requeue(record)  # refused at once while the kernel is stopping
                             except Unavailable:

@@ -34,6 +34,18 @@ def test_the_core_holding_a_parked_generation_comes_first_then_the_agents_then_t
     assert r.pick("carol", "sys-C").name == "c0"  # nothing to reuse: least loaded, then least dispatched
 
 
+def test_affinity_gives_way_to_load_the_agents_core_a_little_the_prompts_core_not_at_all():
+    r = router(8, 8)
+    run(r, "c0", "s0", agent="alice", prefix="sys-A")
+    r.stopped(r.get("c0"), "s0", parked=False)
+    run(r, "c0", "s1", agent="bob", prefix="sys-B")
+    assert r.pick("alice", "sys-A").name == "c0"  # 1/8 busier than c1: within the agent's slack
+    assert r.pick("carol", "sys-B").name == "c1"  # a system prompt is cheap to prefill again: least loaded
+    run(r, "c0", "s2", agent="bob")
+    run(r, "c0", "s3", agent="bob")
+    assert r.pick("alice", "sys-A").name == "c1"  # 3/8 busier: its conversation is prefilled again on c1
+
+
 def test_a_full_core_is_passed_over_while_another_has_room_and_overcommitted_only_when_all_are_full():
     r = router(1, 2)
     run(r, "c0", "s1", agent="alice")

@@ -77,6 +77,11 @@ def flag_value(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
+def flag_values(args: list[str], flag: str) -> list[str]:
+    """Every value of a repeatable flag."""
+    return [args[i + 1] for i, arg in enumerate(args) if arg == flag]
+
+
 def test_every_manifest_is_valid_kubernetes():
     docs = manifests()
     assert {d["kind"] for d in docs} >= {"Namespace", "Secret", "StatefulSet", "Deployment", "Service",
@@ -118,13 +123,22 @@ def test_ports_probes_and_service_addresses_match():
                 for port in service["spec"]["ports"]:
                     assert port["targetPort"] in ports, f"{service['metadata']['name']} targets {port['targetPort']}"
                     listening[service["metadata"]["name"]] = ports[port["targetPort"]]
+    sets = {d["metadata"]["name"]: d["spec"] for d in manifests() if d["kind"] == "StatefulSet"}
     for name, module, args in k8s_commands():
         for flag in ADDRESS_FLAGS:
-            if flag in args:
-                host, port = flag_value(args, flag).split(":")
-                assert host in services, f"{name} {flag} names no Service {host}"
-                served = {p["port"] for p in services[host]["spec"]["ports"]}
-                assert int(port) in served and listening[host] == int(port), f"{name} {flag} {host}:{port}"
+            for value in flag_values(args, flag):
+                host, port = value.rpartition("=")[2].split(":")
+                pod, _, service = host.rpartition(".")
+                if pod:  # one pod of a StatefulSet by its stable name: <set>-<ordinal>.<its headless Service>
+                    workload, _, ordinal = pod.rpartition("-")
+                    assert sets[workload]["serviceName"] == service and int(ordinal) < sets[workload]["replicas"], \
+                        f"{name} {flag} {value}: no such pod of a StatefulSet governed by {service}"
+                    assert services[service]["spec"].get("clusterIP") == "None", f"{service} is not headless"
+                assert service in services, f"{name} {flag} names no Service {service}"
+                served = {p["port"] for p in services[service]["spec"]["ports"]}
+                assert int(port) in served and listening[service] == int(port), f"{name} {flag} {value}"
+    kernel = next(args for _, module, args in k8s_commands() if module == "scheduler")
+    assert len(flag_values(kernel, "--llm-core")) == sets["aios-llm-core"]["replicas"], "one --llm-core per core pod"
     compose = yaml.safe_load(COMPOSE.read_text())["services"]
     bound = {name: int(flag_value(args, "--port")) for name, _, args in compose_commands()}
     for name, _, args in compose_commands():
