@@ -62,10 +62,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                            slice_tokens=args.slice_tokens, extra_args=extra, listen=args.listen,
                            tls_cert=args.tls_cert, tls_key=args.tls_key, open_registration=args.open_registration,
                            gateway_listen=args.gateway_listen, llm_cores=args.llm_cores,
-                           attached_llm_cores=tuple(args.llm_core), llm_threads=args.llm_threads)
+                           attached_llm_cores=tuple(args.llm_core), llm_threads=args.llm_threads,
+                           memory_shards=args.memory_shards, storage_shards=args.storage_shards)
     cluster = Cluster(config, progress=_say)
     if args.llm_standby:
-        config.standby = tuple(cluster.llm_core_names)
+        config.standby = tuple(cluster.names_of("llm_core"))
     _say(f"starting in {home} (logs in {home / 'logs'})")
     try:
         endpoints = cluster.start(supervisor_pid=os.getpid())
@@ -234,6 +235,18 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return _with_kernel(args, act)
 
 
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from deploy.reshard import reshard
+
+    if (args.home / "endpoints.json").exists():
+        _say(f"AIOS is running from {args.home}: resharding is offline; stop it with `aios down` first")
+        return 1
+    moved = reshard(args.home, {"memory": args.memory_shards, "storage": args.storage_shards}, say=_say)
+    _say(f"done: {moved['memory']} agents' memory and {moved['storage']} agents' storage moved; start with "
+         f"`aios up --memory-shards {args.memory_shards} --storage-shards {args.storage_shards}`")
+    return 0
+
+
 def cmd_llm_core(args: argparse.Namespace) -> int:
     """`aios llm-core ARGS`: an LLM core for a kernel elsewhere (`aios up --llm-core HOST:PORT` attaches it)."""
     os.execv(sys.executable, [sys.executable, "-m", "services.llm_core", *args.core_args])
@@ -320,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also route to an LLM core started elsewhere (`aios llm-core ...` there, with this Redis, "
                          "cluster secret and --slots); repeatable")
     up.add_argument("--llm-threads", type=int, default=None, metavar="N", help="llama.cpp threads per LLM core")
+    for kind in ("memory", "storage"):
+        up.add_argument(f"--{kind}-shards", type=int, default=1, metavar="N",
+                        help=f"{kind} manager shards, each its own process and SQLite directory; an agent's {kind} "
+                             "lives on the one its id hashes to (changing N for a home with data: `aios reshard`)")
     up.add_argument("--llm-standby", action="store_true",
                     help="keep a hot standby LLM core (model loaded, waiting): a core that dies is replaced in "
                          "a fraction of a second instead of a process start and model load (twice the memory)")
@@ -373,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     drain.add_argument("core", help="the core's name (as `aios status` lists it) or address")
     drain.add_argument("--undo", action="store_true", help="let the core take generations again")
     drain.set_defaults(func=cmd_drain)
+    reshard = sub.add_parser("reshard", help="move memory and storage data to another number of shards (offline: "
+                                             "after `aios down`)")
+    reshard.add_argument("--memory-shards", type=int, required=True, metavar="N")
+    reshard.add_argument("--storage-shards", type=int, required=True, metavar="N")
+    reshard.set_defaults(func=cmd_reshard)
     core = sub.add_parser("llm-core", add_help=False,
                           help="run an LLM core for a kernel elsewhere: the arguments of `python -m services.llm_core`")
     core.add_argument("core_args", nargs=argparse.REMAINDER)

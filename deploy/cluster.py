@@ -84,6 +84,10 @@ class ClusterConfig:
     attached_llm_cores: tuple[str, ...] = ()
     # llama.cpp threads per LLM core (None: the core's default, every CPU).
     llm_threads: int | None = None
+    # Memory and storage shards (memory, memory_2, ...; each its own process and SQLite directory). Changing them for
+    # a home that has data takes `aios reshard` first (deploy/reshard.py).
+    memory_shards: int = 1
+    storage_shards: int = 1
     # Scheduling policy: fifo, rr, priority or fair.
     policy: str = "fifo"
     # Round robin / fair share time slice, in generated tokens.
@@ -255,14 +259,16 @@ class Cluster:
         `supervisor_pid`: the process that watches the services (a foreground `aios up`); `aios down` asks it
         to stop them, so that it exits too."""
         self._prepare_home()
+        check_layout(self.config.home, self.shard_counts)
         try:
             if self.config.redis_url:
                 write_secret(self.secrets / "redis.url", self.config.redis_url)
             else:
                 self._start_redis()
-            for name in SERVICE_ORDER:
-                for replica in self.llm_core_names if name == "llm_core" else [name]:
-                    self._start_service(replica, name)
+            for kind in SERVICE_ORDER:
+                for name in self.names_of(kind):
+                    self._start_service(name, kind)
+            write_layout(self.config.home, self.shard_counts)
         except BaseException:
             self.stop()
             raise
@@ -467,16 +473,18 @@ class Cluster:
         elif kind in ("storage", "memory"):
             args += ["--data-dir", str(self.data / name)]  # a replica gets its own
         elif kind == "tools":
-            args += ["--storage", self.processes["storage"].address, "--hidden-dir", str(config.home.resolve())]
+            for shard in self.names_of("storage"):
+                args += ["--storage", f"{shard}={self.processes[shard].address}"]
+            args += ["--hidden-dir", str(config.home.resolve())]
         elif kind == "kernel":
             args += ["--policy", config.policy, "--slice-tokens", str(config.slice_tokens), "--llm-slots", str(config.slots),
                      "--operator-token-file", str(self.operator_token_path), "--host", config.listen.rsplit(":", 1)[0]]
-            for manager in MANAGERS[1:]:
-                args += [f"--{manager.replace('_', '-')}", self.processes[manager].address]
-            local = [f"{core}={self.processes[core].address}" for core in self.llm_core_names]
-            attached = [f"llm_core_{len(local) + i + 1}={address}" for i, address in enumerate(config.attached_llm_cores)]
-            for core in local + attached:
-                args += ["--llm-core", core]
+            for manager in MANAGERS:
+                for replica in self.names_of(manager):
+                    args += [f"--{manager.replace('_', '-')}", f"{replica}={self.processes[replica].address}"]
+            local = len(self.names_of("llm_core"))
+            for i, address in enumerate(config.attached_llm_cores):
+                args += ["--llm-core", f"llm_core_{local + i + 1}={address}"]
             if config.tls_cert and config.tls_key:
                 args += ["--tls-cert", str(config.tls_cert), "--tls-key", str(config.tls_key)]
             if config.open_registration:
@@ -486,9 +494,13 @@ class Cluster:
         return args + config.extra_args.get(kind, [])
 
     @property
-    def llm_core_names(self) -> list[str]:
-        """The LLM core processes this cluster starts: llm_core, llm_core_2, ..."""
-        return ["llm_core", *(f"llm_core_{i}" for i in range(2, self.config.llm_cores + 1))]
+    def shard_counts(self) -> dict[str, int]:
+        return {"memory": self.config.memory_shards, "storage": self.config.storage_shards}
+
+    def names_of(self, kind: str) -> list[str]:
+        """The processes of one kind this cluster starts: llm_core, llm_core_2, ...; memory, memory_2, ..."""
+        count = {"llm_core": self.config.llm_cores, **self.shard_counts}.get(kind, 1)
+        return replica_names(kind, count)
 
     def _start_service(self, name: str, kind: str = "", extra_args: list[str] = ()) -> None:
         kind = kind or self._kinds.get(name, name)
@@ -577,6 +589,39 @@ class Cluster:
         tmp = self.endpoints_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.endpoints_path)
+
+
+def replica_names(kind: str, count: int) -> list[str]:
+    """kind, kind_2, ..., kind_<count>: the names services/shards.py gives unnamed shards, the ring hashes by."""
+    return [kind, *(f"{kind}_{i}" for i in range(2, count + 1))]
+
+
+LAYOUT_FILE = "shards.json"
+
+
+def check_layout(home: Path, counts: dict[str, int]) -> None:
+    """Refuses to start a home with other shard counts than its data was written with (or a reshard unfinished):
+    agents would not find their data."""
+    try:
+        layout = json.loads((home / LAYOUT_FILE).read_text())
+    except FileNotFoundError:
+        return  # a new home, or one from before shards: one of each, which the ring maps everything to
+    if "resharding_to" in layout:
+        raise StartError(f"a reshard of {home} did not finish; run `aios reshard` again with "
+                         f"{_shard_options(layout['resharding_to'])}")
+    if layout != counts:
+        raise StartError(f"{home}'s data is laid out on {_shard_options(layout)}; start with those, or move it "
+                         f"first (offline): `aios reshard {_shard_options(counts)}`")
+
+
+def write_layout(home: Path, layout: dict[str, Any]) -> None:
+    tmp = home / (LAYOUT_FILE + ".tmp")
+    tmp.write_text(json.dumps(layout))
+    tmp.replace(home / LAYOUT_FILE)
+
+
+def _shard_options(counts: dict[str, int]) -> str:
+    return " ".join(f"--{kind}-shards {n}" for kind, n in counts.items())
 
 
 def _tls_of(args: list[str]) -> tuple[bytes | None, str | None]:

@@ -11,8 +11,8 @@ from services import redis_state
 from services.credentials import read_secret, tls_server_credentials
 from services.scheduler.identity import AgentRegistry, Quota, RegistrationPolicy
 from services.scheduler.journal import RecordJournal
-from services.scheduler.cores import parse_core_addresses
-from services.scheduler.kernel import Kernel, core_router, manager_clients
+from services.scheduler.kernel import Kernel, core_router, manager_shards
+from services.shards import parse_named_addresses
 from services.scheduler.policy import POLICIES, make_policy
 from services.scheduler.queues import ResourceQueue
 from services.scheduler.servicer import KernelServicer
@@ -25,13 +25,9 @@ log = logging.getLogger("aios.kernel")
 
 def build(args: argparse.Namespace) -> Service:
     redis = redis_state.connect(redis_url(args))
-    cores = core_router(parse_core_addresses(args.llm_core), args.llm_slots, cluster_secret(args))
-    managers = manager_clients(
-        {
-            Resource.MEMORY: args.memory,
-            Resource.STORAGE: args.storage,
-            Resource.TOOLS: args.tools,
-        },
+    cores = core_router(args.llm_core, args.llm_slots, cluster_secret(args))
+    managers = manager_shards(
+        {Resource.MEMORY: args.memory, Resource.STORAGE: args.storage, Resource.TOOLS: [args.tools]},
         cluster_secret(args),
     )
     capacities = {
@@ -77,8 +73,11 @@ def main() -> None:
     parser.add_argument("--llm-core", required=True, action="append", metavar="[NAME=]HOST:PORT",
                         help="an LLM core; repeat for several (unnamed: llm_core, llm_core_2, ...). The kernel routes "
                              "each generation to one of them")
-    parser.add_argument("--memory", required=True, help="host:port of the memory manager")
-    parser.add_argument("--storage", required=True, help="host:port of the storage manager")
+    parser.add_argument("--memory", required=True, action="append", metavar="[NAME=]HOST:PORT",
+                        help="a memory manager shard; repeat for several (unnamed: memory, memory_2, ...). An agent's "
+                             "memory lives on the shard its id hashes to, by name (services/shards.py)")
+    parser.add_argument("--storage", required=True, action="append", metavar="[NAME=]HOST:PORT",
+                        help="a storage manager shard; repeat for several (unnamed: storage, storage_2, ...)")
     parser.add_argument("--tools", required=True, help="host:port of the tool manager")
     parser.add_argument("--policy", default="fifo", choices=sorted(POLICIES))
     parser.add_argument("--slice-tokens", type=int, default=32,
@@ -105,7 +104,8 @@ def main() -> None:
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     try:
-        parse_core_addresses(args.llm_core)
+        for kind in ("llm_core", "memory", "storage"):
+            parse_named_addresses(getattr(args, kind), kind)
     except ValueError as exc:
         parser.error(str(exc))
     run(build, parser, args)

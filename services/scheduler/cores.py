@@ -140,16 +140,3 @@ class CoreRouter:
             replica.state = state
             self.on_capacity(self.capacity)
 
-
-def parse_core_addresses(values: list[str]) -> list[tuple[str, str]]:
-    """`--llm-core [NAME=]HOST:PORT` options -> (name, address); unnamed cores are llm_core, llm_core_2, ..."""
-    cores = []
-    for index, value in enumerate(values):
-        name, _, address = value.rpartition("=")
-        name = name or ("llm_core" if index == 0 else f"llm_core_{index + 1}")
-        if not address or ":" not in address:
-            raise ValueError(f"--llm-core {value!r}: expected [NAME=]HOST:PORT")
-        cores.append((name, address))
-    if len({name for name, _ in cores}) != len(cores):
-        raise ValueError(f"--llm-core names must differ: {[name for name, _ in cores]}")
-    return cores

@@ -32,6 +32,7 @@ from aios.v1 import (
 )
 from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.manager_client import CONNECT_TIMEOUT_S, ManagerClient
+from services.shards import ShardedManager, parse_named_addresses, sharded_manager
 from services.scheduler.cores import CoreRouter, CoreState, LLMCoreReplica, prefix_key
 from services.scheduler.identity import Agent, AgentRegistry, Caller
 from services.scheduler.journal import RecordJournal
@@ -76,12 +77,6 @@ WRITES_ONCE_PER_REQUEST_ID = {"memory_add", "storage_write", "storage_delete", "
 MANAGER_RETRIES = 3  # attempts after the first, each once the manager answers its health check again
 MANAGER_BACK_S = 30.0  # how long one retry waits for the manager to be restarted
 
-MANAGER_NAMES = {
-    Resource.MEMORY: "memory",
-    Resource.STORAGE: "storage",
-    Resource.TOOLS: "tools",
-}
-
 STUBS = {
     Resource.MEMORY: memory_pb2_grpc.MemoryStub,
     Resource.STORAGE: storage_pb2_grpc.StorageStub,
@@ -118,19 +113,22 @@ def _core_lost_it(exc: grpc.aio.AioRpcError, resuming: bool) -> bool:
     so that the kernel should rebuild it rather than fail the syscall."""
     return exc.code() == grpc.StatusCode.UNAVAILABLE or (resuming and exc.code() == grpc.StatusCode.NOT_FOUND)
 
+# Syscalls whose answer is spread over every shard of their manager.
+FANNED_OUT = {"storage_grants"}
 # Storage calls that name another agent the kernel must check exists (a grant to nobody is a mistake).
 NAMES_A_GRANTEE = ("storage_grant",)
 
 
-def manager_clients(addresses: dict[Resource, str], cluster_secret: str) -> dict[Resource, ManagerClient]:
-    """One client per manager, each call carrying the cluster credential."""
-    return {r: ManagerClient(MANAGER_NAMES[r], a, STUBS[r], cluster_secret) for r, a in addresses.items()}
+def manager_shards(options: dict[Resource, list[str]], cluster_secret: str) -> dict[Resource, ShardedManager]:
+    """Each manager from its `[NAME=]HOST:PORT` options (one per shard), every call carrying the cluster credential."""
+    return {r: sharded_manager(values, r.name.lower(), STUBS[r], cluster_secret) for r, values in options.items()}
 
 
-def core_router(cores: list[tuple[str, str]], slots: int, cluster_secret: str) -> CoreRouter:
-    """The LLM cores (name, address), each decoding `slots` generations at once, behind one router."""
+def core_router(options: list[str], slots: int, cluster_secret: str) -> CoreRouter:
+    """The LLM cores from their `[NAME=]HOST:PORT` options, each decoding `slots` generations at once."""
     return CoreRouter([LLMCoreReplica(name, address, slots, ManagerClient(
-        name, address, llm_core_pb2_grpc.LLMCoreStub, cluster_secret)) for name, address in cores])
+        name, address, llm_core_pb2_grpc.LLMCoreStub, cluster_secret))
+        for name, address in parse_named_addresses(options, "llm_core")])
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -148,7 +146,7 @@ class Kernel:
     def __init__(
         self,
         agents: AgentRegistry,
-        managers: dict[Resource, ManagerClient],
+        managers: dict[Resource, ShardedManager],
         cores: CoreRouter,
         queues: dict[Resource, ResourceQueue],
         new_policy: Callable[[], SchedulingPolicy],
@@ -156,7 +154,7 @@ class Kernel:
         suspensions: SuspendedGenerations,
     ) -> None:
         self.agents = agents
-        self.managers = managers  # memory, storage, tools
+        self.managers = managers  # memory, storage, tools: each one or more shards
         self.cores = cores  # the LLM cores
         self.queues = queues
         self.new_policy = new_policy
@@ -229,8 +227,12 @@ class Kernel:
             inner.request_id = request.request_id  # whatever the inner request said
         retry = kind in RETRIED_ALWAYS or (kind in WRITES_ONCE_PER_REQUEST_ID and bool(request.request_id))
         deadline = None if timeout is None else time.monotonic() + timeout
+        # The shard that holds the data: the owner's, for a record another agent granted.
+        owner = getattr(inner, "owner_agent_id", "") if "owner_agent_id" in inner.DESCRIPTOR.fields_by_name else ""
+        if kind in FANNED_OUT:
+            return await self._fanned_out(agent, kind, inner, timeout)
         async with self._syscall(agent, kind, resource, queue, tool) as record:
-            manager = self.managers[resource]
+            manager = self.managers[resource].for_agent(owner or agent.id)
             for attempt in range(MANAGER_RETRIES + 1 if retry else 1):
                 try:
                     result = await manager.call(method, inner, _remaining(deadline))
@@ -243,12 +245,29 @@ class Kernel:
         getattr(response, kind).CopyFrom(result)
         return response
 
+    async def _fanned_out(self, agent: Agent, kind: str, inner, timeout: float | None) -> kernel_pb2.SyscallResponse:
+        """A syscall whose answer is spread over every shard (the grants others gave the agent live with their
+        data): asked of each shard, the answers merged."""
+        resource, method = SYSCALLS[kind]
+        async with self._syscall(agent, kind, resource) as record:
+            replies = await asyncio.gather(*(shard.call(method, inner, timeout)
+                                             for shard in self.managers[resource].clients))
+        response = kernel_pb2.SyscallResponse(syscall_id=record.id)
+        merged = getattr(response, kind)
+        for reply in replies:
+            merged.MergeFrom(reply)
+        return response
+
     async def mount_tools(self, request: tools_pb2.MountRequest, timeout: float | None) -> tools_pb2.MountResponse:
         """Mounts an MCP server on the tool manager; its tools get their queues on first use."""
-        return await self.managers[Resource.TOOLS].call("Mount", request, timeout)
+        return await self._tools.call("Mount", request, timeout)
+
+    @property
+    def _tools(self) -> ManagerClient:
+        return self.managers[Resource.TOOLS].for_agent("")  # the tool manager is not sharded: one process
 
     async def unmount_tools(self, request: tools_pb2.UnmountRequest, timeout: float | None) -> tools_pb2.MountResponse:
-        reply = await self.managers[Resource.TOOLS].call("Unmount", request, timeout)
+        reply = await self._tools.call("Unmount", request, timeout)
         for name in reply.tools:  # a queue no tool stands behind any more (a later mount makes a fresh one)
             self.tool_queues.pop(name, None)
         return reply
@@ -257,7 +276,7 @@ class Kernel:
         """The tool's own queue; None (the tools queue) for a tool the tool service does not list."""
         if name not in self.tool_queues:
             try:
-                listed = await self.managers[Resource.TOOLS].call("ListTools", tools_pb2.ListToolsRequest(), CONNECT_TIMEOUT_S)
+                listed = await self._tools.call("ListTools", tools_pb2.ListToolsRequest(), CONNECT_TIMEOUT_S)
             except AiosError:
                 return None  # the call itself will meet the same trouble and report it
             for tool in listed.tools:
@@ -442,7 +461,7 @@ class Kernel:
             raise InvalidArgument("history_turns and remember work on chat turns: send `messages`, not a raw `prompt`")
         if not request.history_turns:
             return messages
-        turns = await self.managers[Resource.MEMORY].call(
+        turns = await self.managers[Resource.MEMORY].for_agent(agent.id).call(
             "RecentTurns", memory_pb2.MemoryTurnsRequest(agent_id=agent.id, limit=request.history_turns), timeout)
         system = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
         history = [common_pb2.ChatMessage(role=e.role, content=e.text) for e in turns.entries]
@@ -455,7 +474,7 @@ class Kernel:
         turns = [(m.role, m.content) for m in request.messages if m.role in ("user", "assistant")]
         if reply.strip():
             turns.append(("assistant", reply))
-        memory = self.managers[Resource.MEMORY]
+        memory = self.managers[Resource.MEMORY].for_agent(agent.id)
         for role, text in turns:
             await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id=agent.id, text=text, role=role), timeout)
 
@@ -630,5 +649,7 @@ class Kernel:
 
     async def close(self) -> None:
         await self.journal.stop()
-        for manager in [*self.managers.values(), *(replica.client for replica in self.cores.replicas)]:
+        for manager in self.managers.values():
             await manager.close()
+        for replica in self.cores.replicas:
+            await replica.client.close()

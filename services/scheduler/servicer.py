@@ -13,6 +13,8 @@ import inspect
 import time
 from typing import Any, Callable
 
+from google.protobuf.message import Message
+
 import grpc
 
 from aios.syscalls import SYSCALL_ID_METADATA
@@ -29,22 +31,33 @@ from services.scheduler.syscalls import Resource, SyscallRecord
 STATUS_PROBE_TIMEOUT_S = 1.0
 CORE_STATES = {CoreState.SERVING: kernel_pb2.LLM_CORE_STATE_SERVING, CoreState.DRAINING: kernel_pb2.LLM_CORE_STATE_DRAINING,
                CoreState.DOWN: kernel_pb2.LLM_CORE_STATE_DOWN}
-# InfoResponse fields every core reports alike (the model, its limits, the snapshots in the Redis they share): in the
-# sum of all cores, the first core's value stands.
+# Fields every LLM core (every memory shard) reports alike, such as the model, its limits, the snapshots in the Redis
+# they share, the LRU-K policy: in their sum, the first one's value stands.
 ALIKE_ON_EVERY_CORE = {"model_path", "model_description", "max_sequence_tokens", "snapshots_in_redis"}
+ALIKE_ON_EVERY_SHARD = {"lru_k", "quota_bytes_per_agent", "hit_ratio"}
 
 
-def added_up(infos: list[llm_core_pb2.InfoResponse]) -> llm_core_pb2.InfoResponse | None:
-    """Every LLM core's counters summed into one InfoResponse (None if no core answered)."""
-    if not infos:
+def added_up(replies: list[Message | None], alike: set[str]) -> Message | None:
+    """The counters of several replicas' replies of one kind summed into one (None if none answered); true only if
+    true on every one."""
+    replies = [reply for reply in replies if reply is not None]
+    if not replies:
         return None
-    total = llm_core_pb2.InfoResponse()
-    total.CopyFrom(infos[0])
-    for info in infos[1:]:
-        for field in info.DESCRIPTOR.fields:
-            if field.name not in ALIKE_ON_EVERY_CORE and field.type != field.TYPE_BOOL:
-                setattr(total, field.name, getattr(total, field.name) + getattr(info, field.name))
-    total.redis_ok = all(info.redis_ok for info in infos)
+    total = type(replies[0])()
+    total.CopyFrom(replies[0])
+    for reply in replies[1:]:
+        for field in reply.DESCRIPTOR.fields:
+            if field.type == field.TYPE_BOOL:
+                setattr(total, field.name, getattr(total, field.name) and getattr(reply, field.name))
+            elif field.name not in alike:
+                setattr(total, field.name, getattr(total, field.name) + getattr(reply, field.name))
+    return total
+
+
+def memory_added_up(replies: list[memory_pb2.MemoryStatsResponse | None]) -> memory_pb2.MemoryStatsResponse | None:
+    total = added_up(replies, ALIKE_ON_EVERY_SHARD)
+    if total is not None and total.hits + total.faults:
+        total.hit_ratio = total.hits / (total.hits + total.faults)
     return total
 
 
@@ -226,9 +239,9 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def GetStatus(self, request, context, caller):
         kernel = self.kernel
         managers = kernel.managers
-        resources = list(managers)
         cores = kernel.cores.replicas
-        clients = [*(managers[r] for r in resources), *(replica.client for replica in cores)]
+        clients = [*(shard for manager in managers.values() for shard in manager.clients),
+                   *(replica.client for replica in cores)]
         health, redis_ok = await asyncio.gather(
             asyncio.gather(*(client.healthy() for client in clients)), redis_state.is_up(kernel.agents.redis)
         )
@@ -253,12 +266,14 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             except AiosError:
                 return None
 
-        memory, agents, *infos = await asyncio.gather(
-            optional(managers[Resource.MEMORY].call("Stats", memory_pb2.MemoryStatsRequest(), STATUS_PROBE_TIMEOUT_S)),
+        shards = managers[Resource.MEMORY].clients
+        agents, *replies = await asyncio.gather(
             optional(kernel.agents.all()),
             *(optional(replica.client.call("Info", llm_core_pb2.InfoRequest(), STATUS_PROBE_TIMEOUT_S))
               for replica in cores),
+            *(optional(shard.call("Stats", memory_pb2.MemoryStatsRequest(), STATUS_PROBE_TIMEOUT_S)) for shard in shards),
         )
+        infos, memory = replies[:len(cores)], replies[len(cores):]
         return kernel_pb2.KernelStatus(
             agents=len(agents or ()),
             queues=[
@@ -280,9 +295,9 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             syscalls_failed=kernel.table.failed,
             tokens_generated=kernel.table.tokens_out,
             redis_ok=redis_ok,
-            llm=added_up([info for info in infos if info is not None]),
+            llm=added_up(infos, ALIKE_ON_EVERY_CORE),
             cores=[core_to_proto(replica, info) for replica, info in zip(cores, infos)],
-            memory=memory,
+            memory=memory_added_up(memory),
             caller=caller_to_proto(caller),
             refusals=dict(self.audit.refusals),
         )

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from aios.v1 import storage_pb2_grpc, tools_pb2_grpc
-from services.manager_client import ManagerClient
+from services.shards import sharded_manager
 from services.server import Service, cluster_secret, common_arguments, kernel_only, run
 from services.tools.builtin import builtin_tools
 from services.tools.core import ToolRegistry
@@ -26,7 +26,7 @@ def build(args: argparse.Namespace) -> Service:
     specs = [McpServerSpec.parse(text, args.mcp_network) for text in args.mcp]
     limits = McpLimits(timeout_s=args.mcp_timeout_seconds, memory_bytes=args.mcp_memory_mb << 20)
     mounts = McpMounts(registry, sandbox, limits, hidden=[str(p) for p in args.hidden_dir])
-    storage = (ManagerClient("storage", args.storage, storage_pb2_grpc.StorageStub, cluster_secret(args))
+    storage = (sharded_manager(args.storage, "storage", storage_pb2_grpc.StorageStub, cluster_secret(args))
                if args.storage else None)
 
     async def start() -> None:
@@ -56,7 +56,9 @@ def build(args: argparse.Namespace) -> Service:
 
 def main() -> None:
     parser = common_arguments("AIOS tool manager")
-    parser.add_argument("--storage", default="", help="storage manager address, for the file_read/file_write tools")
+    parser.add_argument("--storage", action="append", default=[], metavar="[NAME=]HOST:PORT",
+                        help="a storage manager shard, for the file_read/file_write tools; repeat for each shard, with "
+                             "the names the kernel gives them")
     parser.add_argument("--mcp", action="append", default=[], metavar="NAME=COMMAND",
                         help="mount the tools of an MCP server started with COMMAND (stdio), as NAME__<tool>")
     parser.add_argument("--mcp-timeout-seconds", type=float, default=30.0,

@@ -10,7 +10,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.errors import InvalidArgument
-from services.manager_client import ManagerClient
+from services.shards import ShardedManager
 from services.tools.core import CallContext, Tool
 from services.tools.sandbox import Sandbox
 
@@ -94,7 +94,7 @@ def clock(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
     return {"iso": now.isoformat(), "unix": now.timestamp(), "timezone": name}
 
 
-def builtin_tools(sandbox: Sandbox, storage: ManagerClient | None) -> list[Tool]:
+def builtin_tools(sandbox: Sandbox, storage: ShardedManager | None) -> list[Tool]:
     """The built-in tools; the file tools need the storage manager, the Python runner a sandbox."""
     tools = [
         Tool(
@@ -151,19 +151,19 @@ def python_tool(sandbox: Sandbox) -> Tool:
     )
 
 
-def file_tools(storage: ManagerClient) -> list[Tool]:
+def file_tools(storage: ShardedManager) -> list[Tool]:
     """file_read / file_write over the calling agent's storage records under files/.
 
     They act for the agent the kernel named in the call (`context.agent_id`), with the cluster credential."""
     from aios.v1 import storage_pb2
 
     async def write(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
-        info = await storage.call("Write", storage_pb2.StorageWriteRequest(
+        info = await storage.for_agent(context.agent_id).call("Write", storage_pb2.StorageWriteRequest(
             agent_id=context.agent_id, key="files/" + arguments["path"], data=arguments["content"].encode()), 30)
         return {"path": arguments["path"], "bytes": info.size, "version": info.version}
 
     async def read(arguments: dict[str, Any], context: CallContext) -> dict[str, Any]:
-        record = await storage.call("Read", storage_pb2.StorageReadRequest(
+        record = await storage.for_agent(context.agent_id).call("Read", storage_pb2.StorageReadRequest(
             agent_id=context.agent_id, key="files/" + arguments["path"]), 30)
         return {"path": arguments["path"], "content": record.data.decode(errors="replace"), "version": record.info.version}
 

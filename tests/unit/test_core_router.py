@@ -8,7 +8,7 @@ import pytest
 
 from services.errors import NotFound
 from services.scheduler import cores as cores_module
-from services.scheduler.cores import CoreRouter, CoreState, LLMCoreReplica, parse_core_addresses, prefix_key
+from services.scheduler.cores import CoreRouter, CoreState, LLMCoreReplica, prefix_key
 from services.scheduler.policy import make_policy
 from services.scheduler.queues import ResourceQueue
 from services.scheduler.syscalls import Resource, SyscallRecord
@@ -98,12 +98,7 @@ def test_cores_are_found_by_name_or_address_and_an_unknown_one_is_named_in_the_e
         r.get("c9")
 
 
-def test_core_options_name_unnamed_cores_and_refuse_bad_ones():
-    assert parse_core_addresses(["h:1", "east=h:2", "h:3"]) == [("llm_core", "h:1"), ("east", "h:2"),
-                                                                 ("llm_core_3", "h:3")]
-    for bad in (["nohostport"], ["a=h:1", "a=h:2"], ["x="]):
-        with pytest.raises(ValueError):
-            parse_core_addresses(bad)
+def test_a_router_needs_a_core():
     with pytest.raises(ValueError):
         CoreRouter([])
 

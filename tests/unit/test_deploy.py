@@ -138,7 +138,11 @@ def test_ports_probes_and_service_addresses_match():
                 served = {p["port"] for p in services[service]["spec"]["ports"]}
                 assert int(port) in served and listening[service] == int(port), f"{name} {flag} {value}"
     kernel = next(args for _, module, args in k8s_commands() if module == "scheduler")
-    assert len(flag_values(kernel, "--llm-core")) == sets["aios-llm-core"]["replicas"], "one --llm-core per core pod"
+    tools = next(args for _, module, args in k8s_commands() if module == "tools")
+    for flag, workload in (("--llm-core", "aios-llm-core"), ("--memory", "aios-memory"), ("--storage", "aios-storage")):
+        assert len(flag_values(kernel, flag)) == sets[workload]["replicas"], f"one {flag} per pod of {workload}"
+    # The storage shards' names decide which shard holds an agent: the tool manager must name them as the kernel does.
+    assert flag_values(tools, "--storage") == flag_values(kernel, "--storage")
     compose = yaml.safe_load(COMPOSE.read_text())["services"]
     bound = {name: int(flag_value(args, "--port")) for name, _, args in compose_commands()}
     for name, _, args in compose_commands():
