@@ -185,8 +185,8 @@ def run_cores_bench(say: Callable[[str], None]) -> dict[str, Any]:
         result["two_vs_one_of_raw"] = result["two_vs_one"] / result["raw"]["two_vs_one"]
         say(f"  raw two/one {result['raw']['two_vs_one']:.2f}; AIOS two/one {result['two_vs_one']:.2f}")
         kernel = kernels[TWO]
-        say(f"cores: drain one core under {AGENTS} streams of {TOKENS + 32} tokens ...")
-        result["drain_under_load"] = _streams(kernel, "drain", TOKENS + 32, drain_after=16)
+        say(f"cores: drain one core under {AGENTS} streams of {TOKENS} tokens ...")
+        result["drain_under_load"] = _streams(kernel, "drain", TOKENS, drain_after=16)
         say(f"  {result['drain_under_load']['migrations']} generations moved, "
             f"{result['drain_under_load']['lost_or_repeated_tokens']} tokens lost or repeated")
         say(f"cores: moving one generation with a 512-token context, {MOVES} times ...")

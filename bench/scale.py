@@ -9,7 +9,8 @@ Per agent count: wall time, syscalls/s, p50/p99 per kind, errors by status,
 the kernel's CPU seconds per syscall and how much its resident memory grew per
 agent of the wave (agents of earlier waves stay registered); over
 the counts, a least-squares line of wall time against agents and its R² (the
-AIOS paper's claim is linear scaling from 250 to 2,000 agents).
+AIOS paper's claim is linear scaling from 250 to 2,000 agents). Then the same
+turn for 64 agents with the real model, on a core with 16 slots.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from deploy.cluster import Cluster, ClusterConfig
 
 KINDS = ("register", "llm", "memory_add", "memory_get", "storage_write", "storage_read", "tool")
 LLM_TOKENS = 16
+REAL_MODEL_AGENTS = 64  # the same turn with the real model (16 slots): what the LLM adds to an agent's turn
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -76,29 +78,40 @@ async def crowd(address: str, token: str, agents: int, tag: str) -> tuple[float,
         return time.monotonic() - started, latencies, errors
 
 
+def wave(cluster: Cluster, n: int, tag: str) -> dict[str, Any]:
+    """`n` agents at once on `cluster`: wall time, rates, errors, the kernel's CPU and memory, latencies per kind."""
+    kernel_pid = cluster.processes["kernel"].pid
+    cpu, rss = process_cpu_seconds(kernel_pid), process_rss_bytes(kernel_pid)
+    wall, latencies, errors = asyncio.run(crowd(cluster.kernel_address, cluster.operator_token, n, tag))
+    done = sum(len(v) for v in latencies.values())
+    return {
+        "wall_s": wall,
+        "syscalls": done,
+        "syscalls_per_s": done / wall,
+        "errors": dict(errors),
+        "kernel_cpu_ms_per_syscall": 1000 * (process_cpu_seconds(kernel_pid) - cpu) / max(done, 1),
+        "kernel_rss_kb_per_agent": (process_rss_bytes(kernel_pid) - rss) / 1024 / n,
+        **{f"{kind}_p50_ms": 1000 * float(np.percentile(latencies[kind], 50)) for kind in KINDS if latencies[kind]},
+        **{f"{kind}_p99_ms": 1000 * float(np.percentile(latencies[kind], 99)) for kind in KINDS if latencies[kind]},
+    }
+
+
 def run_scale_bench(say: Callable[[str], None], agent_counts: list[int]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as home:
         say("scale: starting AIOS with the instant LLM backend (a test double: no model runs) ...")
         with Cluster(ClusterConfig(home=Path(home), extra_args={"llm_core": ["--backend", "instant"]})) as cluster:
-            kernel_pid = cluster.processes["kernel"].pid
             for n in agent_counts:
                 say(f"scale: {n} agents at once (register, LLM call, memory add+get, storage write+read, calculator) ...")
-                cpu, rss = process_cpu_seconds(kernel_pid), process_rss_bytes(kernel_pid)
-                wall, latencies, errors = asyncio.run(crowd(cluster.kernel_address, cluster.operator_token, n, str(n)))
-                done = sum(len(v) for v in latencies.values())
-                rows[str(n)] = {
-                    "wall_s": wall,
-                    "syscalls": done,
-                    "syscalls_per_s": done / wall,
-                    "errors": dict(errors),
-                    "kernel_cpu_ms_per_syscall": 1000 * (process_cpu_seconds(kernel_pid) - cpu) / max(done, 1),
-                    "kernel_rss_kb_per_agent": (process_rss_bytes(kernel_pid) - rss) / 1024 / n,
-                    **{f"{kind}_p50_ms": 1000 * float(np.percentile(latencies[kind], 50)) for kind in KINDS if latencies[kind]},
-                    **{f"{kind}_p99_ms": 1000 * float(np.percentile(latencies[kind], 99)) for kind in KINDS if latencies[kind]},
-                }
-                say(f"  {wall:.1f} s, {done / wall:.0f} syscalls/s, {sum(errors.values())} errors")
-    result: dict[str, Any] = {"agents": rows}
+                rows[str(n)] = wave(cluster, n, str(n))
+                say(f"  {rows[str(n)]['wall_s']:.1f} s, {rows[str(n)]['syscalls_per_s']:.0f} syscalls/s, "
+                    f"{sum(rows[str(n)]['errors'].values())} errors")
+    with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as home:
+        say(f"scale: {REAL_MODEL_AGENTS} agents at once with the real model ...")
+        with Cluster(ClusterConfig(home=Path(home))) as cluster:
+            real = wave(cluster, REAL_MODEL_AGENTS, "real")
+            say(f"  {real['wall_s']:.1f} s, {real['syscalls_per_s']:.0f} syscalls/s, {sum(real['errors'].values())} errors")
+    result: dict[str, Any] = {"agents": rows, "real_model": {str(REAL_MODEL_AGENTS): real}}
     if len(rows) >= 2:
         xs = np.array([int(n) for n in rows], dtype=float)
         ys = np.array([r["wall_s"] for r in rows.values()])
@@ -115,7 +128,8 @@ def scale_table(result: dict[str, Any]) -> str:
              "double) + memory add/get + storage write/read + calculator",
              f"{'agents':>7}{'wall s':>8}{'sys/s':>7}{'errors':>8}{'kernel ms/sys':>15}{'RSS+ KB/ag':>11}"
              + "".join(f"{kind + ' p50/p99 ms':>28}" for kind in KINDS)]
-    for n, r in result["agents"].items():
+    rows = [*result["agents"].items(), *((f"{n} real", r) for n, r in result.get("real_model", {}).items())]
+    for n, r in rows:
         lines.append(f"{n:>7}{r['wall_s']:>8.1f}{r['syscalls_per_s']:>7.0f}{sum(r['errors'].values()):>8}"
                      f"{r['kernel_cpu_ms_per_syscall']:>15.2f}{r['kernel_rss_kb_per_agent']:>11.1f}"
                      + "".join(f"{r.get(f'{kind}_p50_ms', 0):>18.0f} / {r.get(f'{kind}_p99_ms', 0):<7.0f}"
