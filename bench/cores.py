@@ -29,7 +29,7 @@ from services.llm_core.engine import read_sequence_state, write_sequence_state
 from services.llm_core.model import LlamaModel, default_model_path
 
 AGENTS = 16
-TOKENS = 64
+TOKENS = 32
 SYSTEM = ("You are a field agent of a research station. Answer with concrete steps, tools and numbers, "
           "one per line, and never apologise.")
 QUESTIONS = [f"Station log {n}: list what must be checked before the winter, and why." for n in range(AGENTS)]
@@ -93,7 +93,7 @@ def _move_cost(kernel: Any) -> dict[str, Any]:
         got_eight = threading.Event()
 
         def read() -> None:
-            for chunk in agent.generate(prompt, max_tokens=48, ignore_eos=True, timeout=600):
+            for chunk in agent.generate(prompt, max_tokens=24, ignore_eos=True, timeout=600):
                 chunks.append(chunk)
                 if sum(c.HasField("token_id") for c in chunks) == 8:
                     got_eight.set()
@@ -185,8 +185,8 @@ def run_cores_bench(say: Callable[[str], None]) -> dict[str, Any]:
         result["two_vs_one_of_raw"] = result["two_vs_one"] / result["raw"]["two_vs_one"]
         say(f"  raw two/one {result['raw']['two_vs_one']:.2f}; AIOS two/one {result['two_vs_one']:.2f}")
         kernel = kernels[TWO]
-        say(f"cores: drain one core under {AGENTS} streams of {TOKENS} tokens ...")
-        result["drain_under_load"] = _streams(kernel, "drain", TOKENS, drain_after=16)
+        say(f"cores: drain one core under {AGENTS} streams of {2 * TOKENS} tokens ...")
+        result["drain_under_load"] = _streams(kernel, "drain", 2 * TOKENS, drain_after=TOKENS // 2)
         say(f"  {result['drain_under_load']['migrations']} generations moved, "
             f"{result['drain_under_load']['lost_or_repeated_tokens']} tokens lost or repeated")
         say(f"cores: moving one generation with a 512-token context, {MOVES} times ...")

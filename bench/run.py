@@ -719,11 +719,12 @@ QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_M
 # The defaults keep the whole `make bench` under 15 minutes on a 2-core EPYC: one round per agent (BENCH_ROUNDS=3 is
 # the issue's full ReAct loop, where conversations grow across rounds), rr beside fifo at 32 agents (add fair with
 # BENCH_MODES=fifo,rr,fair,fifo+draft), 128 agents on request (BENCH_NS=1,16,32,64,128), the recovery part without
-# --replay exact and the in-process comparison of rebuilds (BENCH_RECOVERY_MODES=exact,auto,standby adds both), the
+# a cold restart (--replay exact or auto) and the in-process comparison of rebuilds (BENCH_RECOVERY_MODES=exact,auto,
+# standby adds them), the
 # scale part up to 1,000 agents (BENCH_SCALE_NS=250,500,1000,2000 adds the paper's 2,000; `make test` runs 2,000).
 DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery,scale,cores", "BENCH_NS": "1,16,32,64",
             "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,rr,fifo+draft", "BENCH_POLICY_NS": "32",
-            "BENCH_DRAFT_NS": "1,16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1", "BENCH_RECOVERY_MODES": "auto,standby",
+            "BENCH_DRAFT_NS": "1,16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1", "BENCH_RECOVERY_MODES": "standby",
             "BENCH_SCALE_NS": "250,500,1000"}
 
 

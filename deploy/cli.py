@@ -47,6 +47,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         _say("--tls-cert and --tls-key go together")
         return 2
+    if min(args.llm_cores, args.memory_shards, args.storage_shards) < 1:
+        _say("--llm-cores, --memory-shards and --storage-shards are 1 at least")
+        return 2
     if args.detach:
         return _up_in_background(args)
     model = args.model or default_model_path(progress=True)
@@ -230,7 +233,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
         core = kernel.drain_core(args.core, undo=args.undo)
         state = kernel_pb2.LLMCoreState.Name(core.state).removeprefix("LLM_CORE_STATE_").lower()
         left = f"; still holds {core.running} running and {core.parked} parked" if core.running or core.parked else ""
-        print(f"{core.name} ({core.address}) is {state}; {core.migrated_out} generations moved out so far{left}")
+        print(f"{core.name} ({core.address}) is {state}; {core.migrated_out} generations moved out of it since the "
+              f"kernel started{left}")
 
     return _with_kernel(args, act)
 
@@ -241,6 +245,9 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     if (args.home / "endpoints.json").exists():
         _say(f"AIOS is running from {args.home}: resharding is offline; stop it with `aios down` first")
         return 1
+    if min(args.memory_shards, args.storage_shards) < 1:
+        _say("a manager runs as one shard at least")
+        return 2
     moved = reshard(args.home, {"memory": args.memory_shards, "storage": args.storage_shards}, say=_say)
     _say(f"done: {moved['memory']} agents' memory and {moved['storage']} agents' storage moved; start with "
          f"`aios up --memory-shards {args.memory_shards} --storage-shards {args.storage_shards}`")

@@ -605,7 +605,9 @@ def check_layout(home: Path, counts: dict[str, int]) -> None:
     try:
         layout = json.loads((home / LAYOUT_FILE).read_text())
     except FileNotFoundError:
-        return  # a new home, or one from before shards: one of each, which the ring maps everything to
+        if not any((home / "data" / kind).exists() for kind in counts):
+            return  # a new home
+        layout = {kind: 1 for kind in counts}  # data from before shards: one of each
     if "resharding_to" in layout:
         raise StartError(f"a reshard of {home} did not finish; run `aios reshard` again with "
                          f"{_shard_options(layout['resharding_to'])}")

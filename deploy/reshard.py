@@ -6,9 +6,10 @@ Changing the number of shards moves about 1/N of the agents. With AIOS stopped, 
 
 - memory: an agent's whole SQLite file (its write-ahead log folded in first) is copied into the new shard's
   directory under a temporary name, synced, renamed into place, and only then removed from the old one;
-- storage: an agent's rows (every version, its usage, the grants it gave, the request ids of its writes, its search
-  index) are copied into the new shard's database in one transaction, and only after that commit deleted from the
-  old one.
+- storage: the rows of an agent's namespace (every version, its usage, the grants it gave, its search index) are
+  copied into the new shard's database in one transaction, and only after that commit deleted from the old one.
+  The request ids of writes (a 24-hour cache that makes a retried write happen once) stay on the shard that
+  executed them: they name the caller, not the namespace written, and no retry crosses an offline reshard.
 
 Nothing is ever only in flight: at every moment each agent's data is whole on at least one shard. `shards.json`
 says "resharding" from the first move to the last, and `aios up` refuses to start meanwhile; an interrupted run is
@@ -31,8 +32,8 @@ from services.memory.agent_db import AgentDatabase, remove_database
 from services.shards import ShardRing
 from services.storage.core import RecordStore
 
-# Storage tables and the column naming the agent whose data a row is (the search index is handled apart: FTS5).
-STORAGE_TABLES = (("versions", "agent_id"), ("usage", "agent_id"), ("grants", "owner"), ("requests", "agent_id"))
+# Storage tables of an agent's namespace and the column naming that agent (the search index is handled apart: FTS5).
+STORAGE_TABLES = (("versions", "agent_id"), ("usage", "agent_id"), ("grants", "owner"))
 STORAGE_FILE = "storage.sqlite3"
 
 
@@ -84,6 +85,7 @@ def reshard_storage(data: Path, sources: list[str], targets: list[str]) -> int:
         path = data / name / STORAGE_FILE
         if not path.exists():
             continue
+        RecordStore(path).close()  # a database from an older AIOS gets today's schema first
         source = connect_durable(path)
         agents = sorted({row[0] for table, column in STORAGE_TABLES
                          for row in source.execute(f"SELECT DISTINCT {column} FROM {table}")})
@@ -95,11 +97,13 @@ def reshard_storage(data: Path, sources: list[str], targets: list[str]) -> int:
             RecordStore(target_path).close()  # the schema, on a new shard
             target = connect_durable(target_path)
             target.execute("ATTACH DATABASE ? AS source", (str(path),))
-            with transaction(target):
+            with transaction(target):  # the source's rows replace the same rows (an interrupted run's copy) only
                 for table, column in STORAGE_TABLES:
-                    target.execute(f"DELETE FROM main.{table} WHERE {column}=?", (agent,))
-                    target.execute(f"INSERT INTO main.{table} SELECT * FROM source.{table} WHERE {column}=?", (agent,))
-                target.execute("DELETE FROM main.search WHERE agent_id=?", (agent,))
+                    columns = ", ".join(row[1] for row in target.execute(f"PRAGMA main.table_info({table})"))
+                    target.execute(f"INSERT OR REPLACE INTO main.{table} ({columns}) SELECT {columns} "
+                                   f"FROM source.{table} WHERE {column}=?", (agent,))
+                target.execute("DELETE FROM main.search WHERE agent_id=? AND key IN "
+                               "(SELECT key FROM source.search WHERE agent_id=?)", (agent, agent))
                 target.execute("INSERT INTO main.search(body, agent_id, key) SELECT body, agent_id, key "
                                "FROM source.search WHERE agent_id=?", (agent,))
             target.execute("DETACH DATABASE source")

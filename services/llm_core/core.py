@@ -99,8 +99,13 @@ class LLMCore:
         another core). Blocks until that write is done; call it off the event loop."""
         if self.engine.preempt(request_id, swap_out):
             return True
-        written = self.engine.swap_out_parked(request_id) if swap_out else None
-        return written is not None and written.result(timeout=SWAP_OUT_TIMEOUT_S)
+        if not swap_out:
+            return False
+        written = self.engine.swap_out_parked(request_id)
+        if written is None:  # not parked here; if it was written out lately, that write is done once this returns
+            self.snapshots.flush()
+            return False
+        return written.result(timeout=SWAP_OUT_TIMEOUT_S)
 
     def discard(self, request_id: str, agent_id: str) -> bool:
         """Forgets a preempted generation wherever it is (resident slot or snapshot). Blocks on Redis."""

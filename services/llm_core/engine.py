@@ -134,6 +134,7 @@ class Sequence:
     prefix_reused: int = 0
     restore: Snapshot | None = None  # KV state to load when admitted
     preempt: str = ""  # "", "park" or "swap": requested at the next step boundary
+    written: Future | None = None  # its snapshot's write to Redis, once switched out (True: written; False: refused)
     kv_ready: bool = False  # its stream's cells are computed (a prefix source)
     status: SequenceStatus = SequenceStatus.WAITING
     constraint: GrammarConstraint | None = None  # the output grammar's state, if the sampling has one
@@ -559,13 +560,16 @@ class BatchEngine:
             self._release_locked(seq, SequenceStatus.CANCELLED)
         self._to_release.clear()
         for seq, written in self._to_swap:
-            if seq.status is SequenceStatus.PARKED:
-                try:
-                    self._swap_out_locked(seq).add_done_callback(lambda _, written=written: written.set_result(True))
-                except AiosError as exc:
-                    written.set_exception(exc)
-            else:  # resumed, discarded or written out since it was asked
-                written.set_result(seq.status is SequenceStatus.SNAPSHOTTED)
+            try:
+                if seq.status is SequenceStatus.PARKED:
+                    self._swap_out_locked(seq)
+            except AiosError as exc:
+                written.set_exception(exc)
+                continue
+            if seq.status is SequenceStatus.SNAPSHOTTED and seq.written is not None:  # now or earlier: once it lands
+                seq.written.add_done_callback(lambda done, written=written: written.set_result(bool(done.result())))
+            else:  # resumed or discarded since it was asked
+                written.set_result(False)
         self._to_swap.clear()
         for seq in [s for s in self._active if s.preempt]:
             self._active.remove(seq)
@@ -692,7 +696,7 @@ class BatchEngine:
 
     def _swap_out_locked(self, seq: Sequence) -> Future:
         """Snapshots a parked sequence and frees its seq_id; the future completes once it is written."""
-        written = self.swap_out(self._snapshot(seq))
+        written = seq.written = self.swap_out(self._snapshot(seq))
         self._parked.pop(seq.request_id, None)
         seq.status = SequenceStatus.SNAPSHOTTED
         self.slots.release(seq.slot)

@@ -147,19 +147,21 @@ class KvSnapshotStore:
             self._local_bytes -= dropped.size
             log.warning("dropped local copy of snapshot %s (local limit reached)", dropped.request_id)
 
-    def _write(self, snapshot: Snapshot) -> None:
+    def _write(self, snapshot: Snapshot) -> bool:
+        """Whether Redis took it (else it stays local: only this core can resume it)."""
         blob = snapshot.to_bytes()
         try:
             self.redis.set(snapshot_key(snapshot.request_id), blob, px=self.ttl_ms)
         except (RedisError, OSError) as exc:
             log.warning("snapshot %s stays local: Redis refused it (%s)", snapshot.request_id, exc)
-            return
+            return False
         with self._lock:
             self.saved += 1
             self.saved_bytes += len(blob)
             if self._local.get(snapshot.request_id) is snapshot:
                 del self._local[snapshot.request_id]
                 self._local_bytes -= snapshot.size
+        return True
 
     def flush(self) -> None:
         """Waits until every queued write has been attempted."""

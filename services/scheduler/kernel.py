@@ -30,7 +30,8 @@ from aios.v1 import (
     tools_pb2,
     tools_pb2_grpc,
 )
-from services.errors import AiosError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.errors import (AiosError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+                             ResourceExhausted, Unavailable)
 from services.manager_client import CONNECT_TIMEOUT_S, ManagerClient
 from services.shards import ShardedManager, parse_named_addresses, sharded_manager
 from services.scheduler.cores import CoreRouter, CoreState, LLMCoreReplica, prefix_key
@@ -109,9 +110,11 @@ def _replaying(first: llm_core_pb2.GenerateRequest, delivered: list[int], in_bat
 
 
 def _core_lost_it(exc: grpc.aio.AioRpcError, resuming: bool) -> bool:
-    """Whether the LLM core lost the generation (it died, or was restarted and holds no trace of a parked one),
-    so that the kernel should rebuild it rather than fail the syscall."""
-    return exc.code() == grpc.StatusCode.UNAVAILABLE or (resuming and exc.code() == grpc.StatusCode.NOT_FOUND)
+    """Whether the LLM core lost the generation (it died, was restarted and holds no trace of a parked one, or
+    cannot restore its snapshot: a core of another shape), so that the kernel should rebuild it rather than fail
+    the syscall."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE or (
+        resuming and exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION))
 
 # Syscalls whose answer is spread over every shard of their manager.
 FANNED_OUT = {"storage_grants"}
@@ -256,6 +259,8 @@ class Kernel:
         merged = getattr(response, kind)
         for reply in replies:
             merged.MergeFrom(reply)
+        for grants in (merged.grants, merged.received):  # by the other agent and key, as one shard answers
+            grants.sort(key=lambda g: (g.grantee_agent_id if grants is merged.grants else g.owner_agent_id, g.key))
         return response
 
     async def mount_tools(self, request: tools_pb2.MountRequest, timeout: float | None) -> tools_pb2.MountResponse:
@@ -300,6 +305,7 @@ class Kernel:
         if request.remember and (request.received_token_ids or request.resume_syscall_id):
             raise InvalidArgument("a generation with `remember` cannot be continued from received tokens")
         self.usage.admit_generation(agent, time.monotonic())
+        await self._a_core_serves(deadline)
         suspended = None
         if request.resume_syscall_id:  # suspended by a kernel that stopped gracefully: go on from its snapshot
             suspended = await self.suspensions.take(request.resume_syscall_id, agent.id)
@@ -375,10 +381,12 @@ class Kernel:
                         finally:
                             record.preemptible = False
                             call.cancel()
+                            alone = replica.running == {record.id}  # decoding alone on its core
                             # Switched out to move (swap_out): its snapshot is in Redis, the core keeps nothing.
                             self.cores.stopped(replica, record.id, parked and not record.moving)
-                        if parked and record.moving and self.cores.has_room():
-                            record.moving = False  # keeps its place in the queue and continues on another core
+                        if parked and record.moving and not self.draining and self.cores.has_room():
+                            # Keeps its place in the queue and continues on another core.
+                            record.moving = record.preempt_requested = False
                             message = llm_core_pb2.GenerateRequest(agent_id=agent.id, syscall_id=record.id, resume=True)
                         elif parked:
                             record.moving, record.moved_at = False, 0.0  # a move that waits for a turn starts then
@@ -396,10 +404,11 @@ class Kernel:
                             # the stream goes on from the next index. Exactly when it decoded alone
                             # (token-identical); with others, its numerics depended on the batch anyway, and the
                             # core may rebuild it the fast way.
-                            crowd = len(queue.running) > 1
+                            crowd = not alone
                             crashes += 1
                             record.recoveries += 1
                             record.preempt_requested = record.moving = False  # asked of the dead core: died with it
+                            record.moved_at = 0.0
                             log.warning("syscall %s: LLM core %s lost it after %d tokens; recovering (recovery %d)",
                                         record.id, replica.name, len(token_ids), record.recoveries)
                             if not await replica.client.healthy():
@@ -506,22 +515,27 @@ class Kernel:
         """The core to run (or resume) a generation on, once one serves. `holder`: the core it was preempted on;
         when it goes elsewhere, its KV resident on `holder` is first written to Redis, where the new core finds it
         (one that cannot find it answers NOT_FOUND, and the generation is rebuilt by replay)."""
+        await self._a_core_serves(deadline)
         target = self.cores.pick(record.agent_id, prefix, holder)
+        if holder is not None and target is not holder:
+            record.moved_at = record.moved_at or time.monotonic()
+            if record.id in holder.parked and holder.state is not CoreState.DOWN:  # a dead core writes nothing
+                await self._write_out(holder, record.id)
+                await self._a_core_serves(deadline)
+                target = self.cores.pick(record.agent_id, prefix, None)  # the place may have gone meanwhile
+            self.cores.moved(holder, target, record.id)
+            record.migrations += 1
+        return target
+
+    async def _a_core_serves(self, deadline: float | None) -> None:
+        """Returns once some LLM core takes work (at once, normally); UNAVAILABLE after CORE_RECOVERY_WAIT_S."""
         give_up = time.monotonic() + CORE_RECOVERY_WAIT_S
-        while target is None:  # every core is down (their supervisors restart them) or drained
+        while not self.cores.capacity:  # every core down (their supervisors restart them) or drained
             if time.monotonic() > give_up:
                 raise Unavailable(f"no LLM core has served for {CORE_RECOVERY_WAIT_S:.0f} s (all down or drained); "
                                   "retry when `aios status` shows one serving")
             _remaining(deadline)
             await asyncio.sleep(CORE_POLL_S)  # the watchers of the down cores mark them serving again
-            target = self.cores.pick(record.agent_id, prefix, holder)
-        if holder is not None and target is not holder:
-            record.moved_at = record.moved_at or time.monotonic()
-            if record.id in holder.parked:
-                await self._write_out(holder, record.id)
-            self.cores.moved(holder, target, record.id)
-            record.migrations += 1
-        return target
 
     async def _write_out(self, replica: LLMCoreReplica, syscall_id: str) -> None:
         """Has a parked generation's KV written from `replica` to Redis (it continues elsewhere)."""
@@ -557,6 +571,9 @@ class Kernel:
             if replica.state is CoreState.DRAINING:
                 self.cores.set_state(replica, CoreState.SERVING)
             return replica
+        if replica.state is CoreState.SERVING and self.cores.capacity == replica.slots:
+            raise FailedPrecondition(f"{replica.name} is the only LLM core that serves: draining it would stop every "
+                                     "generation; start or undrain another core first")
         self.cores.set_state(replica, CoreState.DRAINING)
         give_up = time.monotonic() + min(DRAIN_CORE_S, timeout or DRAIN_CORE_S)
         while (replica.running or replica.parked) and time.monotonic() < give_up:
@@ -566,8 +583,7 @@ class Kernel:
                     record.preempt_requested = record.moving = True
                     record.moved_at = time.monotonic()
                     self._spawn(self._ask_core_to_preempt(record, swap_out=True))
-            for syscall_id in list(replica.parked):
-                await self._write_out(replica, syscall_id)
+            await asyncio.gather(*(self._write_out(replica, syscall_id) for syscall_id in list(replica.parked)))
             await asyncio.sleep(DRAIN_POLL_S)  # one still prefilling or replaying cannot be switched out yet
         return replica
 
@@ -648,6 +664,8 @@ class Kernel:
         return record
 
     async def close(self) -> None:
+        for task in list(self._background):  # core watchers, discards: nothing to do once the kernel stops
+            task.cancel()
         await self.journal.stop()
         for manager in self.managers.values():
             await manager.close()

@@ -152,10 +152,17 @@ def test_a_killed_core_s_generations_finish_on_the_other_and_it_serves_again_onc
                what=f"{victim} serving again")
 
 
-def test_draining_an_unknown_core_is_not_found_and_agents_may_not_drain(kernel):
+def test_draining_an_unknown_or_the_last_serving_core_is_refused_and_agents_may_not_drain(kernel):
     with pytest.raises(aios.SyscallError) as missing:
         kernel.drain_core("no-such-core")
     assert missing.value.code.name == "NOT_FOUND" and "llm_core_2" in str(missing.value)
+    kernel.drain_core("llm_core")
+    try:
+        with pytest.raises(aios.SyscallError) as last:
+            kernel.drain_core("llm_core_2")
+        assert last.value.code.name == "FAILED_PRECONDITION" and "only LLM core that serves" in last.value.message
+    finally:
+        kernel.drain_core("llm_core", undo=True)
     agent = kernel.register("would-be-operator")
     with pytest.raises(aios.SyscallError) as refused:
         kernel.call("DrainCore", kernel_pb2.DrainCoreRequest(core="llm_core"), token=agent.token)

@@ -34,6 +34,7 @@ from services.llm_core.engine import (
 from services.llm_core.model import LlamaModel, default_model_path
 from services.llm_core.sampling import SamplingConfig
 from services.llm_core.snapshot import Snapshot
+from tests.integration.waiting import wait_until
 
 PROMPT = "Question: Name three rivers in Europe and say where each one flows.\nAnswer:"
 GREEDY = SamplingConfig(max_tokens=40, ignore_eos=True)
@@ -192,6 +193,28 @@ def test_a_parked_generation_is_swapped_out_only_when_its_slot_is_needed(model):
         [snapshot] = h.swapped  # the newcomer needed the only seq_id
         assert snapshot.request_id == "parked" and len(snapshot.generated) == len(before)
         assert h.engine.resume("parked", "agent-a", lambda e: None) is None  # no longer resident
+    finally:
+        h.close()
+
+
+def test_a_parked_generation_written_out_for_another_core_is_answered_only_once_written(model):
+    h = Harness(model, slots=2, resident=3)
+    landed: Future = Future()  # the write to Redis, held back by the test
+
+    def slow_write(snapshot: Snapshot) -> Future:
+        h.swapped.append(snapshot)
+        return landed
+
+    h.engine.swap_out = slow_write
+    try:
+        before, _, _ = preempt_after(h, "mover", GREEDY, 8, swap=False)
+        first, second = h.engine.swap_out_parked("mover"), h.engine.swap_out_parked("mover")  # a drain and a resume
+        wait_until(lambda: h.swapped, what="the snapshot taken on the engine thread")
+        assert not first.done() and not second.done()  # nobody hears "written" before it is
+        landed.set_result(True)
+        assert first.result(timeout=10) is True and second.result(timeout=10) is True
+        [snapshot] = h.swapped  # taken once
+        assert snapshot.generated == before and h.engine.swap_out_parked("mover") is None  # nothing left here
     finally:
         h.close()
 
