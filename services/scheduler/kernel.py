@@ -523,8 +523,11 @@ class Kernel:
                 await self._write_out(holder, record.id)
                 await self._a_core_serves(deadline)
                 target = self.cores.pick(record.agent_id, prefix, None)  # the place may have gone meanwhile
-            self.cores.moved(holder, target, record.id)
-            record.migrations += 1
+            if target is holder:  # room came back there: it resumes where its snapshot was written
+                record.moved_at = 0.0
+            else:
+                self.cores.moved(holder, target, record.id)
+                record.migrations += 1
         return target
 
     async def _a_core_serves(self, deadline: float | None) -> None:
