@@ -90,6 +90,8 @@ MAX_GENERATE_BYTES = 4 * 1024 * 1024
 MAX_RECOVERIES = 3  # times one generation is rebuilt after its core died, before the agent gets UNAVAILABLE
 CORE_RECOVERY_WAIT_S = 120.0  # how long a generation waits for a core to serve again (model load included)
 DRAIN_CORE_S = 60.0  # how long `aios drain` waits for a core's generations to move, unless the call says less
+CORE_CHECK_S = 1.0  # how often the kernel asks every serving LLM core's health, busy or idle
+CORE_CHECK_MISSES = 2  # health checks in a row a serving core must fail to be marked DOWN (one may be slow)
 CORE_POLL_S = 0.1  # how often a waiting call asks a restarting manager's health
 STOPPING = ("AIOS is stopping (`aios down`) and takes no syscalls; the SDKs ask again by themselves once it is back "
             "(and continue a generation it suspended from where it stopped)")
@@ -491,6 +493,7 @@ class Kernel:
         """Starts the journal of syscall records and (unless another kernel shares the cores) reclaims what an
         earlier kernel left in the LLM core."""
         self.journal.start()
+        self._spawn(self._check_cores())
         if reclaim:
             await self.reclaim()
 
@@ -556,6 +559,20 @@ class Kernel:
                         replica.address)
             self.cores.set_state(replica, CoreState.DOWN)
             self._spawn(self._watch(replica))
+
+    async def _check_cores(self) -> None:
+        """Marks DOWN a serving core that stops answering its health check even while idle, so that no generation
+        is sent to it first (a broken stream finds the busy ones sooner); its watcher makes it serving again."""
+        misses = {replica.name: 0 for replica in self.cores.replicas}
+        while True:
+            await asyncio.sleep(CORE_CHECK_S)  # a periodic health check of other processes
+            for replica in self.cores.replicas:
+                if replica.state is not CoreState.SERVING:
+                    misses[replica.name] = 0
+                    continue
+                misses[replica.name] = 0 if await replica.client.healthy() else misses[replica.name] + 1
+                if misses[replica.name] >= CORE_CHECK_MISSES:
+                    self._core_down(replica)
 
     async def _watch(self, replica: LLMCoreReplica) -> None:
         while not await replica.client.healthy():

@@ -167,3 +167,19 @@ def test_draining_an_unknown_or_the_last_serving_core_is_refused_and_agents_may_
     with pytest.raises(aios.SyscallError) as refused:
         kernel.call("DrainCore", kernel_pb2.DrainCoreRequest(core="llm_core"), token=agent.token)
     assert refused.value.code.name == "PERMISSION_DENIED"
+
+
+def test_a_core_that_dies_while_idle_is_taken_out_before_any_generation_is_sent_to_it(cluster, kernel):
+    victim, survivor = "llm_core_2", "llm_core"
+    os.kill(cluster.processes[victim].pid, signal.SIGKILL)
+    wait_until(lambda: cores(kernel)[victim].state == kernel_pb2.LLM_CORE_STATE_DOWN, within_s=30,
+               what=f"{victim} marked down by the kernel's health checks")
+    agent = kernel.register("after-idle-death")
+    for n in range(3):  # none of them is sent to the dead core first
+        record = kernel.call("GetSyscall", kernel_pb2.GetSyscallRequest(
+            syscall_id=agent.complete(PROMPT, max_tokens=4).syscall_id))
+        assert record.core == survivor and record.recoveries == 0
+    cluster.processes[victim].popen.wait()
+    cluster.restart_service(victim)
+    wait_until(lambda: cores(kernel)[victim].state == kernel_pb2.LLM_CORE_STATE_SERVING, within_s=60,
+               what=f"{victim} serving again")
