@@ -25,7 +25,6 @@ import llama_cpp as llama
 
 from aios.v1 import kernel_pb2
 from deploy.cluster import Cluster, ClusterConfig
-from services.llm_core.engine import read_sequence_state, write_sequence_state
 from services.llm_core.model import LlamaModel, default_model_path
 
 AGENTS = 16
@@ -131,10 +130,7 @@ def raw_split() -> dict[str, Any]:
 
     def prefilled(threads: int, sequences: int) -> Any:
         runner = SequentialRunner(model, n_ctx=RAW_CONTEXT + RAW_STEPS + 8, sequences=sequences, threads=threads)
-        runner.prefill(prompt, 0)
-        state = read_sequence_state(runner.ctx, 0)
-        for seq in range(1, sequences):
-            write_sequence_state(runner.ctx, seq, state)
+        runner.prefill_all(prompt, sequences)
         return runner
 
     one, halves = prefilled(2, AGENTS), [prefilled(1, AGENTS // 2) for _ in range(2)]

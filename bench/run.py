@@ -144,6 +144,14 @@ class SequentialRunner:
         llama.llama_memory_seq_rm(self.memory, seq, -1, -1)
         self._decode(tokens, 0, seq)
 
+    def prefill_all(self, tokens: list[int], sequences: int) -> None:
+        """The same context in sequences 0..n-1: prefilled once, then copied."""
+        self.prefill(tokens, 0)
+        prefilled = read_sequence_state(self.ctx, 0)
+        for seq in range(1, sequences):
+            if not write_sequence_state(self.ctx, seq, prefilled):
+                raise RuntimeError("llama.cpp refused to copy a sequence's state")
+
     def step(self, sequences: int, token: int, pos: int) -> None:
         """One decode step of sequences 0..n-1 together, one token each, logits for all."""
         batch = self.batch
@@ -187,11 +195,7 @@ class DecodeProbe:
         self.sizes = sorted(size for size in {1, 2, 4, 8, (slots * 3) // 4, slots} if 0 < size <= slots)
         self.runner = SequentialRunner(model, n_ctx=context + 8, sequences=slots)
         self.prompt = model.tokenize(SYSTEM * 4, add_bos=True, special=False)[:context]
-        self.runner.prefill(self.prompt, 0)
-        prefilled = read_sequence_state(self.runner.ctx, 0)
-        for seq in range(1, slots):  # the same context in every sequence, copied rather than prefilled again
-            if not write_sequence_state(self.runner.ctx, seq, prefilled):
-                raise RuntimeError("llama.cpp refused to copy a sequence's state")
+        self.runner.prefill_all(self.prompt, slots)
 
     def measure(self) -> dict[str, Any]:
         times: dict[int, list[float]] = {size: [] for size in self.sizes}
@@ -813,27 +817,12 @@ def main() -> int:
         print(table(result))
         print(decode_batching_line(result["decode_batching"]))
         print()
-    if "memory" in result:
-        print(memory_table(result["memory"]))
-        print()
-    if "storage_tools" in result:
-        print(storage_tools_table(result["storage_tools"]))
-        print()
-    if "gateway" in result:
-        print(gateway_table(result["gateway"]))
-        print()
-    if "recovery" in result:
-        print(recovery_table(result["recovery"]))
-        print()
-    if "fairness" in result:
-        print(fairness_table(result["fairness"]))
-        print()
-    if "scale" in result:
-        print(scale_table(result["scale"]))
-        print()
-    if "cores" in result:
-        print(cores_table(result["cores"]))
-        print()
+    for part, render in (("memory", memory_table), ("storage_tools", storage_tools_table), ("gateway", gateway_table),
+                         ("recovery", recovery_table), ("fairness", fairness_table), ("scale", scale_table),
+                         ("cores", cores_table)):
+        if part in result:
+            print(render(result[part]))
+            print()
     for key, value in floors.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     for mode, rows in result["aios"].items():

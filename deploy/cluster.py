@@ -599,15 +599,21 @@ def replica_names(kind: str, count: int) -> list[str]:
 LAYOUT_FILE = "shards.json"
 
 
+def read_layout(home: Path) -> dict:
+    """The shard counts the home's data is laid out on (with `resharding_to` while a reshard is unfinished); one of
+    each without a layout file: a new home, or data from before shards."""
+    try:
+        return json.loads((home / LAYOUT_FILE).read_text())
+    except FileNotFoundError:
+        return {"memory": 1, "storage": 1}
+
+
 def check_layout(home: Path, counts: dict[str, int]) -> None:
     """Refuses to start a home with other shard counts than its data was written with (or a reshard unfinished):
     agents would not find their data."""
-    try:
-        layout = json.loads((home / LAYOUT_FILE).read_text())
-    except FileNotFoundError:
-        if not any((home / "data" / kind).exists() for kind in counts):
-            return  # a new home
-        layout = {kind: 1 for kind in counts}  # data from before shards: one of each
+    if not (home / LAYOUT_FILE).exists() and not any((home / "data" / kind).exists() for kind in counts):
+        return  # a new home takes any layout
+    layout = read_layout(home)
     if "resharding_to" in layout:
         raise StartError(f"a reshard of {home} did not finish; run `aios reshard` again with "
                          f"{_shard_options(layout['resharding_to'])}")

@@ -19,14 +19,13 @@ left over by the interruption is replaced by the source, which no one has writte
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from deploy.cluster import LAYOUT_FILE, replica_names, write_layout
+from deploy.cluster import read_layout, replica_names, write_layout
 from services.durable_sqlite import connect_durable, transaction
 from services.memory.agent_db import AgentDatabase, remove_database
 from services.shards import ShardRing
@@ -35,13 +34,6 @@ from services.storage.core import RecordStore
 # Storage tables of an agent's namespace and the column naming that agent (the search index is handled apart: FTS5).
 STORAGE_TABLES = (("versions", "agent_id"), ("usage", "agent_id"), ("grants", "owner"))
 STORAGE_FILE = "storage.sqlite3"
-
-
-def current_layout(home: Path) -> dict:
-    try:
-        return json.loads((home / LAYOUT_FILE).read_text())
-    except FileNotFoundError:
-        return {"memory": 1, "storage": 1}
 
 
 def _sync_directory(directory: Path) -> None:
@@ -120,7 +112,7 @@ def reshard_storage(data: Path, sources: list[str], targets: list[str]) -> int:
 def reshard(home: Path, counts: dict[str, int], say: Callable[[str], None] = lambda line: None) -> dict[str, int]:
     """Moves memory and storage data of the home at rest to the layout `counts` ({"memory": N, "storage": M});
     returns how many agents moved per kind."""
-    layout = current_layout(home)
+    layout = read_layout(home)
     old = {kind: layout[kind] for kind in ("memory", "storage")}
     write_layout(home, {**old, "resharding_to": counts})
     moved = {}
