@@ -233,7 +233,7 @@ class Kernel:
         retry = kind in RETRIED_ALWAYS or (kind in WRITES_ONCE_PER_REQUEST_ID and bool(request.request_id))
         deadline = None if timeout is None else time.monotonic() + timeout
         # The shard that holds the data: the owner's, for a record another agent granted.
-        owner = getattr(inner, "owner_agent_id", "") if "owner_agent_id" in inner.DESCRIPTOR.fields_by_name else ""
+        owner = getattr(inner, "owner_agent_id", "")
         if kind in FANNED_OUT:
             return await self._fanned_out(agent, kind, inner, timeout)
         async with self._syscall(agent, kind, resource, queue, tool) as record:
@@ -261,8 +261,8 @@ class Kernel:
         merged = getattr(response, kind)
         for reply in replies:
             merged.MergeFrom(reply)
-        for grants in (merged.grants, merged.received):  # by the other agent and key, as one shard answers
-            grants.sort(key=lambda g: (g.grantee_agent_id if grants is merged.grants else g.owner_agent_id, g.key))
+        merged.grants.sort(key=lambda g: (g.grantee_agent_id, g.key))  # in order, as one shard answers
+        merged.received.sort(key=lambda g: (g.owner_agent_id, g.key))
         return response
 
     async def mount_tools(self, request: tools_pb2.MountRequest, timeout: float | None) -> tools_pb2.MountResponse:
