@@ -27,9 +27,14 @@ import numpy as np
 
 import aios
 import aios.aio
+from bench.relay import relay_ceiling
 from deploy.cluster import Cluster, ClusterConfig
 
 KINDS = ("register", "llm", "memory_add", "memory_get", "storage_write", "storage_read", "tool")
+NON_LLM_KINDS = KINDS[2:]  # the syscalls the kernel hands to the memory, storage and tool managers
+THROUGHPUT_AGENTS = 2000  # registered first, then every one makes THROUGHPUT_ROUNDS rounds of NON_LLM_KINDS at once
+THROUGHPUT_ROUNDS = 2
+PACED_SECONDS = 6.0  # each agent of the paced part makes one syscall a second for this long
 LLM_TOKENS = 16
 REAL_MODEL_AGENTS = 64  # the same turn with the real model (16 slots): what the LLM adds to an agent's turn
 
@@ -78,6 +83,88 @@ async def crowd(address: str, token: str, agents: int, tag: str) -> tuple[float,
         return time.monotonic() - started, latencies, errors
 
 
+async def register_agents(kernel: aios.aio.Connection, n: int, tag: str) -> list[Any]:
+    """`n` agents registered a few hundred at a time (not measured: the parts below time what they then do)."""
+    agents: list[Any] = []
+    for first in range(0, n, 250):
+        agents += await asyncio.gather(*(kernel.register(f"{tag}-{i}") for i in range(first, min(n, first + 250))))
+    return agents
+
+
+class NonLLMTurn:
+    """One agent's non-LLM syscalls in a fixed rotation (memory add, then get of that entry, storage write, read,
+    a calculator call): the next one, timed, errors counted by kind and status."""
+
+    def __init__(self, agent: Any, latencies: dict[str, list[float]], errors: collections.Counter) -> None:
+        self.agent, self.latencies, self.errors = agent, latencies, errors
+        self.step, self.entry_id = 0, ""
+
+    async def next(self, since: float | None = None) -> None:
+        """The next syscall of the rotation; its latency counted from `since` (a paced call's scheduled time) or
+        from now."""
+        kind = NON_LLM_KINDS[self.step % len(NON_LLM_KINDS)]
+        started = time.monotonic() if since is None else since
+        agent, n = self.agent, self.step
+        self.step += 1
+        try:
+            if kind == "memory_add":
+                self.entry_id = (await agent.memory_add(f"note {n}")).id
+            elif kind == "memory_get":
+                await agent.memory_get(self.entry_id)
+            elif kind == "storage_write":
+                await agent.storage_write("k", f"value {n}")
+            elif kind == "storage_read":
+                await agent.storage_read("k")
+            else:
+                await agent.call_tool("calculator", expression=f"{n} * 2")
+        except aios.SyscallError as error:
+            self.errors[f"{kind} {error.code.name}"] += 1
+            return
+        self.latencies[kind].append(time.monotonic() - started)
+
+
+def summary(latencies: dict[str, list[float]], errors: collections.Counter, wall: float) -> dict[str, Any]:
+    every = [x for kind in NON_LLM_KINDS for x in latencies[kind]]
+    return {"syscalls": len(every), "wall_s": wall, "syscalls_per_s": len(every) / wall, "errors": dict(errors),
+            "p50_ms": 1000 * float(np.percentile(every, 50)) if every else 0.0,
+            "p99_ms": 1000 * float(np.percentile(every, 99)) if every else 0.0}
+
+
+async def non_llm_throughput(address: str, token: str, n: int, rounds: int) -> tuple[dict[str, Any], float]:
+    """`n` registered agents at once, each `rounds` rounds of the non-LLM syscalls one after another."""
+    latencies: dict[str, list[float]] = collections.defaultdict(list)
+    errors: collections.Counter = collections.Counter()
+    async with aios.aio.connect(address, token=token) as kernel:
+        turns = [NonLLMTurn(agent, latencies, errors) for agent in await register_agents(kernel, n, "throughput")]
+
+        async def agent_turns(turn: NonLLMTurn) -> None:
+            for _ in range(rounds * len(NON_LLM_KINDS)):
+                await turn.next()
+
+        started = time.monotonic()
+        await asyncio.gather(*(agent_turns(turn) for turn in turns))
+        return summary(latencies, errors, time.monotonic() - started), started
+
+
+async def paced(address: str, token: str, n: int, seconds: float) -> dict[str, Any]:
+    """`n` registered agents, each making one non-LLM syscall a second (agents spread evenly over the second) for
+    `seconds`: latency counted from each call's scheduled time, so a call that starts late counts its wait."""
+    latencies: dict[str, list[float]] = collections.defaultdict(list)
+    errors: collections.Counter = collections.Counter()
+    async with aios.aio.connect(address, token=token) as kernel:
+        turns = [NonLLMTurn(agent, latencies, errors) for agent in await register_agents(kernel, n, f"paced-{n}")]
+        start = time.monotonic() + 0.5
+
+        async def agent_calls(i: int, turn: NonLLMTurn) -> None:
+            for k in range(int(seconds)):
+                due = start + k + i / n
+                await asyncio.sleep(max(0.0, due - time.monotonic()))  # the pacing itself: one call a second
+                await turn.next(since=due)
+
+        await asyncio.gather(*(agent_calls(i, turn) for i, turn in enumerate(turns)))
+        return summary(latencies, errors, time.monotonic() - start)
+
+
 def wave(cluster: Cluster, n: int, tag: str) -> dict[str, Any]:
     """`n` agents at once on `cluster`: wall time, rates, errors, the kernel's CPU and memory, latencies per kind."""
     kernel_pid = cluster.processes["kernel"].pid
@@ -96,8 +183,9 @@ def wave(cluster: Cluster, n: int, tag: str) -> dict[str, Any]:
     }
 
 
-def run_scale_bench(say: Callable[[str], None], agent_counts: list[int]) -> dict[str, Any]:
+def run_scale_bench(say: Callable[[str], None], agent_counts: list[int], paced_counts: list[int]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
+    paced_rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as home:
         say("scale: starting AIOS with the instant LLM backend (a test double: no model runs) ...")
         with Cluster(ClusterConfig(home=Path(home), extra_args={"llm_core": ["--backend", "instant"]})) as cluster:
@@ -106,12 +194,32 @@ def run_scale_bench(say: Callable[[str], None], agent_counts: list[int]) -> dict
                 rows[str(n)] = wave(cluster, n, str(n))
                 say(f"  {rows[str(n)]['wall_s']:.1f} s, {rows[str(n)]['syscalls_per_s']:.0f} syscalls/s, "
                     f"{sum(rows[str(n)]['errors'].values())} errors")
+            say(f"scale: {THROUGHPUT_AGENTS} registered agents at once, {THROUGHPUT_ROUNDS} rounds of memory add+get, "
+                "storage write+read, calculator each ...")
+            kernel_pid = cluster.processes["kernel"].pid
+            cpu_before = process_cpu_seconds(kernel_pid)
+            throughput, _ = asyncio.run(non_llm_throughput(cluster.kernel_address, cluster.operator_token,
+                                                           THROUGHPUT_AGENTS, THROUGHPUT_ROUNDS))
+            throughput["kernel_cpu_ms_per_syscall"] = (1000 * (process_cpu_seconds(kernel_pid) - cpu_before)
+                                                       / max(throughput["syscalls"], 1))  # registrations included
+            say(f"  {throughput['syscalls_per_s']:.0f} non-LLM syscalls/s, {sum(throughput['errors'].values())} errors")
+            for n in paced_counts:
+                say(f"scale: {n} agents paced at one non-LLM syscall a second each, {PACED_SECONDS:.0f} s ...")
+                paced_rows[str(n)] = asyncio.run(paced(cluster.kernel_address, cluster.operator_token, n, PACED_SECONDS))
+                say(f"  p50 {paced_rows[str(n)]['p50_ms']:.0f} ms, p99 {paced_rows[str(n)]['p99_ms']:.0f} ms, "
+                    f"{sum(paced_rows[str(n)]['errors'].values())} errors")
+    say("scale: the transport's ceiling, a bare two-hop grpc.aio relay (bench/relay.py) with as many callers ...")
+    ceiling = relay_ceiling(THROUGHPUT_AGENTS, 3)
+    say(f"  {ceiling:.0f} calls/s")
     with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as home:
         say(f"scale: {REAL_MODEL_AGENTS} agents at once with the real model ...")
         with Cluster(ClusterConfig(home=Path(home))) as cluster:
             real = wave(cluster, REAL_MODEL_AGENTS, "real")
             say(f"  {real['wall_s']:.1f} s, {real['syscalls_per_s']:.0f} syscalls/s, {sum(real['errors'].values())} errors")
-    result: dict[str, Any] = {"agents": rows, "real_model": {str(REAL_MODEL_AGENTS): real}}
+    result: dict[str, Any] = {
+        "agents": rows, "real_model": {str(REAL_MODEL_AGENTS): real}, "paced": paced_rows,
+        "non_llm": {**throughput, "agents": THROUGHPUT_AGENTS, "relay_ceiling_calls_per_s": ceiling,
+                    "of_relay_ceiling": throughput["syscalls_per_s"] / ceiling}}
     if len(rows) >= 2:
         xs = np.array([int(n) for n in rows], dtype=float)
         ys = np.array([r["wall_s"] for r in rows.values()])
@@ -134,6 +242,15 @@ def scale_table(result: dict[str, Any]) -> str:
                      f"{r['kernel_cpu_ms_per_syscall']:>15.2f}{r['kernel_rss_kb_per_agent']:>11.1f}"
                      + "".join(f"{r.get(f'{kind}_p50_ms', 0):>18.0f} / {r.get(f'{kind}_p99_ms', 0):<7.0f}"
                                for kind in KINDS))
+    if "non_llm" in result:
+        t = result["non_llm"]
+        lines.append(f"non-LLM syscalls, {t['agents']} agents at once: {t['syscalls_per_s']:.0f} syscalls/s "
+                     f"(p50 {t['p50_ms']:.0f} ms, p99 {t['p99_ms']:.0f} ms, {sum(t['errors'].values())} errors, kernel "
+                     f"{t['kernel_cpu_ms_per_syscall']:.2f} ms CPU/syscall); a bare two-hop grpc.aio relay on this "
+                     f"machine: {t['relay_ceiling_calls_per_s']:.0f} calls/s (AIOS at {t['of_relay_ceiling']:.2f} of it)")
+    for n, r in result.get("paced", {}).items():
+        lines.append(f"paced, {n} agents at 1 syscall/s each: {r['syscalls_per_s']:.0f} syscalls/s done, p50 "
+                     f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {sum(r['errors'].values())} errors")
     if "fit" in result:
         fit = result["fit"]
         lines.append(f"wall time = {fit['ms_per_agent']:.1f} ms per agent {fit['intercept_s']:+.1f} s "

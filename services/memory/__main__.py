@@ -38,7 +38,7 @@ def build(args: argparse.Namespace) -> Service:
 
 def main() -> None:
     parser = common_arguments("AIOS memory manager")
-    parser.add_argument("--data-dir", type=Path, required=True, help="directory for each agent's memory file")
+    parser.add_argument("--data-dir", type=Path, required=True, help="directory of the shard's memory file (memory.db)")
     parser.add_argument("--ram-budget-bytes", type=int, default=DEFAULT_RAM_BUDGET_BYTES,
                         help="resident entry bytes above which blocks are evicted to disk")
     parser.add_argument("--entries-per-block", type=int, default=DEFAULT_ENTRIES_PER_BLOCK)

@@ -1,10 +1,14 @@
 """Per-agent working memory under a RAM budget, paged by LRU-K, durable on every write.
 
+Every public method runs on the store's group-commit thread (`grouped`), one at
+a time: the state in RAM needs no lock, and a method returns once the group it
+ran in committed.
+
 Where entries live:
-- on disk, always: each agent's SQLite file (services/memory/agent_db.py). A
-  write is committed there (WAL, fsync) before it is acknowledged, so an
-  acknowledged entry survives `kill -9`, and a write that was not acknowledged
-  leaves all or nothing (SQLite transactions).
+- on disk, always: the shard's SQLite file (services/memory/database.py). A
+  write is committed there (WAL, fsync, in a group with the writes that arrived
+  with it) before it is acknowledged, so an acknowledged entry survives
+  `kill -9`, and a write that was not acknowledged leaves all or nothing.
 - in RAM, in blocks: a block is `entries_per_block` consecutive ids of one
   agent. Fixed id ranges, not one block per agent: an agent with a long
   history keeps its recent block resident without its whole past, and the
@@ -15,7 +19,7 @@ Where entries live:
 When resident bytes exceed the budget, blocks are evicted by LRU-K (K = 2 by
 default; K = 1 is plain LRU). The clock counts requests: touches of one block
 within one request are one correlated reference. Search runs on the full-text
-index in the agent's file, so it sees every entry, resident or not, and does
+index of the file, so it sees every entry, resident or not, and does
 not pull blocks into RAM (a search is a scan; it should not flush the hot set).
 """
 
@@ -23,13 +27,13 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, require
-from services.memory.agent_db import AgentDatabase, AgentDatabases, MemoryEntry, SearchHit, agent_key
+from services.durable_sqlite import GroupCommit, grouped
+from services.memory.database import MemoryDatabase, MemoryEntry, SearchHit, agent_key, open_database
 from services.memory.lru_k import LruKCache
 
 log = logging.getLogger("aios.memory")
@@ -78,7 +82,7 @@ class MemoryStore:
     ) -> None:
         require(ram_budget_bytes > 0, "the RAM budget must be positive")
         require(entries_per_block > 0, "entries_per_block must be positive")
-        self.files = AgentDatabases(directory)
+        self._file = MemoryDatabase(open_database(directory))
         self.ram_budget_bytes = ram_budget_bytes
         self.entries_per_block = entries_per_block
         self.max_entry_bytes = max_entry_bytes
@@ -91,23 +95,22 @@ class MemoryStore:
         self._entries: dict[str, int] = {}  # agent key -> entries
         self._bytes: dict[str, int] = {}  # agent key -> bytes of text and metadata on disk
         self._clock = 0
-        self._lock = threading.Lock()
         self._scan()
+        self.commits = GroupCommit(self._file.db, "memory")
 
     def _scan(self) -> None:
-        """Rebuilds the counters from the files on disk (after a restart nothing is resident)."""
+        """Rebuilds the counters from the file on disk (after a restart nothing is resident)."""
         started = time.monotonic()
-        for path in self.files.existing():
-            db = self.files.get(AgentDatabase.owner_of(path))
-            key = path.stem
-            self._entries[key], self._bytes[key] = db.totals()
-            self._on_disk.update((key, block) for block in db.block_numbers(self.entries_per_block))
+        for key, _, entries, size in self._file.agents():
+            self._entries[key], self._bytes[key] = entries, size
+        self._on_disk.update(self._file.blocks(self.entries_per_block))
         if self._entries:
             log.info("found %d agents' memory (%d entries) in %.2f s", len(self._entries), sum(self._entries.values()),
                      time.monotonic() - started)
 
     # ---- API -------------------------------------------------------------------------
 
+    @grouped
     def add(self, agent_id: str, text: str, metadata: dict[str, str] | None = None, role: str = "",
             request_id: str = "") -> MemoryEntry:
         """A new entry. With `request_id`, a repeat of the call (a retry) answers with the entry the first made."""
@@ -116,65 +119,65 @@ class MemoryStore:
         self._check_content(text, metadata)
         require(role in ROLES, f"role {role!r} is not one of {', '.join(repr(r) for r in ROLES)}")
         require(len(request_id) <= 128, "request_id is at most 128 characters")
-        with self._lock:
-            key = agent_key(agent_id)
-            earlier = self.files.get(agent_id).added_by(request_id) if request_id else None
-            if earlier is not None:
-                return self._find(agent_id, f"mem-{key}-{earlier}", self._tick())
-            self._check_quota(key, MemoryEntry(0, agent_id, text, metadata, role).size)
-            now = self._tick()
-            entry = self.files.get(agent_id).add(text, metadata, role, time.time(), request_id)  # committed: durable
-            self._entries[key] = self._entries.get(key, 0) + 1
-            self._bytes[key] = self._bytes.get(key, 0) + entry.size
-            block_key = self._block_key(key, entry.number)
-            self._on_disk.add(block_key)
-            if block_key not in self._resident and (entry.number - 1) % self.entries_per_block == 0:
-                # The first entry of a new block: the block starts in RAM, with nothing to read back.
-                self._resident[block_key] = Block({entry.number: entry}, entry.size)
-                self.resident_bytes += entry.size
-                self.policy.reference(block_key, now)
-                self._evict_over_budget(now)
-            else:
-                self._write_through(key, entry.number, entry)
-                self._touch(agent_id, entry.number, now)
-            return entry
+        key = agent_key(agent_id)
+        earlier = self._file.added_by(key, request_id) if request_id else None
+        if earlier is not None:
+            return self._find(agent_id, f"mem-{key}-{earlier}", self._tick())
+        self._check_quota(key, MemoryEntry(0, agent_id, text, metadata, role).size)
+        now = self._tick()
+        entry = self._file.add(agent_id, text, metadata, role, time.time(), request_id)
+        self._entries[key] = self._entries.get(key, 0) + 1
+        self._bytes[key] = self._bytes.get(key, 0) + entry.size
+        block_key = self._block_key(key, entry.number)
+        self._on_disk.add(block_key)
+        if block_key not in self._resident and (entry.number - 1) % self.entries_per_block == 0:
+            # The first entry of a new block: the block starts in RAM, with nothing to read back.
+            self._resident[block_key] = Block({entry.number: entry}, entry.size)
+            self.resident_bytes += entry.size
+            self.policy.reference(block_key, now)
+            self._evict_over_budget(now)
+        else:
+            self._write_through(key, entry.number, entry)
+            self._touch(agent_id, entry.number, now)
+        return entry
 
+    @grouped
     def get(self, agent_id: str, entry_id: str) -> MemoryEntry:
-        with self._lock:
-            return self._find(agent_id, entry_id, self._tick())
+        return self._find(agent_id, entry_id, self._tick())
 
+    @grouped
     def update(
         self, agent_id: str, entry_id: str, text: str = "", metadata: dict[str, str] | None = None,
         remove_metadata: list[str] | None = None,
     ) -> MemoryEntry:
         """Replaces the text (if given), sets the given metadata keys and removes the listed ones."""
-        with self._lock:
-            now = self._tick()
-            old = self._find(agent_id, entry_id, now)
-            merged = {k: v for k, v in old.metadata.items() if k not in set(remove_metadata or [])}
-            merged.update(metadata or {})
-            new_text = text or old.text
-            self._check_content(new_text, merged)
-            new = MemoryEntry(old.number, agent_id, new_text, merged, old.role, old.created_at, time.time())
-            key = agent_key(agent_id)
-            self._check_quota(key, new.size - old.size)
-            self.files.get(agent_id).update(new)
-            self._bytes[key] += new.size - old.size
-            self._write_through(key, new.number, new)
-            self._evict_over_budget(now)
-            return new
+        now = self._tick()
+        old = self._find(agent_id, entry_id, now)
+        merged = {k: v for k, v in old.metadata.items() if k not in set(remove_metadata or [])}
+        merged.update(metadata or {})
+        new_text = text or old.text
+        self._check_content(new_text, merged)
+        new = MemoryEntry(old.number, agent_id, new_text, merged, old.role, old.created_at, time.time())
+        key = agent_key(agent_id)
+        self._check_quota(key, new.size - old.size)
+        self._file.update(key, new)
+        self._bytes[key] += new.size - old.size
+        self._write_through(key, new.number, new)
+        self._evict_over_budget(now)
+        return new
 
+    @grouped
     def delete(self, agent_id: str, entry_id: str) -> MemoryEntry:
-        with self._lock:
-            now = self._tick()
-            entry = self._find(agent_id, entry_id, now)
-            self.files.get(agent_id).delete(entry.number)
-            key = agent_key(agent_id)
-            self._entries[key] -= 1
-            self._bytes[key] -= entry.size
-            self._write_through(key, entry.number, None)
-            return entry
+        now = self._tick()
+        entry = self._find(agent_id, entry_id, now)
+        key = agent_key(agent_id)
+        self._file.delete(key, entry.number)
+        self._entries[key] -= 1
+        self._bytes[key] -= entry.size
+        self._write_through(key, entry.number, None)
+        return entry
 
+    @grouped
     def list(self, agent_id: str, page_size: int = 0, page_token: str = "") -> tuple[list[MemoryEntry], str]:
         """Entries oldest first; the token is the last id of the page."""
         size = page_size or DEFAULT_PAGE_SIZE
@@ -185,49 +188,47 @@ class MemoryStore:
             if match is None or match.group(1) != agent_key(agent_id):
                 raise InvalidArgument(f"page_token {page_token!r} is not one this service issued to this agent")
             after = int(match.group(2))
-        with self._lock:
-            now = self._tick()
-            numbers = self.files.get(agent_id).numbers_after(after, size + 1)
-            entries = self._load(agent_id, numbers[:size], now)
+        now = self._tick()
+        numbers = self._file.numbers_after(agent_key(agent_id), after, size + 1)
+        entries = self._load(agent_id, numbers[:size], now)
         return entries, entry_id(entries[-1]) if len(numbers) > size else ""
 
+    @grouped
     def recent_turns(self, agent_id: str, limit: int) -> list[MemoryEntry]:
         """The newest `limit` conversation turns (entries with a role), oldest first: a prompt's history."""
         require(0 < limit <= MAX_TURNS, f"the number of turns must be between 1 and {MAX_TURNS}")
-        with self._lock:
-            now = self._tick()
-            return self._load(agent_id, self.files.get(agent_id).last_turns(limit), now)
+        now = self._tick()
+        return self._load(agent_id, self._file.last_turns(agent_key(agent_id), limit), now)
 
+    @grouped
     def search(self, agent_id: str, query: str, limit: int = 10, metadata: dict[str, str] | None = None) -> list[SearchHit]:
         require(bool(query.strip()), "the search query must not be empty")
         require(0 < limit <= MAX_SEARCH_RESULTS, f"limit must be between 1 and {MAX_SEARCH_RESULTS}")
-        with self._lock:
-            self._tick()
-            return self.files.get(agent_id).search(query, limit, dict(metadata or {}))
+        self._tick()
+        return self._file.search(agent_id, query, limit, dict(metadata or {}))
 
+    @grouped
     def stats(self) -> dict[str, int | float]:
-        with self._lock:
-            c = self.counters
-            touches = c.hits + c.faults
-            return {
-                "agents": sum(1 for n in self._entries.values() if n > 0),
-                "entries": sum(self._entries.values()),
-                "resident_bytes": self.resident_bytes,
-                "ram_budget_bytes": self.ram_budget_bytes,
-                "total_bytes": sum(self._bytes.values()),
-                "blocks_resident": len(self._resident),
-                "blocks_spilled": len(self._on_disk) - len(self._resident),  # resident blocks are on disk too
-                "hits": c.hits,
-                "faults": c.faults,
-                "evictions": c.evictions,
-                "hit_ratio": c.hits / touches if touches else 0.0,
-                "lru_k": self.policy.k,
-                "quota_bytes_per_agent": self.quota_bytes,
-            }
+        c = self.counters
+        touches = c.hits + c.faults
+        return {
+            "agents": sum(1 for n in self._entries.values() if n > 0),
+            "entries": sum(self._entries.values()),
+            "resident_bytes": self.resident_bytes,
+            "ram_budget_bytes": self.ram_budget_bytes,
+            "total_bytes": sum(self._bytes.values()),
+            "blocks_resident": len(self._resident),
+            "blocks_spilled": len(self._on_disk) - len(self._resident),  # resident blocks are on disk too
+            "hits": c.hits,
+            "faults": c.faults,
+            "evictions": c.evictions,
+            "hit_ratio": c.hits / touches if touches else 0.0,
+            "lru_k": self.policy.k,
+            "quota_bytes_per_agent": self.quota_bytes,
+        }
 
     def close(self) -> None:
-        with self._lock:
-            self.files.close()
+        self.commits.close()
 
     # ---- paging ----------------------------------------------------------------------
 
@@ -239,7 +240,7 @@ class MemoryStore:
         return key, (number - 1) // self.entries_per_block
 
     def _touch(self, agent_id: str, number: int, now: int) -> Block:
-        """The resident block holding `number`, faulting it in from the agent's file if needed."""
+        """The resident block holding `number`, faulting it in from the file if needed."""
         key = self._block_key(agent_key(agent_id), number)
         self.policy.reference(key, now)
         block = self._resident.get(key)
@@ -249,7 +250,7 @@ class MemoryStore:
             return block
         self.counters.faults += 1
         first = key[1] * self.entries_per_block + 1
-        entries = self.files.get(agent_id).range(first, first + self.entries_per_block - 1)
+        entries = self._file.range(agent_id, first, first + self.entries_per_block - 1)
         block = Block({e.number: e for e in entries}, sum(e.size for e in entries))
         if not entries:  # nothing there (all deleted): nothing to keep resident
             self.policy.forget(key)
@@ -325,7 +326,7 @@ class MemoryStore:
             raise InvalidArgument(f"{entry_id!r} is not a memory entry id (they look like mem-<16 hex>-<number>)")
         owner, number = match.group(1), int(match.group(2))
         if owner != agent_key(agent_id):
-            if self.files.holds(owner, number):
+            if self._file.holds(owner, number):
                 raise PermissionDenied(f"memory entry {entry_id!r} belongs to another agent")
             raise NotFound(f"memory entry {entry_id!r} does not exist (deleted, or never added)")
         entry = self._touch(agent_id, number, now).entries.get(number)

@@ -19,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from services.durable_sqlite import connect_durable, fts_query, transaction
+from services.durable_sqlite import GroupCommit, connect_durable, fts_query, grouped
 from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, require
 
 MAX_KEY_CHARS = 256
@@ -166,7 +165,8 @@ def _text(data: bytes) -> str | None:
 
 
 class RecordStore:
-    """All agents' records in one database; each call is one transaction."""
+    """All agents' records in one database; each call runs in a savepoint of a group commit (one transaction and
+    one fsync for all the calls that arrived together) and returns once that committed."""
 
     def __init__(
         self,
@@ -185,10 +185,11 @@ class RecordStore:
             ):  # a database from before read-write grants: its grants were read-only
                 self._db.execute("ALTER TABLE grants ADD COLUMN access INTEGER NOT NULL DEFAULT 1")
             self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+        self.commits = GroupCommit(self._db, "storage")
 
     # ---- writes ----------------------------------------------------------------------
 
+    @grouped
     def write(
         self, agent_id: str, key: str, data: bytes, metadata: dict[str, str] | None = None, owner: str = "",
         request_id: str = "",
@@ -206,6 +207,7 @@ class RecordStore:
 
         return self._once(agent_id, request_id, write)
 
+    @grouped
     def rollback(self, agent_id: str, key: str, version: int, owner: str = "", request_id: str = "") -> RecordInfo:
         """Makes `version`'s content the newest again, as a new version (once per `request_id`)."""
         validate_key(key)
@@ -219,6 +221,7 @@ class RecordStore:
 
         return self._once(agent_id, request_id, roll_back)
 
+    @grouped
     def delete(self, agent_id: str, key: str, purge: bool = False, owner: str = "", request_id: str = "") -> RecordInfo:
         """Adds a tombstone (the history stays), or with `purge` erases every version (once per `request_id`)."""
         validate_key(key)
@@ -226,22 +229,21 @@ class RecordStore:
         return self._once(agent_id, request_id, lambda: self._delete(agent_id, owner, key, purge))
 
     def _once(self, agent_id: str, request_id: str, write: Callable[[], RecordInfo]) -> RecordInfo:
-        """`write()` in a transaction, once per request id: a repeat answers the reply remembered with the first,
+        """`write()`, once per request id: a repeat answers the reply remembered with the first,
         in the same transaction, so a retry never writes twice."""
         require(len(request_id) <= 128, "request_id is at most 128 characters")
-        with self._lock, transaction(self._db):
-            if request_id:
-                row = self._db.execute("SELECT reply FROM requests WHERE agent_id=? AND request_id=?",
-                                       (agent_id, request_id)).fetchone()
-                if row is not None:
-                    return RecordInfo(**json.loads(row[0]))
-            reply = write()
-            if request_id:
-                now = time.time()
-                self._db.execute("INSERT INTO requests VALUES (?, ?, ?, ?)",
-                                 (agent_id, request_id, json.dumps(dataclasses.asdict(reply)), now))
-                self._db.execute("DELETE FROM requests WHERE created_at < ?", (now - REQUEST_ID_TTL_S,))
-            return reply
+        if request_id:
+            row = self._db.execute("SELECT reply FROM requests WHERE agent_id=? AND request_id=?",
+                                   (agent_id, request_id)).fetchone()
+            if row is not None:
+                return RecordInfo(**json.loads(row[0]))
+        reply = write()
+        if request_id:
+            now = time.time()
+            self._db.execute("INSERT INTO requests VALUES (?, ?, ?, ?)",
+                             (agent_id, request_id, json.dumps(dataclasses.asdict(reply)), now))
+            self._db.execute("DELETE FROM requests WHERE created_at < ?", (now - REQUEST_ID_TTL_S,))
+        return reply
 
     def _delete(self, agent_id: str, owner: str, key: str, purge: bool) -> RecordInfo:
         self._check_access(agent_id, owner, key, Access.READ_WRITE)
@@ -259,28 +261,29 @@ class RecordStore:
         self._account(agent_id, -size, -1 if not head.deleted else 0)
         return head
 
+    @grouped
     def grant(self, owner: str, grantee: str, key: str, prefix: bool, access: Access = Access.READ) -> Grant:
         """`owner` (always the caller: an agent grants only its own records) lets `grantee` in; again: new access."""
         require(bool(grantee), "grantee_agent_id is required")
         require(grantee != owner, "an agent always reads its own records; grant to another agent")
         validate_prefix(key) if prefix else validate_key(key)
-        with self._lock, transaction(self._db):
-            self._db.execute(
-                "INSERT INTO grants VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner, grantee, key, prefix) "
-                "DO UPDATE SET access = excluded.access", (owner, grantee, key, int(prefix), int(access)))
+        self._db.execute(
+            "INSERT INTO grants VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner, grantee, key, prefix) "
+            "DO UPDATE SET access = excluded.access", (owner, grantee, key, int(prefix), int(access)))
         return Grant(grantee, key, prefix, Access(access), owner)
 
+    @grouped
     def revoke(self, owner: str, grantee: str, key: str, prefix: bool) -> Grant:
-        with self._lock, transaction(self._db):
-            row = self._db.execute(
-                "DELETE FROM grants WHERE owner=? AND grantee=? AND key=? AND prefix=? RETURNING access",
-                (owner, grantee, key, int(prefix))).fetchone()
+        row = self._db.execute(
+            "DELETE FROM grants WHERE owner=? AND grantee=? AND key=? AND prefix=? RETURNING access",
+            (owner, grantee, key, int(prefix))).fetchone()
         if row is None:
             raise NotFound(f"no such grant of {key!r}{' (prefix)' if prefix else ''} to {grantee!r}")
         return Grant(grantee, key, prefix, Access(row[0]), owner)
 
     # ---- reads -----------------------------------------------------------------------
 
+    @grouped
     def read(self, agent_id: str, key: str, version: int = 0, owner: str = "", offset: int = 0,
              length: int = 0) -> tuple[RecordInfo, bytes]:
         """The newest version (or `version`) of a record of `owner` (default: the caller's own); with `offset` and
@@ -289,51 +292,51 @@ class RecordStore:
         validate_key(key)
         owner = owner or agent_id
         require(version <= MAX_VERSION, f"version {version} does not exist (versions stay below 2^63)")
-        with self._lock:
-            self._check_access(agent_id, owner, key)
-            if version:
-                row = self._db.execute(
-                    "SELECT version, data, metadata, deleted, restored_from, created_at FROM versions "
-                    "WHERE agent_id=? AND key=? AND version=?", (owner, key, version)
-                ).fetchone()
-                if row is None:
-                    raise NotFound(f"record {key!r} has no version {version}")
-            else:
-                row = self._db.execute(
-                    "SELECT version, data, metadata, deleted, restored_from, created_at FROM versions "
-                    "WHERE agent_id=? AND key=? ORDER BY version DESC LIMIT 1", (owner, key)
-                ).fetchone()
-                if row is None or row[3]:
-                    raise NotFound(f"no record {key!r} in {'this agent' if owner == agent_id else 'the owner'}'s storage")
+        self._check_access(agent_id, owner, key)
+        if version:
+            row = self._db.execute(
+                "SELECT version, data, metadata, deleted, restored_from, created_at FROM versions "
+                "WHERE agent_id=? AND key=? AND version=?", (owner, key, version)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"record {key!r} has no version {version}")
+        else:
+            row = self._db.execute(
+                "SELECT version, data, metadata, deleted, restored_from, created_at FROM versions "
+                "WHERE agent_id=? AND key=? ORDER BY version DESC LIMIT 1", (owner, key)
+            ).fetchone()
+            if row is None or row[3]:
+                raise NotFound(f"no record {key!r} in {'this agent' if owner == agent_id else 'the owner'}'s storage")
         number, data, metadata, deleted, restored_from, created_at = row
         require(offset <= len(data), f"offset {offset} is past the end of {key!r} ({len(data)} bytes)")
         info = RecordInfo(key, len(data), number, json.loads(metadata), created_at, bool(deleted), restored_from or 0, owner)
         return info, bytes(data[offset:offset + length] if length else data[offset:])
 
+    @grouped
     def history(self, agent_id: str, key: str, owner: str = "") -> list[RecordInfo]:
         validate_key(key)
         owner = owner or agent_id
-        with self._lock:
-            self._check_access(agent_id, owner, key)
-            rows = self._db.execute(
-                "SELECT version, length(data), metadata, deleted, restored_from, created_at FROM versions "
-                "WHERE agent_id=? AND key=? ORDER BY version", (owner, key)
-            ).fetchall()
+        self._check_access(agent_id, owner, key)
+        rows = self._db.execute(
+            "SELECT version, length(data), metadata, deleted, restored_from, created_at FROM versions "
+            "WHERE agent_id=? AND key=? ORDER BY version", (owner, key)
+        ).fetchall()
         if not rows:
             raise NotFound(f"no record {key!r} in this agent's storage")
         return [RecordInfo(key, size, v, json.loads(m), t, bool(d), r or 0, owner) for v, size, m, d, r, t in rows]
 
+    @grouped
     def list(self, agent_id: str, prefix: str = "") -> list[RecordInfo]:
         """Live records (newest version not a tombstone), by key."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT key, version, length(data), metadata, deleted, restored_from, created_at FROM versions v "
-                "WHERE agent_id=? AND key LIKE ? ESCAPE '\\' AND version = "
-                "(SELECT max(version) FROM versions WHERE agent_id=v.agent_id AND key=v.key) ORDER BY key",
-                (agent_id, _like_prefix(prefix)),
-            ).fetchall()
+        rows = self._db.execute(
+            "SELECT key, version, length(data), metadata, deleted, restored_from, created_at FROM versions v "
+            "WHERE agent_id=? AND key LIKE ? ESCAPE '\\' AND version = "
+            "(SELECT max(version) FROM versions WHERE agent_id=v.agent_id AND key=v.key) ORDER BY key",
+            (agent_id, _like_prefix(prefix)),
+        ).fetchall()
         return [RecordInfo(k, size, v, json.loads(m), t, False, r or 0, agent_id) for k, v, size, m, d, r, t in rows if not d]
 
+    @grouped
     def search(
         self, agent_id: str, query: str, limit: int = 10, prefix: str = "", metadata: dict[str, str] | None = None
     ) -> list[SearchHit]:
@@ -348,39 +351,37 @@ class RecordStore:
         for name, value in (metadata or {}).items():
             where += " AND json_extract(v.metadata, ?) = ?"
             params += ['$."' + name.replace('"', '""') + '"', value]
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT s.key, v.version, length(v.data), v.metadata, v.restored_from, v.created_at, bm25(search), "
-                "snippet(search, 0, '[', ']', '...', 12) FROM search s JOIN versions v ON v.agent_id = s.agent_id "
-                "AND v.key = s.key AND v.version = (SELECT max(version) FROM versions WHERE agent_id = s.agent_id "
-                f"AND key = s.key) WHERE {where} ORDER BY bm25(search) LIMIT ?",
-                (*params, limit),
-            ).fetchall()
+        rows = self._db.execute(
+            "SELECT s.key, v.version, length(v.data), v.metadata, v.restored_from, v.created_at, bm25(search), "
+            "snippet(search, 0, '[', ']', '...', 12) FROM search s JOIN versions v ON v.agent_id = s.agent_id "
+            "AND v.key = s.key AND v.version = (SELECT max(version) FROM versions WHERE agent_id = s.agent_id "
+            f"AND key = s.key) WHERE {where} ORDER BY bm25(search) LIMIT ?",
+            (*params, limit),
+        ).fetchall()
         return [
             SearchHit(RecordInfo(k, size, v, json.loads(m), t, False, r or 0, agent_id), -score, snippet)
             for k, v, size, m, r, t, score, snippet in rows
         ]
 
+    @grouped
     def grants(self, agent_id: str) -> tuple[list[Grant], list[Grant]]:
         """The grants `agent_id` gave (by grantee, key) and those it received (by owner, key)."""
-        with self._lock:
-            given = self._db.execute(
-                "SELECT grantee, key, prefix, access, owner FROM grants WHERE owner=? ORDER BY grantee, key", (agent_id,)
-            ).fetchall()
-            received = self._db.execute(
-                "SELECT grantee, key, prefix, access, owner FROM grants WHERE grantee=? ORDER BY owner, key", (agent_id,)
-            ).fetchall()
+        given = self._db.execute(
+            "SELECT grantee, key, prefix, access, owner FROM grants WHERE owner=? ORDER BY grantee, key", (agent_id,)
+        ).fetchall()
+        received = self._db.execute(
+            "SELECT grantee, key, prefix, access, owner FROM grants WHERE grantee=? ORDER BY owner, key", (agent_id,)
+        ).fetchall()
         return ([Grant(g, k, bool(p), Access(a), o) for g, k, p, a, o in given],
                 [Grant(g, k, bool(p), Access(a), o) for g, k, p, a, o in received])
 
+    @grouped
     def usage(self, agent_id: str) -> Usage:
-        with self._lock:
-            used_bytes, records = self._used(agent_id)
+        used_bytes, records = self._used(agent_id)
         return Usage(used_bytes, records, self.quota_bytes, self.quota_records)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.commits.close()
 
     # ---- internals -------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import pytest
 
 import aios
 from deploy.cluster import Cluster, ClusterConfig
-from services.memory.agent_db import agent_key
+from services.memory.database import entries_on_disk
 from services.shards import ShardRing
 
 INSTANT = {"llm_core": ["--backend", "instant"]}
@@ -27,10 +27,6 @@ def storage_rows(home: Path, shard: str, agent_id: str) -> int:
         return db.execute("SELECT count(*) FROM versions WHERE agent_id=?", (agent_id,)).fetchone()[0]
     finally:
         db.close()
-
-
-def memory_file(home: Path, shard: str, agent_id: str) -> Path:
-    return home / "data" / shard / f"{agent_key(agent_id)}.sqlite3"
 
 
 def test_each_agents_data_lives_on_its_shard_and_grants_reach_across_shards(tmp_path):
@@ -47,8 +43,8 @@ def test_each_agents_data_lives_on_its_shard_and_grants_reach_across_shards(tmp_
             other = "storage_2" if home_shard == "storage" else "storage"
             assert storage_rows(tmp_path, home_shard, agent.id) == 2 and storage_rows(tmp_path, other, agent.id) == 0
             mine = memory_ring.owner(agent.id)
-            assert memory_file(tmp_path, mine, agent.id).exists()
-            assert not memory_file(tmp_path, "memory_2" if mine == "memory" else "memory", agent.id).exists()
+            assert entries_on_disk(tmp_path / "data" / mine, agent.id) == 1
+            assert entries_on_disk(tmp_path / "data" / ("memory_2" if mine == "memory" else "memory"), agent.id) == 0
             assert agent.call_tool("file_read", path="log.txt")["content"] == agent.name
         assert {storage_ring.owner(a.id) for a in agents} == {"storage", "storage_2"}  # both shards in use
         owner = agents[0]

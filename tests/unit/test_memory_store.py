@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from services.memory.agent_db import agent_key
+from services.memory.database import agent_key
 from services.memory.core import MemoryStore, entry_id
 
 NOTE = "a note of about fifty bytes, padded out to that...."  # 50 bytes
@@ -140,13 +140,16 @@ def test_recent_turns_are_the_newest_entries_with_a_role_oldest_first(store):
     assert len(store.recent_turns("alice", 10)) == 3
 
 
-def test_each_agent_has_its_own_file_that_holds_only_its_entries(store, tmp_path):
-    store.add("alice", "alice's secret plan")
-    store.add("bob", "bob's shopping list")
-    files = sorted(p.name for p in tmp_path.glob("*.sqlite3"))
-    assert files == sorted(f"{agent_key(a)}.sqlite3" for a in ("alice", "bob"))
-    bob_bytes = b"".join(p.read_bytes() for p in tmp_path.glob(f"{agent_key('bob')}.sqlite3*"))
-    assert b"bob's shopping list" in bob_bytes and b"alice" not in bob_bytes
+def test_an_agent_sees_and_finds_only_its_own_entries_numbered_from_one(store):
+    alice = store.add("alice", "alice's secret plan for the shopping trip")
+    bob = store.add("bob", "bob's shopping list")
+    assert (alice.number, bob.number) == (1, 1)  # numbers count per agent
+    assert [hit.entry.text for hit in store.search("alice", "shopping")] == [alice.text]
+    assert [hit.entry.text for hit in store.search("bob", "shopping plan")] == [bob.text]
+    assert store.search("bob", "secret") == []
+    assert [e.text for e in store.list("bob")[0]] == [bob.text]
+    with pytest.raises(PermissionDenied):
+        store.get("bob", entry_id(alice))
 
 
 def test_bad_input_gets_a_clear_error_and_loses_nothing(store):
@@ -209,40 +212,46 @@ def test_an_add_repeated_with_its_request_id_adds_once_even_after_a_restart(tmp_
     assert store.stats()["entries"] == 3
 
 
-def test_a_file_from_before_schema_versions_is_brought_up_to_date_when_opened(tmp_path):
-    """Files made before SCHEMA_VERSION existed (user_version 0, maybe missing newer tables) still open and work."""
-    import sqlite3
+OLD_AGENT_FILE_SCHEMA = """
+CREATE TABLE owner (agent_id TEXT NOT NULL);
+CREATE TABLE entries (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, metadata TEXT NOT NULL,
+    role TEXT NOT NULL DEFAULT '', size INTEGER NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE requests (request_id TEXT PRIMARY KEY, entry_id INTEGER NOT NULL, created_at REAL NOT NULL);
+"""
 
-    from services.memory.agent_db import SCHEMA_VERSION
+
+def test_agent_files_of_the_old_layout_are_moved_into_the_shard_file_with_their_entry_ids(tmp_path):
+    """Memory was kept as one SQLite file per agent before: such files are imported at start-up (numbers, request
+    ids and the next number kept) and removed, and a half-made one of a crash is dropped."""
+    import sqlite3
+    import time
 
     old = tmp_path / f"{agent_key('veteran')}.sqlite3"
     db = sqlite3.connect(old)
-    db.executescript("CREATE TABLE owner (agent_id TEXT NOT NULL); INSERT INTO owner VALUES ('veteran');")
+    db.executescript(OLD_AGENT_FILE_SCHEMA)
+    now = time.time()
+    db.execute("INSERT INTO owner VALUES ('veteran')")
+    db.executemany("INSERT INTO entries (text, metadata, role, size, created_at, updated_at) VALUES (?, '{}', ?, ?, ?, ?)",
+                   [("first words", "user", 11, now, now), ("deleted later", "", 13, now, now), ("kept", "", 4, now, now)])
+    db.execute("DELETE FROM entries WHERE id=2")
+    db.execute("INSERT INTO requests VALUES ('r-1', 1, ?)", (now,))
+    db.commit()
     db.close()
-    s = store_at(tmp_path)
-    try:
-        added = s.add("veteran", "still here", request_id="r-1")  # uses the requests table the old file lacked
-        assert s.add("veteran", "still here", request_id="r-1").number == added.number
-        assert sqlite3.connect(old).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    finally:
-        s.close()
-
-
-def test_a_file_half_made_when_the_service_died_is_never_taken_for_an_agent(tmp_path):
-    """A new agent's file takes its name only once whole (schema and owner): a leftover of a crash in between is
-    ignored at start-up and replaced when the agent comes."""
     torn = tmp_path / f"{agent_key('newcomer')}.new"
     torn.write_bytes(b"torn")
-    torn.with_name(torn.name + "-wal").write_bytes(b"a stale WAL SQLite would replay into the new copy")
+    torn.with_name(torn.name + "-wal").write_bytes(b"a stale WAL")
     s = store_at(tmp_path)
     try:
-        assert s.stats()["agents"] == 0
-        entry = s.add("newcomer", NOTE)
-        assert s.get("newcomer", entry_id(entry)).text == NOTE
+        assert s.stats()["entries"] == 2 and s.stats()["agents"] == 1
+        assert s.get("veteran", f"mem-{agent_key('veteran')}-3").text == "kept"
+        assert [e.text for e in s.recent_turns("veteran", 5)] == ["first words"]
+        assert s.add("veteran", "again", request_id="r-1").number == 1  # the request id came along
+        assert s.add("veteran", "new").number == 4  # numbers are never reused, not even a deleted one's
+        assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".sqlite3", ".new", ".new-wal")) == []
     finally:
         s.close()
     again = store_at(tmp_path)
     try:
-        assert again.stats()["entries"] == 1
+        assert again.stats()["entries"] == 3
     finally:
         again.close()

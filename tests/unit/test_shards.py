@@ -12,8 +12,8 @@ import pytest
 from deploy import reshard as reshard_module
 from deploy.cluster import Cluster, ClusterConfig, StartError, check_layout, replica_names
 from deploy.reshard import reshard
-from services.memory.agent_db import agent_key
 from services.memory.core import MemoryStore
+from services.memory.database import entries_on_disk
 from services.shards import ShardRing, parse_named_addresses
 from services.storage.core import Access, RecordStore
 
@@ -87,8 +87,8 @@ def snapshot_of(data: Path, counts: dict[str, int]) -> dict:
                 "given": sorted((g.grantee, g.key) for g in given),
                 "usage": storage.usage(agent).bytes,
             }
-            for name in stores:  # (asking another shard's store would make the agent an empty file there)
-                assert (data / name / f"{agent_key(agent)}.sqlite3").exists() == (name == rings["memory"].owner(agent))
+            for name in stores:
+                assert entries_on_disk(data / name, agent) == (3 if name == rings["memory"].owner(agent) else 0)
             for name, other in records.items():
                 if name != rings["storage"].owner(agent):
                     assert other.list(agent) == [] and other.grants(agent)[0] == []
@@ -145,16 +145,24 @@ def killed_at(real, call: int):
 
 def test_an_interrupted_reshard_blocks_the_start_and_finishes_when_run_again(tmp_path, monkeypatch):
     before = fill(tmp_path / "data")
-    # Killed in memory (a file copied into its new shard, not yet removed from the old) ...
+    # A move is two transactions (the copy on the new shard, then the delete on the old): the 4th call is the
+    # second agent's delete. Killed there in memory (its rows on both shards) ...
     with monkeypatch.context() as patch:
-        patch.setattr(reshard_module, "remove_database", killed_at(reshard_module.remove_database, 5))
+        patch.setattr(reshard_module, "transaction", killed_at(reshard_module.transaction, 4))
         with pytest.raises(KeyboardInterrupt):
             reshard(tmp_path, {"memory": 2, "storage": 2})
     with pytest.raises(StartError, match="did not finish"):
         check_layout(tmp_path, {"memory": 2, "storage": 2})
-    # ... then, run again, in storage (some agents' rows committed on the new shard, not yet deleted from the old).
+    # ... then, run again, in storage the same way.
+    storage_part = reshard_module.reshard_storage
+
+    def storage_killed(*args):
+        with monkeypatch.context() as patch:
+            patch.setattr(reshard_module, "transaction", killed_at(reshard_module.transaction, 4))
+            return storage_part(*args)
+
     with monkeypatch.context() as patch:
-        patch.setattr(reshard_module, "transaction", killed_at(reshard_module.transaction, 7))
+        patch.setattr(reshard_module, "reshard_storage", storage_killed)
         with pytest.raises(KeyboardInterrupt):
             reshard(tmp_path, {"memory": 2, "storage": 2})
     reshard(tmp_path, {"memory": 2, "storage": 2})
