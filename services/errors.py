@@ -6,7 +6,12 @@ and the message is what the client reads, so it should say what to do.
 
 from __future__ import annotations
 
+import logging
+import traceback
+
 import grpc
+
+log = logging.getLogger("aios.errors")
 
 
 class AiosError(Exception):
@@ -65,12 +70,25 @@ class Cancelled(AiosError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unimplemented(AiosError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class ForwardedError(AiosError):
     """Another service's gRPC error, passed on with its own status code."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after)
         self.code = code
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
+    """The status a call answers for an exception that escaped it: (code, message, seconds until a retry may
+    succeed). A core error says its own; anything else is a bug, logged, and INTERNAL."""
+    if isinstance(exc, AiosError):
+        return exc.code, exc.message, exc.retry_after
+    log.error("unexpected error: %s", "".join(traceback.format_exception(exc)))
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the service log", None
 
 
 def require(condition: bool, message: str) -> None:

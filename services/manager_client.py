@@ -13,9 +13,13 @@ import asyncio
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aios.client import CHANNEL_OPTIONS
+from aios.v1 import batched_pb2_grpc
+from services.batched import CODES, CallBatcher, StreamBroken
 from services.credentials import bearer_metadata
 from services.errors import AiosError, DeadlineExceeded, ForwardedError, Unavailable
 
@@ -28,14 +32,21 @@ HEALTH_TIMEOUT_S = 1.0
 
 
 class ManagerClient:
-    """A channel to one manager service, with the cluster credential on every call."""
+    """A channel to one manager service, with the cluster credential on every call.
 
-    def __init__(self, name: str, address: str, stub_class: type, cluster_secret: str) -> None:
+    With `batched` (the manager's service), unary calls travel on one Batched stream (services/batched.py), many to
+    a message, with the same statuses; without, each is its own gRPC call."""
+
+    def __init__(self, name: str, address: str, stub_class: type, cluster_secret: str,
+                 batched: ServiceDescriptor | None = None) -> None:
         self.name = name
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = stub_class(self.channel)
         self.metadata = bearer_metadata(cluster_secret)
+        self._batcher: CallBatcher | None = None
+        self._responses = {} if batched is None else {m.name: GetMessageClass(m.output_type) for m in batched.methods}
+        self._batched = batched is not None
 
     async def connected(self) -> None:
         """Returns once the channel is ready; UNAVAILABLE after CONNECT_TIMEOUT_S."""
@@ -52,22 +63,39 @@ class ManagerClient:
     async def call(self, method: str, request: Any, timeout: float | None) -> Any:
         """A unary call; the manager's error comes back as a core error naming the manager."""
         await self.connected()
+        if self._batched:
+            return await self._batched_call(method, request, timeout)
         try:
             return await getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from None
+
+    async def _batched_call(self, method: str, request: Any, timeout: float | None) -> Any:
+        if self._batcher is None:  # made in the event loop that calls
+            self._batcher = CallBatcher(batched_pb2_grpc.BatchedStub(self.channel), self.metadata)
+        try:
+            reply = await self._batcher.call(method, request, timeout)
+        except StreamBroken as exc:
+            raise self.status_error(exc.code, exc.details) from None
+        except asyncio.TimeoutError:
+            raise self.status_error(grpc.StatusCode.DEADLINE_EXCEEDED, CLIENT_DEADLINE) from None
+        if reply.code:
+            raise self.status_error(CODES[reply.code], reply.message, reply.retry_after_seconds or None)
+        return self._responses[method].FromString(reply.response)
 
     def stream(self, method: str, request: Any, timeout: float | None) -> Any:
         """A server-streaming call; the caller iterates it and translates errors with `error`."""
         return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
 
     def error(self, exc: grpc.aio.AioRpcError) -> AiosError:
-        code = exc.code()
+        return self.status_error(exc.code(), exc.details())
+
+    def status_error(self, code: grpc.StatusCode, details: str, retry_after: float | None = None) -> AiosError:
         if code == grpc.StatusCode.UNAVAILABLE:
-            return Unavailable(f"the {self.name} service is unavailable ({exc.details()}); retry when it is back")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == CLIENT_DEADLINE:
+            return Unavailable(f"the {self.name} service is unavailable ({details}); retry when it is back")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and details == CLIENT_DEADLINE:
             return DeadlineExceeded(f"the {self.name} service did not answer before the deadline")
-        return ForwardedError(code, f"{self.name}: {exc.details()}")
+        return ForwardedError(code, f"{self.name}: {details}", retry_after)
 
     async def healthy(self) -> bool:
         """Whether its standard gRPC health check answers SERVING."""
@@ -80,4 +108,6 @@ class ManagerClient:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
         await self.channel.close()

@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -27,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aios.client import MESSAGE_LIMIT_BYTES, NO_RETRY_PUSHBACK, retry_pushback
 from services.credentials import ClusterSecretCheck, Metadata, read_secret
-from services.errors import AiosError
+from services.errors import status_of
 
 log = logging.getLogger("aios.server")
 
@@ -46,13 +45,11 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
-    if isinstance(exc, AiosError):
-        trailing = () if exc.retry_after is None else ((RETRY_AFTER, f"{exc.retry_after:.3f}"),)
-        if exc.code == grpc.StatusCode.UNAVAILABLE:  # retry when it says (the kernel stopping), else never
-            trailing += (NO_RETRY_PUSHBACK if exc.retry_after is None else retry_pushback(exc.retry_after),)
-        return exc.code, exc.message, trailing
-    log.error("unexpected error: %s", "".join(traceback.format_exception(exc)))
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the service log", ()
+    code, message, retry_after = status_of(exc)
+    trailing = () if retry_after is None else ((RETRY_AFTER, f"{retry_after:.3f}"),)
+    if code == grpc.StatusCode.UNAVAILABLE:  # retry when it says (the kernel stopping), else never
+        trailing += (NO_RETRY_PUSHBACK if retry_after is None else retry_pushback(retry_after),)
+    return code, message, trailing
 
 
 class _Undecodable:
@@ -135,6 +132,20 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+            )
+        if handler.stream_stream is not None and authorize is not None:
+            inner_streams = handler.stream_stream
+
+            async def stream_stream(request_iterator, context):
+                try:
+                    authorize(context.invocation_metadata())
+                except Exception as exc:  # noqa: BLE001
+                    await context.abort(*_status_for(exc))
+                async for item in inner_streams(request_iterator, context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, handler.request_deserializer, handler.response_serializer
             )
         return handler
 

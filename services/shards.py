@@ -13,6 +13,8 @@ import bisect
 import hashlib
 from typing import Sequence
 
+from google.protobuf.descriptor import ServiceDescriptor
+
 from services.manager_client import ManagerClient
 
 VIRTUAL_NODES = 128  # points per shard on the ring: agents spread within a few percent of evenly
@@ -71,7 +73,8 @@ def parse_named_addresses(values: Sequence[str], kind: str) -> list[tuple[str, s
     return named
 
 
-def sharded_manager(values: Sequence[str], kind: str, stub_class: type, cluster_secret: str) -> ShardedManager:
-    """A ShardedManager from `--<kind>` options."""
-    return ShardedManager([ManagerClient(name, address, stub_class, cluster_secret)
+def sharded_manager(values: Sequence[str], kind: str, stub_class: type, cluster_secret: str,
+                    batched: ServiceDescriptor | None = None) -> ShardedManager:
+    """A ShardedManager from `--<kind>` options (unary calls on a Batched stream with `batched`, the service)."""
+    return ShardedManager([ManagerClient(name, address, stub_class, cluster_secret, batched)
                            for name, address in parse_named_addresses(values, kind)])

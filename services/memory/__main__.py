@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aios.v1 import memory_pb2_grpc
+from aios.v1 import memory_pb2, memory_pb2_grpc
+from services.batched import manager_services
 from services.memory.core import (
     DEFAULT_ENTRIES_PER_BLOCK,
     DEFAULT_MAX_ENTRY_BYTES,
@@ -27,10 +28,12 @@ def build(args: argparse.Namespace) -> Service:
         max_entry_bytes=args.max_entry_bytes,
         quota_bytes=args.quota_bytes,
     )
+    grpc_services, register = manager_services(
+        MemoryServicer(store), memory_pb2_grpc.add_MemoryServicer_to_server, memory_pb2.DESCRIPTOR.services_by_name["Memory"])
     return Service(
         name="memory",
-        grpc_services=["aios.v1.Memory"],
-        register=lambda server: memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(store), server),
+        grpc_services=grpc_services,
+        register=register,
         on_stop=store.close,
         authorize=kernel_only(args),
     )

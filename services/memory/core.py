@@ -95,18 +95,35 @@ class MemoryStore:
         self._entries: dict[str, int] = {}  # agent key -> entries
         self._bytes: dict[str, int] = {}  # agent key -> bytes of text and metadata on disk
         self._clock = 0
+        self._owners: dict[str, str] = {}  # agent key -> the agent id it belongs to
         self._scan()
-        self.commits = GroupCommit(self._file.db, "memory")
+        self.commits = GroupCommit(self._file.db, "memory", reload=self._reload)
 
     def _scan(self) -> None:
         """Rebuilds the counters from the file on disk (after a restart nothing is resident)."""
         started = time.monotonic()
-        for key, _, entries, size in self._file.agents():
-            self._entries[key], self._bytes[key] = entries, size
+        for key, agent_id, entries, size in self._file.agents():
+            self._owners[key], self._entries[key], self._bytes[key] = agent_id, entries, size
         self._on_disk.update(self._file.blocks(self.entries_per_block))
         if self._entries:
             log.info("found %d agents' memory (%d entries) in %.2f s", len(self._entries), sum(self._entries.values()),
                      time.monotonic() - started)
+
+    def _reload(self) -> None:
+        """After a group failed to commit: RAM read again from the file, so that nothing of the group stays."""
+        self.policy = LruKCache(k=self.policy.k, correlated_period=self.policy.correlated_period)
+        for state in (self._resident, self._on_disk, self._entries, self._bytes, self._owners):
+            state.clear()
+        self.resident_bytes = 0
+        self._scan()
+
+    def _key(self, agent_id: str) -> str:
+        """The agent's key, refused if it is another agent id's (a 64-bit hash collision: never mix two agents)."""
+        require(bool(agent_id), "agent_id is required")
+        key = agent_key(agent_id)
+        if self._owners.get(key, agent_id) != agent_id:
+            raise PermissionDenied("this agent's memory key belongs to another agent id; register under another name")
+        return key
 
     # ---- API -------------------------------------------------------------------------
 
@@ -119,13 +136,14 @@ class MemoryStore:
         self._check_content(text, metadata)
         require(role in ROLES, f"role {role!r} is not one of {', '.join(repr(r) for r in ROLES)}")
         require(len(request_id) <= 128, "request_id is at most 128 characters")
-        key = agent_key(agent_id)
+        key = self._key(agent_id)
         earlier = self._file.added_by(key, request_id) if request_id else None
         if earlier is not None:
             return self._find(agent_id, f"mem-{key}-{earlier}", self._tick())
         self._check_quota(key, MemoryEntry(0, agent_id, text, metadata, role).size)
         now = self._tick()
         entry = self._file.add(agent_id, text, metadata, role, time.time(), request_id)
+        self._owners[key] = agent_id
         self._entries[key] = self._entries.get(key, 0) + 1
         self._bytes[key] = self._bytes.get(key, 0) + entry.size
         block_key = self._block_key(key, entry.number)
@@ -185,11 +203,11 @@ class MemoryStore:
         after = 0
         if page_token:
             match = ENTRY_ID.fullmatch(page_token)
-            if match is None or match.group(1) != agent_key(agent_id):
+            if match is None or match.group(1) != self._key(agent_id):
                 raise InvalidArgument(f"page_token {page_token!r} is not one this service issued to this agent")
             after = int(match.group(2))
         now = self._tick()
-        numbers = self._file.numbers_after(agent_key(agent_id), after, size + 1)
+        numbers = self._file.numbers_after(self._key(agent_id), after, size + 1)
         entries = self._load(agent_id, numbers[:size], now)
         return entries, entry_id(entries[-1]) if len(numbers) > size else ""
 
@@ -198,12 +216,13 @@ class MemoryStore:
         """The newest `limit` conversation turns (entries with a role), oldest first: a prompt's history."""
         require(0 < limit <= MAX_TURNS, f"the number of turns must be between 1 and {MAX_TURNS}")
         now = self._tick()
-        return self._load(agent_id, self._file.last_turns(agent_key(agent_id), limit), now)
+        return self._load(agent_id, self._file.last_turns(self._key(agent_id), limit), now)
 
     @grouped
     def search(self, agent_id: str, query: str, limit: int = 10, metadata: dict[str, str] | None = None) -> list[SearchHit]:
         require(bool(query.strip()), "the search query must not be empty")
         require(0 < limit <= MAX_SEARCH_RESULTS, f"limit must be between 1 and {MAX_SEARCH_RESULTS}")
+        self._key(agent_id)
         self._tick()
         return self._file.search(agent_id, query, limit, dict(metadata or {}))
 
@@ -325,7 +344,7 @@ class MemoryStore:
         if match is None:
             raise InvalidArgument(f"{entry_id!r} is not a memory entry id (they look like mem-<16 hex>-<number>)")
         owner, number = match.group(1), int(match.group(2))
-        if owner != agent_key(agent_id):
+        if owner != self._key(agent_id):
             if self._file.holds(owner, number):
                 raise PermissionDenied(f"memory entry {entry_id!r} belongs to another agent")
             raise NotFound(f"memory entry {entry_id!r} does not exist (deleted, or never added)")

@@ -8,22 +8,26 @@ An agent is known by its key (a hash of its id: entry ids carry it, and the raw 
 statement names the caller's key, which the memory service takes from the kernel. An entry's number counts up per
 agent and is never reused, so "oldest first" and "the block of an entry" follow from it.
 
-Search ranks by BM25 within the caller's entries (the key is a column of the index the match is restricted to);
-BM25 weighs words by how rare they are in the whole shard, so a score is not a function of the caller's entries
-alone.
+Search matches within the caller's entries (the key is a column of the index the match is restricted to) and
+ranks by BM25 computed from the caller's entries alone (services/durable_sqlite.py `ranked`): FTS5's own bm25()
+weighs words by the whole shard, which would tell an agent what other agents' entries hold.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.durable_sqlite import connect_durable, fts_query, transaction
+from services.durable_sqlite import connect_durable, fts_query, ranked, transaction
 from services.errors import PermissionDenied
+
+log = logging.getLogger("aios.memory")
 
 FILE_NAME = "memory.db"
 SCHEMA = """
@@ -105,39 +109,60 @@ def open_database(directory: Path) -> sqlite3.Connection:
     """The shard's file with today's schema; agent files of an older AIOS in `directory` are moved in first."""
     db = connect_durable(directory / FILE_NAME)
     db.executescript(SCHEMA)
+    removed = False
     for path in sorted(directory.iterdir()):
         if OLD_AGENT_FILE.fullmatch(path.name):
             _import_agent_file(db, path)
-        elif path.suffix == ".new" or path.name.startswith(".empty-"):
-            for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-                leftover.unlink(missing_ok=True)  # a half-made agent file or the template of the old layout
+        elif not (path.suffix == ".new" or path.name.startswith(".empty-")):
+            continue  # (else: a half-made agent file or the template of the old layout)
+        _remove_database(path)
+        removed = True
+    if removed:
+        fd = os.open(directory, os.O_RDONLY)  # the old files stay gone, so a power cut cannot import them again
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return db
 
 
+def _remove_database(path: Path) -> None:
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+
+
 def _import_agent_file(db: sqlite3.Connection, path: Path) -> None:
-    """One agent's file of the old layout copied into the shard's file (entry numbers kept), then removed."""
-    old = sqlite3.connect(path)
+    """One agent's file of the old layout copied into the shard's file (entry numbers kept). A file that never got
+    its owner (a crash while it was made) holds nothing acknowledged; one that cannot be read is kept aside."""
     try:
-        owner = old.execute("SELECT agent_id FROM owner").fetchone()
-        if owner is None:  # never finished: it holds nothing acknowledged
-            rows, requests, last = [], [], 0
-        else:
+        old = sqlite3.connect(path)
+        try:
+            if old.execute("SELECT 1 FROM sqlite_master WHERE name='owner'").fetchone() is None:
+                return
+            owner = old.execute("SELECT agent_id FROM owner").fetchone()
+            if owner is None:
+                return
             rows = old.execute("SELECT id, text, metadata, role, size, created_at, updated_at FROM entries").fetchall()
             has_requests = old.execute("SELECT 1 FROM sqlite_master WHERE name='requests'").fetchone()
             requests = old.execute("SELECT request_id, entry_id, created_at FROM requests").fetchall() if has_requests else []
             sequence = old.execute("SELECT seq FROM sqlite_sequence WHERE name='entries'").fetchone()
             last = max([sequence[0] if sequence else 0, *(row[0] for row in rows)])
-    finally:
-        old.close()
-    if owner is not None:
-        key = agent_key(owner[0])
-        with transaction(db):
-            db.execute("INSERT OR IGNORE INTO agents VALUES (?, ?, ?)", (key, owner[0], last))
-            db.executemany("INSERT OR IGNORE INTO entries (key, number, text, metadata, role, size, created_at, "
-                           "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(key, *row) for row in rows])
-            db.executemany("INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?)", [(key, *row) for row in requests])
-    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        leftover.unlink(missing_ok=True)
+        finally:
+            old.close()
+    except sqlite3.DatabaseError as exc:
+        log.error("memory file %s cannot be read (%s); kept as %s.unreadable, not imported", path, exc, path.name)
+        for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if part.exists():
+                part.replace(part.with_name(part.name + ".unreadable"))
+        return
+    key = agent_key(owner[0])
+    if db.execute("SELECT 1 FROM agents WHERE key=?", (key,)).fetchone() is not None:
+        return  # imported before (its removal did not survive a crash): the shard's copy is the newer
+    with transaction(db):
+        db.execute("INSERT INTO agents VALUES (?, ?, ?)", (key, owner[0], last))
+        db.executemany("INSERT INTO entries (key, number, text, metadata, role, size, created_at, updated_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(key, *row) for row in rows])
+        db.executemany("INSERT INTO requests VALUES (?, ?, ?, ?)", [(key, *row) for row in requests])
 
 
 class MemoryDatabase:
@@ -205,22 +230,28 @@ class MemoryDatabase:
         return self.db.execute("SELECT 1 FROM entries WHERE key=? AND number=?", (key, number)).fetchone() is not None
 
     def search(self, agent_id: str, query: str, limit: int, metadata: dict[str, str]) -> list[SearchHit]:
-        """The agent's entries ranked by BM25 (resident in RAM or not)."""
+        """The agent's entries ranked by BM25 over its own entries (resident in RAM or not)."""
         words = fts_query(query)
         if not words:
             return []
-        where, params = "entries_fts MATCH ?", [f'key:"{agent_key(agent_id)}" AND text:({words})']
+        key = agent_key(agent_id)
+        where, params = "entries_fts MATCH ?", [f'key:"{key}" AND text:({words})']
         for name, value in metadata.items():
             where += " AND json_extract(e.metadata, ?) = ?"
             params += ['$."' + name.replace('"', '""') + '"', value]
         rows = self.db.execute(
-            f"SELECT {', '.join('e.' + c.strip() for c in COLUMNS.split(','))}, bm25(entries_fts, 1.0, 0.0), "
+            f"SELECT {', '.join('e.' + c.strip() for c in COLUMNS.split(','))}, "
             f"snippet(entries_fts, 0, '[', ']', '...', 12) "
-            f"FROM entries_fts JOIN entries e ON e.id = entries_fts.rowid WHERE {where} "
-            f"ORDER BY bm25(entries_fts, 1.0, 0.0) LIMIT ?",
-            (*params, limit),
-        )
-        return [SearchHit(self._entry(agent_id, row[:6]), -row[6], row[7]) for row in rows]
+            f"FROM entries_fts JOIN entries e ON e.id = entries_fts.rowid WHERE {where} ORDER BY e.number", params,
+        ).fetchall()
+        (documents,) = self.db.execute("SELECT count(*) FROM entries WHERE key=?", (key,)).fetchone()
+
+        def frequency(word: str) -> int:
+            return self.db.execute("SELECT count(*) FROM entries_fts WHERE entries_fts MATCH ?",
+                                   (f'key:"{key}" AND text:"{word}"',)).fetchone()[0]
+
+        hits = ranked(query, [(row, row[1]) for row in rows], documents, frequency)[:limit]
+        return [SearchHit(self._entry(agent_id, row[:6]), score, row[6]) for row, score in hits]
 
     def agents(self) -> list[tuple[str, str, int, int]]:
         """(key, agent id, entries, bytes of text and metadata) per agent: read at start-up for the counters."""

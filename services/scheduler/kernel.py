@@ -26,6 +26,7 @@ from aios.v1 import (
     llm_core_pb2_grpc,
     memory_pb2,
     memory_pb2_grpc,
+    storage_pb2,
     storage_pb2_grpc,
     tools_pb2,
     tools_pb2_grpc,
@@ -83,6 +84,12 @@ STUBS = {
     Resource.STORAGE: storage_pb2_grpc.StorageStub,
     Resource.TOOLS: tools_pb2_grpc.ToolsStub,
 }
+# Their services: the kernel's calls to them travel on a Batched stream each (services/batched.py).
+SERVICES = {
+    Resource.MEMORY: memory_pb2.DESCRIPTOR.services_by_name["Memory"],
+    Resource.STORAGE: storage_pb2.DESCRIPTOR.services_by_name["Storage"],
+    Resource.TOOLS: tools_pb2.DESCRIPTOR.services_by_name["Tools"],
+}
 
 # The largest LLM syscall the kernel takes (prompt, messages, schema): far above any context the LLM core holds, and
 # refused before any work, so one agent's 30 MB request costs the others nothing.
@@ -126,7 +133,8 @@ NAMES_A_GRANTEE = ("storage_grant",)
 
 def manager_shards(options: dict[Resource, list[str]], cluster_secret: str) -> dict[Resource, ShardedManager]:
     """Each manager from its `[NAME=]HOST:PORT` options (one per shard), every call carrying the cluster credential."""
-    return {r: sharded_manager(values, r.name.lower(), STUBS[r], cluster_secret) for r, values in options.items()}
+    return {r: sharded_manager(values, r.name.lower(), STUBS[r], cluster_secret, SERVICES[r])
+            for r, values in options.items()}
 
 
 def core_router(options: list[str], slots: int, cluster_secret: str) -> CoreRouter:

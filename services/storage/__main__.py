@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aios.v1 import storage_pb2_grpc
+from aios.v1 import storage_pb2, storage_pb2_grpc
+from services.batched import manager_services
 from services.server import Service, common_arguments, kernel_only, run
 from services.storage.core import DEFAULT_MAX_RECORD_BYTES, DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_RECORDS, RecordStore
 from services.storage.servicer import StorageServicer
@@ -18,10 +19,12 @@ def build(args: argparse.Namespace) -> Service:
         quota_bytes=args.quota_bytes,
         quota_records=args.quota_records,
     )
+    grpc_services, register = manager_services(
+        StorageServicer(store), storage_pb2_grpc.add_StorageServicer_to_server, storage_pb2.DESCRIPTOR.services_by_name["Storage"])
     return Service(
         name="storage",
-        grpc_services=["aios.v1.Storage"],
-        register=lambda server: storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store), server),
+        grpc_services=grpc_services,
+        register=register,
         on_stop=store.close,
         authorize=kernel_only(args),
     )

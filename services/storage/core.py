@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from services.durable_sqlite import GroupCommit, connect_durable, fts_query, grouped
+from services.durable_sqlite import GroupCommit, connect_durable, fts_query, grouped, ranked
 from services.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, require
 
 MAX_KEY_CHARS = 256
@@ -340,7 +340,8 @@ class RecordStore:
     def search(
         self, agent_id: str, query: str, limit: int = 10, prefix: str = "", metadata: dict[str, str] | None = None
     ) -> list[SearchHit]:
-        """The caller's live text records ranked by BM25, with a snippet around the matches."""
+        """The caller's live text records ranked by BM25 over its own records (`ranked`: never other agents'
+        statistics), with a snippet around the matches."""
         require(bool(query.strip()), "the search query must not be empty")
         require(0 < limit <= MAX_SEARCH_RESULTS, f"limit must be between 1 and {MAX_SEARCH_RESULTS}")
         match = fts_query(query)
@@ -352,15 +353,21 @@ class RecordStore:
             where += " AND json_extract(v.metadata, ?) = ?"
             params += ['$."' + name.replace('"', '""') + '"', value]
         rows = self._db.execute(
-            "SELECT s.key, v.version, length(v.data), v.metadata, v.restored_from, v.created_at, bm25(search), "
+            "SELECT s.key, v.version, length(v.data), v.metadata, v.restored_from, v.created_at, s.body, "
             "snippet(search, 0, '[', ']', '...', 12) FROM search s JOIN versions v ON v.agent_id = s.agent_id "
             "AND v.key = s.key AND v.version = (SELECT max(version) FROM versions WHERE agent_id = s.agent_id "
-            f"AND key = s.key) WHERE {where} ORDER BY bm25(search) LIMIT ?",
-            (*params, limit),
+            f"AND key = s.key) WHERE {where} ORDER BY s.key", params,
         ).fetchall()
+        (documents,) = self._db.execute("SELECT count(*) FROM search WHERE agent_id=?", (agent_id,)).fetchone()
+
+        def frequency(word: str) -> int:
+            return self._db.execute("SELECT count(*) FROM search WHERE search MATCH ? AND agent_id=?",
+                                    (f'"{word}"', agent_id)).fetchone()[0]
+
         return [
-            SearchHit(RecordInfo(k, size, v, json.loads(m), t, False, r or 0, agent_id), -score, snippet)
-            for k, v, size, m, r, t, score, snippet in rows
+            SearchHit(RecordInfo(k, size, v, json.loads(m), t, False, r or 0, agent_id), score, snippet)
+            for (k, v, size, m, r, t, _, snippet), score in ranked(query, [(row, row[6]) for row in rows], documents,
+                                                                    frequency)[:limit]
         ]
 
     @grouped

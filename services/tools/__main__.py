@@ -6,7 +6,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from aios.v1 import storage_pb2_grpc, tools_pb2_grpc
+from aios.v1 import storage_pb2, storage_pb2_grpc, tools_pb2, tools_pb2_grpc
+from services.batched import manager_services
 from services.shards import sharded_manager
 from services.server import Service, cluster_secret, common_arguments, kernel_only, run
 from services.tools.builtin import builtin_tools
@@ -26,8 +27,8 @@ def build(args: argparse.Namespace) -> Service:
     specs = [McpServerSpec.parse(text, args.mcp_network) for text in args.mcp]
     limits = McpLimits(timeout_s=args.mcp_timeout_seconds, memory_bytes=args.mcp_memory_mb << 20)
     mounts = McpMounts(registry, sandbox, limits, hidden=[str(p) for p in args.hidden_dir])
-    storage = (sharded_manager(args.storage, "storage", storage_pb2_grpc.StorageStub, cluster_secret(args))
-               if args.storage else None)
+    storage = (sharded_manager(args.storage, "storage", storage_pb2_grpc.StorageStub, cluster_secret(args),
+                               storage_pb2.DESCRIPTOR.services_by_name["Storage"]) if args.storage else None)
 
     async def start() -> None:
         await sandbox.probe()
@@ -44,10 +45,12 @@ def build(args: argparse.Namespace) -> Service:
         if storage is not None:
             await storage.close()
 
+    grpc_services, register = manager_services(
+        ToolsServicer(registry, sandbox, mounts), tools_pb2_grpc.add_ToolsServicer_to_server, tools_pb2.DESCRIPTOR.services_by_name["Tools"])
     return Service(
         name="tools",
-        grpc_services=["aios.v1.Tools"],
-        register=lambda server: tools_pb2_grpc.add_ToolsServicer_to_server(ToolsServicer(registry, sandbox, mounts), server),
+        grpc_services=grpc_services,
+        register=register,
         on_start=start,
         on_stop=stop,
         authorize=kernel_only(args),

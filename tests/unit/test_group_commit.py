@@ -1,5 +1,5 @@
 """GroupCommit: many writes, one transaction; each answered only once durable; one failing piece undoes only itself;
-a failed commit refuses all later work."""
+a failed commit fails its group and the store reloads (or, if it cannot, refuses work until restarted)."""
 
 from __future__ import annotations
 
@@ -80,13 +80,31 @@ def test_a_piece_that_raises_is_undone_alone_and_its_error_reaches_only_its_call
     assert rows_seen_by_another_connection(path) == {1, 3}
 
 
-def test_a_failed_commit_refuses_all_later_work_until_a_restart(tmp_path):
-    path = tmp_path / "db.sqlite3"
-    db = connect_durable(path)
+def failing_commits(tmp_path: Path, reload) -> tuple[GroupCommit, sqlite3.Connection]:
+    """A database where a group holding a child without its parent fails at COMMIT (a deferred foreign key), as a
+    full disk would make a commit fail."""
+    db = connect_durable(tmp_path / "db.sqlite3")
     db.executescript("PRAGMA foreign_keys=ON; CREATE TABLE parents (id INTEGER PRIMARY KEY); "
                      "CREATE TABLE children (parent INTEGER REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED);")
-    commits = GroupCommit(db, "test")
-    # A deferred foreign key is checked at COMMIT: the whole group's commit fails, as a full disk would make it.
+    return GroupCommit(db, "test", reload=reload), db
+
+
+def test_a_failed_commit_fails_its_group_only_and_the_store_reloads_its_state(tmp_path):
+    reloads = []
+    commits, db = failing_commits(tmp_path, reload=lambda: reloads.append(1))
+    with pytest.raises(Unavailable, match="failed to commit"):
+        commits.run_sync(db.execute, "INSERT INTO children VALUES (7)")
+    assert reloads == [1]  # the store's state in RAM is read again from the file
+    commits.run_sync(db.execute, "INSERT INTO parents VALUES (7)")  # later work goes on
+    assert commits.run_sync(lambda: db.execute("SELECT count(*) FROM children").fetchone()[0]) == 0
+    commits.close()
+
+
+def test_a_store_that_cannot_reload_after_a_failed_commit_refuses_work_until_a_restart(tmp_path):
+    def reload() -> None:
+        raise OSError("the file cannot be read either")
+
+    commits, db = failing_commits(tmp_path, reload)
     with pytest.raises(Unavailable, match="failed to commit"):
         commits.run_sync(db.execute, "INSERT INTO children VALUES (7)")
     with pytest.raises(Unavailable, match="restart the service"):

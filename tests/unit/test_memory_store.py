@@ -152,6 +152,18 @@ def test_an_agent_sees_and_finds_only_its_own_entries_numbered_from_one(store):
         store.get("bob", entry_id(alice))
 
 
+def test_search_scores_tell_nothing_of_what_other_agents_wrote(store):
+    """BM25 over the whole shard would weigh a word by every agent's entries: an agent could test guessed words
+    against others' memory by watching its own scores move. Scores come from the caller's own entries only."""
+    store.add("mallory", "my guess is hunter2")
+    store.add("mallory", "something else entirely")
+    before = [(h.entry.text, h.score) for h in store.search("mallory", "hunter2 guess")]
+    store.add("alice", "my password is hunter2")
+    store.add("alice", "hunter2 again, hunter2")
+    assert [(h.entry.text, h.score) for h in store.search("mallory", "hunter2 guess")] == before
+    assert before[0][1] > 0
+
+
 def test_bad_input_gets_a_clear_error_and_loses_nothing(store):
     [mine] = fill(store, "alice", 1)
     theirs = entry_id(store.add("bob", "bob's note"))

@@ -99,6 +99,19 @@ def test_search_ranks_the_newest_text_versions_by_bm25(tmp_path):
     assert store.search("agt-a", "Danube")[0].info.version == 1
 
 
+def test_search_scores_tell_nothing_of_what_other_agents_stored(tmp_path):
+    """Every agent's text shares one index; its own bm25() would weigh words by all of them, so an agent could test
+    guessed words against others' records through its scores. Scores come from the caller's own records only."""
+    store = RecordStore(tmp_path / "s.db")
+    store.write("agt-mallory", "guess", b"is the password hunter2")
+    store.write("agt-mallory", "other", b"nothing to see")
+    before = [(h.info.key, h.score) for h in store.search("agt-mallory", "hunter2 password")]
+    store.write("agt-alice", "secret", b"my password is hunter2")
+    store.write("agt-alice", "again", b"hunter2 hunter2")
+    assert [(h.info.key, h.score) for h in store.search("agt-mallory", "hunter2 password")] == before
+    store.close()
+
+
 def test_another_agent_reads_only_what_the_owner_granted(tmp_path):
     store = RecordStore(tmp_path / "s.db")
     store.write("agt-owner", "shared/report", b"numbers")
