@@ -83,11 +83,19 @@ async def crowd(address: str, token: str, agents: int, tag: str) -> tuple[float,
         return time.monotonic() - started, latencies, errors
 
 
-async def register_agents(kernel: aios.aio.Connection, n: int, tag: str) -> list[Any]:
-    """`n` agents registered a few hundred at a time (not measured: the parts below time what they then do)."""
+async def register_agents(kernel: aios.aio.Connection, n: int, tag: str, errors: collections.Counter) -> list[Any]:
+    """`n` agents registered a few hundred at a time (not measured: the parts below time what they then do); a
+    refused registration is counted in `errors`."""
     agents: list[Any] = []
     for first in range(0, n, 250):
-        agents += await asyncio.gather(*(kernel.register(f"{tag}-{i}") for i in range(first, min(n, first + 250))))
+        for agent in await asyncio.gather(*(kernel.register(f"{tag}-{i}") for i in range(first, min(n, first + 250))),
+                                          return_exceptions=True):
+            if isinstance(agent, aios.SyscallError):
+                errors[f"register {agent.code.name}"] += 1
+            elif isinstance(agent, BaseException):
+                raise agent
+            else:
+                agents.append(agent)
     return agents
 
 
@@ -135,7 +143,7 @@ async def non_llm_throughput(address: str, token: str, n: int, rounds: int) -> t
     latencies: dict[str, list[float]] = collections.defaultdict(list)
     errors: collections.Counter = collections.Counter()
     async with aios.aio.connect(address, token=token) as kernel:
-        turns = [NonLLMTurn(agent, latencies, errors) for agent in await register_agents(kernel, n, "throughput")]
+        turns = [NonLLMTurn(agent, latencies, errors) for agent in await register_agents(kernel, n, "throughput", errors)]
 
         async def agent_turns(turn: NonLLMTurn) -> None:
             for _ in range(rounds * len(NON_LLM_KINDS)):
@@ -152,7 +160,7 @@ async def paced(address: str, token: str, n: int, seconds: float) -> dict[str, A
     latencies: dict[str, list[float]] = collections.defaultdict(list)
     errors: collections.Counter = collections.Counter()
     async with aios.aio.connect(address, token=token) as kernel:
-        turns = [NonLLMTurn(agent, latencies, errors) for agent in await register_agents(kernel, n, f"paced-{n}")]
+        turns = [NonLLMTurn(agent, latencies, errors) for agent in await register_agents(kernel, n, f"paced-{n}", errors)]
         start = time.monotonic() + 0.5
 
         async def agent_calls(i: int, turn: NonLLMTurn) -> None:

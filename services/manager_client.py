@@ -17,9 +17,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aios.batched import CODES, CallBatcher, StreamBroken
 from aios.client import CHANNEL_OPTIONS
 from aios.v1 import batched_pb2_grpc
-from services.batched import CODES, CallBatcher, StreamBroken
 from services.credentials import bearer_metadata
 from services.errors import AiosError, DeadlineExceeded, ForwardedError, Unavailable
 

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message_factory import GetMessageClass
 
-from aios.client import SyscallError, open_channel, resolve, syscall_error
+from aios.batched import CODES, CallBatcher, StreamBroken
+from aios.client import SYSCALL_RETRY_POLICY, SyscallError, open_channel, resolve, syscall_error
 from aios.syscalls import (
     Completion,
     Messages,
@@ -28,9 +30,16 @@ from aios.syscalls import (
     same,
     syscall_request,
 )
-from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
+from aios.v1 import batched_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 
 __all__ = ["Agent", "Connection", "SyscallError", "connect"]
+
+# The kernel's unary methods and their replies: these calls travel on the connection's Batched stream.
+REPLIES = {m.name: GetMessageClass(m.output_type) for m in kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].methods
+           if not m.server_streaming}
+# A syscall the kernel could not take (it is gone, restarting, or stopping and saying when to come back) is made
+# again, waiting for the kernel in between, as often as the synchronous SDK's channel does (SYSCALL_RETRY_POLICY).
+SYSCALL_ATTEMPTS = SYSCALL_RETRY_POLICY["methodConfig"][0]["retryPolicy"]["maxAttempts"]
 
 
 def connect(
@@ -45,7 +54,11 @@ def connect(
 
 
 class Connection:
-    """An asyncio connection to the kernel, calling with one token (the operator's or an agent's)."""
+    """An asyncio connection to the kernel, calling with one token (the operator's or an agent's).
+
+    Its unary calls, every agent's syscalls included, travel on one Batched stream (aios.batched): the calls that
+    wait together go to the kernel as one message, each with its own token, which the kernel checks as it checks a
+    unary call's. Generations stream on their own calls."""
 
     def __init__(self, address: str, token: str | None = None, root_certificates: bytes | None = None,
                  server_name: str | None = None) -> None:
@@ -53,12 +66,43 @@ class Connection:
         self.token = token
         self.channel = open_channel(address, root_certificates, server_name, aio=True)
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
+        self._batcher: CallBatcher | None = None
 
     async def call(self, method: str, request: Any, token: str | None = None, timeout: float | None = 30) -> Any:
-        try:
-            return await getattr(self.stub, method)(request, timeout=timeout, metadata=bearer(token or self.token))
-        except grpc.aio.AioRpcError as exc:
-            raise syscall_error(exc) from None
+        return await self.batched(method, request, bearer(token or self.token), timeout)
+
+    async def batched(self, method: str, request: Any, metadata: tuple[tuple[str, str], ...], timeout: float | None,
+                      retried: bool = False) -> Any:
+        """A unary kernel call on the connection's Batched stream, with the credential in `metadata`. With
+        `retried`, a call the kernel could not take is made again once it is back, within `timeout`."""
+        if self._batcher is None:  # made in the event loop that calls
+            self._batcher = CallBatcher(batched_pb2_grpc.BatchedStub(self.channel), ())
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        for attempt in range(1, SYSCALL_ATTEMPTS + 1):
+            remaining = None if deadline is None else deadline - loop.time()
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise asyncio.TimeoutError
+                reply = await self._batcher.call(method, request, remaining, metadata[0][1] if metadata else "")
+            except StreamBroken as exc:  # the kernel went away (or refused the stream itself)
+                code, message, wait = exc.code, exc.details, 0.0
+                again = code == grpc.StatusCode.UNAVAILABLE
+            except asyncio.TimeoutError:
+                raise SyscallError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            else:
+                if not reply.code:
+                    return REPLIES[method].FromString(reply.response)
+                code, message, wait = CODES[reply.code], reply.message, reply.retry_after_seconds
+                again = code == grpc.StatusCode.UNAVAILABLE and wait > 0  # the kernel stopping: it says when
+            if not (retried and again) or attempt == SYSCALL_ATTEMPTS:
+                raise SyscallError(code, message, wait or None)
+            await asyncio.sleep(wait)  # the kernel's pushback: it is stopping, and said when to ask again
+            try:  # and then wait for it to be back, as the synchronous SDK's calls do (waitForReady)
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                await asyncio.wait_for(self.channel.channel_ready(), left)
+            except asyncio.TimeoutError:
+                raise SyscallError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
 
     async def register(
         self, name: str, priority: int = 0, weight: float = 0.0, *,
@@ -95,6 +139,8 @@ class Connection:
         return await self.call("GetStatus", kernel_pb2.GetStatusRequest(), timeout=10)
 
     async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
         await self.channel.close()
 
     async def __aenter__(self) -> "Connection":
@@ -142,10 +188,7 @@ class Agent(SyscallMethods):
 
     async def _syscall(self, then: Callable[[Any], Any] = same, timeout: float | None = 60, **call: Any) -> Any:
         (kind,) = call
-        try:
-            reply = await self.kernel.stub.Syscall(syscall_request(**call), timeout=timeout, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise syscall_error(exc) from None
+        reply = await self.kernel.batched("Syscall", syscall_request(**call), self._metadata, timeout, retried=True)
         return then(getattr(reply, kind))
 
     async def memory_list(self, page_size: int = 0) -> AsyncIterator[memory_pb2.MemoryEntry]:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from aios.v1 import memory_pb2, memory_pb2_grpc
-from services.batched import manager_services
+from services.batched import batched_services
 from services.memory.core import (
     DEFAULT_ENTRIES_PER_BLOCK,
     DEFAULT_MAX_ENTRY_BYTES,
@@ -28,7 +28,7 @@ def build(args: argparse.Namespace) -> Service:
         max_entry_bytes=args.max_entry_bytes,
         quota_bytes=args.quota_bytes,
     )
-    grpc_services, register = manager_services(
+    grpc_services, register = batched_services(
         MemoryServicer(store), memory_pb2_grpc.add_MemoryServicer_to_server, memory_pb2.DESCRIPTOR.services_by_name["Memory"])
     return Service(
         name="memory",

@@ -6,8 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from aios.v1 import kernel_pb2_grpc
+from aios.v1 import kernel_pb2, kernel_pb2_grpc
 from services import redis_state
+from services.batched import batched_services
 from services.credentials import read_secret, tls_server_credentials
 from services.scheduler.identity import AgentRegistry, Quota, RegistrationPolicy
 from services.scheduler.journal import RecordJournal
@@ -53,10 +54,12 @@ def build(args: argparse.Namespace) -> Service:
     async def redis_ok() -> bool:
         return await redis_state.is_up(redis)
 
+    grpc_services, register = batched_services(
+        servicer, kernel_pb2_grpc.add_KernelServicer_to_server, kernel_pb2.DESCRIPTOR.services_by_name["Kernel"])
     return Service(
         name="kernel",
-        grpc_services=["aios.v1.Kernel"],
-        register=lambda server: kernel_pb2_grpc.add_KernelServicer_to_server(servicer, server),
+        grpc_services=grpc_services,
+        register=register,
         probes=[redis_ok],
         on_start=lambda: kernel.start(reclaim=not args.no_reclaim),
         on_drain=kernel.drain,
@@ -86,7 +89,10 @@ def main() -> None:
                         help="do not reset the LLM core at start (a kernel beside another on the same cores)")
     parser.add_argument("--llm-slots", type=int, default=16,
                         help="generations each LLM core decodes at once (= its --slots)")
-    parser.add_argument("--manager-concurrency", type=int, default=16, help="calls in flight per other manager")
+    # 64: the managers commit writes in groups and take calls many to a message, so more calls in flight make bigger
+    # groups, not more work (2,000 agents: 1,000 -> 1,200 syscalls/s on a 2-core EPYC against 16).
+    parser.add_argument("--manager-concurrency", type=int, default=64,
+                        help="calls in flight at once to the memory (storage, tools) manager, all its shards together")
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (chain)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's PEM private key")
     access = parser.add_argument_group("registration and default limits of an agent")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from aios.v1 import storage_pb2, storage_pb2_grpc
-from services.batched import manager_services
+from services.batched import batched_services
 from services.server import Service, common_arguments, kernel_only, run
 from services.storage.core import DEFAULT_MAX_RECORD_BYTES, DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_RECORDS, RecordStore
 from services.storage.servicer import StorageServicer
@@ -19,7 +19,7 @@ def build(args: argparse.Namespace) -> Service:
         quota_bytes=args.quota_bytes,
         quota_records=args.quota_records,
     )
-    grpc_services, register = manager_services(
+    grpc_services, register = batched_services(
         StorageServicer(store), storage_pb2_grpc.add_StorageServicer_to_server, storage_pb2.DESCRIPTOR.services_by_name["Storage"])
     return Service(
         name="storage",

@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS grants (
 );
 CREATE INDEX IF NOT EXISTS grants_by_grantee ON grants (grantee, owner);
 CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(body, agent_id UNINDEXED, key UNINDEXED);
+CREATE TABLE IF NOT EXISTS search_rows (  -- the search row of each record: found by key, not by scanning the index
+    agent_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    row INTEGER NOT NULL,              -- rowid in search
+    PRIMARY KEY (agent_id, key)
+);
 CREATE TABLE IF NOT EXISTS requests (  -- the replies of writes that carried a request id, for a retry to get again
     agent_id TEXT NOT NULL,            -- the caller
     request_id TEXT NOT NULL,
@@ -185,6 +191,9 @@ class RecordStore:
             ):  # a database from before read-write grants: its grants were read-only
                 self._db.execute("ALTER TABLE grants ADD COLUMN access INTEGER NOT NULL DEFAULT 1")
             self._db.executescript(SCHEMA)
+            # Rebuilt at every start: `aios reshard` moves search rows between files under new rowids.
+            self._db.execute("DELETE FROM search_rows")
+            self._db.execute("INSERT INTO search_rows SELECT agent_id, key, rowid FROM search")
         self.commits = GroupCommit(self._db, "storage")
 
     # ---- writes ----------------------------------------------------------------------
@@ -257,7 +266,7 @@ class RecordStore:
             "SELECT coalesce(sum(length(data)), 0) FROM versions WHERE agent_id=? AND key=?", (agent_id, key)
         ).fetchone()
         self._db.execute("DELETE FROM versions WHERE agent_id=? AND key=?", (agent_id, key))
-        self._db.execute("DELETE FROM search WHERE agent_id=? AND key=?", (agent_id, key))
+        self._unindex(agent_id, key)
         self._account(agent_id, -size, -1 if not head.deleted else 0)
         return head
 
@@ -358,7 +367,7 @@ class RecordStore:
             "AND v.key = s.key AND v.version = (SELECT max(version) FROM versions WHERE agent_id = s.agent_id "
             f"AND key = s.key) WHERE {where} ORDER BY s.key", params,
         ).fetchall()
-        (documents,) = self._db.execute("SELECT count(*) FROM search WHERE agent_id=?", (agent_id,)).fetchone()
+        (documents,) = self._db.execute("SELECT count(*) FROM search_rows WHERE agent_id=?", (agent_id,)).fetchone()
 
         def frequency(word: str) -> int:
             return self._db.execute("SELECT count(*) FROM search WHERE search MATCH ? AND agent_id=?",
@@ -441,12 +450,20 @@ class RecordStore:
             "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (agent_id, key, version, data, json.dumps(metadata), int(deleted), restored_from, now),
         )
-        self._db.execute("DELETE FROM search WHERE agent_id=? AND key=?", (agent_id, key))
+        self._unindex(agent_id, key)
         text = None if deleted else _text(data)
         if text is not None:
-            self._db.execute("INSERT INTO search (body, agent_id, key) VALUES (?, ?, ?)", (text, agent_id, key))
+            row = self._db.execute("INSERT INTO search (body, agent_id, key) VALUES (?, ?, ?)", (text, agent_id, key))
+            self._db.execute("INSERT INTO search_rows VALUES (?, ?, ?)", (agent_id, key, row.lastrowid))
         self._account(agent_id, len(data), new_records)
         return RecordInfo(key, len(data), version, metadata, now, deleted, restored_from or 0, agent_id)
+
+    def _unindex(self, agent_id: str, key: str) -> None:
+        """Takes the record's text out of the search index (by its row: a filter on the index's unindexed columns
+        would read every agent's rows)."""
+        row = self._db.execute("DELETE FROM search_rows WHERE agent_id=? AND key=? RETURNING row", (agent_id, key)).fetchone()
+        if row is not None:
+            self._db.execute("DELETE FROM search WHERE rowid=?", row)
 
     def _check_access(self, agent_id: str, owner: str, key: str, needed: Access = Access.READ) -> None:
         if owner == agent_id:

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from aios.v1 import storage_pb2, storage_pb2_grpc, tools_pb2, tools_pb2_grpc
-from services.batched import manager_services
+from services.batched import batched_services
 from services.shards import sharded_manager
 from services.server import Service, cluster_secret, common_arguments, kernel_only, run
 from services.tools.builtin import builtin_tools
@@ -45,7 +45,7 @@ def build(args: argparse.Namespace) -> Service:
         if storage is not None:
             await storage.close()
 
-    grpc_services, register = manager_services(
+    grpc_services, register = batched_services(
         ToolsServicer(registry, sandbox, mounts), tools_pb2_grpc.add_ToolsServicer_to_server, tools_pb2.DESCRIPTOR.services_by_name["Tools"])
     return Service(
         name="tools",

@@ -5,6 +5,7 @@ The restart is done by the real supervisor of `aios up` (deploy/supervisor.py), 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from typing import Iterator
 import pytest
 
 import aios
+import aios.aio
 from aios.syscalls import syscall_request
 from aios.v1 import common_pb2, memory_pb2
 from deploy.cluster import Cluster, ClusterConfig, process_alive
@@ -184,5 +186,36 @@ def test_a_suspended_generation_is_taken_once_and_only_by_its_agent(supervised):
         assert await store.take("sc-test-suspended", "agent-a") is None
         assert "sc-test-suspended" not in await store.ids()
         await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_async_agents_syscalls_ride_through_kill_9_of_the_kernel_and_each_write_happens_once(supervised, kernel):
+    """The asyncio SDK sends every agent's syscalls on one Batched stream: when the kernel dies under them, the calls
+    in flight fail with the stream and are sent again (same request ids) once the restarted kernel answers."""
+    cluster, supervisor, _ = supervised
+    writes = 12
+
+    async def scenario() -> None:
+        async with aios.aio.connect(cluster.kernel_address, token=cluster.operator_token) as connection:
+            agents = [await connection.register(f"async-through-{i}") for i in range(8)]
+            done: list[int] = []
+
+            async def work(agent: aios.aio.Agent) -> None:
+                for n in range(writes):
+                    await agent.storage_write(f"k{n}", f"v{n}")
+                    await agent.memory_add(f"note {n}")
+                    done.append(n)
+
+            tasks = [asyncio.ensure_future(work(agent)) for agent in agents]
+            while len(done) < 8 and not any(task.done() for task in tasks):
+                await asyncio.sleep(0.01)  # until some writes are through: the kill lands among the rest
+            restarts = supervisor.services["kernel"].restarts
+            os.kill(cluster.processes["kernel"].pid, signal.SIGKILL)
+            await asyncio.gather(*tasks)
+            assert supervisor.services["kernel"].restarts > restarts
+            for agent in agents:
+                assert [h.version for n in range(writes) for h in await agent.storage_history(f"k{n}")] == [1] * writes
+                assert sorted([e.text async for e in agent.memory_list()]) == sorted(f"note {n}" for n in range(writes))
 
     asyncio.run(scenario())

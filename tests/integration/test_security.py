@@ -5,6 +5,7 @@ Every test here shows an attack failing (or a limit holding) against the real pr
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,10 @@ import redis as redis_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import aios
+from aios.batched import CallBatcher
+from aios.syscalls import syscall_request
 from aios.v1 import (
+    batched_pb2_grpc,
     kernel_pb2,
     kernel_pb2_grpc,
     llm_core_pb2,
@@ -77,6 +81,33 @@ def test_every_kernel_call_without_a_valid_token_is_unauthenticated_counted_and_
     assert kernel.status().refusals["unauthenticated"] - before == refused
     log = (cluster.logs / "kernel.log").read_text()
     assert "refused unauthenticated: GetStatus by an unauthenticated caller" in log
+
+
+def test_the_kernels_batched_stream_checks_each_calls_own_token(cluster, kernel):
+    """One Batched stream carries many agents' calls (the asyncio SDK's): each call is authenticated by its own
+    token, so a forged, missing or stolen-looking one fails alone, and an agent's token acts only as that agent."""
+    alice, bob = kernel.register("batched-alice"), kernel.register("batched-bob")
+    bob.storage_write("diary", "bob's")
+    read_bobs = syscall_request(storage_read=storage_pb2.StorageReadRequest(key="diary", owner_agent_id=bob.id))
+
+    async def calls() -> list:
+        async with grpc.aio.insecure_channel(cluster.kernel_address) as channel:
+            batcher = CallBatcher(batched_pb2_grpc.BatchedStub(channel), ())
+            return await asyncio.gather(
+                batcher.call("Syscall", read_bobs, 10, ""),  # no token
+                batcher.call("Syscall", read_bobs, 10, "Bearer aios-agent-" + secrets.token_hex(16)),  # a forged one
+                batcher.call("Syscall", read_bobs, 10, f"Bearer {alice.token}"),  # alice reading bob's, ungranted
+                batcher.call("RevokeAgent", kernel_pb2.RevokeAgentRequest(agent_id=bob.id), 10, f"Bearer {alice.token}"),
+                batcher.call("Syscall", read_bobs, 10, f"Bearer {bob.token}"),  # bob's own: answered
+            )
+
+    nobody, forged, alices, revoke, bobs = asyncio.run(calls())
+    status = {code.value[0]: code for code in grpc.StatusCode}
+    assert [status[reply.code] for reply in (nobody, forged, alices, revoke)] == [
+        grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.PERMISSION_DENIED]
+    assert bobs.code == 0 and kernel_pb2.SyscallResponse.FromString(bobs.response).storage_read.data == b"bob's"
+    assert bob.storage_read("diary") == b"bob's"  # alice's revocation of bob did nothing
 
 
 def test_naming_another_agent_in_a_request_acts_on_the_callers_own_data(cluster, kernel):

@@ -13,7 +13,7 @@ import pytest
 
 from aios.v1 import memory_pb2, memory_pb2_grpc
 from deploy.cluster import free_port
-from services.batched import manager_services
+from services.batched import batched_services
 from services.credentials import ClusterSecretCheck
 from services.errors import DeadlineExceeded, ForwardedError, Unavailable
 from services.manager_client import ManagerClient
@@ -31,7 +31,7 @@ class Manager:
     def __init__(self, home: Path, port: int) -> None:
         self.store = MemoryStore(home)
         self.server = grpc.aio.server(interceptors=[StatusInterceptor(ClusterSecretCheck(SECRET))])
-        _, register = manager_services(MemoryServicer(self.store), memory_pb2_grpc.add_MemoryServicer_to_server, MEMORY)
+        _, register = batched_services(MemoryServicer(self.store), memory_pb2_grpc.add_MemoryServicer_to_server, MEMORY)
         register(self.server)
         self.server.add_insecure_port(f"127.0.0.1:{port}")
 
