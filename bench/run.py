@@ -707,6 +707,9 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
     if "non_llm" in result.get("scale", {}):
         checks.append(("scale: non-LLM syscalls/s through the kernel, 2,000 agents at once",
                        result["scale"]["non_llm"]["syscalls_per_s"], ">=", 2000))
+    if "non_llm" in result.get("scale", {}):
+        checks.append(("scale: non-LLM syscalls/s through the kernel / a bare two-hop unary gRPC relay, same run",
+                       result["scale"]["non_llm"]["of_relay_ceiling"], ">=", 1.0))
     if "2000" in result.get("scale", {}).get("paced", {}):
         paced = result["scale"]["paced"]["2000"]
         checks.append(("scale: p99 ms, 2,000 agents paced at 1 non-LLM syscall/s each", paced["p99_ms"], "<=", 50))
