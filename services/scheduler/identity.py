@@ -164,7 +164,7 @@ class AgentRegistry:
         if cached is not None and cached[1] > time.monotonic():
             return Caller(Role.AGENT, cached[0])
         try:
-            agent = await self._agent_of_token(digest, wait=cached is None)
+            agent = await self._agent_of_token(digest, wait=cached is None, agent_id=cached[0].id if cached else "")
         except Unavailable:
             if cached is not None and cached[1] + STALE_OK_S > time.monotonic():
                 return Caller(Role.AGENT, cached[0])
@@ -175,15 +175,18 @@ class AgentRegistry:
         self._remember(agent)
         return Caller(Role.AGENT, agent)
 
-    async def _agent_of_token(self, digest: str, wait: bool = True) -> Agent | None:
+    async def _agent_of_token(self, digest: str, wait: bool = True, agent_id: str = "") -> Agent | None:
+        """The agent a token hash belongs to, if it is its current token and the agent is not revoked. With the
+        `agent_id` it belonged to before (a cached one), one read: a token never moves to another agent, and the
+        agent's record says whether it is still the current token."""
         async def lookup() -> tuple[bytes | None, bytes | None]:
-            agent_id = await self.redis.hget(TOKENS_KEY, digest)
-            return agent_id, None if agent_id is None else await self.redis.hget(AGENTS_KEY, agent_id)
+            known = agent_id.encode() if agent_id else await self.redis.hget(TOKENS_KEY, digest)
+            return known, None if known is None else await self.redis.hget(AGENTS_KEY, known)
 
-        agent_id, raw = await self._redis("check the token", lookup, REDIS_WAIT_S if wait else 0.0)
+        known, raw = await self._redis("check the token", lookup, REDIS_WAIT_S if wait else 0.0)
         if raw is None:
             return None
-        agent = Agent.from_json(agent_id.decode(), raw)
+        agent = Agent.from_json(known.decode(), raw)
         return None if agent.revoked or agent.token_sha256 != digest else agent
 
     # ---- administration --------------------------------------------------------------
