@@ -129,12 +129,15 @@ class BatchedServicer(batched_pb2_grpc.BatchedServicer):
             request = request_class.FromString(call.request)
         except DecodeError as exc:
             raise InvalidArgument(f"the request is not a valid {request_class.__name__} ({exc})") from None
-        loop = asyncio.get_running_loop()
         timeout = call.timeout_seconds or None
-        work = method(request, BatchedContext(metadata, peer, None if timeout is None else loop.time() + timeout))
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        scope = asyncio.timeout_at(deadline)  # within the call's own task: no task more per call, as wait_for makes
         try:
-            response = await asyncio.wait_for(work, timeout)
-        except asyncio.TimeoutError:
+            async with scope:
+                response = await method(request, BatchedContext(metadata, peer, deadline))
+        except TimeoutError:
+            if not scope.expired():
+                raise
             raise DeadlineExceeded(f"{call.method} did not finish within its {timeout:.3g} s") from None
         return response.SerializeToString()
 

@@ -39,6 +39,9 @@ MAX_PRIORITY = 10
 MAX_WEIGHT = 100.0
 T = TypeVar("T")
 CACHE_TTL_S = 2.0
+# A cached token used within this long of its expiry is checked again in the background, many in one Redis read, so
+# that an agent making syscalls steadily never waits for Redis on its token (the check is as fresh as before).
+REFRESH_AHEAD_S = 0.5
 CACHE_PRUNE_AT = 10_000  # cached tokens before the expired ones are dropped
 # While Redis is unreachable, a token this kernel checked within this long is still taken (agents keep working
 # through a Redis restart); a token it has not seen waits up to REDIS_WAIT_S for Redis to be back.
@@ -142,6 +145,9 @@ class AgentRegistry:
         self._operator_sha256 = token_hash(operator_token)
         self._by_token: dict[str, tuple[Agent, float]] = {}  # token SHA-256 -> (agent, cached until)
         self._pruned_at = 0.0
+        self._to_refresh: dict[str, str] = {}  # token SHA-256 -> agent id, for the next background check
+        self._refresher: asyncio.Task | None = None
+        self._changes = 0  # revocations and new tokens: a background check that overlapped one is not applied
 
     # ---- authentication ----------------------------------------------------------------
 
@@ -161,7 +167,10 @@ class AgentRegistry:
         if same_secret(digest, self._operator_sha256):
             return OPERATOR
         cached = self._by_token.get(digest)
-        if cached is not None and cached[1] > time.monotonic():
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            if cached[1] - now < REFRESH_AHEAD_S:
+                self._refresh_soon(digest, cached[0].id)
             return Caller(Role.AGENT, cached[0])
         try:
             agent = await self._agent_of_token(digest, wait=cached is None, agent_id=cached[0].id if cached else "")
@@ -174,6 +183,33 @@ class AgentRegistry:
             raise Unauthenticated("the token is unknown or revoked; ask the operator for a new one (`aios agent create`)")
         self._remember(agent)
         return Caller(Role.AGENT, agent)
+
+    def _refresh_soon(self, digest: str, agent_id: str) -> None:
+        self._to_refresh[digest] = agent_id
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        """Checks the tokens waiting for it against the agents' records in one read, and caches them again (or
+        drops a revoked or replaced one)."""
+        await asyncio.sleep(0)  # one turn of the event loop: the tokens the calls in it use come along
+        batch, self._to_refresh = self._to_refresh, {}
+        changes = self._changes
+        ids = sorted(set(batch.values()))
+        try:
+            raws = await self.redis.hmget(AGENTS_KEY, ids)
+        except (RedisError, OSError):
+            return  # each call checks its own token once the cached one expires, waiting for Redis if need be
+        if self._changes != changes:
+            return  # a revocation or a new token came in meanwhile: what was read may be from before it
+        records = dict(zip(ids, raws))
+        for digest, agent_id in batch.items():
+            raw = records[agent_id]
+            agent = None if raw is None else Agent.from_json(agent_id, raw)
+            if agent is None or agent.revoked or agent.token_sha256 != digest:
+                self._by_token.pop(digest, None)
+            else:
+                self._remember(agent)
 
     async def _agent_of_token(self, digest: str, wait: bool = True, agent_id: str = "") -> Agent | None:
         """The agent a token hash belongs to, if it is its current token and the agent is not revoked. With the
@@ -240,7 +276,9 @@ class AgentRegistry:
                     pipe.hdel(TOKENS_KEY, agent.token_sha256)
                 await pipe.execute()
 
+        self._changes += 1
         await self._redis("revoke the agent", write)
+        self._changes += 1
         self._by_token.pop(agent.token_sha256, None)
         return revoked
 
@@ -255,7 +293,9 @@ class AgentRegistry:
                     pipe.hdel(TOKENS_KEY, old_sha256)
                 await pipe.execute()
 
+        self._changes += 1
         await self._redis("record the agent", write)
+        self._changes += 1
         self._by_token.pop(old_sha256, None)
         self._remember(agent)  # its first call skips Redis
         return agent, token

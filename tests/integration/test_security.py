@@ -17,6 +17,7 @@ import redis as redis_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import aios
+import aios.aio
 from aios.batched import CallBatcher
 from aios.syscalls import syscall_request
 from aios.v1 import (
@@ -33,6 +34,7 @@ from aios.v1 import (
     tools_pb2_grpc,
 )
 from deploy.cluster import Cluster
+from services.scheduler.identity import CACHE_TTL_S
 from tests.integration.tls import self_signed
 from tests.integration.waiting import wait_until
 
@@ -177,6 +179,39 @@ def test_a_revoked_token_fails_and_a_reissued_one_keeps_the_agents_data(kernel):
     with pytest.raises(aios.SyscallError) as still_refused:
         leaky.storage_read("keep")
     assert still_refused.value.code == C.UNAUTHENTICATED
+
+
+def test_no_call_made_after_a_revocation_returned_succeeds_while_the_token_is_in_steady_use(cluster, kernel):
+    """An agent calling without pause keeps its token cached and checked again in the background (one Redis read for
+    many tokens): a revocation still ends it at once, and no background check brings it back."""
+    async def scenario() -> list[tuple[float, bool]]:
+        async with aios.aio.connect(cluster.kernel_address, token=cluster.operator_token) as connection:
+            busy = await connection.register("busy")
+            outcomes: list[tuple[float, bool]] = []
+
+            async def calls() -> None:
+                while len(outcomes) < 5000:
+                    started = time.monotonic()
+                    try:
+                        await busy.storage_write("k", "v")
+                        outcomes.append((started, True))
+                    except aios.SyscallError as error:
+                        assert error.code == C.UNAUTHENTICATED
+                        outcomes.append((started, False))
+                        if sum(1 for _, ok in outcomes if not ok) >= 20:
+                            return
+
+            callers = [asyncio.ensure_future(calls()) for _ in range(4)]
+            while not outcomes or outcomes[-1][0] - outcomes[0][0] < 2 * CACHE_TTL_S:  # past a cache period
+                await asyncio.sleep(0.01)
+            await connection.revoke(busy.id)
+            revoked_at = time.monotonic()
+            await asyncio.gather(*callers)
+            return [(started - revoked_at, ok) for started, ok in outcomes]
+
+    outcomes = asyncio.run(scenario())
+    assert any(ok for _, ok in outcomes) and not any(ok for after, ok in outcomes if after > 0)
+    assert sum(1 for after, ok in outcomes if after > 0 and not ok) >= 20
 
 
 MANAGER_CALLS = {
