@@ -6,9 +6,17 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 
+# Connections to Redis at most; a command finding them all busy waits up to POOL_WAIT_S for one. redis-py's own pool
+# refuses the 101st at once ("Too many connections"): 2,000 agents registering at once reach the kernel together.
+MAX_CONNECTIONS = 64
+POOL_WAIT_S = 10.0
+
+
 def connect(url: str) -> aioredis.Redis:
-    """A client with short timeouts, so a dead Redis shows up fast instead of hanging calls."""
-    return aioredis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    """A client with short timeouts, so a dead Redis shows up fast instead of hanging calls, whose commands queue for
+    a connection rather than fail when many run at once."""
+    return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(  # the client owns (closes) its pool
+        url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, socket_timeout=2.0, socket_connect_timeout=2.0))
 
 
 async def is_up(client: aioredis.Redis) -> bool:

@@ -211,7 +211,7 @@ def test_no_call_made_after_a_revocation_returned_succeeds_while_the_token_is_in
 
     outcomes = asyncio.run(scenario())
     assert any(ok for _, ok in outcomes) and not any(ok for after, ok in outcomes if after > 0)
-    assert sum(1 for after, ok in outcomes if after > 0 and not ok) >= 20
+    assert any(not ok for after, ok in outcomes if after > 0)
 
 
 MANAGER_CALLS = {
