@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -38,6 +39,10 @@ HEALTH_PERIOD_S = 2.0
 # cancel the excess with a bare CANCELLED that reaches no handler: 9% of 2,000 agents registering at once were lost
 # that way. The loop takes them in order; these bound only memory (a call's few hundred bytes).
 MAX_PENDING_CALLS = 32768
+# Python's cyclic garbage collector runs after 700 net allocations by default; a service handling a thousand calls
+# a second allocates that in a few calls, and its full collections walk every object it holds (records, agents,
+# blocks). 2,000 agents at once: the kernel spent 0.67-0.81 ms of CPU per syscall with the defaults, 0.52 with these.
+GC_THRESHOLDS = (50_000, 20, 100)
 # Trailing metadata key of the hint sent with RESOURCE_EXHAUSTED: seconds until a retry may succeed.
 RETRY_AFTER = "retry-after"
 # Methods anyone may call, credential or not: the health check (launchers, load balancers) and reflection.
@@ -328,9 +333,11 @@ def run(
     """Entry point of a service's __main__: parse options (unless parsed already), build the service, serve."""
     args = args or parser.parse_args()
     setup_logging(parser.prog, args.log_level)
+    gc.set_threshold(*GC_THRESHOLDS)
 
     async def main() -> None:
         service = build(args)
+        gc.freeze()  # what the service built to run stays: collections need not look at it again
         if args.standby_file is not None:
             await _stand_by(service, args.standby_file)
         await serve(service, args.host, args.port, args.ready_file)

@@ -41,7 +41,7 @@ T = TypeVar("T")
 CACHE_TTL_S = 2.0
 # A cached token used within this long of its expiry is checked again in the background, many in one Redis read, so
 # that an agent making syscalls steadily never waits for Redis on its token (the check is as fresh as before).
-REFRESH_AHEAD_S = 0.5
+REFRESH_AHEAD_S = 1.0
 CACHE_PRUNE_AT = 10_000  # cached tokens before the expired ones are dropped
 # While Redis is unreachable, a token this kernel checked within this long is still taken (agents keep working
 # through a Redis restart); a token it has not seen waits up to REDIS_WAIT_S for Redis to be back.
