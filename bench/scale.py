@@ -138,12 +138,19 @@ def summary(latencies: dict[str, list[float]], errors: collections.Counter, wall
             "p99_ms": 1000 * float(np.percentile(every, 99)) if every else 0.0}
 
 
-async def non_llm_throughput(address: str, token: str, n: int, rounds: int) -> tuple[dict[str, Any], float]:
-    """`n` registered agents at once, each `rounds` rounds of the non-LLM syscalls one after another."""
+async def registered_turns(kernel: aios.aio.Connection, n: int, tag: str
+                           ) -> tuple[list[NonLLMTurn], dict[str, list[float]], collections.Counter]:
+    """`n` new agents' rotations of non-LLM syscalls, with the latencies and errors they will count."""
     latencies: dict[str, list[float]] = collections.defaultdict(list)
     errors: collections.Counter = collections.Counter()
+    agents = await register_agents(kernel, n, tag, errors)
+    return [NonLLMTurn(agent, latencies, errors) for agent in agents], latencies, errors
+
+
+async def non_llm_throughput(address: str, token: str, n: int, rounds: int) -> dict[str, Any]:
+    """`n` registered agents at once, each `rounds` rounds of the non-LLM syscalls one after another."""
     async with aios.aio.connect(address, token=token) as kernel:
-        turns = [NonLLMTurn(agent, latencies, errors) for agent in await register_agents(kernel, n, "throughput", errors)]
+        turns, latencies, errors = await registered_turns(kernel, n, "throughput")
 
         async def agent_turns(turn: NonLLMTurn) -> None:
             for _ in range(rounds * len(NON_LLM_KINDS)):
@@ -151,16 +158,14 @@ async def non_llm_throughput(address: str, token: str, n: int, rounds: int) -> t
 
         started = time.monotonic()
         await asyncio.gather(*(agent_turns(turn) for turn in turns))
-        return summary(latencies, errors, time.monotonic() - started), started
+        return summary(latencies, errors, time.monotonic() - started)
 
 
 async def paced(address: str, token: str, n: int, seconds: float) -> dict[str, Any]:
     """`n` registered agents, each making one non-LLM syscall a second (agents spread evenly over the second) for
     `seconds`: latency counted from each call's scheduled time, so a call that starts late counts its wait."""
-    latencies: dict[str, list[float]] = collections.defaultdict(list)
-    errors: collections.Counter = collections.Counter()
     async with aios.aio.connect(address, token=token) as kernel:
-        turns = [NonLLMTurn(agent, latencies, errors) for agent in await register_agents(kernel, n, f"paced-{n}", errors)]
+        turns, latencies, errors = await registered_turns(kernel, n, f"paced-{n}")
         start = time.monotonic() + 0.5
 
         async def agent_calls(i: int, turn: NonLLMTurn) -> None:
@@ -206,7 +211,7 @@ def run_scale_bench(say: Callable[[str], None], agent_counts: list[int], paced_c
                 "storage write+read, calculator each ...")
             kernel_pid = cluster.processes["kernel"].pid
             cpu_before = process_cpu_seconds(kernel_pid)
-            throughput, _ = asyncio.run(non_llm_throughput(cluster.kernel_address, cluster.operator_token,
+            throughput = asyncio.run(non_llm_throughput(cluster.kernel_address, cluster.operator_token,
                                                            THROUGHPUT_AGENTS, THROUGHPUT_ROUNDS))
             throughput["kernel_cpu_ms_per_syscall"] = (1000 * (process_cpu_seconds(kernel_pid) - cpu_before)
                                                        / max(throughput["syscalls"], 1))  # registrations included

@@ -20,6 +20,7 @@ left over by the interruption is replaced by the source, which no one has writte
 from __future__ import annotations
 
 import re
+import sqlite3
 from pathlib import Path
 from typing import Callable
 
@@ -27,16 +28,18 @@ from deploy.cluster import read_layout, replica_names, write_layout
 from services.durable_sqlite import connect_durable, transaction
 from services.memory.database import AGENT_TABLES as MEMORY_TABLES, FILE_NAME as MEMORY_FILE, open_database
 from services.shards import ShardRing
-from services.storage.core import RecordStore
+from services.storage.core import RecordStore, index_search_rows
 
 # Storage tables of an agent's namespace and the column naming that agent.
 STORAGE_TABLES = (("versions", "agent_id"), ("usage", "agent_id"), ("grants", "owner"), ("search", "agent_id"))
 STORAGE_FILE = "storage.sqlite3"
 
 
-def _move_agent(source_path: Path, target_path: Path, tables: tuple[tuple[str, str], ...], value: str) -> None:
+def _move_agent(source_path: Path, target_path: Path, tables: tuple[tuple[str, str], ...], value: str,
+                derived: Callable[[sqlite3.Connection, str], None] = lambda db, value: None) -> None:
     """Copies the rows naming one agent from one shard's file into another's, replacing any copy an interrupted run
-    left there, in one transaction; deletes them from the source only once that committed."""
+    left there, in one transaction; deletes them from the source only once that committed. `derived(db, value)`
+    makes the agent's rows that follow from the moved ones (by their row ids) again, on each side."""
     target = connect_durable(target_path)
     target.execute("ATTACH DATABASE ? AS source", (str(source_path),))
     with transaction(target):
@@ -46,28 +49,33 @@ def _move_agent(source_path: Path, target_path: Path, tables: tuple[tuple[str, s
             target.execute(f"DELETE FROM main.{table} WHERE {column}=?", (value,))
             target.execute(f"INSERT INTO main.{table} ({columns}) SELECT {columns} FROM source.{table} "
                            f"WHERE {column}=?", (value,))
+        derived(target, value)
     target.execute("DETACH DATABASE source")
     target.close()
     source = connect_durable(source_path)
     with transaction(source):
         for table, column in tables:
             source.execute(f"DELETE FROM {table} WHERE {column}=?", (value,))
+        derived(source, value)
     source.close()
 
 
 def reshard_memory(data: Path, sources: list[str], targets: list[str]) -> int:
     """Moves the rows of every agent on the `sources` shards that the ring of `targets` puts elsewhere; returns how
     many agents moved."""
-    ring, moved = ShardRing(targets), 0
+    ring, moved, ready = ShardRing(targets), 0, set()
     for name in sources:
         source = open_database(data / name)  # today's schema; agent files of an older AIOS moved in
+        ready.add(name)
         agents = source.execute("SELECT agent_id, key FROM agents ORDER BY agent_id").fetchall()
         source.close()
         for agent, key in agents:
             destination = ring.owner(agent)
             if destination != name:
-                (data / destination).mkdir(mode=0o700, parents=True, exist_ok=True)
-                open_database(data / destination).close()  # the schema, on a new shard
+                if destination not in ready:  # the schema, on a new shard
+                    (data / destination).mkdir(mode=0o700, parents=True, exist_ok=True)
+                    open_database(data / destination).close()
+                    ready.add(destination)
                 _move_agent(data / name / MEMORY_FILE, data / destination / MEMORY_FILE, MEMORY_TABLES, key)
                 moved += 1
     return moved
@@ -76,12 +84,13 @@ def reshard_memory(data: Path, sources: list[str], targets: list[str]) -> int:
 def reshard_storage(data: Path, sources: list[str], targets: list[str]) -> int:
     """Moves the rows of every agent on the `sources` shards that the ring of `targets` puts elsewhere; returns how
     many agents moved."""
-    ring, moved = ShardRing(targets), 0
+    ring, moved, ready = ShardRing(targets), 0, set()
     for name in sources:
         path = data / name / STORAGE_FILE
         if not path.exists():
             continue
         RecordStore(path).close()  # a database from an older AIOS gets today's schema first
+        ready.add(name)
         source = connect_durable(path)
         agents = sorted({row[0] for table, column in STORAGE_TABLES
                          for row in source.execute(f"SELECT DISTINCT {column} FROM {table}")})
@@ -89,8 +98,10 @@ def reshard_storage(data: Path, sources: list[str], targets: list[str]) -> int:
         for agent in agents:
             destination = ring.owner(agent)
             if destination != name:
-                RecordStore(data / destination / STORAGE_FILE).close()  # the schema, on a new shard
-                _move_agent(path, data / destination / STORAGE_FILE, STORAGE_TABLES, agent)
+                if destination not in ready:  # the schema, on a new shard
+                    RecordStore(data / destination / STORAGE_FILE).close()
+                    ready.add(destination)
+                _move_agent(path, data / destination / STORAGE_FILE, STORAGE_TABLES, agent, index_search_rows)
                 moved += 1
     return moved
 

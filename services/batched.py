@@ -18,7 +18,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from aios.batched import BATCH_BYTES
+from aios.batched import in_messages
 from aios.v1 import batched_pb2, batched_pb2_grpc
 from services.credentials import AUTHORIZATION
 from services.errors import DeadlineExceeded, InvalidArgument, Unimplemented, status_of
@@ -106,14 +106,7 @@ class BatchedServicer(batched_pb2_grpc.BatchedServicer):
                 while not ready.empty():
                     replies.append(ready.get_nowait())
                 done = None in replies
-                batch, size = [], 0
-                for reply in (reply for reply in replies if reply is not None):
-                    if batch and size + len(reply.response) > BATCH_BYTES:
-                        yield batched_pb2.BatchedReplies(replies=batch)
-                        batch, size = [], 0
-                    batch.append(reply)
-                    size += len(reply.response)
-                if batch:
+                for batch in in_messages((reply for reply in replies if reply is not None), lambda r: len(r.response)):
                     yield batched_pb2.BatchedReplies(replies=batch)
         finally:
             reader.cancel()

@@ -175,13 +175,12 @@ class GroupCommit:
             log.critical("the %s committer stopped: %s", self.name, exc)
             with self._lock:
                 self._failed = f"the {self.name} database's committer stopped ({exc}); restart the service"
-                left = [piece for piece in group if piece is not None and not piece.done.done()]
                 while not self._queue.empty():
-                    left.append(self._queue.get())
+                    group.append(self._queue.get())
+            left = [piece for piece in group if piece is not None and not piece.done.done()]
             for piece in left:
-                if piece is not None:
-                    piece.error = Unavailable(self._failed)
-            _answer([piece for piece in left if piece is not None])
+                piece.error = Unavailable(self._failed)
+            _answer(left)
             raise
 
     def _run_group(self, pieces: list[_Piece]) -> None:

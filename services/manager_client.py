@@ -14,12 +14,10 @@ from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aios.batched import CODES, CallBatcher, StreamBroken
+from aios.batched import CallBatcher, CallFailed
 from aios.client import CHANNEL_OPTIONS
-from aios.v1 import batched_pb2_grpc
 from services.credentials import bearer_metadata
 from services.errors import AiosError, DeadlineExceeded, ForwardedError, Unavailable
 
@@ -44,9 +42,7 @@ class ManagerClient:
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = stub_class(self.channel)
         self.metadata = bearer_metadata(cluster_secret)
-        self._batcher: CallBatcher | None = None
-        self._responses = {} if batched is None else {m.name: GetMessageClass(m.output_type) for m in batched.methods}
-        self._batched = batched is not None
+        self._batcher = None if batched is None else CallBatcher(self.channel, batched, self.metadata)
 
     async def connected(self) -> None:
         """Returns once the channel is ready; UNAVAILABLE after CONNECT_TIMEOUT_S."""
@@ -63,25 +59,16 @@ class ManagerClient:
     async def call(self, method: str, request: Any, timeout: float | None) -> Any:
         """A unary call; the manager's error comes back as a core error naming the manager."""
         await self.connected()
-        if self._batched:
-            return await self._batched_call(method, request, timeout)
         try:
+            if self._batcher is not None:
+                return await self._batcher.call(method, request, timeout)
             return await getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from None
-
-    async def _batched_call(self, method: str, request: Any, timeout: float | None) -> Any:
-        if self._batcher is None:  # made in the event loop that calls
-            self._batcher = CallBatcher(batched_pb2_grpc.BatchedStub(self.channel), self.metadata)
-        try:
-            reply = await self._batcher.call(method, request, timeout)
-        except StreamBroken as exc:
-            raise self.status_error(exc.code, exc.details) from None
+        except CallFailed as exc:
+            raise self.status_error(exc.code, exc.details, exc.retry_after) from None
         except asyncio.TimeoutError:
             raise self.status_error(grpc.StatusCode.DEADLINE_EXCEEDED, CLIENT_DEADLINE) from None
-        if reply.code:
-            raise self.status_error(CODES[reply.code], reply.message, reply.retry_after_seconds or None)
-        return self._responses[method].FromString(reply.response)
 
     def stream(self, method: str, request: Any, timeout: float | None) -> Any:
         """A server-streaming call; the caller iterates it and translates errors with `error`."""

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import grpc
-from google.protobuf.message_factory import GetMessageClass
 
-from aios.batched import CODES, CallBatcher, StreamBroken
+from aios.batched import CallBatcher, CallFailed
 from aios.client import SYSCALL_RETRY_POLICY, SyscallError, open_channel, resolve, syscall_error
 from aios.syscalls import (
     Completion,
@@ -30,13 +29,10 @@ from aios.syscalls import (
     same,
     syscall_request,
 )
-from aios.v1 import batched_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
+from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 
 __all__ = ["Agent", "Connection", "SyscallError", "connect"]
 
-# The kernel's unary methods and their replies: these calls travel on the connection's Batched stream.
-REPLIES = {m.name: GetMessageClass(m.output_type) for m in kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].methods
-           if not m.server_streaming}
 # A syscall the kernel could not take (it is gone, restarting, or stopping and saying when to come back) is made
 # again, waiting for the kernel in between, as often as the synchronous SDK's channel does (SYSCALL_RETRY_POLICY).
 SYSCALL_ATTEMPTS = SYSCALL_RETRY_POLICY["methodConfig"][0]["retryPolicy"]["maxAttempts"]
@@ -66,7 +62,7 @@ class Connection:
         self.token = token
         self.channel = open_channel(address, root_certificates, server_name, aio=True)
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
-        self._batcher: CallBatcher | None = None
+        self._batcher = CallBatcher(self.channel, kernel_pb2.DESCRIPTOR.services_by_name["Kernel"])
 
     async def call(self, method: str, request: Any, token: str | None = None, timeout: float | None = 30) -> Any:
         return await self.batched(method, request, bearer(token or self.token), timeout)
@@ -75,8 +71,6 @@ class Connection:
                       retried: bool = False) -> Any:
         """A unary kernel call on the connection's Batched stream, with the credential in `metadata`. With
         `retried`, a call the kernel could not take is made again once it is back, within `timeout`."""
-        if self._batcher is None:  # made in the event loop that calls
-            self._batcher = CallBatcher(batched_pb2_grpc.BatchedStub(self.channel), ())
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         for attempt in range(1, SYSCALL_ATTEMPTS + 1):
@@ -84,19 +78,15 @@ class Connection:
             try:
                 if remaining is not None and remaining <= 0:
                     raise asyncio.TimeoutError
-                reply = await self._batcher.call(method, request, remaining, metadata[0][1] if metadata else "")
-            except StreamBroken as exc:  # the kernel went away (or refused the stream itself)
-                code, message, wait = exc.code, exc.details, 0.0
-                again = code == grpc.StatusCode.UNAVAILABLE
+                return await self._batcher.call(method, request, remaining, metadata[0][1] if metadata else "")
             except asyncio.TimeoutError:
                 raise SyscallError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
-            else:
-                if not reply.code:
-                    return REPLIES[method].FromString(reply.response)
-                code, message, wait = CODES[reply.code], reply.message, reply.retry_after_seconds
-                again = code == grpc.StatusCode.UNAVAILABLE and wait > 0  # the kernel stopping: it says when
-            if not (retried and again) or attempt == SYSCALL_ATTEMPTS:
-                raise SyscallError(code, message, wait or None)
+            except CallFailed as failed:
+                # Again if the kernel went away (no answer) or is stopping (it says when to come back).
+                again = failed.code == grpc.StatusCode.UNAVAILABLE and (not failed.answered or bool(failed.retry_after))
+                if not (retried and again) or attempt == SYSCALL_ATTEMPTS:
+                    raise SyscallError(failed.code, failed.details, failed.retry_after) from None
+                wait = failed.retry_after or 0.0
             await asyncio.sleep(wait)  # the kernel's pushback: it is stopping, and said when to ask again
             try:  # and then wait for it to be back, as the synchronous SDK's calls do (waitForReady)
                 left = None if deadline is None else max(0.0, deadline - loop.time())
@@ -139,8 +129,7 @@ class Connection:
         return await self.call("GetStatus", kernel_pb2.GetStatusRequest(), timeout=10)
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.close()
+        await self._batcher.close()
         await self.channel.close()
 
     async def __aenter__(self) -> "Connection":

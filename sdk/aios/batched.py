@@ -11,26 +11,44 @@ asyncio SDK calls the kernel this way; the kernel calls its managers this way
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from aios.v1 import batched_pb2, batched_pb2_grpc
 
 # A message carries calls up to this many request bytes (one larger call goes alone), far below the 64 MiB limit.
 BATCH_BYTES = 4 * 1024 * 1024
 CODES = {code.value[0]: code for code in grpc.StatusCode}
+T = TypeVar("T")
 
 
-class StreamBroken(Exception):
-    """The Batched stream ended before answering a call: the manager stopped or the connection broke (UNAVAILABLE),
-    or the manager refused the stream itself (its status, e.g. UNAUTHENTICATED)."""
+def in_messages(items: Iterable[T], size: Callable[[T], int]) -> Iterator[list[T]]:
+    """`items` in order, as lists of up to BATCH_BYTES (one larger item goes alone): what one message carries."""
+    batch: list[T] = []
+    total = 0
+    for item in items:
+        if batch and total + size(item) > BATCH_BYTES:
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += size(item)
+    if batch:
+        yield batch
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+
+class CallFailed(Exception):
+    """A batched call that did not succeed: the service's status for it (`answered`), or the stream's end before an
+    answer: the service stopped or the connection broke (UNAVAILABLE), or it refused the stream itself (its status,
+    e.g. UNAUTHENTICATED)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after: float | None = None,
+                 answered: bool = True) -> None:
         super().__init__(details)
-        self.code = code
-        self.details = details
+        self.code, self.details, self.retry_after, self.answered = code, details, retry_after, answered
 
 
 def _expire(answer: asyncio.Future) -> None:
@@ -39,12 +57,15 @@ def _expire(answer: asyncio.Future) -> None:
 
 
 class CallBatcher:
-    """The caller's side: one Batched stream to a manager, opened on first use and again after it breaks; calls
-    that wait while the stream is busy sending go together in the next message."""
+    """The caller's side: one Batched stream on `channel` to a service (`service`: its definition, whose unary
+    methods it calls), opened on first use and again after it breaks; calls that wait while the stream is busy
+    sending go together in the next message."""
 
-    def __init__(self, stub: batched_pb2_grpc.BatchedStub, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.stub = stub
+    def __init__(self, channel: grpc.aio.Channel, service: ServiceDescriptor,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.stub = batched_pb2_grpc.BatchedStub(channel)
         self.metadata = metadata
+        self.replies = {m.name: GetMessageClass(m.output_type) for m in service.methods if not m.server_streaming}
         self._stream: Any = None
         self._waiting: list[batched_pb2.BatchedCall] = []
         self._answers: dict[int, asyncio.Future] = {}
@@ -52,11 +73,10 @@ class CallBatcher:
         self._tag = 0
         self._tasks: list[asyncio.Task] = []
 
-    async def call(self, method: str, request: Message, timeout: float | None,
-                   authorization: str = "") -> batched_pb2.BatchedReply:
-        """The reply to one call (OK or not), made with the call's own `authorization` metadata value if given;
-        StreamBroken if the stream ended first, asyncio.TimeoutError if no reply came within `timeout` (the service
-        stops the call at the same time)."""
+    async def call(self, method: str, request: Message, timeout: float | None, authorization: str = "") -> Message:
+        """The method's response to one call, made with the call's own `authorization` metadata value if given;
+        CallFailed with its status if it failed or the stream ended first, asyncio.TimeoutError if no reply came
+        within `timeout` (the service stops the call at the same time)."""
         if self._stream is None:
             self._open()
         self._tag += 1
@@ -68,11 +88,14 @@ class CallBatcher:
         self._wake.set()
         expiry = None if timeout is None else loop.call_later(timeout, _expire, answer)  # no task per call
         try:
-            return await answer
+            reply = await answer
         finally:
             self._answers.pop(tag, None)
             if expiry is not None:
                 expiry.cancel()
+        if reply.code:
+            raise CallFailed(CODES[reply.code], reply.message, reply.retry_after_seconds or None)
+        return self.replies[method].FromString(reply.response)
 
     def _open(self) -> None:
         self._stream = self.stub.Calls(metadata=self.metadata)
@@ -84,12 +107,8 @@ class CallBatcher:
                 await self._wake.wait()
                 await asyncio.sleep(0)  # one turn of the event loop: the calls its other ready tasks make join this one
                 self._wake.clear()
-                while self._waiting:
-                    batch, size = [], 0
-                    while self._waiting and (not batch or size + len(self._waiting[0].request) <= BATCH_BYTES):
-                        call = self._waiting.pop(0)
-                        batch.append(call)
-                        size += len(call.request)
+                waiting, self._waiting = self._waiting, []
+                for batch in in_messages(waiting, lambda call: len(call.request)):
                     await stream.write(batched_pb2.BatchedCalls(calls=batch))
         except Exception as exc:  # noqa: BLE001 - whatever ended the stream, its calls must hear of it
             self._broken(stream, exc)
@@ -119,7 +138,7 @@ class CallBatcher:
             code, details = exc.code(), exc.details() or details
         for answer in self._answers.values():
             if not answer.done():
-                answer.set_exception(StreamBroken(code, details))
+                answer.set_exception(CallFailed(code, details, answered=False))
 
     async def close(self) -> None:
         if self._stream is not None:

@@ -89,33 +89,27 @@ class MemoryStore:
         self.quota_bytes = quota_bytes
         self.policy = LruKCache(k=k, correlated_period=correlated_period)
         self.counters = PagingCounters()
+        self._clock = 0
+        self._scan()
+        self.commits = GroupCommit(self._file.db, "memory", reload=self._scan)
+
+    def _scan(self) -> None:
+        """The state in RAM from the file on disk, nothing resident: at start, and after a group failed to commit
+        (so that nothing of the group stays)."""
+        started = time.monotonic()
+        self.policy = LruKCache(k=self.policy.k, correlated_period=self.policy.correlated_period)
         self.resident_bytes = 0
         self._resident: dict[BlockKey, Block] = {}
         self._on_disk: set[BlockKey] = set()  # blocks holding at least one entry
         self._entries: dict[str, int] = {}  # agent key -> entries
         self._bytes: dict[str, int] = {}  # agent key -> bytes of text and metadata on disk
-        self._clock = 0
         self._owners: dict[str, str] = {}  # agent key -> the agent id it belongs to
-        self._scan()
-        self.commits = GroupCommit(self._file.db, "memory", reload=self._reload)
-
-    def _scan(self) -> None:
-        """Rebuilds the counters from the file on disk (after a restart nothing is resident)."""
-        started = time.monotonic()
         for key, agent_id, entries, size in self._file.agents():
             self._owners[key], self._entries[key], self._bytes[key] = agent_id, entries, size
         self._on_disk.update(self._file.blocks(self.entries_per_block))
         if self._entries:
             log.info("found %d agents' memory (%d entries) in %.2f s", len(self._entries), sum(self._entries.values()),
                      time.monotonic() - started)
-
-    def _reload(self) -> None:
-        """After a group failed to commit: RAM read again from the file, so that nothing of the group stays."""
-        self.policy = LruKCache(k=self.policy.k, correlated_period=self.policy.correlated_period)
-        for state in (self._resident, self._on_disk, self._entries, self._bytes, self._owners):
-            state.clear()
-        self.resident_bytes = 0
-        self._scan()
 
     def _key(self, agent_id: str) -> str:
         """The agent's key, refused if it is another agent id's (a 64-bit hash collision: never mix two agents)."""

@@ -126,8 +126,13 @@ def open_database(directory: Path) -> sqlite3.Connection:
     return db
 
 
+def _database_files(path: Path) -> tuple[Path, Path, Path]:
+    """A SQLite database's file and its write-ahead log and shared-memory files."""
+    return path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
 def _remove_database(path: Path) -> None:
-    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+    for leftover in _database_files(path):
         leftover.unlink(missing_ok=True)
 
 
@@ -151,7 +156,7 @@ def _import_agent_file(db: sqlite3.Connection, path: Path) -> None:
             old.close()
     except sqlite3.DatabaseError as exc:
         log.error("memory file %s cannot be read (%s); kept as %s.unreadable, not imported", path, exc, path.name)
-        for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        for part in _database_files(path):
             if part.exists():
                 part.replace(part.with_name(part.name + ".unreadable"))
         return

@@ -138,6 +138,14 @@ class RegistrationPolicy:
     default_quota: Quota = field(default_factory=Quota)
 
 
+def _holding(digest: str, agent_id: str, raw: bytes | None) -> Agent | None:
+    """The agent of record `raw` if the token with hash `digest` is its current one and it is not revoked."""
+    if raw is None:
+        return None
+    agent = Agent.from_json(agent_id, raw)
+    return None if agent.revoked or agent.token_sha256 != digest else agent
+
+
 class AgentRegistry:
     def __init__(self, redis: aioredis.Redis, operator_token: str, policy: RegistrationPolicy | None = None) -> None:
         self.redis = redis
@@ -204,9 +212,8 @@ class AgentRegistry:
             return  # a revocation or a new token came in meanwhile: what was read may be from before it
         records = dict(zip(ids, raws))
         for digest, agent_id in batch.items():
-            raw = records[agent_id]
-            agent = None if raw is None else Agent.from_json(agent_id, raw)
-            if agent is None or agent.revoked or agent.token_sha256 != digest:
+            agent = _holding(digest, agent_id, records[agent_id])
+            if agent is None:
                 self._by_token.pop(digest, None)
             else:
                 self._remember(agent)
@@ -220,10 +227,7 @@ class AgentRegistry:
             return known, None if known is None else await self.redis.hget(AGENTS_KEY, known)
 
         known, raw = await self._redis("check the token", lookup, REDIS_WAIT_S if wait else 0.0)
-        if raw is None:
-            return None
-        agent = Agent.from_json(known.decode(), raw)
-        return None if agent.revoked or agent.token_sha256 != digest else agent
+        return None if known is None else _holding(digest, known.decode(), raw)
 
     # ---- administration --------------------------------------------------------------
 
@@ -276,9 +280,7 @@ class AgentRegistry:
                     pipe.hdel(TOKENS_KEY, agent.token_sha256)
                 await pipe.execute()
 
-        self._changes += 1
-        await self._redis("revoke the agent", write)
-        self._changes += 1
+        await self._change("revoke the agent", write)
         self._by_token.pop(agent.token_sha256, None)
         return revoked
 
@@ -293,12 +295,16 @@ class AgentRegistry:
                     pipe.hdel(TOKENS_KEY, old_sha256)
                 await pipe.execute()
 
-        self._changes += 1
-        await self._redis("record the agent", write)
-        self._changes += 1
+        await self._change("record the agent", write)
         self._by_token.pop(old_sha256, None)
         self._remember(agent)  # its first call skips Redis
         return agent, token
+
+    async def _change(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
+        """A write to agents or tokens; a background check of tokens that overlaps it is not applied."""
+        self._changes += 1
+        await self._redis(what, write)
+        self._changes += 1
 
     def _remember(self, agent: Agent) -> None:
         """Caches a token's agent for CACHE_TTL_S; entries past use even while Redis is down go, so that the cache

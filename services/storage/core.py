@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import sqlite3
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -170,6 +171,14 @@ def _text(data: bytes) -> str | None:
         return None
 
 
+def index_search_rows(db: sqlite3.Connection, agent_id: str = "") -> None:
+    """search_rows made again from the search index (of one agent, or all): for a database from before search_rows,
+    and after `aios reshard` copied an agent's search rows under new rowids."""
+    where, params = ("WHERE agent_id=?", (agent_id,)) if agent_id else ("", ())
+    db.execute(f"DELETE FROM search_rows {where}", params)
+    db.execute(f"INSERT INTO search_rows SELECT agent_id, key, rowid FROM search {where}", params)
+
+
 class RecordStore:
     """All agents' records in one database; each call runs in a savepoint of a group commit (one transaction and
     one fsync for all the calls that arrived together) and returns once that committed."""
@@ -190,10 +199,10 @@ class RecordStore:
                 column[1] == "access" for column in self._db.execute("PRAGMA table_info(grants)")
             ):  # a database from before read-write grants: its grants were read-only
                 self._db.execute("ALTER TABLE grants ADD COLUMN access INTEGER NOT NULL DEFAULT 1")
+            indexed = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='search_rows'").fetchone()
             self._db.executescript(SCHEMA)
-            # Rebuilt at every start: `aios reshard` moves search rows between files under new rowids.
-            self._db.execute("DELETE FROM search_rows")
-            self._db.execute("INSERT INTO search_rows SELECT agent_id, key, rowid FROM search")
+            if not indexed:  # a database from before search_rows
+                index_search_rows(self._db)
         self.commits = GroupCommit(self._db, "storage")
 
     # ---- writes ----------------------------------------------------------------------

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
 import grpc
 import pytest
@@ -42,6 +44,18 @@ class Manager:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.server.stop(0)
         self.store.close()
+
+
+@asynccontextmanager
+async def stalled(store: MemoryStore) -> AsyncIterator[None]:
+    """A piece of work holding the store's commit thread while inside, as a disk that stops answering would."""
+    stall = threading.Event()
+    holding = asyncio.get_running_loop().run_in_executor(None, store.commits.run_sync, stall.wait)
+    try:
+        yield
+    finally:
+        stall.set()
+        await holding
 
 
 def client(port: int, secret: str = SECRET) -> ManagerClient:
@@ -106,13 +120,9 @@ def test_a_stalled_manager_answers_deadline_exceeded_and_serves_again_after(tmp_
         port = free_port()
         async with Manager(tmp_path, port) as manager:
             memory = client(port)
-            stall = threading.Event()
-            # A piece of work that holds the store's commit thread, as a disk that stops answering would.
-            stalled = asyncio.get_running_loop().run_in_executor(None, manager.store.commits.run_sync, stall.wait)
-            with pytest.raises(DeadlineExceeded):
-                await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id="alice", text="late"), 0.3)
-            stall.set()
-            await stalled
+            async with stalled(manager.store):
+                with pytest.raises(DeadlineExceeded):
+                    await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id="alice", text="late"), 0.3)
             added = await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id="alice", text="on time"), 5.0)
             assert added.text == "on time"
             await memory.close()
@@ -124,9 +134,7 @@ def test_calls_in_flight_when_the_manager_dies_fail_unavailable_and_the_next_str
     async def scenario() -> None:
         port = free_port()
         memory = client(port)
-        async with Manager(tmp_path / "one", port) as manager:
-            stall = threading.Event()
-            stalled = asyncio.get_running_loop().run_in_executor(None, manager.store.commits.run_sync, stall.wait)
+        async with Manager(tmp_path / "one", port) as manager, stalled(manager.store):
             in_flight = asyncio.ensure_future(
                 memory.call("Add", memory_pb2.MemoryAddRequest(agent_id="alice", text="in flight"), 10.0))
             while manager.store.commits.queued() < 1:  # the call reached the store and waits behind the stall
@@ -134,8 +142,6 @@ def test_calls_in_flight_when_the_manager_dies_fail_unavailable_and_the_next_str
             await manager.server.stop(0)
             with pytest.raises(Unavailable):
                 await in_flight
-            stall.set()
-            await stalled
         async with Manager(tmp_path / "two", port):
             added = await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id="alice", text="after"), 5.0)
             assert added.text == "after"
