@@ -18,7 +18,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from aios.batched import in_messages
+from aios.batched import MessagePacer, in_messages
 from aios.v1 import batched_pb2, batched_pb2_grpc
 from services.credentials import AUTHORIZATION
 from services.errors import DeadlineExceeded, InvalidArgument, Unimplemented, status_of
@@ -98,16 +98,18 @@ class BatchedServicer(batched_pb2_grpc.BatchedServicer):
                 ready.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        pacer = MessagePacer()
         try:
             done = False
             while not done:
                 replies = [await ready.get()]
-                await asyncio.sleep(0)  # one turn of the event loop: replies finishing in it go in the same message
+                await pacer.ready(len(running))  # replies finishing meanwhile go in the same message
                 while not ready.empty():
                     replies.append(ready.get_nowait())
                 done = None in replies
                 for batch in in_messages((reply for reply in replies if reply is not None), lambda r: len(r.response)):
                     yield batched_pb2.BatchedReplies(replies=batch)
+                pacer.sent()
         finally:
             reader.cancel()
             for task in list(running):

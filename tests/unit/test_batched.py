@@ -13,6 +13,7 @@ from typing import AsyncIterator
 import grpc
 import pytest
 
+from aios.batched import BUSY_CALLS, MessagePacer
 from aios.v1 import memory_pb2, memory_pb2_grpc
 from deploy.cluster import free_port
 from services.batched import batched_services
@@ -146,5 +147,22 @@ def test_calls_in_flight_when_the_manager_dies_fail_unavailable_and_the_next_str
             added = await memory.call("Add", memory_pb2.MemoryAddRequest(agent_id="alice", text="after"), 5.0)
             assert added.text == "after"
         await memory.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_busy_stream_spaces_its_messages_and_a_quiet_one_sends_at_once():
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pacer = MessagePacer(interval=0.05)
+        pacer.sent()
+        sent_at = loop.time()
+        quiet = asyncio.create_task(pacer.ready(unanswered=BUSY_CALLS))  # an agent waiting for each answer
+        busy = asyncio.create_task(pacer.ready(unanswered=BUSY_CALLS + 1))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert quiet.done() and not busy.done()
+        await busy
+        assert loop.time() - sent_at >= 0.05
 
     asyncio.run(scenario())
