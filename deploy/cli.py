@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from deploy.cluster import (
     terminate_group,
 )
 from deploy.supervisor import Supervisor
+from deploy.top import SORTS
 from services.scheduler.policy import POLICIES
 
 READY_LINE = "serving; press Ctrl-C to stop"
@@ -164,20 +166,42 @@ def _connect(args: argparse.Namespace):
     return aios.connect(home=args.home)
 
 
+def _kernel_status(args: argparse.Namespace, max_agents: int = 0):
+    """(endpoints.json of the local `aios up`, or None with --kernel; a function returning the kernel's status);
+    FileNotFoundError when nothing runs here."""
+    import aios
+
+    if args.kernel:  # another host's kernel: the token from $AIOS_TOKEN, TLS from $AIOS_ROOT_CERTIFICATES
+        connection = aios.connect(args.kernel)
+        return None, connection, lambda: connection.status(max_agents)
+    state = read_endpoints(args.home)
+    connection = _connect(args)
+    return state, connection, lambda: connection.status(max_agents)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import aios
     from aios.v1 import common_pb2, kernel_pb2
+    from google.protobuf.json_format import MessageToDict
 
+    address = args.kernel
     try:
-        state = read_endpoints(args.home)
-        with _connect(args) as kernel:
-            status = kernel.status()
+        state, connection, fetch = _kernel_status(args, args.agents)
+        address = address or state["kernel"]
+        with connection:
+            status = fetch()
     except FileNotFoundError as exc:
         _say(str(exc))
         return 1
     except aios.SyscallError as exc:
-        _say(f"kernel at {state['kernel']} does not answer: {exc}")
+        _say(f"kernel at {address} does not answer: {exc}")
         return 1
+    if args.json:
+        print(json.dumps({"endpoints": state, "kernel": MessageToDict(status, preserving_proto_field_name=True)},
+                         indent=2))
+        return 0
+    if state is None:
+        state = {"kernel": address, "redis": "(the kernel's)", "services": {}}
     print(f"kernel    {state['kernel']:<22} SERVING   agents={status.agents}  syscalls={status.syscalls_total} "
           f"(failed {status.syscalls_failed})  tokens={status.tokens_generated}")
     for service in status.services:
@@ -203,9 +227,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {name:<8} policy={q.policy:<8} queued={q.queued:<4} (preempted {q.preempted}) "
               f"running={q.running}/{q.capacity:<4} completed={q.completed}  preemptions={q.preemptions}")
     for core in status.cores:
-        state = kernel_pb2.LLMCoreState.Name(core.state).removeprefix("LLM_CORE_STATE_")
+        core_state = kernel_pb2.LLMCoreState.Name(core.state).removeprefix("LLM_CORE_STATE_")
         moved = f", {core.migration_seconds / core.migrated_in * 1000:.0f} ms each" if core.migrated_in else ""
-        print(f"{core.name:<11} {core.address:<22} {state:<9} running {core.running}/{core.slots}, parked "
+        print(f"{core.name:<11} {core.address:<22} {core_state:<9} running {core.running}/{core.slots}, parked "
               f"{core.parked}, dispatched {core.dispatched}, migrated in {core.migrated_in}{moved} / out "
               f"{core.migrated_out}")
     if status.HasField("llm"):
@@ -223,6 +247,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"memory: {m.entries} entries of {m.agents} agents; {m.resident_bytes} of {m.ram_budget_bytes} budget "
               f"bytes resident, blocks {m.blocks_resident} resident / {m.blocks_spilled} spilled; LRU-{m.lru_k}: "
               f"{m.hits} hits, {m.faults} faults (hit ratio {m.hit_ratio:.2f}), {m.evictions} evictions")
+    if state.get("metrics"):
+        print("metrics (Prometheus, GET /metrics): " + "  ".join(f"{name} {address}"
+                                                              for name, address in state["metrics"].items()))
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    import aios
+    from deploy.top import TopView, run_top
+
+    address = args.kernel
+    try:
+        state, connection, fetch = _kernel_status(args, args.agents)
+        address = address or state["kernel"]
+        with connection:
+            view = TopView(kernel=address, sort=args.sort, filter=args.filter or "")
+            run_top(fetch, view, args.interval, args.once)
+    except FileNotFoundError as exc:
+        _say(str(exc))
+        return 1
+    except aios.SyscallError as exc:
+        _say(f"kernel at {address} does not answer: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -367,7 +416,20 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--storage-quota-bytes", type=int, default=0, help="storage bytes per agent (default 256 MB)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `aios up` started").set_defaults(func=cmd_down)
-    sub.add_parser("status", help="services, health, queues").set_defaults(func=cmd_status)
+    status = sub.add_parser("status", help="services, health, queues")
+    status.add_argument("--json", action="store_true", help="everything as one JSON object, for scripts")
+    top = sub.add_parser("top", help="a live view of queues, LLM cores, memory and agents (operator)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--sort", choices=sorted(SORTS), default="busy", help="agents' order (the s key cycles it)")
+    top.add_argument("--filter", help="only agents whose name or id contains this (the / key sets it)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    for command in (status, top):
+        command.add_argument("--kernel", default=os.environ.get("AIOS_KERNEL"), metavar="HOST:PORT",
+                             help="a kernel elsewhere (default $AIOS_KERNEL, else the local `aios up`); the "
+                                  "operator token from $AIOS_TOKEN")
+        command.add_argument("--agents", type=int, default=100, help="the most agents listed, busiest first")
+    status.set_defaults(func=cmd_status)
+    top.set_defaults(func=cmd_top)
     agent = sub.add_parser("agent", help="create, list and revoke agents and their tokens (operator)")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True)
     create = agent_sub.add_parser("create", help="register an agent and print its token (for an agent run elsewhere)")

@@ -116,7 +116,13 @@ class ManagedProcess:
     popen: subprocess.Popen
     log_path: Path
     address: str = ""
+    metrics: str = ""  # host:port of its Prometheus metrics (GET /metrics), "" if it serves none
     started: float = field(default_factory=time.monotonic)
+
+    def served(self, ready: Path) -> None:
+        """Takes the addresses from the ready file the process wrote once serving."""
+        written = json.loads(ready.read_text())
+        self.address, self.metrics = written["address"], written.get("metrics", "")
 
     @property
     def pid(self) -> int:
@@ -374,7 +380,7 @@ class Cluster:
                 self._terminate(standby)
                 return False
             time.sleep(0.01)  # waiting for it to bind and write its ready file
-        standby.address = json.loads(ready.read_text())["address"]
+        standby.served(ready)
         ready.unlink()
         try:
             wait_healthy(standby.address, START_TIMEOUT_S)
@@ -526,7 +532,7 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise StartError(f"{name} did not start within {START_TIMEOUT_S:.0f} s:\n{_log_tail(log_path)}")
             time.sleep(0.05)  # waiting for the child to bind and write its ready file
-        process.address = json.loads(ready.read_text())["address"]
+        process.served(ready)
         ready.unlink()
         # A restart reuses the port so clients' channels reconnect to the same address.
         self._args[name] = ["--port", process.address.rsplit(":", 1)[1], *args[2:]]
@@ -572,6 +578,7 @@ class Cluster:
             "kernel": self.kernel_address,
             "openai_base_url": self.openai_base_url,
             "services": self.endpoints(),
+            "metrics": {name: p.metrics for name, p in self.processes.items() if p.metrics},
             "redis": self.processes["redis"].address if "redis" in self.processes else "external",
             "redis_persistence": (f"append-only file, fsync every second, in {self.data / 'redis'}"
                                   if "redis" in self.processes else "external: as configured there"),

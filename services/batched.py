@@ -11,6 +11,7 @@ of the unary call.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Callable
 
 import grpc
@@ -22,6 +23,7 @@ from aios.batched import MessagePacer, in_messages
 from aios.v1 import batched_pb2, batched_pb2_grpc
 from services.credentials import AUTHORIZATION
 from services.errors import DeadlineExceeded, InvalidArgument, Unimplemented, status_of
+from services.metrics import RPCS
 
 # (the servicer's bound method, the request message class) by method name
 Methods = dict[str, tuple[Callable[..., Any], type[Message]]]
@@ -60,8 +62,9 @@ class BatchedServicer(batched_pb2_grpc.BatchedServicer):
     """Runs the calls of a Batched stream with a service's own servicer methods. A manager's stream credential was
     checked when it opened (services/server.py's interceptor); the kernel's methods check each call's."""
 
-    def __init__(self, methods: Methods) -> None:
+    def __init__(self, methods: Methods, service_name: str) -> None:
         self.methods = methods
+        self.prefix = f"/{service_name}/"  # a call is counted under its unary method's name (services/metrics.py)
 
     async def Calls(self, request_iterator, context):
         ready: asyncio.Queue[batched_pb2.BatchedReply | None] = asyncio.Queue()
@@ -69,14 +72,17 @@ class BatchedServicer(batched_pb2_grpc.BatchedServicer):
         stream_metadata, peer = context.invocation_metadata(), context.peer()
 
         async def one(call: batched_pb2.BatchedCall) -> None:
-            reply = batched_pb2.BatchedReply(tag=call.tag)
+            reply, started, code = batched_pb2.BatchedReply(tag=call.tag), time.perf_counter(), "OK"
             try:
                 metadata = ((AUTHORIZATION, call.authorization),) if call.authorization else stream_metadata
                 reply.response = await self._run(call, metadata, peer)
             except Exception as exc:  # noqa: BLE001 - every error becomes the call's status, as unary calls do
-                code, reply.message, retry_after = status_of(exc)
-                reply.code, reply.retry_after_seconds = code.value[0], retry_after or 0.0
+                status, reply.message, retry_after = status_of(exc)
+                reply.code, reply.retry_after_seconds, code = status.value[0], retry_after or 0.0, status.name
             ready.put_nowait(reply)
+            # An unknown method counts under one name: a caller must not grow the metrics with names it makes up.
+            method = call.method if call.method in self.methods else "(unknown)"
+            RPCS.observe(self.prefix + method, code, time.perf_counter() - started)
 
         def refuse(call: batched_pb2.BatchedCall) -> None:
             ready.put_nowait(batched_pb2.BatchedReply(
@@ -146,6 +152,7 @@ def batched_services(servicer: Any, add_to_server: Callable[[Any, grpc.aio.Serve
     methods of its `servicer`."""
     def register(server: grpc.aio.Server) -> None:
         add_to_server(servicer, server)
-        batched_pb2_grpc.add_BatchedServicer_to_server(BatchedServicer(unary_methods(servicer, service)), server)
+        batched_pb2_grpc.add_BatchedServicer_to_server(
+            BatchedServicer(unary_methods(servicer, service), service.full_name), server)
 
     return [service.full_name, SERVICE_NAME], register

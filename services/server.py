@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -25,9 +26,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from aios.batched import CODES
 from aios.client import MESSAGE_LIMIT_BYTES, NO_RETRY_PUSHBACK, retry_pushback
 from services.credentials import ClusterSecretCheck, Metadata, read_secret
 from services.errors import status_of
+from services.metrics import RPCS, Collected, serve_metrics
 
 log = logging.getLogger("aios.server")
 
@@ -47,6 +50,14 @@ GC_THRESHOLDS = (50_000, 20, 100)
 RETRY_AFTER = "retry-after"
 # Methods anyone may call, credential or not: the health check (launchers, load balancers) and reflection.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    """The status a handler aborted its call with, by name."""
+    code = context.code()
+    if isinstance(code, int):
+        code = CODES.get(code)
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -103,19 +114,29 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         authorize = self.authorize
         if authorize is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
             authorize = None
+        method = handler_call_details.method
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
+                started, code = time.perf_counter(), "OK"
                 try:
                     if authorize is not None:
                         authorize(context.invocation_metadata())
                     await _check_decoded(request, context)
                     return await inner(request, context)
-                except (grpc.aio.AbortError, asyncio.CancelledError):
+                except grpc.aio.AbortError:
+                    code = _code_name(context)
+                    raise
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
                     raise
                 except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                    await context.abort(*_status_for(exc))
+                    status = _status_for(exc)
+                    code = status[0].name
+                    await context.abort(*status)
+                finally:
+                    RPCS.observe(method, code, time.perf_counter() - started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
@@ -124,16 +145,25 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
+                started, code = time.perf_counter(), "OK"
                 try:
                     if authorize is not None:
                         authorize(context.invocation_metadata())
                     await _check_decoded(request, context)
                     async for item in inner_stream(request, context):
                         yield item
-                except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                except grpc.aio.AbortError:
+                    code = _code_name(context)
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = "CANCELLED"
                     raise
                 except Exception as exc:  # noqa: BLE001
-                    await context.abort(*_status_for(exc))
+                    status = _status_for(exc)
+                    code = status[0].name
+                    await context.abort(*status)
+                finally:
+                    RPCS.observe(method, code, time.perf_counter() - started)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
@@ -199,6 +229,8 @@ class Service:
     authorize: Authorize | None = None
     # TLS for the listening port; None serves plaintext (loopback by default).
     server_credentials: grpc.ServerCredentials | None = None
+    # The service's own Prometheus metrics (services/metrics.py); its calls and process are counted anyway.
+    collectors: list[Collected] = field(default_factory=list)
 
 
 def common_arguments(description: str) -> argparse.ArgumentParser:
@@ -206,7 +238,10 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
-    parser.add_argument("--ready-file", type=Path, help="write {'address': host:port, 'pid': N} here once serving")
+    parser.add_argument("--ready-file", type=Path,
+                        help="write {'address': host:port, 'metrics': host:port, 'pid': N} here once serving")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="port of the Prometheus metrics (GET /metrics on --host); 0 picks a free one, -1 none")
     parser.add_argument("--log-level", default=os.environ.get("AIOS_LOG_LEVEL", "INFO"))
     parser.add_argument("--cluster-secret-file", type=Path, required=True,
                         help="file (mode 0600) holding the secret shared by the kernel and the managers")
@@ -262,8 +297,9 @@ async def _watch_health(service: Service, servicer: Any) -> None:
         await asyncio.sleep(HEALTH_PERIOD_S)
 
 
-async def serve(service: Service, host: str, port: int, ready_file: Path | None = None) -> None:
-    """Runs the service until SIGTERM/SIGINT, then stops gracefully."""
+async def serve(service: Service, host: str, port: int, ready_file: Path | None = None, metrics_port: int = -1
+                ) -> None:
+    """Runs the service until SIGTERM/SIGINT, then stops gracefully; its metrics on `metrics_port` unless -1."""
     server = grpc.aio.server(
         interceptors=[StatusInterceptor(service.authorize)],
         options=[
@@ -290,9 +326,12 @@ async def serve(service: Service, host: str, port: int, ready_file: Path | None 
     address = f"{host}:{bound}"
     log.info("%s serving %s on %s%s (pid %d)", service.name, ", ".join(service.grpc_services), address,
              " with TLS" if service.server_credentials is not None else "", os.getpid())
+    metrics = serve_metrics(host, metrics_port, service.collectors) if metrics_port >= 0 else ""
+    if metrics:
+        log.info("%s metrics on http://%s/metrics", service.name, metrics)
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"address": address, "metrics": metrics, "pid": os.getpid()}))
         tmp.replace(ready_file)
 
     stop = asyncio.Event()
@@ -340,6 +379,6 @@ def run(
         gc.freeze()  # what the service built to run stays: collections need not look at it again
         if args.standby_file is not None:
             await _stand_by(service, args.standby_file)
-        await serve(service, args.host, args.port, args.ready_file)
+        await serve(service, args.host, args.port, args.ready_file, args.metrics_port)
 
     asyncio.run(main())

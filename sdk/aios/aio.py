@@ -125,8 +125,10 @@ class Connection:
         reply = await self.call("IssueToken", kernel_pb2.IssueTokenRequest(agent_id=agent_id))
         return Agent(self, reply.agent_id, reply.agent.name, reply.token)
 
-    async def status(self) -> kernel_pb2.KernelStatus:
-        return await self.call("GetStatus", kernel_pb2.GetStatusRequest(), timeout=10)
+    async def status(self, max_agents: int = 0) -> kernel_pb2.KernelStatus:
+        """The kernel's view of the system (an agent: its own part); the operator's lists the `max_agents` busiest
+        agents (0: 100)."""
+        return await self.call("GetStatus", kernel_pb2.GetStatusRequest(max_agents=max_agents), timeout=10)
 
     async def close(self) -> None:
         await self._batcher.close()

@@ -236,8 +236,10 @@ class Connection:
         """Operator: stops an MCP server mounted as NAME and removes its tools; returns their names."""
         return list(self.call("UnmountTool", tools_pb2.UnmountRequest(name=name), timeout=60).tools)
 
-    def status(self) -> kernel_pb2.KernelStatus:
-        return self.call("GetStatus", kernel_pb2.GetStatusRequest(), timeout=10)
+    def status(self, max_agents: int = 0) -> kernel_pb2.KernelStatus:
+        """The kernel's view of the system (an agent: its own part); the operator's lists the `max_agents` busiest
+        agents (0: 100)."""
+        return self.call("GetStatus", kernel_pb2.GetStatusRequest(max_agents=max_agents), timeout=10)
 
     def drain_core(self, core: str, undo: bool = False, timeout: float = 90) -> kernel_pb2.LLMCoreStatus:
         """Operator: drains an LLM core (by name or address): no new generations, its running ones move to the

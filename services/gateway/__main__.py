@@ -12,7 +12,8 @@ from pathlib import Path
 import uvicorn
 
 from services.credentials import certificate_host
-from services.gateway.app import KernelDoor, create_app
+from services.gateway.app import REQUESTS, KernelDoor, create_app
+from services.metrics import serve_metrics
 from services.server import setup_logging
 
 log = logging.getLogger("aios.gateway")
@@ -33,9 +34,10 @@ async def serve(args: argparse.Namespace) -> None:
     port = server.servers[0].sockets[0].getsockname()[1]
     address = f"{args.host}:{port}"
     log.info("gateway serving OpenAI's API on http://%s/v1 for the kernel at %s (pid %d)", address, args.kernel, os.getpid())
+    metrics = serve_metrics(args.host, args.metrics_port, [], REQUESTS) if args.metrics_port >= 0 else ""
     if args.ready_file is not None:
         tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"address": address, "metrics": metrics, "pid": os.getpid()}))
         tmp.replace(args.ready_file)
     await serving
     await door.channel.close()
@@ -45,7 +47,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="AIOS OpenAI-compatible gateway")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
-    parser.add_argument("--ready-file", type=Path, help="write {'address': host:port, 'pid': N} here once serving")
+    parser.add_argument("--ready-file", type=Path,
+                        help="write {'address': host:port, 'metrics': host:port, 'pid': N} here once serving")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="port of the Prometheus metrics (GET /metrics on --host, not on the API's port); "
+                             "0 picks a free one, -1 none")
     parser.add_argument("--log-level", default=os.environ.get("AIOS_LOG_LEVEL", "INFO"))
     parser.add_argument("--kernel", required=True, help="host:port of the kernel")
     parser.add_argument("--kernel-root-certificates", type=Path, help="PEM certificate of a kernel served with TLS")

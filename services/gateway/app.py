@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aios.client import open_channel, syscall_error
 from aios.v1 import kernel_pb2, kernel_pb2_grpc
 from services.credentials import bearer_metadata
+from services.metrics import RpcMetrics
 from services.gateway.openai_api import (
     ApiError,
     ChatPlan,
@@ -78,8 +79,39 @@ async def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+REQUESTS = RpcMetrics("aios_http_requests", "HTTP requests answered, by route (METHOD /path) and status code")
+
+
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
+class CountRequests:
+    """ASGI middleware: every request into REQUESTS, under its route's path (a path no route matched counts as one,
+    so that clients cannot grow the metrics with made-up paths); the time is until the response began."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), "500"
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+                method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
+                REQUESTS.observe(f"{method} {getattr(scope.get('route'), 'path', '(unmatched)')}", status,
+                                 time.perf_counter() - started)
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 def create_app(door: KernelDoor, served_models: list[str]) -> FastAPI:
     app = FastAPI(title="AIOS OpenAI-compatible gateway", docs_url=None, redoc_url=None)
+    app.add_middleware(CountRequests)
     created = int(time.time())
 
     @app.exception_handler(ApiError)

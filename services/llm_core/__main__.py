@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Iterator
 
 from aios.v1 import llm_core_pb2_grpc
 from services import redis_state
@@ -12,7 +13,8 @@ from services.llm_core.engine import REPLAY_MODES, BatchEngine, EngineConfig
 from services.llm_core.instant import InstantEngine
 from services.llm_core.model import LlamaModel, default_model_path
 from services.llm_core.prompt import FORMATS
-from services.llm_core.servicer import LLMCoreServicer
+from services.llm_core.servicer import INFO_COUNTERS, LLMCoreServicer, core_info
+from services.metrics import Collected, Metric, from_message
 from services.llm_core.snapshot import KvSnapshotStore
 from services.server import Service, add_redis_argument, common_arguments, kernel_only, redis_url, run
 
@@ -59,7 +61,14 @@ def build(args: argparse.Namespace) -> Service:
         probes=[redis_ok],
         on_stop=stop,
         authorize=kernel_only(args),
+        collectors=[Collected("llm_core", lambda: llm_core_metrics(core))],
     )
+
+
+def llm_core_metrics(core: LLMCore) -> Iterator[Metric]:
+    info = core_info(core)
+    info.snapshots_in_redis = core.snapshots.count_in_redis()
+    return from_message("aios_llm_core", info, INFO_COUNTERS, "llm_core.proto InfoResponse", leave_out=frozenset({"redis_ok"}))
 
 
 def main() -> None:

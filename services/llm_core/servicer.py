@@ -70,6 +70,27 @@ def chunk_for(event: Event) -> llm_core_pb2.GenerateChunk:
     )
 
 
+def core_info(core: LLMCore) -> llm_core_pb2.InfoResponse:
+    """What the core reports of itself without asking Redis (Info adds that); from any thread."""
+    engine, store = core.engine, core.snapshots
+    return llm_core_pb2.InfoResponse(
+        model_path=str(core.model.path),
+        model_description=core.model.description,
+        n_ctx=engine.config.resident * engine.config.max_sequence_tokens,
+        max_sequence_tokens=engine.config.max_sequence_tokens,
+        snapshots_saved=store.saved,
+        snapshot_bytes_saved=store.saved_bytes,
+        **engine.status(),
+    )
+
+
+# InfoResponse's fields counted since start: counters in Prometheus (services/metrics.py), the others gauges.
+INFO_COUNTERS = {"tokens_generated", "steps", "preemptions", "resumes_resident", "snapshots_saved",
+                 "snapshots_restored", "snapshot_bytes_saved", "prefill_tokens_saved", "prefill_tokens",
+                 "decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds",
+                 "decode_rows", "prefix_restores_from_ram", "draft_tokens", "draft_tokens_accepted"}
+
+
 class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
     def __init__(self, core: LLMCore, redis_ok: Callable[[], Awaitable[bool]]) -> None:
         self.core = core
@@ -129,17 +150,7 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
         return llm_core_pb2.ResetResponse(parked=parked, snapshots=snapshots)
 
     async def Info(self, request, context):
-        engine = self.core.engine
-        store = self.core.snapshots
-        in_redis = await asyncio.to_thread(store.count_in_redis)
-        return llm_core_pb2.InfoResponse(
-            model_path=str(self.core.model.path),
-            model_description=self.core.model.description,
-            n_ctx=engine.config.resident * engine.config.max_sequence_tokens,
-            max_sequence_tokens=engine.config.max_sequence_tokens,
-            redis_ok=await self.redis_ok(),
-            snapshots_saved=store.saved,
-            snapshot_bytes_saved=store.saved_bytes,
-            snapshots_in_redis=in_redis,
-            **engine.status(),
-        )
+        info = core_info(self.core)
+        info.snapshots_in_redis = await asyncio.to_thread(self.core.snapshots.count_in_redis)
+        info.redis_ok = await self.redis_ok()
+        return info

@@ -15,6 +15,7 @@ from services.memory.core import (
     MemoryStore,
 )
 from services.memory.servicer import MemoryServicer
+from services.metrics import Collected, from_message
 from services.server import Service, common_arguments, kernel_only, run
 
 
@@ -36,6 +37,9 @@ def build(args: argparse.Namespace) -> Service:
         register=register,
         on_stop=store.close,
         authorize=kernel_only(args),
+        collectors=[Collected("memory", lambda: from_message(
+            "aios_memory", memory_pb2.MemoryStatsResponse(**store.stats()), {"hits", "faults", "evictions"},
+            "memory.proto MemoryStatsResponse"))],
     )
 
 

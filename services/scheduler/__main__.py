@@ -12,7 +12,9 @@ from services.batched import batched_services
 from services.credentials import read_secret, tls_server_credentials
 from services.scheduler.identity import AgentRegistry, Quota, RegistrationPolicy
 from services.scheduler.journal import RecordJournal
+from services.metrics import Collected
 from services.scheduler.kernel import Kernel, core_router, manager_shards
+from services.scheduler.metrics import kernel_metrics
 from services.shards import parse_named_addresses
 from services.scheduler.policy import POLICIES, make_policy
 from services.scheduler.queues import ResourceQueue
@@ -65,6 +67,7 @@ def build(args: argparse.Namespace) -> Service:
         on_drain=kernel.drain,
         on_stop=kernel.close,
         server_credentials=tls_server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        collectors=[Collected("kernel", lambda: kernel_metrics(kernel, servicer.audit.refusals))],
     )
 
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
 from services.scheduler.policy import SchedulingPolicy
 from services.scheduler.syscalls import Resource, SyscallRecord, SyscallState
+
+# Waits a queue remembers for its percentiles (GetStatus, `aios top`).
+RECENT_WAITS = 1000
 
 
 class ResourceQueue:
@@ -36,6 +40,7 @@ class ResourceQueue:
         self.completed = 0
         self.preemptions = 0
         self._grants: dict[SyscallRecord, asyncio.Future[None]] = {}
+        self._waits: deque[float] = deque(maxlen=RECENT_WAITS)  # seconds each of the last dispatched ones waited
         self._refusal: Callable[[], BaseException] | None = None  # set once closed
 
     @property
@@ -45,6 +50,13 @@ class ResourceQueue:
     @property
     def waiting_to_resume(self) -> int:
         return sum(1 for r in self._grants if r.state == SyscallState.PREEMPTED)
+
+    def wait_percentiles(self) -> tuple[float, float]:
+        """Median and 99th percentile of the last RECENT_WAITS waits, in seconds (0 before any)."""
+        waits = sorted(self._waits)
+        if not waits:
+            return 0.0, 0.0
+        return waits[len(waits) // 2], waits[min(len(waits) - 1, int(len(waits) * 0.99))]
 
     def counts_of(self, agent_id: str) -> tuple[int, int]:
         """One agent's syscalls waiting (preempted ones included) and running here."""
@@ -118,11 +130,13 @@ class ResourceQueue:
 
     def _dispatch(self) -> None:
         while len(self.running) < self.capacity and len(self.policy):
-            record = self.policy.pop(time.monotonic())
+            now = time.monotonic()
+            record = self.policy.pop(now)
             future = self._grants.pop(record)
             if future.done():  # its caller was cancelled a moment ago and has not cleaned up yet: skip it
                 self.policy.done(record)
                 continue
+            self._waits.append(now - record.enqueued_at)
             self.running.add(record)
             future.set_result(None)
         self._maybe_preempt()

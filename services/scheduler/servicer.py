@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import inspect
 import time
 from typing import Any, Callable
@@ -20,7 +21,7 @@ import grpc
 from aios.syscalls import SYSCALL_ID_METADATA
 from aios.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 from services import redis_state
-from services.errors import AiosError, ResourceExhausted
+from services.errors import AiosError, InvalidArgument, ResourceExhausted
 from services.scheduler.audit import Audit
 from services.scheduler.identity import Agent, Caller, Quota, Role
 from services.scheduler.cores import CoreState, LLMCoreReplica
@@ -29,6 +30,9 @@ from services.scheduler.quotas import TokenBucket
 from services.scheduler.syscalls import Resource, SyscallRecord
 
 STATUS_PROBE_TIMEOUT_S = 1.0
+# Agents in KernelStatus.activity unless the request says.
+DEFAULT_ACTIVITY_AGENTS = 100
+MAX_ACTIVITY_AGENTS = 10_000
 CORE_STATES = {CoreState.SERVING: kernel_pb2.LLM_CORE_STATE_SERVING, CoreState.DRAINING: kernel_pb2.LLM_CORE_STATE_DRAINING,
                CoreState.DOWN: kernel_pb2.LLM_CORE_STATE_DOWN}
 # Fields every LLM core (every memory shard) reports alike, such as the model, its limits, the snapshots in the Redis
@@ -52,6 +56,26 @@ def added_up(replies: list[Message | None], alike: set[str]) -> Message | None:
             elif field.name not in alike:
                 setattr(total, field.name, getattr(total, field.name) + getattr(reply, field.name))
     return total
+
+
+def activity(kernel: Kernel, agents: list[Agent], limit: int) -> list[kernel_pb2.AgentActivity]:
+    """The `limit` busiest agents: most syscalls in flight, then most tokens generated."""
+    if limit > MAX_ACTIVITY_AGENTS:
+        raise InvalidArgument(f"max_agents is at most {MAX_ACTIVITY_AGENTS}")
+    finished, in_flight = kernel.table.metrics.by_agent, kernel.table.in_flight_by_agent()
+    known = {agent.id: agent for agent in agents}
+    busiest = heapq.nlargest(limit, set(finished) | set(in_flight), key=lambda agent_id: (
+        sum(in_flight.get(agent_id, ())), finished[agent_id].tokens_generated if agent_id in finished else 0))
+    rows = []
+    for agent_id in busiest:
+        queued, running = in_flight.get(agent_id, (0, 0))
+        done, agent = finished.get(agent_id), known.get(agent_id)
+        rows.append(kernel_pb2.AgentActivity(
+            agent_id=agent_id, name=agent.name if agent else "", queued=queued, running=running,
+            finished=done.finished if done else 0, failed=done.failed if done else 0,
+            tokens_generated=done.tokens_generated if done else 0, preemptions=done.preemptions if done else 0,
+            tokens_per_minute=agent.quota.tokens_per_minute if agent else 0))
+    return rows
 
 
 def memory_added_up(replies: list[memory_pb2.MemoryStatsResponse | None]) -> memory_pb2.MemoryStatsResponse | None:
@@ -287,8 +311,10 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                     preempted=q.waiting_to_resume,
                     preemptions=q.preemptions,
                     name=name,
+                    wait_p50_seconds=p50,
+                    wait_p99_seconds=p99,
                 )
-                for name, q in queues
+                for name, q in queues for p50, p99 in [q.wait_percentiles()]
             ],
             services=[kernel_pb2.ServiceStatus(name=c.name, address=c.address, healthy=h) for c, h in zip(clients, health)],
             syscalls_total=kernel.table.total,
@@ -300,4 +326,5 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             memory=memory_added_up(memory),
             caller=caller_to_proto(caller),
             refusals=dict(self.audit.refusals),
+            activity=activity(kernel, agents or [], request.max_agents or DEFAULT_ACTIVITY_AGENTS),
         )

@@ -10,6 +10,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from services.scheduler.metrics import SyscallMetrics
+
 
 class Resource(enum.IntEnum):
     """Mirrors aios.v1.Resource."""
@@ -110,6 +112,7 @@ class SyscallTable:
         self.total = 0
         self.failed = 0
         self.tokens_out = 0
+        self.metrics = SyscallMetrics()
 
     def create(self, agent_id: str, kind: str, resource: Resource, priority: int = 0, weight: float = 1.0,
                syscall_id: str = "") -> SyscallRecord:
@@ -129,7 +132,22 @@ class SyscallTable:
         with self._lock:
             self.failed += record.state == SyscallState.FAILED
             self.tokens_out += record.tokens_out
+            self.metrics.count(record)
         self.on_change(record)
+
+    def in_flight_by_agent(self) -> dict[str, tuple[int, int]]:
+        """Per agent with syscalls not finished: how many wait in a queue (preempted ones included), how many run."""
+        with self._lock:
+            live = [record for record in self._records.values() if not record.finished]
+        counts: dict[str, tuple[int, int]] = {}
+        for record in live:
+            queued, running = counts.get(record.agent_id, (0, 0))
+            if record.state == SyscallState.RUNNING:
+                running += 1
+            else:
+                queued += 1
+            counts[record.agent_id] = (queued, running)
+        return counts
 
     def get(self, syscall_id: str) -> SyscallRecord | None:
         with self._lock:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aios.v1 import storage_pb2, storage_pb2_grpc
 from services.batched import batched_services
+from services.metrics import Collected, gauge
 from services.server import Service, common_arguments, kernel_only, run
 from services.storage.core import DEFAULT_MAX_RECORD_BYTES, DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_RECORDS, RecordStore
 from services.storage.servicer import StorageServicer
@@ -27,7 +28,18 @@ def build(args: argparse.Namespace) -> Service:
         register=register,
         on_stop=store.close,
         authorize=kernel_only(args),
+        collectors=[Collected("storage", lambda: storage_metrics(store))],
     )
+
+
+def storage_metrics(store: RecordStore) -> list:
+    totals = store.totals()
+    return [gauge("aios_storage_stored_bytes", "Bytes of every stored version's data, over all agents", [],
+                  {(): totals["stored_bytes"]}),
+            gauge("aios_storage_records", "Records whose newest version is not deleted", [], {(): totals["records"]}),
+            gauge("aios_storage_agents", "Agents that ever stored something", [], {(): totals["agents"]}),
+            gauge("aios_storage_file_bytes", "Size of the database files on disk (with its write-ahead log)", [],
+                  {(): totals["file_bytes"]})]
 
 
 def main() -> None:

@@ -193,6 +193,7 @@ class RecordStore:
         self.max_record_bytes = max_record_bytes
         self.quota_bytes = quota_bytes
         self.quota_records = quota_records
+        self.path = path
         self._db = connect_durable(path)
         with self._db:
             if self._db.execute("SELECT 1 FROM sqlite_master WHERE name='grants'").fetchone() and not any(
@@ -404,6 +405,14 @@ class RecordStore:
     def usage(self, agent_id: str) -> Usage:
         used_bytes, records = self._used(agent_id)
         return Usage(used_bytes, records, self.quota_bytes, self.quota_records)
+
+    @grouped
+    def totals(self) -> dict[str, int]:
+        """The store's size over all agents (for its metrics)."""
+        agents, stored, records = self._db.execute(
+            "SELECT count(*), coalesce(sum(bytes), 0), coalesce(sum(records), 0) FROM usage").fetchone()
+        return {"agents": agents, "stored_bytes": stored, "records": records,
+                "file_bytes": sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*"))}
 
     def close(self) -> None:
         self.commits.close()

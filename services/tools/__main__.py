@@ -8,6 +8,7 @@ from pathlib import Path
 
 from aios.v1 import storage_pb2, storage_pb2_grpc, tools_pb2, tools_pb2_grpc
 from services.batched import batched_services
+from services.metrics import Collected
 from services.shards import sharded_manager
 from services.server import Service, cluster_secret, common_arguments, kernel_only, run
 from services.tools.builtin import builtin_tools
@@ -54,6 +55,7 @@ def build(args: argparse.Namespace) -> Service:
         on_start=start,
         on_stop=stop,
         authorize=kernel_only(args),
+        collectors=[Collected("tools", registry.metrics)],
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 
 from services.errors import InvalidArgument, NotFound, ResourceExhausted, require
+from services.metrics import Metric, counter, gauge
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ToolCounters:
     peak_running: int = 0
     calls: int = 0
     refused: int = 0
+    failed: int = 0  # runs that raised (a bad result, a limit hit, a crash), not counting refused ones
 
 
 # The most of a caller's input an error message repeats (it travels in gRPC trailers, 16 KB at most).
@@ -75,6 +77,17 @@ class ToolRegistry:
             self._tools.pop(name, None)
             self._validators.pop(name, None)
             self.counters.pop(name, None)
+
+    def metrics(self) -> list[Metric]:
+        """Per tool (a bounded set: the operator registers and mounts them): calls, failures, refusals, running."""
+        counters = dict(self.counters)
+        return [counter("aios_tool_calls", "Tool runs started", ["tool"], {(n,): c.calls for n, c in counters.items()}),
+                counter("aios_tool_failures", "Tool runs that failed", ["tool"],
+                        {(n,): c.failed for n, c in counters.items()}),
+                counter("aios_tool_refused", "Tool calls refused at the tool's concurrency limit", ["tool"],
+                        {(n,): c.refused for n, c in counters.items()}),
+                gauge("aios_tool_running", "Tool runs going on now", ["tool"],
+                      {(n,): c.running for n, c in counters.items()})]
 
     def list(self) -> list[Tool]:
         return [self._tools[name] for name in sorted(self._tools)]
@@ -115,5 +128,8 @@ class ToolRegistry:
             if inspect.iscoroutinefunction(tool.function):
                 return await tool.function(arguments, context)
             return await asyncio.to_thread(tool.function, arguments, context)
+        except BaseException:
+            counters.failed += 1
+            raise
         finally:
             counters.running -= 1
