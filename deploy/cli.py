@@ -253,6 +253,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    from deploy.logs import log_files, show
+
+    logs = args.home / "logs"
+    files = log_files(logs, args.service or "")
+    if not files:
+        known = ", ".join(sorted(p.stem for p in logs.glob("*.log"))) or "none"
+        _say(f"no logs of {args.service or 'any service'} in {logs} (there: {known})")
+        return 1
+    try:
+        show(files, lambda line: print(line, flush=True), tail=args.tail, follow=args.follow, as_json=args.json,
+             syscall=args.syscall or "", agent=args.agent or "", level=args.level or "")
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     import aios
     from deploy.top import TopView, run_top
@@ -429,6 +446,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "operator token from $AIOS_TOKEN")
         command.add_argument("--agents", type=int, default=100, help="the most agents listed, busiest first")
     status.set_defaults(func=cmd_status)
+    logs = sub.add_parser("logs", help="the services' logs, merged by time (SERVICE: one of them, e.g. kernel)")
+    logs.add_argument("service", nargs="?", help="kernel, llm_core, memory, storage, tools, gateway, supervisor "
+                                                  "(replicas too: memory also shows memory_2)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--tail", type=int, default=-1, help="only the last N lines (default all)")
+    logs.add_argument("--json", action="store_true", help="the JSON lines as written (others wrapped in one)")
+    logs.add_argument("--syscall", help="only events about this syscall id")
+    logs.add_argument("--agent", help="only events about this agent id")
+    logs.add_argument("--level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="only this level and above")
+    logs.set_defaults(func=cmd_logs)
     top.set_defaults(func=cmd_top)
     agent = sub.add_parser("agent", help="create, list and revoke agents and their tokens (operator)")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True)

@@ -467,7 +467,7 @@ class Cluster:
             if config.tls_cert:
                 args += ["--kernel-root-certificates", str(config.tls_cert)]
             return args + config.extra_args.get(kind, [])
-        args = ["--cluster-secret-file", str(self.secrets / "cluster.secret")]
+        args = ["--cluster-secret-file", str(self.secrets / "cluster.secret"), "--name", name]
         if kind in ("llm_core", "kernel"):
             args += ["--redis-url-file", str(self.secrets / "redis.url")]
         if kind == "llm_core":

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import gc
+import inspect
 import json
 import logging
 import os
@@ -242,13 +244,20 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
                         help="write {'address': host:port, 'metrics': host:port, 'pid': N} here once serving")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="port of the Prometheus metrics (GET /metrics on --host); 0 picks a free one, -1 none")
-    parser.add_argument("--log-level", default=os.environ.get("AIOS_LOG_LEVEL", "INFO"))
+    parser.add_argument("--name", help="the name in its logs, e.g. memory_2 (default: what it is, e.g. memory)")
+    add_logging_arguments(parser)
     parser.add_argument("--cluster-secret-file", type=Path, required=True,
                         help="file (mode 0600) holding the secret shared by the kernel and the managers")
     parser.add_argument("--standby-file", type=Path,
                         help="start as a hot standby: build everything (load the model), write this file, and "
                              "serve only on SIGUSR1 (the supervisor's signal that the primary on --port died)")
     return parser
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default=os.environ.get("AIOS_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=["json", "text"], default=os.environ.get("AIOS_LOG_FORMAT", "json"),
+                        help="one JSON object per line (default; `aios logs` shows them) or plain text")
 
 
 def cluster_secret(args: argparse.Namespace) -> str:
@@ -270,12 +279,39 @@ def add_redis_argument(parser: argparse.ArgumentParser) -> None:
                         help="file (mode 0600) holding the Redis URL, e.g. redis://aios:PASSWORD@127.0.0.1:6379/0")
 
 
-def setup_logging(name: str, level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
-    )
+# Fields of a log event that say which syscall and agent it is about, when the code that logs passes them
+# (`extra=about(record)`, services/scheduler/syscalls.py).
+EVENT_FIELDS = ("syscall_id", "agent_id", "trace_id")
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line (what `aios logs` reads and log shippers take as is): time (UTC, ISO 8601), service,
+    level, logger, message, the syscall and agent it is about if given, and the exception's traceback if any."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "service": self.service, "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for name in EVENT_FIELDS:
+            value = getattr(record, name, None)
+            if value:
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def setup_logging(name: str, level: str, form: str = "json") -> None:
+    """Logs of the process to stderr: JSON lines (default) or, for a person at a terminal, text."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines(name) if form == "json" else
+                         logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 async def _watch_health(service: Service, servicer: Any) -> None:
@@ -370,8 +406,10 @@ def run(
     build: Callable[[argparse.Namespace], Service], parser: argparse.ArgumentParser, args: argparse.Namespace | None = None
 ) -> None:
     """Entry point of a service's __main__: parse options (unless parsed already), build the service, serve."""
+    kind = Path(inspect.getfile(build)).parent.name  # services/<kind>/__main__.py
+    default_name = "kernel" if kind == "scheduler" else kind
     args = args or parser.parse_args()
-    setup_logging(parser.prog, args.log_level)
+    setup_logging(args.name or default_name, args.log_level, args.log_format)
     gc.set_threshold(*GC_THRESHOLDS)
 
     async def main() -> None:

@@ -14,7 +14,7 @@ import uvicorn
 from services.credentials import certificate_host
 from services.gateway.app import REQUESTS, KernelDoor, create_app
 from services.metrics import serve_metrics
-from services.server import setup_logging
+from services.server import add_logging_arguments, setup_logging
 
 log = logging.getLogger("aios.gateway")
 
@@ -23,7 +23,7 @@ async def serve(args: argparse.Namespace) -> None:
     root = args.kernel_root_certificates.read_bytes() if args.kernel_root_certificates else None
     door = KernelDoor(args.kernel, root, certificate_host(root) if root else None)
     app = create_app(door, args.served_model_name)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), log_config=None,
                                            access_log=False, lifespan="off"))
     serving = asyncio.create_task(server.serve())
     while not server.started:
@@ -52,13 +52,13 @@ def main() -> None:
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="port of the Prometheus metrics (GET /metrics on --host, not on the API's port); "
                              "0 picks a free one, -1 none")
-    parser.add_argument("--log-level", default=os.environ.get("AIOS_LOG_LEVEL", "INFO"))
+    add_logging_arguments(parser)
     parser.add_argument("--kernel", required=True, help="host:port of the kernel")
     parser.add_argument("--kernel-root-certificates", type=Path, help="PEM certificate of a kernel served with TLS")
     parser.add_argument("--served-model-name", action="append", required=True,
                         help="a model name clients use (GET /v1/models lists them); repeatable")
     args = parser.parse_args()
-    setup_logging("gateway", args.log_level)
+    setup_logging("gateway", args.log_level, args.log_format)
     asyncio.run(serve(args))
 
 

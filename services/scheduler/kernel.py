@@ -42,7 +42,7 @@ from services.scheduler.quotas import AgentUsage
 from services.scheduler.policy import SchedulingPolicy
 from services.scheduler.queues import ResourceQueue
 from services.scheduler.suspensions import SuspendedGenerations, Suspension
-from services.scheduler.syscalls import Resource, SyscallRecord, SyscallTable
+from services.scheduler.syscalls import Resource, SyscallRecord, SyscallTable, about
 
 log = logging.getLogger("aios.kernel")
 
@@ -420,7 +420,7 @@ class Kernel:
                             record.preempt_requested = record.moving = False  # asked of the dead core: died with it
                             record.moved_at = 0.0
                             log.warning("syscall %s: LLM core %s lost it after %d tokens; recovering (recovery %d)",
-                                        record.id, replica.name, len(token_ids), record.recoveries)
+                                        record.id, replica.name, len(token_ids), record.recoveries, extra=about(record))
                             if not await replica.client.healthy():
                                 self._core_down(replica)
                             message = _replaying(first, token_ids, in_batch=crowd)
@@ -467,7 +467,7 @@ class Kernel:
         kept = await self.suspensions.put(Suspension(
             record.id, record.agent_id, first, list(token_ids), list(reply), record.tokens_in, record.recoveries))
         log.info("syscall %s suspended after %d tokens%s", record.id, len(token_ids),
-                 "" if kept else " (not kept: its agent continues it by replay)")
+                 "" if kept else " (not kept: its agent continues it by replay)", extra=about(record))
 
     async def _with_history(
         self, agent: Agent, request: kernel_pb2.KernelGenerateRequest, timeout: float | None
@@ -658,7 +658,7 @@ class Kernel:
                 "Preempt", llm_core_pb2.PreemptRequest(syscall_id=record.id, swap_out=swap_out), CONNECT_TIMEOUT_S)
             preempted = reply.preempted
         except AiosError as exc:
-            log.warning("preempting %s failed: %s", record.id, exc.message)
+            log.warning("preempting %s failed: %s", record.id, exc.message, extra=about(record))
             preempted = False
         if not preempted:  # it finished first, or is not decoding yet: let the policy (or the drain) ask again later
             record.preempt_requested = record.moving = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import secrets
 import threading
 import time
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from services.scheduler.metrics import SyscallMetrics
+
+log = logging.getLogger("aios.kernel")
 
 
 class Resource(enum.IntEnum):
@@ -100,6 +103,12 @@ class SyscallRecord:
         return self.state in (SyscallState.DONE, SyscallState.FAILED)
 
 
+def about(record: SyscallRecord) -> dict[str, str]:
+    """A log event's fields naming the syscall it is about (`log.info(..., extra=about(record))`): in the JSON line,
+    for `aios logs --syscall ID` and log search."""
+    return {"syscall_id": record.id, "agent_id": record.agent_id}
+
+
 class SyscallTable:
     """All live syscalls plus the most recent finished ones (bounded), with counters."""
 
@@ -133,6 +142,11 @@ class SyscallTable:
             self.failed += record.state == SyscallState.FAILED
             self.tokens_out += record.tokens_out
             self.metrics.count(record)
+        if log.isEnabledFor(logging.DEBUG):  # an event per syscall: only when asked (--log-level DEBUG)
+            log.debug("syscall %s %s %s in %.1f ms (queued %.1f ms)%s", record.id, record.kind,
+                      record.state.name.lower(), 1000 * (record.queued_s + record.running_s + record.preempted_s),
+                      1000 * record.queued_s, f": {record.error_code} {record.error}" if record.error_code else "",
+                      extra=about(record))
         self.on_change(record)
 
     def in_flight_by_agent(self) -> dict[str, tuple[int, int]]:

@@ -1,5 +1,6 @@
-"""Prometheus metrics of every service (services/metrics.py), scraped over HTTP from the real processes while an
-agent works, parsed with prometheus-client's own parser, and checked against what the test did."""
+"""Seeing inside a running AIOS: Prometheus metrics of every service (services/metrics.py), scraped over HTTP from
+the real processes while an agent works, parsed with prometheus-client's own parser and checked against what the
+test did; `aios top`, `aios status --json` and `aios logs` as a user runs them."""
 
 from __future__ import annotations
 
@@ -137,3 +138,20 @@ def test_aios_top_and_status_json_show_the_busiest_agents_from_another_host(clus
                               env={**env, "AIOS_TOKEN": agent.token}, capture_output=True, text=True, timeout=60)
     assert as_agent.returncode == 0, as_agent.stderr
     assert "activity" not in json.loads(as_agent.stdout)["kernel"]
+
+
+def test_aios_logs_shows_each_services_json_events_and_filters_them(cluster: Cluster):
+    forged = aios.connect(cluster.kernel_address, token="aios-agent-" + secrets.token_hex(16))
+    with pytest.raises(aios.SyscallError):
+        forged.status()
+    forged.close()
+    aios_cli = [sys.executable, "-m", "deploy.cli", "--home", str(cluster.config.home)]
+    shown = subprocess.run([*aios_cli, "logs", "kernel", "--json", "--level", "WARNING"], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    events = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert events and all(e["service"] == "kernel" and e["level"] in ("WARNING", "ERROR") for e in events)
+    assert any("refused unauthenticated: GetStatus" in e["message"] for e in events)
+    every = subprocess.run([*aios_cli, "logs"], capture_output=True, text=True, timeout=60)
+    assert every.returncode == 0, every.stderr
+    assert {"kernel", "memory", "llm_core"} <= {line.split()[1] for line in every.stdout.splitlines() if line.strip()}
