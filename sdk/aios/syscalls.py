@@ -203,6 +203,11 @@ class SyscallMethods:
         """The kernel's record of one of this agent's syscalls."""
         return self.kernel.call("GetSyscall", kernel_pb2.GetSyscallRequest(syscall_id=syscall_id), self.token, timeout=10)
 
+    def syscalls(self, kind: str = "", limit: int = 0) -> kernel_pb2.ListSyscallsResponse:
+        """The kernel's records of this agent's latest syscalls (of `kind`, e.g. "tool_call"), newest first."""
+        return self.kernel.call("ListSyscalls", kernel_pb2.ListSyscallsRequest(kind=kind, limit=limit), self.token,
+                                timeout=10)
+
     def _syscall(self, then: Callable[[Any], Any] = same, timeout: float | None = 60, **call: Any) -> Any:
         raise NotImplementedError
 

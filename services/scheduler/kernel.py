@@ -32,7 +32,7 @@ from aios.v1 import (
     tools_pb2_grpc,
 )
 from services.errors import (AiosError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
-                             ResourceExhausted, Unavailable)
+                             PermissionDenied, ResourceExhausted, Unavailable, require)
 from services.manager_client import CONNECT_TIMEOUT_S, ManagerClient
 from services.shards import ShardedManager, parse_named_addresses, sharded_manager
 from services.scheduler.cores import CoreRouter, CoreState, LLMCoreReplica, prefix_key
@@ -94,6 +94,8 @@ SERVICES = {
 # The largest LLM syscall the kernel takes (prompt, messages, schema): far above any context the LLM core holds, and
 # refused before any work, so one agent's 30 MB request costs the others nothing.
 MAX_GENERATE_BYTES = 4 * 1024 * 1024
+DEFAULT_LISTED_SYSCALLS = 100  # ListSyscalls without a limit
+MAX_LISTED_SYSCALLS = 1000
 MAX_RECOVERIES = 3  # times one generation is rebuilt after its core died, before the agent gets UNAVAILABLE
 CORE_RECOVERY_WAIT_S = 120.0  # how long a generation waits for a core to serve again (model load included)
 DRAIN_CORE_S = 60.0  # how long `aios drain` waits for a core's generations to move, unless the call says less
@@ -690,6 +692,17 @@ class Kernel:
         if record is None or (caller.agent is not None and record.agent_id != caller.agent.id):
             raise NotFound(f"no syscall {syscall_id!r} of this agent (unknown, another agent's, or finished long ago)")
         return record
+
+    def list_syscalls(self, caller: Caller, agent_id: str, kind: str, limit: int) -> list[SyscallRecord]:
+        """The newest records the kernel keeps: an agent's own (naming another agent is PERMISSION_DENIED), the
+        operator's of anyone."""
+        if caller.agent is not None:
+            if agent_id and agent_id != caller.agent.id:
+                raise PermissionDenied("an agent lists its own syscalls only; leave agent_id empty")
+            agent_id = caller.agent.id
+        limit = limit or DEFAULT_LISTED_SYSCALLS
+        require(limit <= MAX_LISTED_SYSCALLS, f"limit is at most {MAX_LISTED_SYSCALLS}")
+        return self.table.newest(agent_id, kind, limit)
 
     async def close(self) -> None:
         for task in list(self._background):  # core watchers, discards: nothing to do once the kernel stops

@@ -227,6 +227,11 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         return record_to_proto(await self.kernel.get_syscall(caller, request.syscall_id))
 
     @kernel_rpc()
+    async def ListSyscalls(self, request, context, caller):
+        records = self.kernel.list_syscalls(caller, request.agent_id, request.kind, request.limit)
+        return kernel_pb2.ListSyscallsResponse(syscalls=[record_to_proto(record) for record in records])
+
+    @kernel_rpc()
     async def ListAgents(self, request, context, caller):
         if caller.agent is not None:
             return kernel_pb2.ListAgentsResponse(agents=[agent_to_proto(caller.agent)])

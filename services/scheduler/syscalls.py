@@ -163,6 +163,18 @@ class SyscallTable:
             counts[record.agent_id] = (queued, running)
         return counts
 
+    def newest(self, agent_id: str, kind: str, limit: int) -> list[SyscallRecord]:
+        """Up to `limit` records, newest first, of `agent_id` (all agents if empty) and `kind` (all if empty)."""
+        with self._lock:
+            records = list(self._records.values())
+        found = []
+        for record in reversed(records):
+            if (not agent_id or record.agent_id == agent_id) and (not kind or record.kind == kind):
+                found.append(record)
+                if len(found) == limit:
+                    break
+        return found
+
     def get(self, syscall_id: str) -> SyscallRecord | None:
         with self._lock:
             return self._records.get(syscall_id)

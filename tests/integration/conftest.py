@@ -1,4 +1,5 @@
-"""Integration fixtures: a real AIOS (real processes, Redis, model) in a temporary home."""
+"""Integration fixtures: a real AIOS (real processes, Redis, model) in a temporary home, booted once per session by
+the SDK's pytest plugin (sdk/aios/pytest_plugin.py, the fixtures agent authors use), 4 slots."""
 
 from __future__ import annotations
 
@@ -7,22 +8,20 @@ from typing import Iterator
 import pytest
 
 import aios
-from deploy.cluster import Cluster, ClusterConfig
+from aios.pytest_plugin import AiosSystem
+from deploy.cluster import Cluster
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("aios-home")
-    with Cluster(ClusterConfig(home=home, slots=4)) as running:
-        yield running
+def cluster(aios_system: AiosSystem) -> Cluster:
+    return aios_system.cluster
 
 
 @pytest.fixture(scope="session")
-def kernel(cluster: Cluster) -> Iterator[aios.Connection]:
-    with cluster.connect() as connection:
-        yield connection
+def kernel(aios_system: AiosSystem) -> Iterator[aios.Connection]:
+    yield aios_system.operator
 
 
 @pytest.fixture
-def agent(kernel: aios.Connection, request: pytest.FixtureRequest) -> aios.Agent:
-    return kernel.register(request.node.name[:64])
+def agent(aios_agent: aios.Agent) -> aios.Agent:
+    return aios_agent
