@@ -68,7 +68,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                            tls_cert=args.tls_cert, tls_key=args.tls_key, open_registration=args.open_registration,
                            gateway_listen=args.gateway_listen, llm_cores=args.llm_cores,
                            attached_llm_cores=tuple(args.llm_core), llm_threads=args.llm_threads,
-                           memory_shards=args.memory_shards, storage_shards=args.storage_shards)
+                           memory_shards=args.memory_shards, storage_shards=args.storage_shards,
+                           otlp_endpoint=args.otlp_endpoint)
     cluster = Cluster(config, progress=_say)
     if args.llm_standby:
         config.standby = tuple(cluster.names_of("llm_core"))
@@ -425,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--tls-key", type=Path, help="the certificate's PEM private key")
     up.add_argument("--gateway-listen", default="127.0.0.1:0", metavar="HOST:PORT",
                     help="where the OpenAI-compatible HTTP gateway listens (default loopback, a free port)")
+    up.add_argument("--otlp-endpoint", default="", metavar="HOST:PORT",
+                    help="send the services' OpenTelemetry traces to this OTLP/gRPC collector")
     up.add_argument("--open-registration", action="store_true",
                     help="anyone who reaches the kernel may register an agent (trusted single-user machines only)")
     up.add_argument("--tokens-per-minute", type=int, default=0, help="default LLM tokens per minute per agent")

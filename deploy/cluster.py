@@ -108,6 +108,9 @@ class ClusterConfig:
     standby: tuple[str, ...] = ()
     # How long a primary serves before its standby starts loading beside it.
     standby_after_s: float = 10.0
+    # Send every service's OpenTelemetry traces to this OTLP/gRPC collector (HOST:PORT); "" traces nothing (unless
+    # OTEL_EXPORTER_OTLP_ENDPOINT is set in the environment the services inherit).
+    otlp_endpoint: str = ""
 
 
 @dataclass
@@ -468,6 +471,8 @@ class Cluster:
                 args += ["--kernel-root-certificates", str(config.tls_cert)]
             return args + config.extra_args.get(kind, [])
         args = ["--cluster-secret-file", str(self.secrets / "cluster.secret"), "--name", name]
+        if config.otlp_endpoint:
+            args += ["--otlp-endpoint", config.otlp_endpoint]
         if kind in ("llm_core", "kernel"):
             args += ["--redis-url-file", str(self.secrets / "redis.url")]
         if kind == "llm_core":

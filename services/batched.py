@@ -23,7 +23,9 @@ from aios.batched import MessagePacer, in_messages
 from aios.v1 import batched_pb2, batched_pb2_grpc
 from services.credentials import AUTHORIZATION
 from services.errors import DeadlineExceeded, InvalidArgument, Unimplemented, status_of
+from services import tracing
 from services.metrics import RPCS
+from services.tracing import TRACEPARENT
 
 # (the servicer's bound method, the request message class) by method name
 Methods = dict[str, tuple[Callable[..., Any], type[Message]]]
@@ -73,15 +75,18 @@ class BatchedServicer(batched_pb2_grpc.BatchedServicer):
 
         async def one(call: batched_pb2.BatchedCall) -> None:
             reply, started, code = batched_pb2.BatchedReply(tag=call.tag), time.perf_counter(), "OK"
+            method = call.method if call.method in self.methods else "(unknown)"
             try:
                 metadata = ((AUTHORIZATION, call.authorization),) if call.authorization else stream_metadata
-                reply.response = await self._run(call, metadata, peer)
+                if call.traceparent:
+                    metadata = (*metadata, (TRACEPARENT, call.traceparent))
+                with tracing.span(self.prefix[1:] + method, "server", call.traceparent):
+                    reply.response = await self._run(call, metadata, peer)
             except Exception as exc:  # noqa: BLE001 - every error becomes the call's status, as unary calls do
                 status, reply.message, retry_after = status_of(exc)
                 reply.code, reply.retry_after_seconds, code = status.value[0], retry_after or 0.0, status.name
             ready.put_nowait(reply)
             # An unknown method counts under one name: a caller must not grow the metrics with names it makes up.
-            method = call.method if call.method in self.methods else "(unknown)"
             RPCS.observe(self.prefix + method, code, time.perf_counter() - started)
 
         def refuse(call: batched_pb2.BatchedCall) -> None:

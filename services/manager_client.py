@@ -18,7 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aios.batched import CallBatcher, CallFailed
 from aios.client import CHANNEL_OPTIONS
+from services import tracing
 from services.credentials import bearer_metadata
+from services.tracing import TRACEPARENT
 from services.errors import AiosError, DeadlineExceeded, ForwardedError, Unavailable
 
 # How long a call waits for a manager that is not connected before UNAVAILABLE.
@@ -58,11 +60,15 @@ class ManagerClient:
 
     async def call(self, method: str, request: Any, timeout: float | None) -> Any:
         """A unary call; the manager's error comes back as a core error naming the manager."""
+        with tracing.span(f"{self.name} {method}", "client"):
+            return await self._call(method, request, timeout, tracing.current_traceparent())
+
+    async def _call(self, method: str, request: Any, timeout: float | None, traceparent: str) -> Any:
         await self.connected()
         try:
             if self._batcher is not None:
-                return await self._batcher.call(method, request, timeout)
-            return await getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+                return await self._batcher.call(method, request, timeout, traceparent=traceparent)
+            return await getattr(self.stub, method)(request, timeout=timeout, metadata=self._metadata(traceparent))
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from None
         except CallFailed as exc:
@@ -72,7 +78,11 @@ class ManagerClient:
 
     def stream(self, method: str, request: Any, timeout: float | None) -> Any:
         """A server-streaming call; the caller iterates it and translates errors with `error`."""
-        return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+        return getattr(self.stub, method)(request, timeout=timeout,
+                                          metadata=self._metadata(tracing.current_traceparent()))
+
+    def _metadata(self, traceparent: str) -> tuple[tuple[str, str], ...]:
+        return (*self.metadata, (TRACEPARENT, traceparent)) if traceparent else self.metadata
 
     def error(self, exc: grpc.aio.AioRpcError) -> AiosError:
         return self.status_error(exc.code(), exc.details())

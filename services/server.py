@@ -32,6 +32,7 @@ from aios.batched import CODES
 from aios.client import MESSAGE_LIMIT_BYTES, NO_RETRY_PUSHBACK, retry_pushback
 from services.credentials import ClusterSecretCheck, Metadata, read_secret
 from services.errors import status_of
+from services import tracing
 from services.metrics import RPCS, Collected, serve_metrics
 
 log = logging.getLogger("aios.server")
@@ -126,7 +127,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     if authorize is not None:
                         authorize(context.invocation_metadata())
                     await _check_decoded(request, context)
-                    return await inner(request, context)
+                    with tracing.span(method[1:], "server", tracing.traceparent_in(context.invocation_metadata())):
+                        return await inner(request, context)
                 except grpc.aio.AbortError:
                     code = _code_name(context)
                     raise
@@ -152,8 +154,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     if authorize is not None:
                         authorize(context.invocation_metadata())
                     await _check_decoded(request, context)
-                    async for item in inner_stream(request, context):
-                        yield item
+                    with tracing.span(method[1:], "server", tracing.traceparent_in(context.invocation_metadata())):
+                        async for item in inner_stream(request, context):
+                            yield item
                 except grpc.aio.AbortError:
                     code = _code_name(context)
                     raise
@@ -245,6 +248,9 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="port of the Prometheus metrics (GET /metrics on --host); 0 picks a free one, -1 none")
     parser.add_argument("--name", help="the name in its logs, e.g. memory_2 (default: what it is, e.g. memory)")
+    parser.add_argument("--otlp-endpoint", default="",
+                        help="send OpenTelemetry traces to this OTLP/gRPC collector (host:port); default "
+                             "$OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
     add_logging_arguments(parser)
     parser.add_argument("--cluster-secret-file", type=Path, required=True,
                         help="file (mode 0600) holding the secret shared by the kernel and the managers")
@@ -410,6 +416,7 @@ def run(
     default_name = "kernel" if kind == "scheduler" else kind
     args = args or parser.parse_args()
     setup_logging(args.name or default_name, args.log_level, args.log_format)
+    tracing.configure(args.name or default_name, args.otlp_endpoint)
     gc.set_threshold(*GC_THRESHOLDS)
 
     async def main() -> None:
@@ -419,4 +426,7 @@ def run(
             await _stand_by(service, args.standby_file)
         await serve(service, args.host, args.port, args.ready_file, args.metrics_port)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        tracing.shutdown()

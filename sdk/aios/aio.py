@@ -28,6 +28,8 @@ from aios.syscalls import (
     generate_request,
     same,
     syscall_request,
+    traceparent,
+    traced,
 )
 from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 
@@ -78,7 +80,8 @@ class Connection:
             try:
                 if remaining is not None and remaining <= 0:
                     raise asyncio.TimeoutError
-                return await self._batcher.call(method, request, remaining, metadata[0][1] if metadata else "")
+                return await self._batcher.call(method, request, remaining, metadata[0][1] if metadata else "",
+                                                traceparent())
             except asyncio.TimeoutError:
                 raise SyscallError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
             except CallFailed as failed:
@@ -149,7 +152,8 @@ class Agent(SyscallMethods):
         """Streams chunks as tokens are generated (options as aios.Agent.generate)."""
         generation = ResumableStream(generate_request(prompt, messages, **options), timeout)
         while True:
-            call = self.kernel.stub.Generate(generation.request, timeout=generation.remaining(), metadata=self._metadata)
+            call = self.kernel.stub.Generate(generation.request, timeout=generation.remaining(),
+                                             metadata=traced(self._metadata))
             try:
                 async for chunk in call:
                     if generation.fresh(chunk):

@@ -97,9 +97,10 @@ class CallBatcher:
         self._tag = 0
         self._tasks: list[asyncio.Task] = []
 
-    async def call(self, method: str, request: Message, timeout: float | None, authorization: str = "") -> Message:
-        """The method's response to one call, made with the call's own `authorization` metadata value if given;
-        CallFailed with its status if it failed or the stream ended first, asyncio.TimeoutError if no reply came
+    async def call(self, method: str, request: Message, timeout: float | None, authorization: str = "",
+                   traceparent: str = "") -> Message:
+        """The method's response to one call, made with the call's own `authorization` metadata value if given (and
+        its trace context, a traceparent value); CallFailed with its status if it failed or the stream ended first, asyncio.TimeoutError if no reply came
         within `timeout` (the service stops the call at the same time)."""
         if self._stream is None:
             self._open()
@@ -108,7 +109,8 @@ class CallBatcher:
         answer = loop.create_future()
         self._answers[tag] = answer
         self._waiting.append(batched_pb2.BatchedCall(tag=tag, method=method, request=request.SerializeToString(),
-                                                     timeout_seconds=timeout or 0.0, authorization=authorization))
+                                                     timeout_seconds=timeout or 0.0, authorization=authorization,
+                                                     traceparent=traceparent))
         self._wake.set()
         expiry = None if timeout is None else loop.call_later(timeout, _expire, answer)  # no task per call
         try:

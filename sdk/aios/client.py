@@ -34,6 +34,7 @@ from aios.syscalls import (
     generate_request,
     same,
     syscall_request,
+    traced,
 )
 from aios.v1 import kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2, tools_pb2
 
@@ -185,7 +186,7 @@ class Connection:
     def call(self, method: str, request: Any, token: str | None = None, timeout: float | None = 30) -> Any:
         """One unary kernel RPC with `token` (default: the connection's); errors as SyscallError."""
         try:
-            return getattr(self.stub, method)(request, timeout=timeout, metadata=bearer(token or self.token))
+            return getattr(self.stub, method)(request, timeout=timeout, metadata=traced(bearer(token or self.token)))
         except grpc.RpcError as exc:
             raise syscall_error(exc) from None
 
@@ -272,7 +273,8 @@ class Agent(SyscallMethods):
         end."""
         generation = ResumableStream(generate_request(prompt, messages, **options), timeout)
         while True:
-            stream = self.kernel.stub.Generate(generation.request, timeout=generation.remaining(), metadata=self._metadata)
+            stream = self.kernel.stub.Generate(generation.request, timeout=generation.remaining(),
+                                               metadata=traced(self._metadata))
             try:
                 for chunk in stream:
                     if generation.fresh(chunk):
@@ -307,7 +309,7 @@ class Agent(SyscallMethods):
     def _syscall(self, then: Callable[[Any], Any] = same, timeout: float | None = 60, **call: Any) -> Any:
         (kind,) = call
         try:
-            reply = self.kernel.stub.Syscall(syscall_request(**call), timeout=timeout, metadata=self._metadata)
+            reply = self.kernel.stub.Syscall(syscall_request(**call), timeout=timeout, metadata=traced(self._metadata))
         except grpc.RpcError as exc:
             raise syscall_error(exc) from None
         return then(getattr(reply, kind))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -179,6 +180,26 @@ def syscall_request(**call: Any) -> kernel_pb2.SyscallRequest:
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
     """The metadata that carries a token to the kernel."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def traceparent() -> str:
+    """The agent's current OpenTelemetry span as a W3C traceparent value, so that the kernel's spans of its syscalls
+    join its trace (and the syscall records name it); "" if the agent traces nothing. Imports nothing of
+    OpenTelemetry that the agent did not import itself."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None or not trace.get_current_span().get_span_context().is_valid:
+        return ""
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def traced(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """`metadata` with the agent's trace context, if it has one."""
+    parent = traceparent()
+    return (*metadata, ("traceparent", parent)) if parent else metadata
 
 
 class SyscallMethods:

@@ -23,6 +23,7 @@ from aios.client import open_channel, syscall_error
 from aios.v1 import kernel_pb2, kernel_pb2_grpc
 from services.credentials import bearer_metadata
 from services.metrics import RpcMetrics
+from services.tracing import TRACEPARENT, trace_id_of
 from services.gateway.openai_api import (
     ApiError,
     ChatPlan,
@@ -61,7 +62,8 @@ def api_key(request: Request) -> tuple[tuple[str, str], ...]:
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "You didn't provide an API key. Send `Authorization: Bearer <token>`, where the token is "
                             "an AIOS agent token (`aios agent create NAME` prints one).", code="invalid_api_key")
-    return bearer_metadata(token.strip())
+    traceparent = request.headers.get(TRACEPARENT, "")  # an OpenTelemetry-traced client's: the kernel's syscall joins
+    return (*bearer_metadata(token.strip()), *(((TRACEPARENT, traceparent),) if trace_id_of(traceparent) else ()))
 
 
 def translated(exc: grpc.aio.AioRpcError) -> ApiError:

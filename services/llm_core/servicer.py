@@ -6,6 +6,7 @@ import asyncio
 from typing import Awaitable, Callable
 
 from aios.v1 import llm_core_pb2, llm_core_pb2_grpc
+from services import tracing
 from services.errors import InvalidArgument
 from services.llm_core.core import GenerationRequest, LLMCore
 from services.llm_core.engine import (
@@ -117,7 +118,13 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
                 if isinstance(event, ErrorEvent):
                     raise event.error
                 parked = isinstance(event, PreemptedEvent)
-                yield chunk_for(event)
+                chunk = chunk_for(event)
+                if parked or isinstance(event, FinishEvent):  # the generation's summary on its span (if tracing)
+                    tracing.annotate(**{"aios.syscall_id": request.syscall_id, "aios.parked": parked,
+                                        "aios.prompt_tokens": chunk.prompt_tokens,
+                                        "aios.completion_tokens": chunk.completion_tokens,
+                                        "aios.prefix_tokens_reused": chunk.prefix_tokens_reused})
+                yield chunk
                 if parked or isinstance(event, FinishEvent):
                     return
         finally:

@@ -36,7 +36,9 @@ WRITE_RECORDS = "for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1
 PERSISTED = ("id", "agent_id", "kind", "resource", "priority", "weight", "state", "created_at", "started_at",
              "finished_at", "error", "error_code", "tokens_in", "tokens_out", "queued_s", "running_s",
              "preempted_s", "preemptions", "recoveries", "retries", "core", "migrations")
-assert set(PERSISTED) <= {f.name for f in fields(SyscallRecord)}
+# Fields persisted since, after the kernel id in the list (a list from before they were lacks them).
+ADDED = ("trace_id",)
+assert set(PERSISTED) | set(ADDED) <= {f.name for f in fields(SyscallRecord)}
 
 
 class RecordJournal:
@@ -84,9 +86,9 @@ class RecordJournal:
                 self._pending.setdefault(record.id, record)
 
     def _as_json(self, record: SyscallRecord) -> list:
-        """The record's PERSISTED fields in order, then this kernel's id: a list, not an object, since encoding the
+        """The record's PERSISTED fields in order, then this kernel's id, then the ADDED fields: a list, not an object, since encoding the
         names again with every record was a tenth of the kernel's CPU at a thousand syscalls a second."""
-        return [*(getattr(record, name) for name in PERSISTED), self.kernel_id]
+        return [*(getattr(record, name) for name in PERSISTED), self.kernel_id, *(getattr(record, n) for n in ADDED)]
 
     async def load(self, syscall_id: str) -> SyscallRecord | None:
         """A record this kernel no longer holds in memory (an earlier kernel's, or an old one); None if unknown."""
@@ -98,7 +100,7 @@ class RecordJournal:
             return None
         data = json.loads(blob)
         if isinstance(data, list):
-            data = dict(zip((*PERSISTED, "kernel"), data))
+            data = dict(zip((*PERSISTED, "kernel", *ADDED), data))
         kernel = data.pop("kernel", "")  # (an object: a record an older kernel wrote)
         record = SyscallRecord(**{**data, "resource": Resource(data["resource"]), "state": SyscallState(data["state"])})
         if not record.finished and kernel != self.kernel_id:

@@ -33,6 +33,7 @@ from aios.v1 import (
 )
 from services.errors import (AiosError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
                              PermissionDenied, ResourceExhausted, Unavailable, require)
+from services import tracing
 from services.manager_client import CONNECT_TIMEOUT_S, ManagerClient
 from services.shards import ShardedManager, parse_named_addresses, sharded_manager
 from services.scheduler.cores import CoreRouter, CoreState, LLMCoreReplica, prefix_key
@@ -198,26 +199,31 @@ class Kernel:
         outcome."""
         self.usage.enter(agent)
         priority = agent.priority if priority is None else min(priority, agent.priority)  # less, never more
-        record = self.table.create(agent.id, kind, resource, priority, agent.weight, syscall_id)
-        try:
-            async with AsyncExitStack() as stack:
-                if opened is not None:
-                    await opened(record.id)
-                if tool:
-                    await stack.enter_async_context(self.usage.tool_turn(agent, tool))
-                await stack.enter_async_context((queue or self.queues[resource]).turn(record))
-                yield record
-        except AiosError as exc:
-            record.finish(exc.code.name, exc.message)
-            raise
-        except BaseException as exc:
-            record.finish("CANCELLED", f"the caller went away ({type(exc).__name__})")
-            raise
-        else:
-            record.finish()
-        finally:
-            self.usage.leave(agent)
-            self.table.count_finished(record)
+        with tracing.span(f"syscall {kind}", attributes={"aios.agent_id": agent.id, "aios.kind": kind}) as span:
+            record = self.table.create(agent.id, kind, resource, priority, agent.weight, syscall_id)
+            record.trace_id = tracing.trace_id(span)
+            if span is not None:
+                span.set_attribute("aios.syscall_id", record.id)
+            try:
+                async with AsyncExitStack() as stack:
+                    if opened is not None:
+                        await opened(record.id)
+                    if tool:
+                        await stack.enter_async_context(self.usage.tool_turn(agent, tool))
+                    with tracing.span(f"queue {resource.name.lower()}"):
+                        await stack.enter_async_context((queue or self.queues[resource]).turn(record))
+                    yield record
+            except AiosError as exc:
+                record.finish(exc.code.name, exc.message)
+                raise
+            except BaseException as exc:
+                record.finish("CANCELLED", f"the caller went away ({type(exc).__name__})")
+                raise
+            else:
+                record.finish()
+            finally:
+                self.usage.leave(agent)
+                self.table.count_finished(record)
 
     async def syscall(
         self, agent: Agent, request: kernel_pb2.SyscallRequest, timeout: float | None

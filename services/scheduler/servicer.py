@@ -20,7 +20,7 @@ import grpc
 
 from aios.syscalls import SYSCALL_ID_METADATA
 from aios.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
-from services import redis_state
+from services import redis_state, tracing
 from services.errors import AiosError, InvalidArgument, ResourceExhausted
 from services.scheduler.audit import Audit
 from services.scheduler.identity import Agent, Caller, Quota, Role
@@ -116,6 +116,7 @@ def record_to_proto(record: SyscallRecord) -> common_pb2.SyscallInfo:
         retries=record.retries,
         core=record.core,
         migrations=record.migrations,
+        trace_id=record.trace_id,
     )
 
 
@@ -153,7 +154,9 @@ def kernel_rpc(anonymous_ok: bool = False) -> Callable:
         name = method.__name__
 
         async def authenticate(self: "KernelServicer", context: grpc.aio.ServicerContext) -> Caller | None:
-            return await self.kernel.agents.authenticate(context.invocation_metadata(), anonymous_ok)
+            metadata = context.invocation_metadata()
+            tracing.caller_traceparent.set(tracing.traceparent_in(metadata))  # for this call's task only
+            return await self.kernel.agents.authenticate(metadata, anonymous_ok)
 
         def audit(self: "KernelServicer", exc: AiosError, caller: Caller | None, context: grpc.aio.ServicerContext) -> None:
             self.audit.note(exc, caller.label if caller else "an unauthenticated caller", name, context.peer())

@@ -69,6 +69,7 @@ class SyscallRecord:
     preempt_requested: bool = False
     moving: bool = False  # switched out to continue on another core (a drain), not to wait for a turn
     moved_at: float = 0.0  # monotonic time its move began, until its first chunk on the new core
+    trace_id: str = ""  # the trace it belongs to (services/tracing.py), "" if none
     _mark: float = field(default_factory=time.monotonic, repr=False)
 
     def _move(self, state: SyscallState) -> None:
@@ -106,7 +107,7 @@ class SyscallRecord:
 def about(record: SyscallRecord) -> dict[str, str]:
     """A log event's fields naming the syscall it is about (`log.info(..., extra=about(record))`): in the JSON line,
     for `aios logs --syscall ID` and log search."""
-    return {"syscall_id": record.id, "agent_id": record.agent_id}
+    return {"syscall_id": record.id, "agent_id": record.agent_id, "trace_id": record.trace_id}
 
 
 class SyscallTable:

@@ -155,3 +155,19 @@ def test_aios_logs_shows_each_services_json_events_and_filters_them(cluster: Clu
     every = subprocess.run([*aios_cli, "logs"], capture_output=True, text=True, timeout=60)
     assert every.returncode == 0, every.stderr
     assert {"kernel", "memory", "llm_core"} <= {line.split()[1] for line in every.stdout.splitlines() if line.strip()}
+
+
+def test_a_traceparent_sent_to_the_gateway_names_the_trace_in_the_syscall_record(cluster: Cluster, agent: aios.Agent):
+    """An OpenTelemetry-traced HTTP client's traceparent reaches the kernel through the gateway (this AIOS exports
+    no spans: the record still names the caller's trace); a malformed one is dropped, not passed on."""
+    def chat(traceparent: str) -> str:
+        reply = httpx.post(f"{cluster.openai_base_url}/chat/completions", timeout=120,
+                           headers={"Authorization": f"Bearer {agent.token}", "traceparent": traceparent},
+                           json={"model": cluster.served_model_name, "max_tokens": 2,
+                                 "messages": [{"role": "user", "content": "Hi"}]})
+        assert reply.status_code == 200, reply.text
+        return agent.syscalls(kind="llm_generate", limit=1).syscalls[0].trace_id
+
+    trace_id = secrets.token_hex(16)
+    assert chat(f"00-{trace_id}-{secrets.token_hex(8)}-01") == trace_id
+    assert chat("00-not-a-trace-01") == ""

@@ -1,0 +1,126 @@
+"""OpenTelemetry traces of syscalls: off, at no cost, unless an OTLP endpoint is configured.
+
+With `--otlp-endpoint` (or OpenTelemetry's own OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT), a service exports its spans
+over OTLP/gRPC: the kernel one per syscall (`syscall <kind>`, with a child for its wait in the queue and one per
+call to a manager or LLM core), each manager one per call it serves, an LLM core one per generation with its
+token counts. The context travels in W3C `traceparent` form: in gRPC metadata, and in BatchedCall.traceparent for a
+batched call. An agent traced with OpenTelemetry itself (the SDKs send its current span's context) finds AIOS's
+spans under its own. Whether or not spans are exported, the kernel keeps the trace id in the syscall's record.
+
+Without an endpoint nothing here creates a span or imports OpenTelemetry's SDK: `span()` yields None.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
+
+log = logging.getLogger("aios.tracing")
+
+TRACEPARENT = "traceparent"
+# Spans wait at most this long before they are sent (OpenTelemetry's default: 5 s).
+EXPORT_DELAY_MS = 500
+
+# The traceparent the caller of the current RPC sent (the kernel sets it per call): its trace id goes in the syscall
+# record even when this process exports no spans.
+caller_traceparent: ContextVar[str] = ContextVar("caller_traceparent", default="")
+
+_tracer: Any = None  # an OpenTelemetry Tracer once configure() found an endpoint
+_provider: Any = None
+
+
+def configure(service: str, endpoint: str = "") -> None:
+    """Exports this process's spans to `endpoint` (host:port or http://host:port of an OTLP/gRPC collector; default
+    the OTEL_EXPORTER_OTLP_* environment); does nothing without one."""
+    global _tracer, _provider
+    endpoint = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or \
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    if not endpoint:
+        return
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    _provider = TracerProvider(resource=Resource.create({"service.name": f"aios-{service}"}))
+    insecure = not endpoint.startswith("https://")
+    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure),
+                                                    schedule_delay_millis=EXPORT_DELAY_MS))
+    _tracer = _provider.get_tracer("aios")
+    log.info("tracing: spans of %s go to the OTLP collector at %s", service, endpoint)
+
+
+def shutdown() -> None:
+    """Sends the spans not sent yet (at the process's end)."""
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+@contextmanager
+def span(name: str, kind: str = "internal", parent: str = "", attributes: dict[str, Any] | None = None
+         ) -> Iterator[Any]:
+    """A span, current while inside: a child of `parent` (a traceparent value) if given, else of the current span;
+    `kind`: server, client or internal. Yields None when tracing is off."""
+    if _tracer is None:
+        yield None
+        return
+    from opentelemetry import propagate
+    from opentelemetry.trace import SpanKind
+
+    context = propagate.extract({TRACEPARENT: parent}) if parent else None
+    with _tracer.start_as_current_span(name, context=context, kind=getattr(SpanKind, kind.upper()),
+                                       attributes=attributes) as current:
+        yield current
+
+
+def annotate(**attributes: Any) -> None:
+    """Adds attributes to the current span, if tracing is on."""
+    if _tracer is not None:
+        from opentelemetry import trace
+
+        trace.get_current_span().set_attributes(attributes)
+
+
+def current_traceparent() -> str:
+    """The current span's context as a traceparent value ("" when tracing is off or no span is current)."""
+    if _tracer is None:
+        return ""
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get(TRACEPARENT, "")
+
+
+def trace_id(current: Any) -> str:
+    """The trace id of the span `span()` yielded, or else of the caller's traceparent ("" if neither)."""
+    if current is not None:
+        return format(current.get_span_context().trace_id, "032x")
+    return trace_id_of(caller_traceparent.get())
+
+
+def trace_id_of(traceparent: str) -> str:
+    """The trace id (32 hex digits) in a traceparent value "00-<trace id>-<span id>-<flags>", else ""."""
+    parts = traceparent.split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+        try:
+            int(parts[1], 16)
+        except ValueError:
+            return ""
+        return parts[1]
+    return ""
+
+
+def traceparent_in(metadata: Any) -> str:
+    """The traceparent value among gRPC metadata, "" if none."""
+    for key, value in metadata or ():
+        if key == TRACEPARENT:
+            return value if isinstance(value, str) else ""
+    return ""
