@@ -26,12 +26,13 @@ the memory paging benchmark (bench/memory.py), storage throughput, tool-call
 latency and the token check's cost (bench/storage_tools.py), the OpenAI gateway
 against the gRPC kernel and constrained against free decoding
 (bench/gateway.py), recovery from a killed LLM core (bench/recovery.py),
-hundreds of agents arriving at once (bench/scale.py), and two LLM cores against
-one, a drain under load and the cost of one migration (bench/cores.py).
+hundreds of agents arriving at once (bench/scale.py), two LLM cores against
+one, a drain under load and the cost of one migration (bench/cores.py), and
+the cost of metrics scraped and traces exported (bench/observability.py).
 
 Prints a table and saves JSON (bench/results/bench-<time>.json and latest.json)
 and a PNG chart. Environment knobs (defaults in DEFAULTS): BENCH_PARTS
-(llm,fairness,memory,storage,gateway,recovery,scale,cores), BENCH_NS (agent counts),
+(llm,fairness,memory,storage,gateway,recovery,scale,cores,observability), BENCH_NS (agent counts),
 BENCH_ROUNDS, BENCH_MODES (fifo,rr,fair,fifo+draft), BENCH_POLICY_NS (where the
 policies after the first run), BENCH_DRAFT_NS (where the "+draft" modes run),
 BENCH_RECOVERY_MODES (exact,auto,standby: how the recovery part restarts the core),
@@ -71,6 +72,7 @@ from bench.fairness import fairness_table, jain, run_fairness_bench
 from bench.gateway import gateway_table, run_gateway_bench
 from bench.peer import run_peer
 from bench.memory import memory_table, run_memory_bench
+from bench.observability import observability_table, run_observability_bench
 from bench.recovery import RECOVERY_MODES, recovery_table, run_recovery_bench
 from bench.scale import run_scale_bench, scale_table
 from bench.storage_tools import run_storage_tools_bench, storage_tools_table
@@ -714,6 +716,11 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
         paced = result["scale"]["paced"]["2000"]
         checks.append(("scale: p99 ms, 2,000 agents paced at 1 non-LLM syscall/s each", paced["p99_ms"], "<=", 50))
         checks.append(("scale: errors, 2,000 agents paced", sum(paced["errors"].values()), "<", 1))
+    if "observability" in result:
+        checks.append(("observability: tok/s with traces exported / without (metrics scraped in both), 16 agents",
+                       result["observability"]["observed_vs_plain"], ">=", 0.98))
+        checks.append(("observability: CPU of all AIOS processes per token, traced / not, 16 agents",
+                       result["observability"]["cpu_per_token_observed_vs_plain"], "<", 1.02))
     if "cores" in result:
         checks.append(("cores: two cores (1 thread each) / one core (2 threads), tok/s, over llama.cpp's own ratio "
                        "for the same split", result["cores"]["two_vs_one_of_raw"], ">=", 0.9))
@@ -734,7 +741,7 @@ QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_M
 # a cold restart (--replay exact or auto) and the in-process comparison of rebuilds (BENCH_RECOVERY_MODES=exact,auto,
 # standby adds them), the
 # scale part up to 1,000 agents (BENCH_SCALE_NS=250,500,1000,2000 adds the paper's 2,000; `make test` runs 2,000).
-DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery,scale,cores", "BENCH_NS": "1,16,32,64",
+DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery,scale,cores,observability", "BENCH_NS": "1,16,32,64",
             "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,rr,fifo+draft", "BENCH_POLICY_NS": "32",
             "BENCH_DRAFT_NS": "1,16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1", "BENCH_RECOVERY_MODES": "standby",
             "BENCH_SCALE_NS": "250,500,1000", "BENCH_SCALE_PACED": "500,1000,2000"}
@@ -791,6 +798,8 @@ def main() -> int:
                                           [int(x) for x in knob("BENCH_SCALE_PACED").split(",")])
     if "cores" in parts:
         result["cores"] = run_cores_bench(say)
+    if "observability" in parts:
+        result["observability"] = run_observability_bench(say, run_aios, ClusterConfig.slots, SEED)
     result["elapsed_s"] = time.monotonic() - began
     floors = {}
     if "16" in result["aios"].get("fifo", {}):
@@ -828,7 +837,7 @@ def main() -> int:
         print()
     for part, render in (("memory", memory_table), ("storage_tools", storage_tools_table), ("gateway", gateway_table),
                          ("recovery", recovery_table), ("fairness", fairness_table), ("scale", scale_table),
-                         ("cores", cores_table)):
+                         ("cores", cores_table), ("observability", observability_table)):
         if part in result:
             print(render(result[part]))
             print()

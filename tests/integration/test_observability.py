@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import httpx
@@ -171,3 +173,16 @@ def test_a_traceparent_sent_to_the_gateway_names_the_trace_in_the_syscall_record
     trace_id = secrets.token_hex(16)
     assert chat(f"00-{trace_id}-{secrets.token_hex(8)}-01") == trace_id
     assert chat("00-not-a-trace-01") == ""
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_exported(cluster: Cluster):
+    """deploy/grafana/aios-dashboard.json cannot rot silently: each metric its queries name is one a service serves."""
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "aios-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\b((?:aios|process)_[a-z_]+)\b", target["expr"])}
+    exported = set()
+    for service in SERVICES:  # families with no samples yet count too (no agent generated anything, say)
+        text = httpx.get(f"http://{cluster.processes[service].metrics}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket"} | {s.name for s in family.samples}
+    assert queried and queried <= exported, sorted(queried - exported)

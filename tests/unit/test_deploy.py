@@ -152,6 +152,20 @@ def test_ports_probes_and_service_addresses_match():
                 assert host in compose and bound.get(host) == int(port), f"compose {name} {flag} {host}:{port}"
 
 
+def test_every_service_serves_metrics_on_the_port_its_pod_declares_and_asks_prometheus_to_scrape():
+    for doc, container in containers():
+        parsed = container_argv(container)
+        if parsed is None:
+            continue  # Redis
+        port = int(flag_value(parsed[1], "--metrics-port"))
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        annotations = doc["spec"]["template"]["metadata"].get("annotations", {})
+        name = doc["metadata"]["name"]
+        assert ports.get("metrics") == port, f"{name}: --metrics-port {port}, ports {ports}"
+        assert annotations.get("prometheus.io/scrape") == "true", name
+        assert annotations.get("prometheus.io/port") == str(port), name
+
+
 def test_every_secret_file_a_service_reads_is_a_key_of_the_secret_copied_into_its_pod():
     [secret] = [d for d in manifests() if d["kind"] == "Secret"]
     keys = set(secret["stringData"])
