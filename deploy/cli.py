@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from deploy.cluster import (
     SERVICE_ORDER,
@@ -180,27 +181,40 @@ def _kernel_status(args: argparse.Namespace, max_agents: int = 0):
     return state, connection, lambda: connection.status(max_agents)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _with_kernel_status(args: argparse.Namespace, use: Callable[[dict | None, str, Callable], None]) -> int:
+    """`use(endpoints or None, kernel address, fetch status)` with a connection to the kernel (--kernel, else the
+    local one); 1 with a message when nothing runs here or the kernel does not answer."""
     import aios
-    from aios.v1 import common_pb2, kernel_pb2
-    from google.protobuf.json_format import MessageToDict
 
     address = args.kernel
     try:
         state, connection, fetch = _kernel_status(args, args.agents)
         address = address or state["kernel"]
         with connection:
-            status = fetch()
+            use(state, address, fetch)
     except FileNotFoundError as exc:
         _say(str(exc))
         return 1
     except aios.SyscallError as exc:
         _say(f"kernel at {address} does not answer: {exc}")
         return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _with_kernel_status(args, lambda state, address, fetch: _print_status(args, state, address, fetch()))
+
+
+def _print_status(args: argparse.Namespace, state: dict | None, address: str, status: Any) -> None:
+    from aios.v1 import common_pb2, kernel_pb2
+    from google.protobuf.json_format import MessageToDict
+
     if args.json:
         print(json.dumps({"endpoints": state, "kernel": MessageToDict(status, preserving_proto_field_name=True)},
                          indent=2))
-        return 0
+        return
     if state is None:
         state = {"kernel": address, "redis": "(the kernel's)", "services": {}}
     print(f"kernel    {state['kernel']:<22} SERVING   agents={status.agents}  syscalls={status.syscalls_total} "
@@ -272,25 +286,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    import aios
     from deploy.top import TopView, run_top
 
-    address = args.kernel
-    try:
-        state, connection, fetch = _kernel_status(args, args.agents)
-        address = address or state["kernel"]
-        with connection:
-            view = TopView(kernel=address, sort=args.sort, filter=args.filter or "")
-            run_top(fetch, view, args.interval, args.once)
-    except FileNotFoundError as exc:
-        _say(str(exc))
-        return 1
-    except aios.SyscallError as exc:
-        _say(f"kernel at {address} does not answer: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return _with_kernel_status(args, lambda state, address, fetch: run_top(
+        fetch, TopView(kernel=address, sort=args.sort, filter=args.filter or ""), args.interval, args.once))
 
 
 def cmd_drain(args: argparse.Namespace) -> int:

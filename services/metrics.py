@@ -69,21 +69,21 @@ class LabelledHistograms:
         return family
 
 
-def counter(name: str, documentation: str, label_names: list[str], values: dict[tuple[str, ...], float]
-            ) -> CounterMetricFamily:
+def _family(kind: type, name: str, documentation: str, label_names: list[str],
+            values: dict[tuple[str, ...], float]) -> Metric:
+    family = kind(name, documentation, labels=label_names)
+    for labels, value in list(values.items()):
+        family.add_metric(list(labels), value)
+    return family
+
+
+def counter(name: str, documentation: str, label_names: list[str], values: dict[tuple[str, ...], float]) -> Metric:
     """A counter family (`name` without `_total`, which prometheus-client appends) from label values to counts."""
-    family = CounterMetricFamily(name, documentation, labels=label_names)
-    for labels, value in list(values.items()):
-        family.add_metric(list(labels), value)
-    return family
+    return _family(CounterMetricFamily, name, documentation, label_names, values)
 
 
-def gauge(name: str, documentation: str, label_names: list[str], values: dict[tuple[str, ...], float]
-          ) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, documentation, labels=label_names)
-    for labels, value in list(values.items()):
-        family.add_metric(list(labels), value)
-    return family
+def gauge(name: str, documentation: str, label_names: list[str], values: dict[tuple[str, ...], float]) -> Metric:
+    return _family(GaugeMetricFamily, name, documentation, label_names, values)
 
 
 class RpcMetrics:
