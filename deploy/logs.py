@@ -30,18 +30,24 @@ class LogLine:
         return not level or LEVELS.get(event.get("level", ""), 0) >= LEVELS[level]
 
     def text(self) -> str:
+        """For a terminal: what a log holds (an agent's words quoted in a message, say) with its control characters
+        shown escaped, so that a line cannot move the cursor or pass for another."""
         if self.event is None:
-            return f"{self.ts[11:23]:<12} {self.source:<10} {self.raw}"
+            return _shown(f"{self.ts[11:23]:<12} {self.source:<10} {self.raw}")
         e = self.event
         about = " ".join(f"{name.split('_')[0]}={e[name]}" for name in ("syscall_id", "agent_id", "trace_id")
                          if e.get(name))
         text = f"{e.get('ts', '')[11:23]:<12} {e.get('service', self.source):<10} {e.get('level', ''):<7} " \
                f"{e.get('message', '')}{f'  [{about}]' if about else ''}"
-        return text + (f"\n{e['exception']}" if e.get("exception") else "")
+        return _shown(text) + (f"\n{e['exception']}" if e.get("exception") else "")
 
     def json(self) -> str:
         return self.raw if self.event is not None else json.dumps({"ts": self.ts, "service": self.source,
                                                                    "message": self.raw})
+
+
+def _shown(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
@@ -72,7 +78,8 @@ class LogFile:
         self.offset += len(data)
         complete, _, self._partial = (self._partial + data).rpartition(b"\n")  # a line still being written waits
         lines = []
-        for raw in complete.decode(errors="replace").splitlines():
+        for raw in complete.decode(errors="replace").split("\n"):  # lines end at \n only, as services write them
+            raw = raw.removesuffix("\r")
             if not raw.strip():
                 continue
             event = _event(raw)

@@ -179,10 +179,15 @@ class TopView:
             table.add_column(column, justify="left" if column in ("agent", "id") else "right")
         for row in rows:
             a = row.activity
-            table.add_row(a.name, a.agent_id, str(a.queued), str(a.running), _per_s(row.tokens_per_s),
+            table.add_row(_plain(a.name), _plain(a.agent_id), str(a.queued), str(a.running), _per_s(row.tokens_per_s),
                           str(a.tokens_generated), str(a.tokens_per_minute or "-"), str(a.finished), str(a.failed),
                           str(a.preemptions))
         return table
+
+
+def _plain(text: str) -> Text:
+    """What an agent chose (its name) as literal text: no Rich markup, no terminal control characters."""
+    return Text("".join(c if c.isprintable() else "?" for c in text))
 
 
 def _per_s(value: float | None) -> str:

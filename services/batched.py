@@ -25,7 +25,7 @@ from services.credentials import AUTHORIZATION
 from services.errors import DeadlineExceeded, InvalidArgument, Unimplemented, status_of
 from services import tracing
 from services.metrics import RPCS
-from services.tracing import TRACEPARENT
+from services.tracing import TRACEPARENT, trace_id_of
 
 # (the servicer's bound method, the request message class) by method name
 Methods = dict[str, tuple[Callable[..., Any], type[Message]]]
@@ -74,20 +74,22 @@ class BatchedServicer(batched_pb2_grpc.BatchedServicer):
         stream_metadata, peer = context.invocation_metadata(), context.peer()
 
         async def one(call: batched_pb2.BatchedCall) -> None:
-            reply, started, code = batched_pb2.BatchedReply(tag=call.tag), time.perf_counter(), "OK"
+            reply, started, code = batched_pb2.BatchedReply(tag=call.tag), time.perf_counter(), "CANCELLED"
+            # An unknown method counts under one name: a caller must not grow the metrics with names it makes up.
             method = call.method if call.method in self.methods else "(unknown)"
             try:
                 metadata = ((AUTHORIZATION, call.authorization),) if call.authorization else stream_metadata
-                if call.traceparent:
+                if call.traceparent and trace_id_of(call.traceparent):
                     metadata = (*metadata, (TRACEPARENT, call.traceparent))
                 with tracing.span(self.prefix[1:] + method, "server", call.traceparent):
                     reply.response = await self._run(call, metadata, peer)
+                code = "OK"
             except Exception as exc:  # noqa: BLE001 - every error becomes the call's status, as unary calls do
                 status, reply.message, retry_after = status_of(exc)
                 reply.code, reply.retry_after_seconds, code = status.value[0], retry_after or 0.0, status.name
+            finally:  # a call cancelled with its stream counts too
+                RPCS.observe(self.prefix + method, code, time.perf_counter() - started)
             ready.put_nowait(reply)
-            # An unknown method counts under one name: a caller must not grow the metrics with names it makes up.
-            RPCS.observe(self.prefix + method, code, time.perf_counter() - started)
 
         def refuse(call: batched_pb2.BatchedCall) -> None:
             ready.put_nowait(batched_pb2.BatchedReply(

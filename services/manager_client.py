@@ -60,6 +60,8 @@ class ManagerClient:
 
     async def call(self, method: str, request: Any, timeout: float | None) -> Any:
         """A unary call; the manager's error comes back as a core error naming the manager."""
+        if not tracing.enabled():
+            return await self._call(method, request, timeout, "")
         with tracing.span(f"{self.name} {method}", "client"):
             return await self._call(method, request, timeout, tracing.current_traceparent())
 

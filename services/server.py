@@ -127,7 +127,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     if authorize is not None:
                         authorize(context.invocation_metadata())
                     await _check_decoded(request, context)
-                    with tracing.span(method[1:], "server", tracing.traceparent_in(context.invocation_metadata())):
+                    with tracing.span(method[1:], "server", metadata=context.invocation_metadata()):
                         return await inner(request, context)
                 except grpc.aio.AbortError:
                     code = _code_name(context)
@@ -154,7 +154,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     if authorize is not None:
                         authorize(context.invocation_metadata())
                     await _check_decoded(request, context)
-                    with tracing.span(method[1:], "server", tracing.traceparent_in(context.invocation_metadata())):
+                    with tracing.span(method[1:], "server", metadata=context.invocation_metadata()):
                         async for item in inner_stream(request, context):
                             yield item
                 except grpc.aio.AbortError:
@@ -309,7 +309,7 @@ class JsonLines(logging.Formatter):
                 line[name] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
+        return json.dumps(line)  # ASCII: a message's own line separators stay escaped, one event per line
 
 
 def setup_logging(name: str, level: str, form: str = "json") -> None:

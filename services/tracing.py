@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+import re
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 log = logging.getLogger("aios.tracing")
 
@@ -63,18 +64,25 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-@contextmanager
-def span(name: str, kind: str = "internal", parent: str = "", attributes: dict[str, Any] | None = None
-         ) -> Iterator[Any]:
-    """A span, current while inside: a child of `parent` (a traceparent value) if given, else of the current span;
-    `kind`: server, client or internal. Yields None when tracing is off."""
+OFF = nullcontext(None)  # what span() returns when tracing is off: entering it costs nothing, yields None
+
+
+def span(name: str, kind: str = "internal", parent: str = "", attributes: dict[str, Any] | None = None,
+         metadata: Any = None) -> ContextManager[Any]:
+    """A span, current while inside: a child of `parent` (a traceparent value, or the one in gRPC `metadata`) if
+    given and well formed, else of the current span; `kind`: server, client or internal. Yields None when tracing is
+    off."""
     if _tracer is None:
-        yield None
-        return
+        return OFF
+    return _span(name, kind, parent or traceparent_in(metadata), attributes)
+
+
+@contextmanager
+def _span(name: str, kind: str, parent: str, attributes: dict[str, Any] | None) -> Iterator[Any]:
     from opentelemetry import propagate
     from opentelemetry.trace import SpanKind
 
-    context = propagate.extract({TRACEPARENT: parent}) if parent else None
+    context = propagate.extract({TRACEPARENT: parent}) if trace_id_of(parent) else None
     with _tracer.start_as_current_span(name, context=context, kind=getattr(SpanKind, kind.upper()),
                                        attributes=attributes) as current:
         yield current
@@ -106,16 +114,14 @@ def trace_id(current: Any) -> str:
     return trace_id_of(caller_traceparent.get())
 
 
+TRACEPARENT_FORM = re.compile(r"00-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
 def trace_id_of(traceparent: str) -> str:
-    """The trace id (32 hex digits) in a traceparent value "00-<trace id>-<span id>-<flags>", else ""."""
-    parts = traceparent.split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
-        try:
-            int(parts[1], 16)
-        except ValueError:
-            return ""
-        return parts[1]
-    return ""
+    """The trace id (32 hex digits) in a well-formed traceparent value "00-<trace id>-<span id>-<flags>", else ""
+    (what a caller sends is checked before it is passed on or recorded)."""
+    match = TRACEPARENT_FORM.fullmatch(traceparent) if len(traceparent) == 55 else None
+    return match.group(1) if match and match.group(1) != "0" * 32 else ""
 
 
 def traceparent_in(metadata: Any) -> str:

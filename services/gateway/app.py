@@ -97,18 +97,20 @@ class CountRequests:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), "500"
+        started, status, answered = time.perf_counter(), "500", None
 
         async def sending(message: dict) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = str(message["status"])
-                method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
-                REQUESTS.observe(f"{method} {getattr(scope.get('route'), 'path', '(unmatched)')}", status,
-                                 time.perf_counter() - started)
+                status, answered = str(message["status"]), time.perf_counter()
             await send(message)
 
-        await self.app(scope, receive, sending)
+        try:
+            await self.app(scope, receive, sending)
+        finally:  # a request that failed or whose client left before an answer counts too (as 500)
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
+            REQUESTS.observe(f"{method} {getattr(scope.get('route'), 'path', '(unmatched)')}", status,
+                             (answered or time.perf_counter()) - started)
 
 
 def create_app(door: KernelDoor, served_models: list[str]) -> FastAPI:

@@ -83,7 +83,7 @@ def kernel_metrics(kernel: "Kernel", refusals: Counter[str]) -> Iterator[Metric]
     """Everything the kernel exports, read when a scrape asks."""
     yield from kernel.table.metrics.collect()
     queues = [(q.resource.name.lower(), name, q) for name, q in
-              [*(("", q) for q in list(kernel.queues.values())), *sorted(kernel.tool_queues.items())]]
+              [*(("", q) for q in list(kernel.queues.values())), *sorted(list(kernel.tool_queues.items()))]]
     labels = {(resource, name): q for resource, name, q in queues}
     yield gauge("aios_queue_depth", "Syscalls waiting in a queue (a tool's own queue: `tool` set), with those waiting "
                 "in an agent's own line for a tool", ["resource", "tool"],

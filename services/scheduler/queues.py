@@ -10,6 +10,7 @@ syscall and waiting, PREEMPTED, for its own next turn.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from contextlib import asynccontextmanager
@@ -49,14 +50,14 @@ class ResourceQueue:
 
     @property
     def waiting_to_resume(self) -> int:
-        return sum(1 for r in self._grants if r.state == SyscallState.PREEMPTED)
+        return sum(1 for r in list(self._grants) if r.state == SyscallState.PREEMPTED)  # list(): see waiting_in_line
 
     def wait_percentiles(self) -> tuple[float, float]:
         """Median and 99th percentile of the last RECENT_WAITS waits, in seconds (0 before any)."""
         waits = sorted(self._waits)
         if not waits:
             return 0.0, 0.0
-        return waits[len(waits) // 2], waits[min(len(waits) - 1, int(len(waits) * 0.99))]
+        return waits[(len(waits) - 1) // 2], waits[math.ceil(0.99 * len(waits)) - 1]
 
     def counts_of(self, agent_id: str) -> tuple[int, int]:
         """One agent's syscalls waiting (preempted ones included) and running here."""
@@ -108,7 +109,8 @@ class ResourceQueue:
             raise self._refusal()
         granted = asyncio.get_running_loop().create_future()
         self._grants[record] = granted
-        self.policy.push(record, time.monotonic())
+        record.pushed_at = time.monotonic()
+        self.policy.push(record, record.pushed_at)
         self._dispatch()
         try:
             await granted
@@ -136,7 +138,7 @@ class ResourceQueue:
             if future.done():  # its caller was cancelled a moment ago and has not cleaned up yet: skip it
                 self.policy.done(record)
                 continue
-            self._waits.append(now - record.enqueued_at)
+            self._waits.append(now - record.pushed_at)
             self.running.add(record)
             future.set_result(None)
         self._maybe_preempt()

@@ -115,7 +115,8 @@ class AgentUsage:
 
     def waiting_in_line(self, tool: str, agent_id: str | None = None) -> int:
         """Calls of `tool` waiting in agents' own lines (one agent's, or all)."""
-        return sum(n for (a, t), n in self._in_line.items() if t == tool and agent_id in (None, a))
+        # list(): a copy made at once, since the metrics' scrape thread reads this while the event loop writes it
+        return sum(n for (a, t), n in list(self._in_line.items()) if t == tool and agent_id in (None, a))
 
     def _bucket(self, agent: Agent, now: float) -> TokenBucket | None:
         per_minute = agent.quota.tokens_per_minute

@@ -21,7 +21,7 @@ import grpc
 from aios.syscalls import SYSCALL_ID_METADATA
 from aios.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, llm_core_pb2, memory_pb2
 from services import redis_state, tracing
-from services.errors import AiosError, InvalidArgument, ResourceExhausted
+from services.errors import AiosError, ResourceExhausted, require
 from services.scheduler.audit import Audit
 from services.scheduler.identity import Agent, Caller, Quota, Role
 from services.scheduler.cores import CoreState, LLMCoreReplica
@@ -60,8 +60,6 @@ def added_up(replies: list[Message | None], alike: set[str]) -> Message | None:
 
 def activity(kernel: Kernel, agents: list[Agent], limit: int) -> list[kernel_pb2.AgentActivity]:
     """The `limit` busiest agents: most syscalls in flight, then most tokens generated."""
-    if limit > MAX_ACTIVITY_AGENTS:
-        raise InvalidArgument(f"max_agents is at most {MAX_ACTIVITY_AGENTS}")
     finished, in_flight = kernel.table.metrics.by_agent, kernel.table.in_flight_by_agent()
     known = {agent.id: agent for agent in agents}
     busiest = heapq.nlargest(limit, set(finished) | set(in_flight), key=lambda agent_id: (
@@ -277,6 +275,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         health, redis_ok = await asyncio.gather(
             asyncio.gather(*(client.healthy() for client in clients)), redis_state.is_up(kernel.agents.redis)
         )
+        require(request.max_agents <= MAX_ACTIVITY_AGENTS, f"max_agents is at most {MAX_ACTIVITY_AGENTS}")
         queues = [*(("", q) for q in kernel.queues.values()), *sorted(kernel.tool_queues.items())]
         if caller.role is Role.AGENT:  # its own place in each queue, the system's health, nothing of other agents
             agent_id = caller.as_agent().id

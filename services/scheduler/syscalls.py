@@ -65,6 +65,7 @@ class SyscallRecord:
     slice_used: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
     submitted_at: float = field(default_factory=time.monotonic)
+    pushed_at: float = 0.0  # monotonic time it last joined its queue (its wait there: QueueStatus.wait_*)
     preemptible: bool = False  # an LLM stream is open that the core can context-switch
     preempt_requested: bool = False
     moving: bool = False  # switched out to continue on another core (a drain), not to wait for a turn
@@ -118,6 +119,7 @@ class SyscallTable:
         self.keep_finished = keep_finished
         self.on_change = on_change  # told of every new and every finished record (the journal in Redis)
         self._records: OrderedDict[str, SyscallRecord] = OrderedDict()
+        self._of_agent: dict[str, OrderedDict[str, SyscallRecord]] = {}  # the same records by agent, oldest first
         self._lock = threading.Lock()
         self.total = 0
         self.failed = 0
@@ -132,6 +134,7 @@ class SyscallTable:
             record = SyscallRecord(syscall_id or f"sc-{secrets.token_hex(10)}", agent_id, kind, resource, priority,
                                    weight)
             self._records[record.id] = record
+            self._of_agent.setdefault(agent_id, OrderedDict())[record.id] = record
             self.total += 1
             self._trim_locked()
         self.on_change(record)
@@ -165,15 +168,16 @@ class SyscallTable:
         return counts
 
     def newest(self, agent_id: str, kind: str, limit: int) -> list[SyscallRecord]:
-        """Up to `limit` records, newest first, of `agent_id` (all agents if empty) and `kind` (all if empty)."""
-        with self._lock:
-            records = list(self._records.values())
+        """Up to `limit` records, newest first, of `agent_id` (all agents if empty) and `kind` (all if empty). An
+        agent's are found among its own only: an agent asking cannot make the kernel scan everyone's."""
         found = []
-        for record in reversed(records):
-            if (not agent_id or record.agent_id == agent_id) and (not kind or record.kind == kind):
-                found.append(record)
-                if len(found) == limit:
-                    break
+        with self._lock:
+            records = self._of_agent.get(agent_id, {}) if agent_id else self._records
+            for record in reversed(records.values()):
+                if not kind or record.kind == kind:
+                    found.append(record)
+                    if len(found) == limit:
+                        break
         return found
 
     def get(self, syscall_id: str) -> SyscallRecord | None:
@@ -194,4 +198,8 @@ class SyscallTable:
                 if len(victims) == excess:
                     break
         for key in victims:
-            del self._records[key]
+            record = self._records.pop(key)
+            kept = self._of_agent[record.agent_id]
+            del kept[key]
+            if not kept:
+                del self._of_agent[record.agent_id]

@@ -128,7 +128,7 @@ class ToolRegistry:
             if inspect.iscoroutinefunction(tool.function):
                 return await tool.function(arguments, context)
             return await asyncio.to_thread(tool.function, arguments, context)
-        except BaseException:
+        except Exception:  # a caller that went away (CancelledError) is no failure of the tool
             counters.failed += 1
             raise
         finally:

@@ -62,3 +62,12 @@ def test_aios_logs_merges_services_by_time_filters_and_follows_new_lines(tmp_pat
     with (tmp_path / "kernel.log").open("a") as f:
         f.write('age": "later"}\n')
     assert [line.event["message"] for line in follower.read_new()] == ["later"]
+
+
+def test_a_message_cannot_pass_for_another_line_or_move_the_cursor(tmp_path):
+    hostile = "name\u2028{\"service\": \"kernel\", \"message\": \"forged\"}\u0085\x1b[2J"
+    (tmp_path / "kernel.log").write_text(logged("kernel", (logging.WARNING, f"refused {hostile}", {})))
+    printed: list[str] = []
+    show(log_files(tmp_path), printed.append, tail=-1, follow=False, as_json=False)
+    assert len(printed) == 1 and "\x1b" not in printed[0] and "\u2028" not in printed[0]
+    assert "\\u2028" in printed[0] and "\\x1b" in printed[0]

@@ -39,8 +39,34 @@ def test_syscall_table_keeps_only_the_newest_finished_records():
     assert table.get(records[0].id) is None and table.get(records[-1].id) is records[-1]
 
 
+def test_listing_finds_an_agents_records_newest_first_among_its_own_and_forgets_trimmed_ones():
+    table = SyscallTable(keep_finished=4)
+    made = [table.create(agent, kind, Resource.MEMORY) for agent, kind in
+            [("a", "memory_add"), ("b", "memory_add"), ("a", "memory_get"), ("a", "memory_add"), ("b", "memory_get")]]
+    for record in made:
+        record.finish()
+    newest = table.create("a", "memory_get", Resource.MEMORY)  # the oldest finished one goes
+    assert [r.id for r in table.newest("a", "", 10)] == [newest.id, made[3].id, made[2].id]
+    assert [r.id for r in table.newest("a", "memory_add", 10)] == [made[3].id]
+    assert [r.id for r in table.newest("", "memory_get", 1)] == [newest.id]
+    assert table.newest("nobody", "", 10) == []
+
+
 def run(coro):
     return asyncio.run(coro)
+
+
+def test_a_queues_wait_percentiles_count_the_time_in_the_queue_only():
+    async def scenario():
+        queue = ResourceQueue(Resource.MEMORY, FifoPolicy(), capacity=1)
+        record = SyscallTable().create("a", "memory_add", Resource.MEMORY)
+        record.enqueued_at -= 100.0  # made long before it joined the queue (it waited for a tool line, say)
+        async with queue.turn(record):
+            pass
+        return queue.wait_percentiles()
+
+    p50, p99 = run(scenario())
+    assert 0.0 <= p50 <= p99 < 100.0
 
 
 def test_queue_never_runs_more_than_capacity_and_dispatches_fifo():

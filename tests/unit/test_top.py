@@ -52,3 +52,10 @@ def test_keys_sort_filter_pause_and_quit():
     view.key("p")
     view.key("q")
     assert view.quit
+
+
+def test_an_agents_name_is_shown_as_text_not_as_markup_or_terminal_control():
+    view = TopView(kernel="k:1")
+    view.update(status({"[/x] [link=http://evil]click[/link] \x1b[2J": 5}), now=1.0)
+    text = shown(view)  # a name that is Rich markup would raise here; ESC would clear the operator's screen
+    assert "[/x] [link=http://evil]click[/link] ?[2J" in text and "\x1b" not in text
