@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 from google.protobuf.message import Message
@@ -128,6 +129,19 @@ def from_message(prefix: str, message: Message, counters: set[str], where: str, 
             family = GaugeMetricFamily(f"{prefix}_{field.name}", documentation)
         family.add_metric([], value)
         yield family
+
+
+class Cached:
+    """A value a collector shows, recomputed at most every `period_s` (for a source that costs, like a scan)."""
+
+    def __init__(self, compute: Callable[[], Any], period_s: float) -> None:
+        self.compute, self.period_s = compute, period_s
+        self._at, self._value = float("-inf"), None
+
+    def value(self) -> Any:
+        if time.monotonic() - self._at > self.period_s:
+            self._value, self._at = self.compute(), time.monotonic()
+        return self._value
 
 
 class Collected:

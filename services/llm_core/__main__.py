@@ -14,7 +14,7 @@ from services.llm_core.instant import InstantEngine
 from services.llm_core.model import LlamaModel, default_model_path
 from services.llm_core.prompt import FORMATS
 from services.llm_core.servicer import INFO_COUNTERS, LLMCoreServicer, core_info
-from services.metrics import Collected, Metric, from_message
+from services.metrics import Cached, Collected, Metric, from_message
 from services.llm_core.snapshot import KvSnapshotStore
 from services.server import Service, add_redis_argument, common_arguments, kernel_only, redis_url, run
 
@@ -52,6 +52,7 @@ def build(args: argparse.Namespace) -> Service:
         model.close()
 
     core = LLMCore(model, engine, FORMATS[args.prompt_format](), snapshots)
+    snapshots_in_redis = Cached(snapshots.count_in_redis, SNAPSHOT_COUNT_EVERY_S)
     return Service(
         name="llm_core",
         grpc_services=["aios.v1.LLMCore"],
@@ -61,13 +62,17 @@ def build(args: argparse.Namespace) -> Service:
         probes=[redis_ok],
         on_stop=stop,
         authorize=kernel_only(args),
-        collectors=[Collected("llm_core", lambda: llm_core_metrics(core))],
+        collectors=[Collected("llm_core", lambda: llm_core_metrics(core, snapshots_in_redis))],
     )
 
 
-def llm_core_metrics(core: LLMCore) -> Iterator[Metric]:
+# Counting the snapshots in Redis scans its keys (syscall records too): at most this often for the metrics.
+SNAPSHOT_COUNT_EVERY_S = 30.0
+
+
+def llm_core_metrics(core: LLMCore, snapshots_in_redis: Cached) -> Iterator[Metric]:
     info = core_info(core)
-    info.snapshots_in_redis = core.snapshots.count_in_redis()
+    info.snapshots_in_redis = snapshots_in_redis.value()
     return from_message("aios_llm_core", info, INFO_COUNTERS, "llm_core.proto InfoResponse", leave_out=frozenset({"redis_ok"}))
 
 
