@@ -79,7 +79,7 @@ class BatchedServicer(batched_pb2_grpc.BatchedServicer):
             method = call.method if call.method in self.methods else "(unknown)"
             try:
                 metadata = ((AUTHORIZATION, call.authorization),) if call.authorization else stream_metadata
-                if call.traceparent and trace_id_of(call.traceparent):
+                if trace_id_of(call.traceparent):
                     metadata = (*metadata, (TRACEPARENT, call.traceparent))
                 with tracing.span(self.prefix[1:] + method, "server", call.traceparent):
                     reply.response = await self._run(call, metadata, peer)

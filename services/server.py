@@ -20,9 +20,10 @@ import os
 import signal
 import sys
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -118,29 +119,36 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if authorize is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
             authorize = None
         method = handler_call_details.method
+
+        @asynccontextmanager
+        async def served(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            """Around a handler: the credential and request checks, its span, errors into statuses, its count."""
+            started, code = time.perf_counter(), "OK"
+            try:
+                if authorize is not None:
+                    authorize(context.invocation_metadata())
+                await _check_decoded(request, context)
+                with tracing.span(method[1:], "server", metadata=context.invocation_metadata()):
+                    yield
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                status = _status_for(exc)
+                code = status[0].name
+                await context.abort(*status)
+            finally:
+                RPCS.observe(method, code, time.perf_counter() - started)
+
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
-                started, code = time.perf_counter(), "OK"
-                try:
-                    if authorize is not None:
-                        authorize(context.invocation_metadata())
-                    await _check_decoded(request, context)
-                    with tracing.span(method[1:], "server", metadata=context.invocation_metadata()):
-                        return await inner(request, context)
-                except grpc.aio.AbortError:
-                    code = _code_name(context)
-                    raise
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                    status = _status_for(exc)
-                    code = status[0].name
-                    await context.abort(*status)
-                finally:
-                    RPCS.observe(method, code, time.perf_counter() - started)
+                async with served(request, context):
+                    return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
@@ -149,26 +157,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
-                started, code = time.perf_counter(), "OK"
-                try:
-                    if authorize is not None:
-                        authorize(context.invocation_metadata())
-                    await _check_decoded(request, context)
-                    with tracing.span(method[1:], "server", metadata=context.invocation_metadata()):
-                        async for item in inner_stream(request, context):
-                            yield item
-                except grpc.aio.AbortError:
-                    code = _code_name(context)
-                    raise
-                except (asyncio.CancelledError, GeneratorExit):
-                    code = "CANCELLED"
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    status = _status_for(exc)
-                    code = status[0].name
-                    await context.abort(*status)
-                finally:
-                    RPCS.observe(method, code, time.perf_counter() - started)
+                async with served(request, context):
+                    async for item in inner_stream(request, context):
+                        yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer

@@ -119,13 +119,14 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
                     raise event.error
                 parked = isinstance(event, PreemptedEvent)
                 chunk = chunk_for(event)
-                if parked or isinstance(event, FinishEvent):  # the generation's summary on its span (if tracing)
+                last = parked or isinstance(event, FinishEvent)
+                if last:  # the generation's summary on its span (if tracing)
                     tracing.annotate(**{"aios.syscall_id": request.syscall_id, "aios.parked": parked,
                                         "aios.prompt_tokens": chunk.prompt_tokens,
                                         "aios.completion_tokens": chunk.completion_tokens,
                                         "aios.prefix_tokens_reused": chunk.prefix_tokens_reused})
                 yield chunk
-                if parked or isinstance(event, FinishEvent):
+                if last:
                     return
         finally:
             if not seq.status.ended and not parked:  # the caller went away mid-generation

@@ -61,6 +61,10 @@ class SyscallMetrics:
         agent.tokens_generated += record.tokens_out
         agent.preemptions += record.preemptions
 
+    @property
+    def failed(self) -> int:
+        return sum(n for (_, code), n in list(self.finished.items()) if code != "OK")
+
     def collect(self) -> Iterator[Metric]:
         yield counter("aios_syscalls", "Syscalls finished, by kind and status code (OK or the gRPC code's name)",
                       ["kind", "code"], self.finished)

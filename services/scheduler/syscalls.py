@@ -122,9 +122,7 @@ class SyscallTable:
         self._of_agent: dict[str, OrderedDict[str, SyscallRecord]] = {}  # the same records by agent, oldest first
         self._lock = threading.Lock()
         self.total = 0
-        self.failed = 0
-        self.tokens_out = 0
-        self.metrics = SyscallMetrics()
+        self.metrics = SyscallMetrics()  # counts of the finished ones
 
     def create(self, agent_id: str, kind: str, resource: Resource, priority: int = 0, weight: float = 1.0,
                syscall_id: str = "") -> SyscallRecord:
@@ -143,8 +141,6 @@ class SyscallTable:
     def count_finished(self, record: SyscallRecord) -> None:
         """Adds a record that just became DONE or FAILED to the counters."""
         with self._lock:
-            self.failed += record.state == SyscallState.FAILED
-            self.tokens_out += record.tokens_out
             self.metrics.count(record)
         if log.isEnabledFor(logging.DEBUG):  # an event per syscall: only when asked (--log-level DEBUG)
             log.debug("syscall %s %s %s in %.1f ms (queued %.1f ms)%s", record.id, record.kind,

@@ -25,7 +25,7 @@ def test_syscall_records_move_through_their_states_and_are_counted():
     record.finish("NOT_FOUND", "gone")
     table.count_finished(record)
     assert record.state == SyscallState.FAILED and record.finished_at >= record.started_at > 0
-    assert (table.total, table.failed) == (2, 1)
+    assert (table.total, table.metrics.failed) == (2, 1)
     assert table.get(record.id) is record
     assert record.queued_s >= 0 and record.running_s >= 0 and record.preemptions == 0
 
