@@ -24,7 +24,7 @@ class ReceivedSpan:
 class OtlpCollectorStub(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
@@ -42,11 +42,17 @@ class OtlpCollectorStub(trace_service_pb2_grpc.TraceServiceServicer):
                                                  span.parent_span_id.hex(), attributes))
         with self._lock:
             self.spans.extend(received)
+            self._lock.notify_all()
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def received(self) -> list[ReceivedSpan]:
         with self._lock:
             return list(self.spans)
+
+    def wait_for_spans(self, count: int, timeout: float) -> bool:
+        """Whether `count` spans arrived within `timeout` seconds."""
+        with self._lock:
+            return self._lock.wait_for(lambda: len(self.spans) >= count, timeout)
 
     def __enter__(self) -> "OtlpCollectorStub":
         self._server.start()

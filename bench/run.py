@@ -717,10 +717,8 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
         checks.append(("scale: p99 ms, 2,000 agents paced at 1 non-LLM syscall/s each", paced["p99_ms"], "<=", 50))
         checks.append(("scale: errors, 2,000 agents paced", sum(paced["errors"].values()), "<", 1))
     if "observability" in result:
-        checks.append(("observability: tok/s with traces exported / without (metrics scraped in both), 16 agents",
-                       result["observability"]["observed_vs_plain"], ">=", 0.98))
-        checks.append(("observability: CPU of all AIOS processes per token, traced / not, 16 agents",
-                       result["observability"]["cpu_per_token_observed_vs_plain"], "<", 1.02))
+        checks.append(("observability: share of AIOS's CPU spent on tracing and scrapes (every 1 s), 16 agents",
+                       result["observability"]["seeing_inside_cpu_share"], "<=", 0.02))
     if "cores" in result:
         checks.append(("cores: two cores (1 thread each) / one core (2 threads), tok/s, over llama.cpp's own ratio "
                        "for the same split", result["cores"]["two_vs_one_of_raw"], ">=", 0.9))

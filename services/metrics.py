@@ -22,6 +22,8 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from services import tracing
+
 log = logging.getLogger("aios.metrics")
 
 # Latency buckets, seconds: from a memory read (~1 ms) to a long generation (minutes).
@@ -162,12 +164,40 @@ class Collected:
         return []  # no description at registration: collecting may need the service started
 
 
+class ScrapedRegistry(CollectorRegistry):
+    """A registry that counts the CPU time its scrapes take (collecting and formatting every metric, on the HTTP
+    thread): what metrics cost, measured where it is spent, beside what tracing costs."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=False)
+        self.scrapes = 0
+        self.cpu_ns = 0
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.thread_time_ns()  # the formatting of each metric runs in this thread between two yields
+        try:
+            yield from super().collect()
+        finally:
+            self.scrapes += 1
+            self.cpu_ns += time.thread_time_ns() - started
+
+    def cost(self) -> Iterator[Metric]:
+        yield counter("aios_metrics_scrapes", "Scrapes of this process's metrics", [], {(): self.scrapes})
+        yield counter("aios_metrics_scrape_cpu_seconds", "CPU time this process spent answering scrapes", [],
+                      {(): self.cpu_ns / 1e9})
+        yield counter("aios_tracing_spans", "Spans this process started (0: tracing is off)", [],
+                      {(): tracing.COST.spans})
+        yield counter("aios_tracing_cpu_seconds", "CPU time this process spent on tracing: starting and ending "
+                      "spans, their context, exporting them", [], {(): tracing.COST.cpu_ns / 1e9})
+
+
 def serve_metrics(host: str, port: int, collectors: Iterable[Collected], calls: RpcMetrics = RPCS) -> str:
     """Serves the process's metrics over HTTP (GET /metrics) on `host:port` (0: a free port), from a thread of
     prometheus-client's; returns the address it bound."""
-    registry = CollectorRegistry(auto_describe=False)
+    registry = ScrapedRegistry()
     ProcessCollector(registry=registry)
     registry.register(Collected("calls", calls.collect))
+    registry.register(Collected("seeing inside", registry.cost))
     for collector in collectors:
         registry.register(collector)
     server, _ = start_http_server(port, addr=host, registry=registry)

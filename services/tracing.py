@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
+import time
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any, ContextManager, Iterator
@@ -33,6 +35,26 @@ _tracer: Any = None  # an OpenTelemetry Tracer once configure() found an endpoin
 _provider: Any = None
 
 
+class Cost:
+    """The CPU time this process spent on tracing: starting and ending spans, reading and setting their context,
+    exporting them (aios_tracing_cpu_seconds_total). What seeing inside costs is measured where it is spent: on a
+    busy machine it is throughput lost, and measured per thread it does not move with the machine's noise."""
+
+    def __init__(self) -> None:
+        self.cpu_ns = 0
+        self.spans = 0
+        self._lock = threading.Lock()
+
+    def add(self, cpu_ns: int, spans: int = 0) -> None:
+        with self._lock:
+            self.cpu_ns += cpu_ns
+            self.spans += spans
+
+
+COST = Cost()
+_clock = time.thread_time_ns  # the calling thread's CPU time: other threads' and other tasks' work is not counted
+
+
 def configure(service: str, endpoint: str = "") -> None:
     """Exports this process's spans to `endpoint` (host:port or http://host:port of an OTLP/gRPC collector; default
     the OTEL_EXPORTER_OTLP_* environment); does nothing without one."""
@@ -48,8 +70,8 @@ def configure(service: str, endpoint: str = "") -> None:
 
     _provider = TracerProvider(resource=Resource.create({"service.name": f"aios-{service}"}))
     insecure = not endpoint.startswith("https://")
-    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure),
-                                                    schedule_delay_millis=EXPORT_DELAY_MS))
+    exporter = _TimedExporter(OTLPSpanExporter(endpoint=endpoint, insecure=insecure))
+    _provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_DELAY_MS))
     _tracer = _provider.get_tracer("aios")
     log.info("tracing: spans of %s go to the OTLP collector at %s", service, endpoint)
 
@@ -82,10 +104,18 @@ def _span(name: str, kind: str, parent: str, attributes: dict[str, Any] | None) 
     from opentelemetry import propagate
     from opentelemetry.trace import SpanKind
 
-    context = propagate.extract({TRACEPARENT: parent}) if trace_id_of(parent) else None
-    with _tracer.start_as_current_span(name, context=context, kind=getattr(SpanKind, kind.upper()),
-                                       attributes=attributes) as current:
-        yield current
+    spent = -_clock()  # the span's own start and end; not the work inside it
+    try:
+        context = propagate.extract({TRACEPARENT: parent}) if trace_id_of(parent) else None
+        with _tracer.start_as_current_span(name, context=context, kind=getattr(SpanKind, kind.upper()),
+                                           attributes=attributes) as current:
+            spent += _clock()
+            try:
+                yield current
+            finally:
+                spent -= _clock()
+    finally:
+        COST.add(spent + _clock(), spans=1)
 
 
 def annotate(**attributes: Any) -> None:
@@ -93,7 +123,29 @@ def annotate(**attributes: Any) -> None:
     if _tracer is not None:
         from opentelemetry import trace
 
+        started = _clock()
         trace.get_current_span().set_attributes(attributes)
+        COST.add(_clock() - started)
+
+
+class _TimedExporter:
+    """An OTLP exporter whose exports count in COST (they run on the span processor's own thread)."""
+
+    def __init__(self, exporter: Any) -> None:
+        self.exporter = exporter
+
+    def export(self, spans: Any) -> Any:
+        started = _clock()
+        try:
+            return self.exporter.export(spans)
+        finally:
+            COST.add(_clock() - started)
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
 
 
 def current_traceparent() -> str:
@@ -102,8 +154,10 @@ def current_traceparent() -> str:
         return ""
     from opentelemetry import propagate
 
+    started = _clock()
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
+    COST.add(_clock() - started)
     return carrier.get(TRACEPARENT, "")
 
 

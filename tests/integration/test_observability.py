@@ -23,21 +23,7 @@ from aios.batched import CallBatcher, CallFailed
 from aios.v1 import kernel_pb2
 from deploy.cluster import Cluster
 from services.scheduler.metrics import TOP_AGENTS
-
-Samples = dict[tuple[str, frozenset], float]
-
-
-def scrape(cluster: Cluster, service: str) -> Samples:
-    reply = httpx.get(f"http://{cluster.processes[service].metrics}/metrics", timeout=10)
-    assert reply.status_code == 200
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(reply.text) for sample in family.samples}
-
-
-def grew(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    key = (name, frozenset(labels.items()))
-    assert key in after, f"{name}{labels} is not exported; exported: {sorted(k[0] for k in after)[:80]}"
-    return after[key] - before.get(key, 0.0)
+from tests.integration.scraping import Samples, grew, scrape
 
 
 def summed(samples: Samples, name: str) -> float:
@@ -98,6 +84,10 @@ def test_every_service_lists_its_metrics_port_and_counts_what_an_agent_did(clust
     assert grew(*gateway, "aios_http_requests_total", method="GET /v1/models", code="200") == 1
     assert grew(*gateway, "aios_http_requests_total", method="GET (unmatched)", code="404") == 1
     assert after["kernel"][("process_resident_memory_bytes", frozenset())] > 0
+    for service in SERVICES:  # what seeing inside costs each process: scrapes counted, no tracing configured here
+        assert grew(before[service], after[service], "aios_metrics_scrapes_total") == 1
+        assert after[service][("aios_metrics_scrape_cpu_seconds_total", frozenset())] > 0
+        assert after[service][("aios_tracing_spans_total", frozenset())] == 0
 
 
 def test_made_up_method_names_do_not_grow_the_metrics(cluster: Cluster, agent: aios.Agent):

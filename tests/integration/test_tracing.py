@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import aios.aio
 from bench.otlp_collector import OtlpCollectorStub, ReceivedSpan
 from deploy.cluster import Cluster, ClusterConfig
+from tests.integration.scraping import scrape
 from tests.integration.waiting import wait_until
 
 
@@ -59,6 +60,11 @@ def test_an_agents_trace_runs_through_the_kernel_its_queue_the_managers_and_the_
                 return spans if wanted <= names else []
 
             spans = wait_until(complete, 30, "the services' spans at the collector")
+            for service in ("kernel", "memory", "llm_core"):  # each counts what its own tracing cost it
+                exported = scrape(cluster, service)
+                assert exported[("aios_tracing_spans_total", frozenset())] >= \
+                    len([s for s in spans if s.service == f"aios-{service}"]) > 0
+                assert exported[("aios_tracing_cpu_seconds_total", frozenset())] > 0
     by_id = {s.span_id: s for s in spans}
     add = one(spans, "aios-kernel", "syscall memory_add", trace_id)
     rpc = by_id[add.parent_id]  # the kernel's server span of the call, a child of the agent's step

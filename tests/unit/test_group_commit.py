@@ -31,11 +31,13 @@ def rows_seen_by_another_connection(path: Path) -> set[int]:
 def test_writes_arriving_together_commit_in_fewer_groups_and_each_answer_comes_after_its_commit(tmp_path):
     path = tmp_path / "db.sqlite3"
     commits = committer(path)
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
     answers: dict[int, set[int]] = {}
 
     def insert(n: int) -> int:
-        gate.wait()  # the first piece holds its group until every writer has queued behind it
+        if n == 0:  # the first piece holds its group until every other writer has queued behind it
+            entered.set()
+            gate.wait()
         commits.db.execute("INSERT INTO notes VALUES (?)", (n,))
         return n
 
@@ -44,9 +46,11 @@ def test_writes_arriving_together_commit_in_fewer_groups_and_each_answer_comes_a
         answers[n] = rows_seen_by_another_connection(path)  # what is on disk when the answer arrives
 
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(50)]
-    for thread in threads:
+    threads[0].start()
+    assert entered.wait(30)  # the first piece runs alone in the first group, so the others all queue behind it
+    for thread in threads[1:]:
         thread.start()
-    while commits.queued() < 49:  # one piece is running (held at the gate), the others wait in the queue
+    while commits.queued() < 49:  # polls a count, not a clock: the committer thread is held at the gate
         threading.Event().wait(0.001)
     gate.set()
     for thread in threads:
