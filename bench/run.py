@@ -821,7 +821,7 @@ def main() -> int:
         floors["memory_hit_ratio_lru2_minus_lru"] = hit["LRU-2"] - hit["LRU"]
     result["floors"] = floors
     result["floor_checks"] = [{"name": name, "measured": value, "floor": f"{op} {limit}",
-                               "pass": value >= limit if op == ">=" else value < limit}
+                               "pass": {">=": value >= limit, "<=": value <= limit, "<": value < limit}[op]}
                               for name, value, op, limit in floor_checks(result)]
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

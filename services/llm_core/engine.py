@@ -738,7 +738,10 @@ class BatchEngine:
         want = seq.prompt_array[:-1]  # the last prompt token is always decoded, for its logits
         best, source, where = 0, -1, PrefixSource.NONE
         if self.config.prefix_cache:
-            for slot, prefix in self.slots.cached.items():
+            # The cached prefix resting at the seq_id `seq` will take comes first: on a tie (agents sharing a
+            # system prompt share it with every cached prefix) it is adopted where it is, with no copy.
+            claimed = self._lowest_idle_slot_locked()
+            for slot, prefix in sorted(self.slots.cached.items(), key=lambda item: item[0] != claimed):
                 n = common_prefix(prefix.tokens, want)
                 if n > best:
                     best, source, where = n, slot, PrefixSource.CACHED

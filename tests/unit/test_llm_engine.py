@@ -433,6 +433,29 @@ def test_random_preemption_resume_and_cancellation_keep_every_seq_id_accounted_f
         h.close()
 
 
+def test_of_equal_prefixes_the_one_resting_where_the_sequence_goes_is_adopted_without_a_copy(model):
+    """Agents sharing a system prompt share it with every cached prefix: the tie goes to the cached prefix on the
+    seq_id the new sequence takes, adopted where it rests, rather than copying another one there (and moving the
+    resting one away first)."""
+    h = Harness(model, slots=2, resident=3)
+    try:
+        system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3
+        with h.engine._cond:
+            _, a_events = h.start("a", SamplingConfig(max_tokens=8, ignore_eos=True), prompt=system + "Task: rivers.")
+            _, b_events = h.start("b", SamplingConfig(max_tokens=2, ignore_eos=True), prompt=system + "Task: hills.")
+        h.tokens_until(b_events)  # b finishes first: its prefix is cached first, on seq_id 1
+        h.tokens_until(a_events)  # then a's, on seq_id 0, where the next sequence goes
+        with h.engine._cond:
+            assert sorted(h.engine.slots.cached) == [0, 1]
+            copying = h.engine.stats.kv_copy_seconds
+        _, c_events = h.start("c", SamplingConfig(max_tokens=4), prompt=system + "Task: lakes.")
+        _, end = h.tokens_until(c_events)
+        assert isinstance(end, FinishEvent) and end.prefix_reused >= len(model.tokenize(system, True, True)) - 2
+        assert h.engine.stats.kv_copy_seconds == copying  # no KV state was read or written
+    finally:
+        h.close()
+
+
 def test_a_cached_prefix_about_to_be_copied_is_not_dropped_to_make_room(model):
     """seq_ids: c decodes on 0, b's and a's finished sequences rest on 1 and 2, nothing is free. d shares a's
     prompt: it takes seq_id 1, whose resident (b) must make room without a's prefix (on 2) being the one dropped."""
