@@ -24,7 +24,7 @@ class ReceivedSpan:
 class OtlpCollectorStub(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
-        self._lock = threading.Condition()
+        self._arrived = threading.Condition()  # guards spans; notified as they arrive
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
@@ -40,19 +40,19 @@ class OtlpCollectorStub(trace_service_pb2_grpc.TraceServiceServicer):
                     attributes = {a.key: _value(a.value) for a in span.attributes}
                     received.append(ReceivedSpan(service, span.name, span.trace_id.hex(), span.span_id.hex(),
                                                  span.parent_span_id.hex(), attributes))
-        with self._lock:
+        with self._arrived:
             self.spans.extend(received)
-            self._lock.notify_all()
+            self._arrived.notify_all()
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def received(self) -> list[ReceivedSpan]:
-        with self._lock:
+        with self._arrived:
             return list(self.spans)
 
     def wait_for_spans(self, count: int, timeout: float) -> bool:
         """Whether `count` spans arrived within `timeout` seconds."""
-        with self._lock:
-            return self._lock.wait_for(lambda: len(self.spans) >= count, timeout)
+        with self._arrived:
+            return self._arrived.wait_for(lambda: len(self.spans) >= count, timeout)
 
     def __enter__(self) -> "OtlpCollectorStub":
         self._server.start()

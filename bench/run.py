@@ -49,6 +49,7 @@ few-minute subset, see QUICK; explicit knobs still win).
 from __future__ import annotations
 
 import json
+import operator
 import os
 import statistics
 import sys
@@ -681,6 +682,9 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
     probe.close()
 
 
+FLOOR_TESTS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+
+
 def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
     """(name, measured, comparison, floor) for every floor this run can check: same-run ratios only."""
     checks: list[tuple[str, float, str, float]] = []
@@ -821,7 +825,7 @@ def main() -> int:
         floors["memory_hit_ratio_lru2_minus_lru"] = hit["LRU-2"] - hit["LRU"]
     result["floors"] = floors
     result["floor_checks"] = [{"name": name, "measured": value, "floor": f"{op} {limit}",
-                               "pass": {">=": value >= limit, "<=": value <= limit, "<": value < limit}[op]}
+                               "pass": FLOOR_TESTS[op](value, limit)}
                               for name, value, op, limit in floor_checks(result)]
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

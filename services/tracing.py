@@ -50,6 +50,15 @@ class Cost:
             self.cpu_ns += cpu_ns
             self.spans += spans
 
+    @contextmanager
+    def counted(self) -> Iterator[None]:
+        """Counts the calling thread's CPU time inside."""
+        started = _clock()
+        try:
+            yield
+        finally:
+            self.add(_clock() - started)
+
 
 COST = Cost()
 _clock = time.thread_time_ns  # the calling thread's CPU time: other threads' and other tasks' work is not counted
@@ -123,9 +132,8 @@ def annotate(**attributes: Any) -> None:
     if _tracer is not None:
         from opentelemetry import trace
 
-        started = _clock()
-        trace.get_current_span().set_attributes(attributes)
-        COST.add(_clock() - started)
+        with COST.counted():
+            trace.get_current_span().set_attributes(attributes)
 
 
 class _TimedExporter:
@@ -135,11 +143,8 @@ class _TimedExporter:
         self.exporter = exporter
 
     def export(self, spans: Any) -> Any:
-        started = _clock()
-        try:
+        with COST.counted():
             return self.exporter.export(spans)
-        finally:
-            COST.add(_clock() - started)
 
     def shutdown(self) -> None:
         self.exporter.shutdown()
@@ -154,10 +159,9 @@ def current_traceparent() -> str:
         return ""
     from opentelemetry import propagate
 
-    started = _clock()
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    COST.add(_clock() - started)
+    with COST.counted():
+        propagate.inject(carrier)
     return carrier.get(TRACEPARENT, "")
 
 

@@ -738,12 +738,12 @@ class BatchEngine:
         want = seq.prompt_array[:-1]  # the last prompt token is always decoded, for its logits
         best, source, where = 0, -1, PrefixSource.NONE
         if self.config.prefix_cache:
-            # The cached prefix resting at the seq_id `seq` will take comes first: on a tie (agents sharing a
-            # system prompt share it with every cached prefix) it is adopted where it is, with no copy.
+            # A tie goes to the cached prefix resting at the seq_id `seq` will take (agents sharing a system prompt
+            # share it with every cached prefix): it is adopted where it is, with no copy.
             claimed = self._lowest_idle_slot_locked()
-            for slot, prefix in sorted(self.slots.cached.items(), key=lambda item: item[0] != claimed):
+            for slot, prefix in self.slots.cached.items():
                 n = common_prefix(prefix.tokens, want)
-                if n > best:
+                if n > best or (n and n == best and slot == claimed):
                     best, source, where = n, slot, PrefixSource.CACHED
             for other in [*self._active, *self._parked.values()]:
                 if not other.kv_ready:  # admitted this round: its cells are not computed yet
