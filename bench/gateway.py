@@ -10,6 +10,7 @@ for like. Also the time to first token through the gateway.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -26,6 +27,9 @@ PROMPTS = [f"Write a long list of facts about the number {n}." for n in range(16
 LONG_JSON = {"type": "object", "properties": {"facts": {"type": "array", "items": {"type": "string", "maxLength": 40},
                                                         "minItems": 64}},
              "required": ["facts"], "additionalProperties": False}
+
+
+WARM_UP_TOKENS = 4  # what each path generates before the rounds: enough to cache its prompts and open its connections
 
 
 def timed(agents: int, run: Callable[[int], tuple[int, float]]) -> dict[str, Any]:
@@ -48,7 +52,7 @@ def run_gateway_bench(say: Callable[[str], None], agents: int = 16, tokens: int 
                        for a in members]
             model = cluster.served_model_name
 
-            def grpc_stream(i: int) -> tuple[int, float]:
+            def grpc_stream(i: int, tokens: int = tokens) -> tuple[int, float]:
                 t0, first, n = time.monotonic(), 0.0, 0
                 for chunk in members[i].generate(PROMPTS[i], max_tokens=tokens, ignore_eos=True):
                     if chunk.HasField("token_id"):
@@ -65,14 +69,14 @@ def run_gateway_bench(say: Callable[[str], None], agents: int = 16, tokens: int 
                         n = chunk.usage.completion_tokens
                 return n, first
 
-            def gateway_stream(i: int) -> tuple[int, float]:
+            def gateway_stream(i: int, tokens: int = tokens) -> tuple[int, float]:
                 t0 = time.monotonic()
                 stream = clients[i].completions.create(
                     model=model, prompt=PROMPTS[i], max_tokens=tokens, temperature=0, stream=True,
                     stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
                 return read(stream, t0, lambda choice: choice.text)
 
-            def gateway_json(i: int) -> tuple[int, float]:
+            def gateway_json(i: int, tokens: int = tokens) -> tuple[int, float]:
                 t0 = time.monotonic()
                 stream = clients[i].chat.completions.create(
                     model=model, messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=tokens,
@@ -82,7 +86,7 @@ def run_gateway_bench(say: Callable[[str], None], agents: int = 16, tokens: int 
 
             say(f"gateway: {agents} agents x {tokens} tokens, gRPC kernel vs gateway vs gateway + json_schema ...")
             for warm in (grpc_stream, gateway_stream, gateway_json):  # every path's prompts cached, connections up
-                timed(agents, warm)
+                timed(agents, functools.partial(warm, tokens=WARM_UP_TOKENS))
             paths = {"grpc": grpc_stream, "gateway": gateway_stream, "gateway_json_schema": gateway_json}
             order = list(paths)
             result["rounds"] = []

@@ -178,11 +178,12 @@ async def paced(address: str, token: str, n: int, seconds: float) -> dict[str, A
         return summary(latencies, errors, time.monotonic() - start)
 
 
-def wave(cluster: Cluster, n: int, tag: str) -> dict[str, Any]:
-    """`n` agents at once on `cluster`: wall time, rates, errors, the kernel's CPU and memory, latencies per kind."""
+def wave(run: Callable[[Any], Any], cluster: Cluster, n: int, tag: str) -> dict[str, Any]:
+    """`n` agents at once on `cluster`: wall time, rates, errors, the kernel's CPU and memory, latencies per kind.
+    `run` runs a coroutine on the part's one event loop."""
     kernel_pid = cluster.processes["kernel"].pid
     cpu, rss = process_cpu_seconds(kernel_pid), process_rss_bytes(kernel_pid)
-    wall, latencies, errors = asyncio.run(crowd(cluster.kernel_address, cluster.operator_token, n, tag))
+    wall, latencies, errors = run(crowd(cluster.kernel_address, cluster.operator_token, n, tag))
     done = sum(len(v) for v in latencies.values())
     return {
         "wall_s": wall,
@@ -199,36 +200,39 @@ def wave(cluster: Cluster, n: int, tag: str) -> dict[str, Any]:
 def run_scale_bench(say: Callable[[str], None], agent_counts: list[int], paced_counts: list[int]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     paced_rows: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as home:
+    # One event loop for every client of the part: gRPC's asyncio poller stays with the loop it started on, and a
+    # second asyncio.run() in the same process found it calling into the first, closed one.
+    with asyncio.Runner() as loop, tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as home:
         say("scale: starting AIOS with the instant LLM backend (a test double: no model runs) ...")
         with Cluster(ClusterConfig(home=Path(home), extra_args={"llm_core": ["--backend", "instant"]})) as cluster:
             for n in agent_counts:
                 say(f"scale: {n} agents at once (register, LLM call, memory add+get, storage write+read, calculator) ...")
-                rows[str(n)] = wave(cluster, n, str(n))
+                rows[str(n)] = wave(loop.run, cluster, n, str(n))
                 say(f"  {rows[str(n)]['wall_s']:.1f} s, {rows[str(n)]['syscalls_per_s']:.0f} syscalls/s, "
                     f"{sum(rows[str(n)]['errors'].values())} errors")
             say(f"scale: {THROUGHPUT_AGENTS} registered agents at once, {THROUGHPUT_ROUNDS} rounds of memory add+get, "
                 "storage write+read, calculator each ...")
             kernel_pid = cluster.processes["kernel"].pid
             cpu_before = process_cpu_seconds(kernel_pid)
-            throughput = asyncio.run(non_llm_throughput(cluster.kernel_address, cluster.operator_token,
+            throughput = loop.run(non_llm_throughput(cluster.kernel_address, cluster.operator_token,
                                                            THROUGHPUT_AGENTS, THROUGHPUT_ROUNDS))
             throughput["kernel_cpu_ms_per_syscall"] = (1000 * (process_cpu_seconds(kernel_pid) - cpu_before)
                                                        / max(throughput["syscalls"], 1))  # registrations included
             say(f"  {throughput['syscalls_per_s']:.0f} non-LLM syscalls/s, {sum(throughput['errors'].values())} errors")
             for n in paced_counts:
                 say(f"scale: {n} agents paced at one non-LLM syscall a second each, {PACED_SECONDS:.0f} s ...")
-                paced_rows[str(n)] = asyncio.run(paced(cluster.kernel_address, cluster.operator_token, n, PACED_SECONDS))
+                paced_rows[str(n)] = loop.run(paced(cluster.kernel_address, cluster.operator_token, n, PACED_SECONDS))
                 say(f"  p50 {paced_rows[str(n)]['p50_ms']:.0f} ms, p99 {paced_rows[str(n)]['p99_ms']:.0f} ms, "
                     f"{sum(paced_rows[str(n)]['errors'].values())} errors")
-    say("scale: the transport's ceiling, a bare two-hop grpc.aio relay (bench/relay.py) with as many callers ...")
-    ceiling = relay_ceiling(THROUGHPUT_AGENTS, 3)
-    say(f"  {ceiling:.0f} calls/s")
-    with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as home:
-        say(f"scale: {REAL_MODEL_AGENTS} agents at once with the real model ...")
-        with Cluster(ClusterConfig(home=Path(home))) as cluster:
-            real = wave(cluster, REAL_MODEL_AGENTS, "real")
-            say(f"  {real['wall_s']:.1f} s, {real['syscalls_per_s']:.0f} syscalls/s, {sum(real['errors'].values())} errors")
+        say("scale: the transport's ceiling, a bare two-hop grpc.aio relay (bench/relay.py) with as many callers ...")
+        ceiling = relay_ceiling(THROUGHPUT_AGENTS, 3, loop.run)
+        say(f"  {ceiling:.0f} calls/s")
+        with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as real_home:
+            say(f"scale: {REAL_MODEL_AGENTS} agents at once with the real model ...")
+            with Cluster(ClusterConfig(home=Path(real_home))) as cluster:
+                real = wave(loop.run, cluster, REAL_MODEL_AGENTS, "real")
+                say(f"  {real['wall_s']:.1f} s, {real['syscalls_per_s']:.0f} syscalls/s, "
+                    f"{sum(real['errors'].values())} errors")
     result: dict[str, Any] = {
         "agents": rows, "real_model": {str(REAL_MODEL_AGENTS): real}, "paced": paced_rows,
         "non_llm": {**throughput, "agents": THROUGHPUT_AGENTS, "relay_ceiling_calls_per_s": ceiling,

@@ -55,6 +55,9 @@ MANAGERS = ("llm_core", "memory", "storage", "tools")
 AGENT_FACING = ("kernel", "gateway")
 # The kernel needs the managers' addresses, the gateway the kernel's.
 SERVICE_ORDER = (*MANAGERS, "kernel", "gateway")
+# What a kind of service needs serving before it starts (their addresses are on its command line); the others start
+# side by side: the LLM core loads its model while the managers import.
+NEEDS = {"tools": ("storage",), "kernel": MANAGERS, "gateway": ("kernel",)}
 
 
 def default_home() -> Path:
@@ -206,6 +209,7 @@ class Cluster:
         self.redis_url = config.redis_url or ""
         self._args: dict[str, list[str]] = {}
         self._kinds: dict[str, str] = {}  # service name -> what it runs (llm_core_2 runs an llm_core)
+        self._launched: dict[str, tuple[Path, list[str]]] = {}  # started, not yet serving: its ready file, its options
         self._home_ready = False
         self.started_at = time.time()
 
@@ -275,8 +279,13 @@ class Cluster:
             else:
                 self._start_redis()
             for kind in SERVICE_ORDER:
+                for needed in NEEDS.get(kind, ()):
+                    for name in self.names_of(needed):
+                        self._serving(name)
                 for name in self.names_of(kind):
-                    self._start_service(name, kind)
+                    self._launch(name, kind)
+            for name in list(self._launched):
+                self._serving(name)
             write_layout(self.config.home, self.shard_counts)
         except BaseException:
             self.stop()
@@ -312,6 +321,7 @@ class Cluster:
 
     def stop_service(self, name: str, sig: int = signal.SIGTERM) -> None:
         process = self.processes.pop(name, None)
+        self._launched.pop(name, None)
         if process is None:
             return
         self._terminate(process, sig)
@@ -514,6 +524,11 @@ class Cluster:
         return replica_names(kind, count)
 
     def _start_service(self, name: str, kind: str = "", extra_args: list[str] = ()) -> None:
+        self._launch(name, kind, extra_args)
+        self._serving(name)
+
+    def _launch(self, name: str, kind: str = "", extra_args: list[str] = ()) -> None:
+        """Starts the service's process; `_serving` waits until it serves."""
         kind = kind or self._kinds.get(name, name)
         self._kinds[name] = kind
         self._prepare_home()
@@ -525,12 +540,19 @@ class Cluster:
             port = str(self._previous_port(name, listen.rsplit(":", 1)[0]))
         args = self._args.get(name) or ["--port", port, *self._service_args(name, kind), *extra_args]
         log_path = self.logs / f"{name}.log"
-        argv = self._argv(kind, ready, args)
-        started = time.monotonic()
-        popen = subprocess.Popen(argv, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        process = ManagedProcess(name, popen, log_path)
-        self.processes[name] = process
-        deadline = started + START_TIMEOUT_S
+        popen = subprocess.Popen(self._argv(kind, ready, args), stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        self.processes[name] = ManagedProcess(name, popen, log_path)
+        self._launched[name] = (ready, args)
+
+    def _serving(self, name: str) -> None:
+        """Waits until a launched service wrote its ready file and answers its health check (at once if it did)."""
+        if name not in self._launched:
+            return
+        ready, args = self._launched.pop(name)
+        process, kind = self.processes[name], self._kinds[name]
+        popen, log_path = process.popen, process.log_path
+        deadline = process.started + START_TIMEOUT_S
         while not ready.exists():
             if popen.poll() is not None:
                 raise StartError(f"{name} exited with code {popen.returncode} while starting:\n{_log_tail(log_path)}")
@@ -547,7 +569,7 @@ class Cluster:
             wait_healthy(process.address, START_TIMEOUT_S, *_tls_of(args))
         if name in AGENT_FACING:
             self._remember_port(name, int(process.address.rsplit(":", 1)[1]))
-        self.progress(f"started {name:<12} {process.address}  (pid {popen.pid}, {time.monotonic() - started:.1f} s)")
+        self.progress(f"started {name:<12} {process.address}  (pid {popen.pid}, {time.monotonic() - process.started:.1f} s)")
 
     @staticmethod
     def _argv(kind: str, ready: Path, args: list[str]) -> list[str]:
