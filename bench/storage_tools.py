@@ -123,6 +123,8 @@ async def token_check_cost(cluster: Cluster, token: str, reps: int = 20_000, mis
             t0 = time.perf_counter()
             await fresh.authenticate(metadata)
             uncached.append(time.perf_counter() - t0)
+            await fresh.close()
+        await registry.close()
     finally:
         await redis.aclose()
     return {"cached_us_p50": 1e6 * statistics.median(cached), "cached_us_p95": 1e6 * float(np.percentile(cached, 95)),

@@ -8,10 +8,11 @@ Redis layout:
 - `aios:agents`  hash  agent id -> JSON of the agent (name, priority, weight, quota, revoked_at,
                                    token_hint, registered_by, token_sha256)
 - `aios:tokens`  hash  SHA-256 of a live token -> agent id (a revoked token is deleted from it)
+- `aios:agents:epoch`  counter of revocations and replaced tokens (EPOCH_KEY)
 
-Lookups are cached for CACHE_TTL_S, so checking a token costs a hash and a dict
-lookup; a revocation takes effect at once on the kernel that made it and within
-CACHE_TTL_S on any other kernel replica.
+Checked tokens are cached, so checking one costs a hash and a dict lookup; a
+revocation takes effect at once on the kernel that made it and within about
+EPOCH_CHECK_S on any other kernel replica (see EPOCH_KEY).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import logging
 import secrets
 import time
 from dataclasses import asdict, astuple, dataclass, field, replace
@@ -32,19 +34,25 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.credentials import AGENT_TOKEN_PREFIX, Metadata, bearer_token, new_secret, same_secret, token_hash
 from services.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
 
+log = logging.getLogger("aios.kernel.identity")
+
 AGENTS_KEY = "aios:agents"
 TOKENS_KEY = "aios:tokens"
 MAX_NAME_CHARS = 64
 MAX_PRIORITY = 10
 MAX_WEIGHT = 100.0
 T = TypeVar("T")
-CACHE_TTL_S = 2.0
-# A cached token used within this long of its expiry is checked again in the background, many in one Redis read, so
-# that an agent making syscalls steadily never waits for Redis on its token (the check is as fresh as before).
-REFRESH_AHEAD_S = 1.0
-CACHE_PRUNE_AT = 10_000  # cached tokens before the expired ones are dropped
-# While Redis is unreachable, a token this kernel checked within this long is still taken (agents keep working
-# through a Redis restart); a token it has not seen waits up to REDIS_WAIT_S for Redis to be back.
+# Incremented with every revocation and every replaced token, in the same transaction. Each kernel reads it every
+# EPOCH_CHECK_S and, when it moved, checks all the tokens it caches at once: a revocation ends a token on the kernel
+# that made it at once and on every other within about EPOCH_CHECK_S, and an agent's steady calls never wait for Redis.
+EPOCH_KEY = "aios:agents:epoch"
+EPOCH_CHECK_S = 0.25
+CHECK_CHUNK = 1000  # agents per Redis read when checking cached tokens
+CACHE_PRUNE_AT = 10_000  # cached tokens before the idle ones are dropped
+CACHE_IDLE_S = 300.0  # how long a cached token may go unused before it can be dropped
+# While Redis is unreachable, cached tokens are taken for this long after the last check of EPOCH_KEY (agents keep
+# working through a Redis restart, and no revocation can happen meanwhile); a token not cached waits up to
+# REDIS_WAIT_S for Redis to be back.
 STALE_OK_S = 300.0
 REDIS_WAIT_S = 5.0
 REDIS_RETRY_S = 0.1
@@ -151,11 +159,14 @@ class AgentRegistry:
         self.redis = redis
         self.policy = policy or RegistrationPolicy()
         self._operator_sha256 = token_hash(operator_token)
-        self._by_token: dict[str, tuple[Agent, float]] = {}  # token SHA-256 -> (agent, cached until)
+        self._by_token: dict[str, tuple[Agent, float]] = {}  # token SHA-256 -> (agent, last used)
         self._pruned_at = 0.0
-        self._to_refresh: dict[str, str] = {}  # token SHA-256 -> agent id, for the next background check
-        self._refresher: asyncio.Task | None = None
-        self._changes = 0  # revocations and new tokens: a background check that overlapped one is not applied
+        self._epoch: bytes | None = None  # EPOCH_KEY's value the cache was last checked against
+        self._checked_at = time.monotonic()  # when the watcher last read EPOCH_KEY (Redis reachable)
+        # Bumped by every change this kernel makes and every change the watcher sees: a token looked up while it moved
+        # is not cached, and a re-check it overlapped is not applied.
+        self._generation = 0
+        self._watcher: asyncio.Task | None = None
 
     # ---- authentication ----------------------------------------------------------------
 
@@ -174,51 +185,59 @@ class AgentRegistry:
         digest = token_hash(token)
         if same_secret(digest, self._operator_sha256):
             return OPERATOR
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name="token-revocations")
         cached = self._by_token.get(digest)
         now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            if cached[1] - now < REFRESH_AHEAD_S:
-                self._refresh_soon(digest, cached[0].id)
+        if cached is not None and now - self._checked_at < STALE_OK_S:
+            self._by_token[digest] = (cached[0], now)
             return Caller(Role.AGENT, cached[0])
-        try:
-            agent = await self._agent_of_token(digest, wait=cached is None, agent_id=cached[0].id if cached else "")
-        except Unavailable:
-            if cached is not None and cached[1] + STALE_OK_S > time.monotonic():
-                return Caller(Role.AGENT, cached[0])
-            raise
+        generation = self._generation
+        agent = await self._agent_of_token(digest, agent_id=cached[0].id if cached else "")
         if agent is None:
             self._by_token.pop(digest, None)
             raise Unauthenticated("the token is unknown or revoked; ask the operator for a new one (`aios agent create`)")
-        self._remember(agent)
+        if self._generation == generation:  # else a revocation may have come in meanwhile: this call only
+            self._remember(agent)
         return Caller(Role.AGENT, agent)
 
-    def _refresh_soon(self, digest: str, agent_id: str) -> None:
-        self._to_refresh[digest] = agent_id
-        if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.create_task(self._refresh())
+    async def _watch(self) -> None:
+        """Reads EPOCH_KEY every EPOCH_CHECK_S; when a revocation or a new token (on any kernel) moved it, checks every
+        cached token again in one read. One small read a few times a second, whatever the number of agents."""
+        while True:
+            try:
+                epoch = await self.redis.get(EPOCH_KEY)
+                if epoch != self._epoch:
+                    self._generation += 1
+                    await self._check_cached()
+                    self._epoch = epoch
+                self._checked_at = time.monotonic()
+            except (RedisError, OSError):
+                pass  # Redis is away: cached tokens are taken for STALE_OK_S after the last check
+            except Exception:  # noqa: BLE001 - a bug here must not end the checks: tokens would live on unchecked
+                log.exception("checking cached tokens failed; trying again")
+            await asyncio.sleep(EPOCH_CHECK_S)
 
-    async def _refresh(self) -> None:
-        """Checks the tokens waiting for it against the agents' records in one read, and caches them again (or
-        drops a revoked or replaced one)."""
-        await asyncio.sleep(0)  # one turn of the event loop: the tokens the calls in it use come along
-        batch, self._to_refresh = self._to_refresh, {}
-        changes = self._changes
-        ids = sorted(set(batch.values()))
-        try:
-            raws = await self.redis.hmget(AGENTS_KEY, ids)
-        except (RedisError, OSError):
-            return  # each call checks its own token once the cached one expires, waiting for Redis if need be
-        if self._changes != changes:
-            return  # a revocation or a new token came in meanwhile: what was read may be from before it
-        records = dict(zip(ids, raws))
-        for digest, agent_id in batch.items():
-            agent = _holding(digest, agent_id, records[agent_id])
-            if agent is None:
+    async def _check_cached(self) -> None:
+        """Checks every cached token against the agents' records; drops a revoked or replaced one. RedisError (the
+        watcher tries again) if a change of this kernel overlapped the read."""
+        generation = self._generation
+        cached = list(self._by_token.items())
+        ids = sorted({agent.id for _, (agent, _) in cached})
+        records: dict[str, bytes | None] = {}
+        for first in range(0, len(ids), CHECK_CHUNK):
+            chunk = ids[first:first + CHECK_CHUNK]
+            records.update(zip(chunk, await self.redis.hmget(AGENTS_KEY, chunk)))
+        if self._generation != generation:
+            raise RedisError("a token changed while the cached ones were checked")
+        for digest, (agent, used) in cached:
+            current = _holding(digest, agent.id, records[agent.id])
+            if current is None:
                 self._by_token.pop(digest, None)
-            else:
-                self._remember(agent)
+            elif digest in self._by_token:
+                self._by_token[digest] = (current, used)
 
-    async def _agent_of_token(self, digest: str, wait: bool = True, agent_id: str = "") -> Agent | None:
+    async def _agent_of_token(self, digest: str, agent_id: str = "") -> Agent | None:
         """The agent a token hash belongs to, if it is its current token and the agent is not revoked. With the
         `agent_id` it belonged to before (a cached one), one read: a token never moves to another agent, and the
         agent's record says whether it is still the current token."""
@@ -226,8 +245,13 @@ class AgentRegistry:
             known = agent_id.encode() if agent_id else await self.redis.hget(TOKENS_KEY, digest)
             return known, None if known is None else await self.redis.hget(AGENTS_KEY, known)
 
-        known, raw = await self._redis("check the token", lookup, REDIS_WAIT_S if wait else 0.0)
+        known, raw = await self._redis("check the token", lookup)
         return None if known is None else _holding(digest, known.decode(), raw)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
 
     # ---- administration --------------------------------------------------------------
 
@@ -278,6 +302,7 @@ class AgentRegistry:
                 pipe.hset(AGENTS_KEY, agent.id, revoked.to_json())
                 if agent.token_sha256:
                     pipe.hdel(TOKENS_KEY, agent.token_sha256)
+                pipe.incr(EPOCH_KEY)  # every kernel checks its cached tokens again
                 await pipe.execute()
 
         await self._change("revoke the agent", write)
@@ -293,6 +318,7 @@ class AgentRegistry:
                 pipe.hset(TOKENS_KEY, agent.token_sha256, agent.id)
                 if old_sha256:
                     pipe.hdel(TOKENS_KEY, old_sha256)
+                    pipe.incr(EPOCH_KEY)  # the old token ends on every kernel
                 await pipe.execute()
 
         await self._change("record the agent", write)
@@ -301,19 +327,19 @@ class AgentRegistry:
         return agent, token
 
     async def _change(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
-        """A write to agents or tokens; a background check of tokens that overlaps it is not applied."""
-        self._changes += 1
+        """A write to agents or tokens; a lookup or a check of cached tokens that overlaps it is not applied."""
+        self._generation += 1
         await self._redis(what, write)
-        self._changes += 1
+        self._generation += 1
 
     def _remember(self, agent: Agent) -> None:
-        """Caches a token's agent for CACHE_TTL_S; entries past use even while Redis is down go, so that the cache
-        holds about the agents active in the last few seconds, not every agent ever registered."""
+        """Caches a token's agent; entries unused for CACHE_IDLE_S go, so that the cache holds about the agents active
+        lately, not every agent ever registered."""
         now = time.monotonic()
-        if len(self._by_token) >= CACHE_PRUNE_AT and now >= self._pruned_at + CACHE_TTL_S:  # not on every miss
-            self._by_token = {k: v for k, v in self._by_token.items() if v[1] + STALE_OK_S > now}
+        if len(self._by_token) >= CACHE_PRUNE_AT and now >= self._pruned_at + EPOCH_CHECK_S:  # not on every miss
+            self._by_token = {k: v for k, v in self._by_token.items() if v[1] + CACHE_IDLE_S > now}
             self._pruned_at = now
-        self._by_token[agent.token_sha256] = (agent, now + CACHE_TTL_S)
+        self._by_token[agent.token_sha256] = (agent, now)
 
     @staticmethod
     async def _redis(what: str, operation: Callable[[], Awaitable[T]], wait_s: float = REDIS_WAIT_S) -> T:

@@ -714,6 +714,7 @@ class Kernel:
         for task in list(self._background):  # core watchers, discards: nothing to do once the kernel stops
             task.cancel()
         await self.journal.stop()
+        await self.agents.close()
         for manager in self.managers.values():
             await manager.close()
         for replica in self.cores.replicas:

@@ -1,0 +1,121 @@
+"""Token checks against a real redis-server: two AgentRegistry objects on one Redis stand for two kernel replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import shutil
+import subprocess
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
+import redis
+
+from deploy.cluster import free_port
+from services import redis_state
+from services.errors import Unauthenticated
+from services.scheduler.identity import EPOCH_CHECK_S, OPERATOR, AgentRegistry
+
+OPERATOR_TOKEN = "aios_op_test"
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is installed by `make install`"
+    port = free_port()
+    server = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)  # not accepting yet
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def counted(registry: AgentRegistry) -> collections.Counter:
+    """The registry's reads of Redis, counted by command (its real client does the work)."""
+    counts: collections.Counter = collections.Counter()
+    for name in ("get", "hget", "hmget"):
+        def wrapper(*args: Any, _real: Any = getattr(registry.redis, name), _name: str = name, **kwargs: Any) -> Any:
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+        setattr(registry.redis, name, wrapper)
+    return counts
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@asynccontextmanager
+async def two_kernels(url: str) -> AsyncIterator[tuple[AgentRegistry, AgentRegistry]]:
+    one, other = (AgentRegistry(redis_state.connect(url), OPERATOR_TOKEN) for _ in range(2))
+    try:
+        yield one, other
+    finally:
+        for registry in (one, other):
+            await registry.close()
+            await registry.redis.aclose()
+
+
+def test_steady_calls_read_no_token_from_redis_and_a_revocation_elsewhere_ends_the_token(redis_url: str):
+    async def scenario() -> None:
+        async with two_kernels(redis_url) as (one, other):
+            agent, token = await one.register(OPERATOR, "worker")
+            assert (await other.authenticate(bearer(token))).agent.id == agent.id  # looked up once, then cached
+            reads, deadline = counted(other), time.monotonic() + 40 * EPOCH_CHECK_S
+            while reads["get"] < 4:  # four checks of the epoch: a second of steady calls
+                assert (await other.authenticate(bearer(token))).agent.id == agent.id
+                assert time.monotonic() < deadline, "the kernel does not watch the epoch"
+                await asyncio.sleep(0)
+            assert reads["hget"] == reads["hmget"] == 0  # no read per token, however many agents call
+
+            await one.revoke(agent.id)
+            with pytest.raises(Unauthenticated):  # at once on the kernel that revoked it
+                await one.authenticate(bearer(token))
+            revoked_at = time.monotonic()
+            while True:  # on the other, once its watcher sees the epoch move
+                try:
+                    await other.authenticate(bearer(token))
+                except Unauthenticated:
+                    break
+                assert time.monotonic() - revoked_at < 8 * EPOCH_CHECK_S, "the other kernel still takes the token"
+                await asyncio.sleep(0.01)
+            assert reads["hmget"] == 1  # every cached token checked again in one read
+
+    asyncio.run(scenario())
+
+
+def test_a_reissued_token_replaces_the_old_one_on_every_kernel_and_registrations_do_not_move_the_epoch(redis_url: str):
+    async def scenario() -> None:
+        async with two_kernels(redis_url) as (one, other):
+            agent, old = await one.register(OPERATOR, "worker")
+            await other.authenticate(bearer(old))
+            epoch = await one.redis.get("aios:agents:epoch")
+            await one.register(OPERATOR, "newcomer")  # a new token ends no other: cached tokens stay unchecked
+            assert await one.redis.get("aios:agents:epoch") == epoch
+            _, new = await one.issue_token(agent.id)
+            assert (await other.authenticate(bearer(new))).agent.id == agent.id
+            started = time.monotonic()
+            while True:
+                try:
+                    await other.authenticate(bearer(old))
+                except Unauthenticated:
+                    break
+                assert time.monotonic() - started < 8 * EPOCH_CHECK_S, "the replaced token still works elsewhere"
+                await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
