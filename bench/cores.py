@@ -36,7 +36,7 @@ LONG_CONTEXT = " ".join(f"Observation {n}: the wind turned west at dusk and the 
                         for n in range(28))  # with the question: ~512 prompt tokens
 MOVES = 3  # migrations of the 512-token generation, each in its own direction
 PAIRS = 2  # interleaved runs of each layout: this VM's speed drifts by 10-20% within minutes
-RAW_CONTEXT, RAW_STEPS, RAW_REPS = 64, 24, 3  # llama.cpp alone: the workload's context, steps per measure, measures
+RAW_CONTEXT, RAW_STEPS, RAW_REPS = 64, 24, 2  # llama.cpp alone: the workload's context, steps per measure, measures
 ONE, TWO = "one core, 2 threads", "two cores, 1 thread each"
 
 

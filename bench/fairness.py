@@ -24,7 +24,7 @@ from services.llm_core.model import default_model_path
 
 HEAVY_CALLS = 32
 LIGHT_AGENTS = 24
-LIGHT_CALLS = 3
+LIGHT_CALLS = 2  # a light agent's first answer is what fair share is about; its later calls only lengthen the run
 CALL_TOKENS = 16
 POLICIES = ("fifo", "fair")
 

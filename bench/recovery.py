@@ -27,7 +27,7 @@ from deploy.cluster import Cluster, ClusterConfig
 from deploy.supervisor import RestartPolicy, Supervisor, supervising
 
 AGENTS = 16
-TOKENS = 96
+TOKENS = 64
 KILL_AFTER = 16
 PROMPTS = [f"Write a long list of facts about the number {n}." for n in range(AGENTS)]
 

@@ -194,7 +194,7 @@ class DecodeProbe:
     bound of each AIOS run uses costs measured right before it.
     """
 
-    def __init__(self, model: LlamaModel, slots: int, context: int = 384, reps: int = 12) -> None:
+    def __init__(self, model: LlamaModel, slots: int, context: int = 384, reps: int = 8) -> None:
         self.slots, self.context, self.reps = slots, context, reps
         self.sizes = sorted(size for size in {1, 2, 4, 8, (slots * 3) // 4, slots} if 0 < size <= slots)
         self.runner = SequentialRunner(model, n_ctx=context + 8, sequences=slots)
@@ -739,13 +739,14 @@ QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_M
          "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1"}
 # The defaults keep the whole `make bench` under 15 minutes on a 2-core EPYC: one round per agent (BENCH_ROUNDS=3 is
 # the issue's full ReAct loop, where conversations grow across rounds), rr beside fifo at 32 agents (add fair with
-# BENCH_MODES=fifo,rr,fair,fifo+draft), 128 agents on request (BENCH_NS=1,16,32,64,128), the recovery part without
+# BENCH_MODES=fifo,rr,fair,fifo+draft), speculative decoding at 16 agents (BENCH_DRAFT_NS=1,16 adds one agent
+# alone), 128 agents on request (BENCH_NS=1,16,32,64,128), the recovery part without
 # a cold restart (--replay exact or auto) and the in-process comparison of rebuilds (BENCH_RECOVERY_MODES=exact,auto,
 # standby adds them), the
 # scale part up to 1,000 agents (BENCH_SCALE_NS=250,500,1000,2000 adds the paper's 2,000; `make test` runs 2,000).
 DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery,scale,cores,observability", "BENCH_NS": "1,16,32,64",
             "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,rr,fifo+draft", "BENCH_POLICY_NS": "32",
-            "BENCH_DRAFT_NS": "1,16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1", "BENCH_RECOVERY_MODES": "standby",
+            "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1", "BENCH_RECOVERY_MODES": "standby",
             "BENCH_SCALE_NS": "250,500,1000", "BENCH_SCALE_PACED": "500,1000,2000"}
 
 
@@ -793,7 +794,7 @@ def main() -> int:
         "memory": ("memory", lambda: run_memory_bench(say)),
         "storage": ("storage_tools", lambda: run_storage_tools_bench(say)),
         # its floor is a median of per-round ratios: one round is too noisy
-        "gateway": ("gateway", lambda: run_gateway_bench(say, rounds=2)),
+        "gateway": ("gateway", lambda: run_gateway_bench(say, tokens=48, rounds=2)),
         "recovery": ("recovery", lambda: run_recovery_bench(say, trials=1, modes=recovery_modes)),
         "scale": ("scale", lambda: run_scale_bench(say, scale_ns, paced_ns)),
         "cores": ("cores", lambda: run_cores_bench(say)),

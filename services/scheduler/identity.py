@@ -50,6 +50,7 @@ EPOCH_CHECK_S = 0.25
 CHECK_CHUNK = 1000  # agents per Redis read when checking cached tokens
 CACHE_PRUNE_AT = 10_000  # cached tokens before the idle ones are dropped
 CACHE_IDLE_S = 300.0  # how long a cached token may go unused before it can be dropped
+USE_RESOLUTION_S = 1.0  # a cached token's last use is noted to within this (not rewritten on every call)
 # While Redis is unreachable, cached tokens are taken for this long after the last check of EPOCH_KEY (agents keep
 # working through a Redis restart, and no revocation can happen meanwhile); a token not cached waits up to
 # REDIS_WAIT_S for Redis to be back.
@@ -166,7 +167,8 @@ class AgentRegistry:
         # Bumped by every change this kernel makes and every change the watcher sees: a token looked up while it moved
         # is not cached, and a re-check it overlapped is not applied.
         self._generation = 0
-        self._watcher: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None  # started with the first cached token
+        self._closed = False
 
     # ---- authentication ----------------------------------------------------------------
 
@@ -185,12 +187,11 @@ class AgentRegistry:
         digest = token_hash(token)
         if same_secret(digest, self._operator_sha256):
             return OPERATOR
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.create_task(self._watch(), name="token-revocations")
         cached = self._by_token.get(digest)
         now = time.monotonic()
         if cached is not None and now - self._checked_at < STALE_OK_S:
-            self._by_token[digest] = (cached[0], now)
+            if now - cached[1] > USE_RESOLUTION_S:
+                self._by_token[digest] = (cached[0], now)
             return Caller(Role.AGENT, cached[0])
         generation = self._generation
         agent = await self._agent_of_token(digest, agent_id=cached[0].id if cached else "")
@@ -204,7 +205,7 @@ class AgentRegistry:
     async def _watch(self) -> None:
         """Reads EPOCH_KEY every EPOCH_CHECK_S; when a revocation or a new token (on any kernel) moved it, checks every
         cached token again in one read. One small read a few times a second, whatever the number of agents."""
-        while True:
+        while not self._closed:
             try:
                 epoch = await self.redis.get(EPOCH_KEY)
                 if epoch != self._epoch:
@@ -249,9 +250,10 @@ class AgentRegistry:
         return None if known is None else _holding(digest, known.decode(), raw)
 
     async def close(self) -> None:
+        self._closed = True  # should a cancellation be lost (redis-py turns one into a timeout), the watcher ends anyway
         if self._watcher is not None:
             self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+            await asyncio.wait([self._watcher], timeout=4 * EPOCH_CHECK_S)
 
     # ---- administration --------------------------------------------------------------
 
@@ -305,7 +307,7 @@ class AgentRegistry:
                 pipe.incr(EPOCH_KEY)  # every kernel checks its cached tokens again
                 await pipe.execute()
 
-        await self._change("revoke the agent", write)
+        await self._change("revoke the agent", write, ends_a_token=True)
         self._by_token.pop(agent.token_sha256, None)
         return revoked
 
@@ -321,20 +323,24 @@ class AgentRegistry:
                     pipe.incr(EPOCH_KEY)  # the old token ends on every kernel
                 await pipe.execute()
 
-        await self._change("record the agent", write)
+        await self._change("record the agent", write, ends_a_token=bool(old_sha256))
         self._by_token.pop(old_sha256, None)
         self._remember(agent)  # its first call skips Redis
         return agent, token
 
-    async def _change(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
-        """A write to agents or tokens; a lookup or a check of cached tokens that overlaps it is not applied."""
-        self._generation += 1
+    async def _change(self, what: str, write: Callable[[], Awaitable[None]], ends_a_token: bool) -> None:
+        """A write to agents or tokens. One that `ends_a_token` (a revocation, a replaced token): a lookup or a check
+        of cached tokens that overlaps it is not applied. (A new agent's token ends none: registering many agents at
+        once leaves the cache alone.)"""
+        self._generation += ends_a_token
         await self._redis(what, write)
-        self._generation += 1
+        self._generation += ends_a_token
 
     def _remember(self, agent: Agent) -> None:
         """Caches a token's agent; entries unused for CACHE_IDLE_S go, so that the cache holds about the agents active
         lately, not every agent ever registered."""
+        if self._watcher is None or self._watcher.done():  # no token is cached unwatched
+            self._watcher = asyncio.create_task(self._watch(), name="token-revocations")
         now = time.monotonic()
         if len(self._by_token) >= CACHE_PRUNE_AT and now >= self._pruned_at + EPOCH_CHECK_S:  # not on every miss
             self._by_token = {k: v for k, v in self._by_token.items() if v[1] + CACHE_IDLE_S > now}
