@@ -422,6 +422,7 @@ class Cluster:
     # ---- internals -------------------------------------------------------------------
 
     def _start_redis(self) -> None:
+        self._prepare_home()
         binary = shutil.which("redis-server")
         if binary is None:
             raise StartError("redis-server is not installed (make install does it), or pass a Redis URL")

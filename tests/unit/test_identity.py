@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import shutil
-import subprocess
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import pytest
-import redis
 
-from deploy.cluster import free_port
+from deploy.cluster import Cluster, ClusterConfig
 from services import redis_state
 from services.errors import Unauthenticated
 from services.scheduler.identity import EPOCH_CHECK_S, OPERATOR, AgentRegistry
@@ -24,25 +21,13 @@ OPERATOR_TOKEN = "aios_op_test"
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is installed by `make install`"
-    port = free_port()
-    server = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                              stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)  # not accepting yet
+    """Redis alone, started as `aios up` starts it (its ACL user, which reaches aios:* keys only)."""
+    cluster = Cluster(ClusterConfig(home=tmp_path / "home"))
+    cluster.restart_service("redis")
     try:
-        yield f"redis://127.0.0.1:{port}/0"
+        yield cluster.redis_url
     finally:
-        server.terminate()
-        server.wait()
+        cluster.stop()
 
 
 def counted(registry: AgentRegistry) -> collections.Counter:
