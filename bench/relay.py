@@ -4,7 +4,8 @@ A syscall through AIOS crosses two gRPC hops (agent -> kernel -> manager). This
 measures the same two hops with nothing behind them: an echo server (the
 standard health service's Check) behind a relay that forwards each call to it,
 each its own process, the client as the scale part's (one asyncio channel, many
-callers). What AIOS reaches is read against it in the same run.
+callers): as many callers at once, and the same paced loads. What AIOS reaches
+is read against it in the same run.
 
 `python -m bench.relay echo PORT` / `python -m bench.relay relay PORT UPSTREAM` run the two servers.
 """
@@ -19,8 +20,10 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.pacing import pace
 from deploy.cluster import free_port
 from services.server import MAX_PENDING_CALLS
 
@@ -68,8 +71,11 @@ def relay_servers() -> Iterator[str]:
             process.wait()
 
 
-async def calls_per_second(address: str, callers: int, calls_each: int) -> float:
-    """`callers` callers at once, each making `calls_each` calls one after another over one channel."""
+async def relay_load(address: str, callers: int, calls_each: int, paced_counts: list[int], seconds: float
+                     ) -> dict[str, Any]:
+    """On one channel, as the scale part's client: `callers` callers at once, each making `calls_each` calls one after
+    another (calls/s), then per count of `paced_counts` that many callers paced at one call a second for `seconds`
+    (bench/pacing.py; p50/p99 from each call's due time)."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         await stub.Check(health_pb2.HealthCheckRequest())
@@ -80,13 +86,27 @@ async def calls_per_second(address: str, callers: int, calls_each: int) -> float
 
         started = time.monotonic()
         await asyncio.gather(*(caller() for _ in range(callers)))
-        return callers * calls_each / (time.monotonic() - started)
+        result: dict[str, Any] = {"calls_per_s": callers * calls_each / (time.monotonic() - started), "paced": {}}
+        for n in paced_counts:
+            latencies: list[float] = []
+
+            async def call(i: int, due: float) -> None:
+                await stub.Check(health_pb2.HealthCheckRequest())
+                latencies.append(time.monotonic() - due)
+
+            wall = await pace(n, seconds, call)
+            result["paced"][str(n)] = {"calls_per_s": len(latencies) / wall,
+                                       "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+                                       "p99_ms": 1000 * float(np.percentile(latencies, 99))}
+        return result
 
 
-def relay_ceiling(callers: int, calls_each: int, run: Callable[[Any], Any] = asyncio.run) -> float:
-    """Calls per second through a bare two-hop gRPC relay on this machine (`run` runs the callers' coroutine)."""
+def relay_bench(callers: int, calls_each: int, paced_counts: list[int], seconds: float,
+                run: Callable[[Any], Any] = asyncio.run) -> dict[str, Any]:
+    """The bare two-hop gRPC relay on this machine under the scale part's loads (`run` runs the client's coroutine):
+    its calls/s with `callers` at once, and its p50/p99 paced (see relay_load)."""
     with relay_servers() as address:
-        return run(calls_per_second(address, callers, calls_each))
+        return run(relay_load(address, callers, calls_each, paced_counts, seconds))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ Per agent count: wall time, syscalls/s, p50/p99 per kind, errors by status,
 the kernel's CPU seconds per syscall and how much its resident memory grew per
 agent of the wave (agents of earlier waves stay registered); over
 the counts, a least-squares line of wall time against agents and its R² (the
-AIOS paper's claim is linear scaling from 250 to 2,000 agents). Then the same
-turn for 64 agents with the real model, on a core with 16 slots.
+AIOS paper's claim is linear scaling from 250 to 2,000 agents). Then 2,000 agents
+making non-LLM syscalls as fast as they are answered (syscalls/s), and agents
+paced at one syscall a second each (bench/pacing.py; p50/p99), both beside a
+bare two-hop gRPC relay under the same loads in the same run (bench/relay.py:
+what the transport alone reaches on this machine). Then the same turn for 64
+agents with the real model, on a core with 16 slots.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ import numpy as np
 
 import aios
 import aios.aio
-from bench.relay import relay_ceiling
+from bench.pacing import pace
+from bench.relay import relay_bench
 from deploy.cluster import Cluster, ClusterConfig
 
 KINDS = ("register", "llm", "memory_add", "memory_get", "storage_write", "storage_read", "tool")
 NON_LLM_KINDS = KINDS[2:]  # the syscalls the kernel hands to the memory, storage and tool managers
 THROUGHPUT_AGENTS = 2000  # registered first, then every one makes THROUGHPUT_ROUNDS rounds of NON_LLM_KINDS at once
 THROUGHPUT_ROUNDS = 2
-PACED_SECONDS = 6.0  # each agent of the paced part makes one syscall a second for this long
+PACED_SECONDS = 5.0  # each agent of the paced part makes one syscall a second for this long
 LLM_TOKENS = 16
 REAL_MODEL_AGENTS = 64  # the same turn with the real model (16 slots): what the LLM adds to an agent's turn
 
@@ -162,20 +167,12 @@ async def non_llm_throughput(address: str, token: str, n: int, rounds: int) -> d
 
 
 async def paced(address: str, token: str, n: int, seconds: float) -> dict[str, Any]:
-    """`n` registered agents, each making one non-LLM syscall a second (agents spread evenly over the second) for
-    `seconds`: latency counted from each call's scheduled time, so a call that starts late counts its wait."""
+    """`n` registered agents, each making one non-LLM syscall a second (bench/pacing.py) for `seconds`: latency
+    counted from each call's scheduled time, so a call that starts late counts its wait."""
     async with aios.aio.connect(address, token=token) as kernel:
         turns, latencies, errors = await registered_turns(kernel, n, f"paced-{n}")
-        start = time.monotonic() + 0.5
-
-        async def agent_calls(i: int, turn: NonLLMTurn) -> None:
-            for k in range(int(seconds)):
-                due = start + k + i / n
-                await asyncio.sleep(max(0.0, due - time.monotonic()))  # the pacing itself: one call a second
-                await turn.next(since=due)
-
-        await asyncio.gather(*(agent_calls(i, turn) for i, turn in enumerate(turns)))
-        return summary(latencies, errors, time.monotonic() - start)
+        wall = await pace(n, seconds, lambda i, due: turns[i].next(since=due))
+        return summary(latencies, errors, wall)
 
 
 def wave(run: Callable[[Any], Any], cluster: Cluster, n: int, tag: str) -> dict[str, Any]:
@@ -224,9 +221,14 @@ def run_scale_bench(say: Callable[[str], None], agent_counts: list[int], paced_c
                 paced_rows[str(n)] = loop.run(paced(cluster.kernel_address, cluster.operator_token, n, PACED_SECONDS))
                 say(f"  p50 {paced_rows[str(n)]['p50_ms']:.0f} ms, p99 {paced_rows[str(n)]['p99_ms']:.0f} ms, "
                     f"{sum(paced_rows[str(n)]['errors'].values())} errors")
-        say("scale: the transport's ceiling, a bare two-hop grpc.aio relay (bench/relay.py) with as many callers ...")
-        ceiling = relay_ceiling(THROUGHPUT_AGENTS, 3, loop.run)
-        say(f"  {ceiling:.0f} calls/s")
+        say("scale: the transport alone, a bare two-hop grpc.aio relay (bench/relay.py), with as many callers at once "
+            "and the same paced loads ...")
+        relay = relay_bench(THROUGHPUT_AGENTS, 3, paced_counts, PACED_SECONDS, loop.run)
+        ceiling = relay["calls_per_s"]
+        say(f"  {ceiling:.0f} calls/s; paced " + ", ".join(f"{n}: p99 {r['p99_ms']:.0f} ms"
+                                                          for n, r in relay["paced"].items()))
+        for n, row in paced_rows.items():
+            row["relay"] = relay["paced"][n]
         with tempfile.TemporaryDirectory(prefix="aios-bench-scale-") as real_home:
             say(f"scale: {REAL_MODEL_AGENTS} agents at once with the real model ...")
             with Cluster(ClusterConfig(home=Path(real_home))) as cluster:
@@ -266,8 +268,11 @@ def scale_table(result: dict[str, Any]) -> str:
                      f"{t['kernel_cpu_ms_per_syscall']:.2f} ms CPU/syscall); a bare two-hop grpc.aio relay on this "
                      f"machine: {t['relay_ceiling_calls_per_s']:.0f} calls/s (AIOS at {t['of_relay_ceiling']:.2f} of it)")
     for n, r in result.get("paced", {}).items():
+        relay = r.get("relay")
         lines.append(f"paced, {n} agents at 1 syscall/s each: {r['syscalls_per_s']:.0f} syscalls/s done, p50 "
-                     f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {sum(r['errors'].values())} errors")
+                     f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {sum(r['errors'].values())} errors"
+                     + (f"; the bare relay paced alike: {relay['calls_per_s']:.0f} calls/s, p50 {relay['p50_ms']:.0f} "
+                        f"ms, p99 {relay['p99_ms']:.0f} ms" if relay else ""))
     if "fit" in result:
         fit = result["fit"]
         lines.append(f"wall time = {fit['ms_per_agent']:.1f} ms per agent {fit['intercept_s']:+.1f} s "

@@ -280,6 +280,38 @@ def test_decoding_sequences_close_the_gap_a_finished_one_leaves(model):
         h.close()
 
 
+def test_a_sequence_joining_below_decoding_ones_is_listed_in_seq_id_order(model, monkeypatch):
+    """A joining sequence takes the lowest free seq_id, often below ones decoding. llama.cpp splits a batch into a
+    pass over the weights per run of consecutive seq_ids in batch order, so its prompt chunk must sit in its place:
+    listed after the decoding ones it would cost every decoding sequence a pass more."""
+    orders: list[list[int]] = []
+    real_decode = llama.llama_decode
+
+    def recording(ctx, batch):  # a spy: records the batch's seq_ids in order, then decodes for real
+        orders.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return real_decode(ctx, batch)
+
+    h = Harness(model, slots=3, resident=4)
+    try:
+        prompt = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
+        monkeypatch.setattr(llama, "llama_decode", recording)
+        with h.engine._cond:
+            _, short = h.start("short", SamplingConfig(max_tokens=4, ignore_eos=True), prompt=prompt)
+            _, b = h.start("b", GREEDY, prompt=prompt)
+            _, c = h.start("c", GREEDY, prompt=prompt)
+            # waits for a seq_id: it takes the one the short generation leaves, below b's and c's
+            _, joining = h.start("joining", GREEDY, prompt=prompt + " Also check the clock in Europe/Paris and report.")
+        assert isinstance(h.tokens_until(short)[1], FinishEvent)
+        joined = drain(joining)
+        drain(b), drain(c)
+        assert joined[0].slot == 0
+        mixed = [order for order in orders if len(set(order)) > 1 and len(order) > len(set(order))]
+        assert mixed, "the joining sequence's prompt never shared a step with the decoding ones"
+        assert all(order == sorted(order) for order in mixed), mixed
+    finally:
+        h.close()
+
+
 def drain(events: "queue.Queue[Event]") -> list[TokenEvent]:
     """Every token event until the sequence finishes."""
     tokens: list[TokenEvent] = []
