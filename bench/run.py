@@ -16,8 +16,8 @@ The workload bound per N is what this CPU's raw llama.cpp costs allow a server
 with no overhead of its own: only the prefixes no earlier call began with
 prefilled, then every step decoding every call that is ready (up to the
 slots, started in the order they arrive), each step costing what
-`llama_decode` of that many sequences costs, measured again right before each
-AIOS run (the machine drifts). A batch drains as its calls end, and a step of
+`llama_decode` of that many sequences costs, measured right before and right
+after each AIOS run and averaged (the machine drifts). A batch drains as its calls end, and a step of
 8 sequences costs far more than half a step of 16, so this bound is below
 "every token at the full batch's rate", which the table prints beside it. Floors are same-run ratios, printed PASS/FAIL with the CPU.
 Plus a snapshot microbenchmark (save/restore time and size against context
@@ -190,11 +190,11 @@ class DecodeProbe:
     sequential gets; the engine's steps have as many as are decoding). AIOS's ratio vs sequential follows this
     gain, plus the prefill that shared prefixes save; it differs a lot between CPUs. A step's cost is far from
     proportional to its sequences (on a 2-core EPYC: 21 ms for 1, 54 for 4, 120 for 16), which is why a batch
-    that drains decodes slower per token. The machine's speed drifts by 10-20% over a bench, so the workload
-    bound of each AIOS run uses costs measured right before it.
+    that drains decodes slower per token. The machine's speed drifts by 10-30% over a bench, so the workload
+    bound of each AIOS run uses costs measured right before and right after it.
     """
 
-    def __init__(self, model: LlamaModel, slots: int, context: int = 384, reps: int = 8) -> None:
+    def __init__(self, model: LlamaModel, slots: int, context: int = 384, reps: int = 6) -> None:
         self.slots, self.context, self.reps = slots, context, reps
         self.sizes = sorted(size for size in {1, 2, 4, 8, (slots * 3) // 4, slots} if 0 < size <= slots)
         self.runner = SequentialRunner(model, n_ctx=context + 8, sequences=slots)
@@ -579,15 +579,21 @@ def race(kernel: aios.Connection, server: Any, mode: str, n: int, plans: list[li
          bound: Callable[[int, list[list[Call]]], dict[str, float]] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """AIOS on each plan (repeats: each its own plan of the same shape, since a repeat of the same prompts would find
     them cached by the one before), each run followed by llama-server on the same plan if `server`. Returns the median AIOS run, with the median of the paired ratios and, given `bound` (the workload bound
-    measured right before each run), of the ratios to it; and the median peer run."""
+    measured right before and right after each run), of the ratios to it; and the median peer run."""
     runs: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
     for trial, calls in enumerate(plans):
         say(f"AIOS {mode}, {n} agents{f' (run {trial + 1} of {len(plans)})' if len(plans) > 1 else ''} ...")
-        limits = bound(n, calls) if bound else {}
-        runs.append({**run_aios(kernel, calls), **limits})
+        before = bound(n, calls) if bound else {}
+        runs.append(run_aios(kernel, calls))
+        if bound:  # the machine drifts during a run: its bound takes the step costs measured right before and after
+            after = bound(n, calls)
+            runs[-1].update({key: (before[key] + after[key]) / 2 for key in before})
+            runs[-1]["probed_bounds_tok_per_s"] = [before["bound_tok_per_s"], after["bound_tok_per_s"]]
+        probed = runs[-1].get("probed_bounds_tok_per_s")
         say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
-            f"jain {runs[-1]['jain_fairness']:.2f}")
+            f"jain {runs[-1]['jain_fairness']:.2f}"
+            + (f"; workload bound {probed[0]:.1f} tok/s before, {probed[1]:.1f} after" if probed else ""))
         if server is not None:  # interleaved: the peer right after AIOS, on the same plan
             say(f"llama-server, {n} agents ...")
             peers.append(run_peer(server, calls))
