@@ -576,20 +576,21 @@ def mode_runs(mode: str, first: bool, ns: list[int], policy_ns: list[int], draft
 
 
 def race(kernel: aios.Connection, server: Any, mode: str, n: int, plans: list[list[list[Call]]],
-         bound: Callable[[int, list[list[Call]]], dict[str, float]] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+         probe: Callable[[], dict[str, float]],
+         bound: Callable[[list[list[Call]], list[dict[str, float]]], dict[str, Any]] | None
+         ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """AIOS on each plan (repeats: each its own plan of the same shape, since a repeat of the same prompts would find
-    them cached by the one before), each run followed by llama-server on the same plan if `server`. Returns the median AIOS run, with the median of the paired ratios and, given `bound` (the workload bound
-    measured right before and right after each run), of the ratios to it; and the median peer run."""
+    them cached by the one before), each run followed by llama-server on the same plan if `server`. Returns the
+    median AIOS run, with the median of the paired ratios and, given `bound` (the workload bound at the step costs
+    `probe` measures right before and right after each run), of the ratios to it; and the median peer run."""
     runs: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
     for trial, calls in enumerate(plans):
         say(f"AIOS {mode}, {n} agents{f' (run {trial + 1} of {len(plans)})' if len(plans) > 1 else ''} ...")
-        before = bound(n, calls) if bound else {}
+        before = probe() if bound else {}
         runs.append(run_aios(kernel, calls))
         if bound:  # the machine drifts during a run: its bound takes the step costs measured right before and after
-            after = bound(n, calls)
-            runs[-1].update({key: (before[key] + after[key]) / 2 for key in before})
-            runs[-1]["probed_bounds_tok_per_s"] = [before["bound_tok_per_s"], after["bound_tok_per_s"]]
+            runs[-1].update(bound(calls, [before, probe()]))
         probed = runs[-1].get("probed_bounds_tok_per_s")
         say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
             f"jain {runs[-1]['jain_fairness']:.2f}"
@@ -637,17 +638,21 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
         result["sequential"][str(n)] = run_sequential(runner, plans[n], seq_cap)
         say(f"  {result['sequential'][str(n)]['tok_per_s']:.1f} tok/s")
 
-    def bound(n: int, calls: list[list[Call]]) -> dict[str, float]:
-        """The workload bound of these calls at this moment's raw step costs; beside it, the bound if the server
-        knew every call's length (longest first) and the old ceiling, every token at the full batch's rate."""
-        costs = probe.measure()["step_seconds"]
+    def probe_costs() -> dict[str, float]:
+        return probe.measure()["step_seconds"]
+
+    def bound(calls: list[list[Call]], probed: list[dict[str, float]]) -> dict[str, Any]:
+        """The workload bound of these calls at the mean of the raw step costs `probed` (right before and right after
+        the run); beside it, the bound if the server knew every call's length (longest first), the old ceiling (every
+        token at the full batch's rate) and the bound at each probe's costs alone."""
+        costs = {size: statistics.mean(p[size] for p in probed) for size in probed[0]}
         fresh = fresh_prompt_tokens(model, calls)
-        prefill_s = fresh / result["prefill_tok_per_s"]
+        rate = result["prefill_tok_per_s"]
         generated = sum(c.max_tokens for agent in calls for c in agent)
-        return {"bound_tok_per_s": workload_bound(fresh, calls, slots, result["prefill_tok_per_s"], costs),
-                "bound_longest_first_tok_per_s": workload_bound(fresh, calls, slots, result["prefill_tok_per_s"],
-                                                                costs, longest_first=True),
-                "bound_full_batch_tok_per_s": generated / (prefill_s + generated * costs[str(slots)] / slots)}
+        return {"bound_tok_per_s": workload_bound(fresh, calls, slots, rate, costs),
+                "bound_longest_first_tok_per_s": workload_bound(fresh, calls, slots, rate, costs, longest_first=True),
+                "bound_full_batch_tok_per_s": generated / (fresh / rate + generated * costs[str(slots)] / slots),
+                "probed_bounds_tok_per_s": [workload_bound(fresh, calls, slots, rate, p) for p in probed]}
     for number, (mode, (policy, drafting, mode_ns, peer_key)) in enumerate(plan_of.items()):
         drafts = DRAFT_TOKENS if drafting else 0
         with tempfile.TemporaryDirectory(prefix=f"aios-bench-{policy}-") as home:
@@ -670,7 +675,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                             server.complete("Hello", 8)
                         for n in mode_ns:
                             calls = [plans[n]] + [plan(n, rounds, SEED + trial, f"n{n}") for trial in range(1, repeats)]
-                            row, peer_row = race(kernel, server, mode, n, calls, bound if number == 0 else None)
+                            row, peer_row = race(kernel, server, mode, n, calls, probe_costs, bound if number == 0 else None)
                             row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
                             if "bound_tok_per_s" in row:
                                 result["bound"][str(n)] = row["bound_tok_per_s"]

@@ -208,20 +208,20 @@ class AgentRegistry:
         while not self._closed:
             try:
                 epoch = await self.redis.get(EPOCH_KEY)
-                if epoch != self._epoch:
+                moved = epoch != self._epoch
+                if moved:
                     self._generation += 1
-                    await self._check_cached()
-                    self._epoch = epoch
-                self._checked_at = time.monotonic()
+                if not moved or await self._check_cached():  # else checked again next time round
+                    self._epoch, self._checked_at = epoch, time.monotonic()
             except (RedisError, OSError):
                 pass  # Redis is away: cached tokens are taken for STALE_OK_S after the last check
             except Exception:  # noqa: BLE001 - a bug here must not end the checks: tokens would live on unchecked
                 log.exception("checking cached tokens failed; trying again")
             await asyncio.sleep(EPOCH_CHECK_S)
 
-    async def _check_cached(self) -> None:
-        """Checks every cached token against the agents' records; drops a revoked or replaced one. RedisError (the
-        watcher tries again) if a change of this kernel overlapped the read."""
+    async def _check_cached(self) -> bool:
+        """Checks every cached token against the agents' records; drops a revoked or replaced one. False (nothing
+        applied) if a change of this kernel overlapped the read."""
         generation = self._generation
         cached = list(self._by_token.items())
         ids = sorted({agent.id for _, (agent, _) in cached})
@@ -230,13 +230,14 @@ class AgentRegistry:
             chunk = ids[first:first + CHECK_CHUNK]
             records.update(zip(chunk, await self.redis.hmget(AGENTS_KEY, chunk)))
         if self._generation != generation:
-            raise RedisError("a token changed while the cached ones were checked")
+            return False
         for digest, (agent, used) in cached:
             current = _holding(digest, agent.id, records[agent.id])
             if current is None:
                 self._by_token.pop(digest, None)
             elif digest in self._by_token:
                 self._by_token[digest] = (current, used)
+        return True
 
     async def _agent_of_token(self, digest: str, agent_id: str = "") -> Agent | None:
         """The agent a token hash belongs to, if it is its current token and the agent is not revoked. With the
