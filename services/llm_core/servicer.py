@@ -71,6 +71,33 @@ def chunk_for(event: Event) -> llm_core_pb2.GenerateChunk:
     )
 
 
+class TokenChunks:
+    """Packs one stream's token events into chunks of up to `size` tokens (GenerateRequest.tokens_per_chunk): fewer
+    messages to the kernel, whose every message costs CPU that the model's threads wait for. The stream's first
+    token goes alone, so its arrival still times the first token (and a moved sequence's arrival)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(size, 1)
+        self.held: list[TokenEvent] = []
+        self.sent = False
+
+    def add(self, event: TokenEvent) -> llm_core_pb2.GenerateChunk | None:
+        """The chunk to send now, if `event` completes one."""
+        self.held.append(event)
+        return self.flush() if len(self.held) >= self.size or not self.sent else None
+
+    def flush(self) -> llm_core_pb2.GenerateChunk | None:
+        """The tokens held back as one chunk (None if there are none): before any chunk that is not a token."""
+        if not self.held:
+            return None
+        held, self.held, self.sent = self.held, [], True
+        if len(held) == 1:
+            return chunk_for(held[0])
+        return llm_core_pb2.GenerateChunk(
+            text="".join(e.text for e in held), token_ids=[e.token_id for e in held],
+            token_texts=[e.text for e in held], completion_tokens=held[-1].completion_tokens, slot=held[-1].slot)
+
+
 def core_info(core: LLMCore) -> llm_core_pb2.InfoResponse:
     """What the core reports of itself without asking Redis (Info adds that); from any thread."""
     engine, store = core.engine, core.snapshots
@@ -112,9 +139,16 @@ class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
             # Tokenizing a long prompt takes a while: in a thread, so other streams keep flowing meanwhile.
             seq = await self._off_loop(self.core.start, request_from_proto(request), emit)
         parked = False
+        chunks = TokenChunks(request.tokens_per_chunk)
         try:
             while True:
                 event = await events.get()
+                if isinstance(event, TokenEvent):
+                    if packed := chunks.add(event):
+                        yield packed
+                    continue
+                if held := chunks.flush():
+                    yield held
                 if isinstance(event, ErrorEvent):
                     raise event.error
                 parked = isinstance(event, PreemptedEvent)

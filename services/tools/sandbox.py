@@ -40,6 +40,7 @@ FIRST_UID = 61_000  # uids FIRST_UID..FIRST_UID+UIDS-1 are used for sandboxed ru
 UIDS = 1000
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_CONTROLLERS = ("memory", "pids", "cpuacct")  # cgroup v1 hierarchies
+CGROUP_REMOVE_S = 10.0  # how long a run's cgroup waits for its killed processes to be reaped before it is removed
 
 
 class RunCgroup:
@@ -72,21 +73,35 @@ class RunCgroup:
         return int(fields.get("oom_kill", 0)) > 0
 
     def remove(self) -> None:
-        """Kills whatever of the run is left in it, then removes it."""
-        for pid in (self.dirs[0] / "cgroup.procs").read_text().split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """Kills whatever of the run is left in it, then removes it once they have left: a killed process stays in
+        it until it is reaped, which on a loaded machine took longer than the half second this once waited (the
+        group was left behind)."""
+        deadline = time.monotonic() + CGROUP_REMOVE_S
         for d in self.dirs:
-            for _ in range(50):
+            while True:
+                self._kill_members()
                 try:
                     d.rmdir()
                     break
                 except FileNotFoundError:
                     break
                 except OSError:  # a process still leaving it
+                    if time.monotonic() > deadline:
+                        log.warning("sandbox cgroup %s still holds processes after %.0f s; left in place", d,
+                                    CGROUP_REMOVE_S)
+                        break
                     time.sleep(0.01)
+
+    def _kill_members(self) -> None:
+        try:
+            members = (self.dirs[0] / "cgroup.procs").read_text().split()
+        except FileNotFoundError:
+            return
+        for pid in members:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @dataclass(frozen=True)

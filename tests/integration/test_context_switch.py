@@ -113,6 +113,46 @@ def test_a_swapped_out_generation_resumes_identically_on_its_own_core(core_a, co
     assert before + after == expected
 
 
+def packed(chunks: list[llm_core_pb2.GenerateChunk], before: int = 0) -> tuple[list[int], list[tuple[int, str]]]:
+    """How many tokens each token chunk carried, and every token's (id, text) in order, checking each chunk's count
+    (`before`: tokens the generation had when this stream began)."""
+    sizes, tokens = [], []
+    for chunk in chunks:
+        carried = [(chunk.token_id, chunk.text)] if chunk.HasField("token_id") else \
+            list(zip(chunk.token_ids, chunk.token_texts))
+        if carried:
+            assert len(chunk.token_ids) in (0, len(chunk.token_texts)) and chunk.text == "".join(t for _, t in carried)
+            sizes.append(len(carried))
+            tokens += carried
+            assert chunk.completion_tokens == before + len(tokens)
+    return sizes, tokens
+
+
+def test_tokens_packed_several_per_chunk_are_the_tokens_of_a_stream_one_by_one_across_a_move(core_a, core_b):
+    """GenerateRequest.tokens_per_chunk: each stream's first token alone (time to first token), then up to that many
+    per chunk; what the core holds back comes before the preempted chunk and before the summary."""
+    prompt = "Question: Name three rivers of Europe and where they flow.\nAnswer:"
+    reference = list(generate(core_b, "ref-packed", prompt))
+    request = llm_core_pb2.GenerateRequest(agent_id=AGENT, syscall_id="packed", prompt=prompt,
+                                           sampling=sampling(False), tokens_per_chunk=5)
+    stream = core_a.Generate(request, timeout=120)
+    before = [next(stream) for _ in range(3)]
+    assert core_a.Preempt(llm_core_pb2.PreemptRequest(syscall_id="packed", swap_out=True), timeout=10).preempted
+    before += list(stream)
+    assert before[-1].finish_reason == llm_core_pb2.FINISH_REASON_PREEMPTED
+    resume = llm_core_pb2.GenerateRequest(agent_id=AGENT, syscall_id="packed", resume=True, tokens_per_chunk=5)
+    after = list(core_b.Generate(resume, timeout=120))
+    assert after[-1].finish_reason == llm_core_pb2.FINISH_REASON_LENGTH and after[-1].completion_tokens == 48
+
+    sizes_before, tokens_before = packed(before)
+    sizes_after, tokens_after = packed(after, len(tokens_before))
+    for sizes in (sizes_before, sizes_after):
+        assert sizes[0] == 1 and all(size == 5 for size in sizes[1:-1]) and 1 <= sizes[-1] <= 5
+    assert len(sizes_after) > 2  # the resumed stream packed too
+    assert [id for id, _ in tokens_before + tokens_after] == [c.token_id for c in reference if c.HasField("token_id")]
+    assert "".join(text for _, text in tokens_before + tokens_after) == "".join(c.text for c in reference)
+
+
 def test_a_lazily_parked_generation_resumes_without_a_snapshot(core_a, core_b):
     prompt = "Question: Why is the sky blue? Explain for a child.\nAnswer:"
     expected, _, _ = read(generate(core_b, "ref-lazy", prompt))
