@@ -159,9 +159,10 @@ if __name__ == "__main__":
 
 
 def run_peer(server: LlamaServer, calls: list[list[Any]]) -> dict[str, Any]:
-    """The workload plan against llama-server, one client thread per agent, as `bench.run.run_aios` runs it against
-    AIOS: each call a `/completion` of exactly max_tokens tokens; the memory note and the calculator action done in
-    the agent's own process (what a user of a bare model server does)."""
+    """The workload plan against llama-server as `bench.run.run_aios` runs it against AIOS, one client thread per
+    agent (blocked in plain socket reads, which cost no CPU while waiting): each call a `/completion` of exactly
+    max_tokens tokens; the memory note and the calculator action done in the agent's own process (what a user of a
+    bare model server does)."""
     barrier = threading.Barrier(len(calls))
 
     def agent_loop(agent_calls: list[Any]) -> dict[str, Any]:

@@ -7,8 +7,8 @@ Systems, on the same workload (bench/workload.py, ReAct-shaped agent loops):
   context per sequence), built from the llama.cpp that llama-cpp-python vendors
   (bench/peer.py), one client thread per agent, run right after AIOS at each N;
 - AIOS with the fifo policy at every N, rr and fair at BENCH_POLICY_NS: a real
-  cluster (`aios up`'s processes, Redis, the model), one thread per agent
-  through the SDK;
+  cluster (`aios up`'s processes, Redis, the model), every agent a coroutine
+  on the asyncio SDK (the synchronous SDK's blocked calls poll: see run_aios);
 - speculative decoding at BENCH_DRAFT_NS: AIOS fifo with `--draft-tokens`
   against llama-server with its `ngram-simple` drafts, both guessing from the
   context, both paired as above.
@@ -48,15 +48,14 @@ few-minute subset, see QUICK; explicit knobs still win).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import operator
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,6 +66,7 @@ import numpy as np
 import redis
 
 import aios
+from aios import aio
 from aios.v1 import common_pb2
 from bench.cores import cores_table, run_cores_bench
 from bench.fairness import fairness_table, jain, run_fairness_bench
@@ -253,38 +253,12 @@ def run_sequential(runner: SequentialRunner, calls: list[list[Call]], cap: int) 
 
 
 def run_aios(kernel: aios.Connection, calls: list[list[Call]]) -> dict[str, Any]:
+    """The plan through AIOS, one agent per list of calls, all registered before any starts. The agents run on the
+    asyncio SDK in one event loop: the synchronous SDK's blocked calls wake up ten times a second each (grpc's
+    polling), which with 64 agent threads cost ~1.2 s of CPU per run, taken from llama.cpp's threads (the peer's
+    client blocks in plain socket reads and costs none of that)."""
     before = kernel.status()
-    barrier = threading.Barrier(len(calls))
-    per_agent: list[dict[str, Any]] = []
-
-    def agent_loop(agent_calls: list[Call]) -> dict[str, Any]:
-        agent = kernel.register(f"bench-{agent_calls[0].agent}")
-        lat: dict[str, list[float]] = {"llm": [], "memory": [], "tool": []}
-        ids: list[str] = []
-        tokens = 0
-        barrier.wait()
-        start = time.monotonic()
-        for call in agent_calls:
-            t0 = time.monotonic()
-            done = agent.complete(call.prompt, max_tokens=call.max_tokens, ignore_eos=True, timeout=600)
-            lat["llm"].append(time.monotonic() - t0)
-            tokens += done.completion_tokens
-            ids.append(done.syscall_id)
-            t0 = time.monotonic()
-            agent.memory_add(f"round {call.round}: {done.text[:200]}")
-            lat["memory"].append(time.monotonic() - t0)
-            t0 = time.monotonic()
-            agent.call_tool("calculator", expression=f"{call.a} * {call.b}")
-            lat["tool"].append(time.monotonic() - t0)
-        end = time.monotonic()
-        waits = []
-        for syscall_id in ids:
-            record = agent.syscall(syscall_id)
-            waits.append(record.queued_seconds + record.preempted_seconds)
-        return {"tokens": tokens, "start": start, "end": end, "lat": lat, "waits": waits}
-
-    with ThreadPoolExecutor(len(calls)) as pool:
-        per_agent = list(pool.map(agent_loop, calls))
+    per_agent = asyncio.run(_agents(kernel.address, kernel.token, calls))
     after = kernel.status()
     start = min(a["start"] for a in per_agent)
     wall = max(a["end"] for a in per_agent) - start
@@ -309,6 +283,37 @@ def run_aios(kernel: aios.Connection, calls: list[list[Call]]) -> dict[str, Any]
         "prefill_tokens_saved": after.llm.prefill_tokens_saved - before.llm.prefill_tokens_saved,
         "engine": engine_profile(before.llm, after.llm),
     }
+
+
+async def _agents(address: str, token: str | None, calls: list[list[Call]]) -> list[dict[str, Any]]:
+    """Each agent's calls of the plan (LLM call, memory note, calculator), on one asyncio connection (plaintext: the
+    bench's clusters run without TLS); its tokens, start and end, latencies and queue waits."""
+    async with aio.Connection(address, token) as connection:
+        agents = await asyncio.gather(*(connection.register(f"bench-{c[0].agent}") for c in calls))
+
+        async def agent_loop(agent: aio.Agent, agent_calls: list[Call]) -> dict[str, Any]:
+            lat: dict[str, list[float]] = {"llm": [], "memory": [], "tool": []}
+            ids: list[str] = []
+            tokens = 0
+            start = time.monotonic()
+            for call in agent_calls:
+                t0 = time.monotonic()
+                done = await agent.complete(call.prompt, max_tokens=call.max_tokens, ignore_eos=True, timeout=600)
+                lat["llm"].append(time.monotonic() - t0)
+                tokens += done.completion_tokens
+                ids.append(done.syscall_id)
+                t0 = time.monotonic()
+                await agent.memory_add(f"round {call.round}: {done.text[:200]}")
+                lat["memory"].append(time.monotonic() - t0)
+                t0 = time.monotonic()
+                await agent.call_tool("calculator", expression=f"{call.a} * {call.b}")
+                lat["tool"].append(time.monotonic() - t0)
+            end = time.monotonic()
+            records = [await agent.syscall(syscall_id) for syscall_id in ids]
+            return {"tokens": tokens, "start": start, "end": end, "lat": lat,
+                    "waits": [r.queued_seconds + r.preempted_seconds for r in records]}
+
+        return await asyncio.gather(*(agent_loop(agent, c) for agent, c in zip(agents, calls)))
 
 
 def engine_profile(before: Any, after: Any) -> dict[str, float]:
