@@ -74,8 +74,8 @@ class RunCgroup:
 
     def remove(self) -> None:
         """Kills whatever of the run is left in it, then removes it once they have left: a killed process stays in
-        it until it is reaped, which on a loaded machine took longer than the half second this once waited (the
-        group was left behind)."""
+        it until it is reaped. (Half a second of retries was not always enough: a full test run left a group
+        behind.)"""
         deadline = time.monotonic() + CGROUP_REMOVE_S
         for d in self.dirs:
             while True:
