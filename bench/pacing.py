@@ -11,6 +11,8 @@ import asyncio
 import time
 from typing import Awaitable, Callable
 
+import numpy as np
+
 # Each caller's first call is due this long after the pacing starts (time for every caller to be scheduled).
 LEAD_S = 0.5
 
@@ -29,3 +31,8 @@ async def pace(n: int, seconds: float, call: Callable[[int, float], Awaitable[No
 
     await asyncio.gather(*(caller(i) for i in range(n)))
     return time.monotonic() - start
+
+
+def latency_ms(latencies: list[float]) -> dict[str, float]:
+    """p50 and p99 of `latencies` (seconds) in ms, as the scale part and the relay report them (0 when none)."""
+    return {f"p{q}_ms": 1000 * float(np.percentile(latencies, q)) if latencies else 0.0 for q in (50, 99)}

@@ -20,10 +20,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.pacing import pace
+from bench.pacing import latency_ms, pace
 from deploy.cluster import free_port
 from services.server import MAX_PENDING_CALLS
 
@@ -95,9 +94,7 @@ async def relay_load(address: str, callers: int, calls_each: int, paced_counts: 
                 latencies.append(time.monotonic() - due)
 
             wall = await pace(n, seconds, call)
-            result["paced"][str(n)] = {"calls_per_s": len(latencies) / wall,
-                                       "p50_ms": 1000 * float(np.percentile(latencies, 50)),
-                                       "p99_ms": 1000 * float(np.percentile(latencies, 99))}
+            result["paced"][str(n)] = {"calls_per_s": len(latencies) / wall, **latency_ms(latencies)}
         return result
 
 

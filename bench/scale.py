@@ -31,7 +31,7 @@ import numpy as np
 
 import aios
 import aios.aio
-from bench.pacing import pace
+from bench.pacing import latency_ms, pace
 from bench.relay import relay_bench
 from deploy.cluster import Cluster, ClusterConfig
 
@@ -139,8 +139,7 @@ class NonLLMTurn:
 def summary(latencies: dict[str, list[float]], errors: collections.Counter, wall: float) -> dict[str, Any]:
     every = [x for kind in NON_LLM_KINDS for x in latencies[kind]]
     return {"syscalls": len(every), "wall_s": wall, "syscalls_per_s": len(every) / wall, "errors": dict(errors),
-            "p50_ms": 1000 * float(np.percentile(every, 50)) if every else 0.0,
-            "p99_ms": 1000 * float(np.percentile(every, 99)) if every else 0.0}
+            **latency_ms(every)}
 
 
 async def registered_turns(kernel: aios.aio.Connection, n: int, tag: str
@@ -189,8 +188,7 @@ def wave(run: Callable[[Any], Any], cluster: Cluster, n: int, tag: str) -> dict[
         "errors": dict(errors),
         "kernel_cpu_ms_per_syscall": 1000 * (process_cpu_seconds(kernel_pid) - cpu) / max(done, 1),
         "kernel_rss_kb_per_agent": (process_rss_bytes(kernel_pid) - rss) / 1024 / n,
-        **{f"{kind}_p50_ms": 1000 * float(np.percentile(latencies[kind], 50)) for kind in KINDS if latencies[kind]},
-        **{f"{kind}_p99_ms": 1000 * float(np.percentile(latencies[kind], 99)) for kind in KINDS if latencies[kind]},
+        **{f"{kind}_{key}": ms for kind in KINDS if latencies[kind] for key, ms in latency_ms(latencies[kind]).items()},
     }
 
 
