@@ -252,13 +252,18 @@ def run_sequential(runner: SequentialRunner, calls: list[list[Call]], cap: int) 
     }
 
 
+# The event loop of every run_aios: grpc's asyncio poller outlives a loop, and an asyncio.run() right after another
+# one found it calling into the closed one ("Event loop is closed", over and over).
+CLIENT_LOOP = asyncio.Runner()
+
+
 def run_aios(kernel: aios.Connection, calls: list[list[Call]]) -> dict[str, Any]:
     """The plan through AIOS, one agent per list of calls, all registered before any starts. The agents run on the
     asyncio SDK in one event loop: the synchronous SDK's blocked calls wake up ten times a second each (grpc's
     polling), which with 64 agent threads cost ~1.2 s of CPU per run, taken from llama.cpp's threads (the peer's
     client blocks in plain socket reads and costs none of that)."""
     before = kernel.status()
-    per_agent = asyncio.run(_agents(kernel.address, kernel.token, calls))
+    per_agent = CLIENT_LOOP.run(_agents(kernel.address, kernel.token, calls))
     after = kernel.status()
     start = min(a["start"] for a in per_agent)
     wall = max(a["end"] for a in per_agent) - start
@@ -326,14 +331,15 @@ def engine_profile(before: Any, after: Any) -> dict[str, float]:
     return {**times, **{name.replace("_seconds", "_share"): value / total for name, value in times.items()},
             "steps": steps, "decoding_per_step": (after.decode_rows - before.decode_rows) / max(steps, 1),
             "draft_tokens": after.draft_tokens - before.draft_tokens,
-            "draft_tokens_accepted": after.draft_tokens_accepted - before.draft_tokens_accepted}
+            "draft_tokens_accepted": after.draft_tokens_accepted - before.draft_tokens_accepted,
+            "padded_steps": after.padded_steps - before.padded_steps}
 
 
 def profile_line(n: int, mode: str, profile: dict[str, float]) -> str:
     return (f"AIOS {mode} at {n} agents, LLM core engine thread: llama_decode {profile['decode_share']:.0%}, "
             f"sampling {profile['sample_share']:.0%}, scheduling {profile['schedule_share']:.0%}, KV copies "
             f"{profile['kv_copy_share']:.0%}, idle {profile['idle_share']:.0%}; {profile['steps']} steps, "
-            f"{profile['decoding_per_step']:.1f} sequences decoding per step")
+            f"{profile['decoding_per_step']:.1f} sequences decoding per step, {profile['padded_steps']} padded")
 
 
 def bench_snapshots(runner: SequentialRunner, redis_url: str, lengths: list[int], reps: int = 15) -> list[dict[str, Any]]:

@@ -20,7 +20,9 @@ from typing import Any, Callable
 from services.errors import FailedPrecondition, Unavailable
 from services.llm_core.engine import (
     ENGINE_TIMES,
+    Delivery,
     EngineConfig,
+    emit_each,
     ErrorEvent,
     Event,
     FinishEvent,
@@ -49,6 +51,7 @@ class InstantEngine:
         self.generations = 0
         self.tokens_generated = 0
         self._stopping = False
+        self.deliver: Callable[[Delivery], None] = emit_each  # as BatchEngine's
 
     def start(self) -> None:
         self._thread.start()
@@ -108,6 +111,13 @@ class InstantEngine:
                 "does not follow a json_schema; use a core with the llama backend")))
             return
         self.generations += 1
+        events: list[Event] = []  # a generation's events handed over together, as BatchEngine does a step's
+        try:
+            self._generate(seq, events)
+        finally:
+            self.deliver([(seq.emit, event) for event in events])
+
+    def _generate(self, seq: Sequence, events: list[Event]) -> None:
         while seq.replay:  # delivered before a fault: they stand, through the text stream, unsent (as BatchEngine)
             seq.generated.append(seq.replay.popleft())
             seq.text.feed(self.model.piece(seq.generated[-1]))
@@ -116,7 +126,7 @@ class InstantEngine:
                 return
             seq.generated.append(self.token)
             self.tokens_generated += 1
-            seq.emit(TokenEvent(seq.text.feed(self.model.piece(self.token)), self.token, len(seq.generated), 0))
+            events.append(TokenEvent(seq.text.feed(self.model.piece(self.token)), self.token, len(seq.generated), 0))
         reason = seq.text_stop_reason() if seq.text.stopped else FinishReason.LENGTH
         seq.status = SequenceStatus.FINISHED
-        seq.emit(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), 0, seq.text.hidden_tokens))
+        events.append(FinishEvent(reason, seq.text.flush(), len(seq.prompt), len(seq.generated), 0, seq.text.hidden_tokens))

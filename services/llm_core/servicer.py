@@ -10,6 +10,7 @@ from services import tracing
 from services.errors import InvalidArgument
 from services.llm_core.core import GenerationRequest, LLMCore
 from services.llm_core.engine import (
+    Delivery,
     ErrorEvent,
     Sequence,
     Event,
@@ -116,21 +117,45 @@ def core_info(core: LLMCore) -> llm_core_pb2.InfoResponse:
 INFO_COUNTERS = {"tokens_generated", "steps", "preemptions", "resumes_resident", "snapshots_saved",
                  "snapshots_restored", "snapshot_bytes_saved", "prefill_tokens_saved", "prefill_tokens",
                  "decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds",
-                 "decode_rows", "prefix_restores_from_ram", "draft_tokens", "draft_tokens_accepted"}
+                 "decode_rows", "prefix_restores_from_ram", "draft_tokens", "draft_tokens_accepted", "padded_steps"}
+
+
+class EventSink:
+    """Where one Generate call's events arrive, on its event loop: called from any thread (a sequence's `emit`), or
+    handed a decode step's events for many calls at once (`deliver`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def __call__(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    @staticmethod
+    def deliver(events: Delivery) -> None:
+        """BatchEngine.deliver: a step's events into their sinks with one wakeup of the loop, not one per token."""
+        sinks = [(emit, event) for emit, event in events if isinstance(emit, EventSink)]
+        if sinks:
+            sinks[0][0].loop.call_soon_threadsafe(EventSink._put_all, sinks)
+        for emit, event in events:
+            if not isinstance(emit, EventSink):
+                emit(event)
+
+    @staticmethod
+    def _put_all(events: list[tuple["EventSink", Event]]) -> None:
+        for sink, event in events:
+            sink.queue.put_nowait(event)
 
 
 class LLMCoreServicer(llm_core_pb2_grpc.LLMCoreServicer):
     def __init__(self, core: LLMCore, redis_ok: Callable[[], Awaitable[bool]]) -> None:
         self.core = core
         self.redis_ok = redis_ok
+        core.engine.deliver = EventSink.deliver
 
     async def Generate(self, request, context):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
+        emit = EventSink(asyncio.get_running_loop())
+        events = emit.queue
         if request.resume:
             if request.prompt or request.messages or request.HasField("sampling"):
                 raise InvalidArgument("a resume continues the generation as it was: leave prompt, messages and sampling empty")

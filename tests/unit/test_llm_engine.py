@@ -30,6 +30,7 @@ from services.llm_core.engine import (
     PreemptedEvent,
     Sequence,
     TokenEvent,
+    read_sequence_state,
 )
 from services.llm_core.model import LlamaModel, default_model_path
 from services.llm_core.sampling import SamplingConfig
@@ -639,6 +640,61 @@ def test_the_engine_accounts_for_its_time_and_how_full_its_batches_ran(model):
     assert sum(times) <= time.perf_counter() - started
     assert 2 * 11 <= status["decode_rows"] <= 2 * 12  # each sequence decodes max_tokens - 1 steps after prefill
     assert status["decode_rows"] <= 2 * status["steps"]
+
+
+def test_a_decode_steps_events_are_handed_over_together_once_the_step_is_done(model):
+    """BatchEngine.deliver gets each step's events in one call (a server wakes its event loop once per step, not
+    once per token): both sequences' tokens of a step together, each sequence's in order, its finish last."""
+    harness = Harness(model, slots=2, resident=3)
+    handed: list[list[tuple[object, Event]]] = []
+
+    def deliver(events: list) -> None:
+        handed.append(list(events))
+        for emit, event in events:
+            emit(event)
+
+    harness.engine.deliver = deliver
+    try:
+        runs = [harness.start(f"delivered-{i}", SamplingConfig(max_tokens=6, ignore_eos=True)) for i in range(2)]
+        for _, events in runs:
+            assert isinstance(harness.tokens_until(events)[1], FinishEvent)
+        steps = harness.engine.status()["steps"]
+    finally:
+        harness.close()
+    assert 0 < len(handed) <= steps
+    assert any(len({emit for emit, _ in batch}) == 2 for batch in handed)  # one step, both sequences' tokens
+    assert all(sum(isinstance(e, TokenEvent) for _, e in batch) <= 2 for batch in handed)  # a token each per step
+    for seq, events in runs:
+        got = [event for batch in handed for emit, event in batch if emit == seq.emit]
+        assert [e.completion_tokens for e in got[:-1]] == list(range(1, 7)) and isinstance(got[-1], FinishEvent)
+
+
+def test_a_padding_row_goes_where_it_measured_cheaper_and_leaves_what_rests_there_untouched(model):
+    """Three sequences decode on seq_ids 0-2 while a finished one's prefix rests on 3. When the learnt step costs
+    say 4 rows cost less than 3, each step gets a padding row on seq_id 3 after the prefix's cells; when they say
+    the opposite, none. Either way the resting prefix's KV comes out byte for byte the same."""
+    resting: dict[bool, tuple[bytes, int]] = {}
+    for pays in (True, False):
+        h = Harness(model, slots=3, resident=4)
+        try:
+            h.engine.step_costs.observe(3, 1, 1.0 if pays else 0.001)
+            h.engine.step_costs.observe(4, 1, 0.001 if pays else 1.0)
+            _, events = h.start("rest", SamplingConfig(max_tokens=4, ignore_eos=True), prompt=PROMPT * 3)
+            h.tokens_until(events)  # cached on seq_id 0 (long enough to keep), moved up to 3 by the next admission
+            with h.engine._cond:  # admitted together: they decode together, every step
+                runs = [h.start(f"pad-{i}", SamplingConfig(max_tokens=8, ignore_eos=True), prompt=f"{i} apples and")
+                        for i in range(3)]
+            for _, events in runs:
+                assert h.tokens_until(events)[1].completion_tokens == 8
+            with h.engine._cond:
+                assert (h.engine.stats.padded_steps >= 7) is pays and (h.engine.stats.padded_steps == 0) is not pays
+                [slot] = h.engine.slots.cached  # "rest" (the three are too short to keep)
+                assert slot == 3
+                resting[pays] = (bytes(read_sequence_state(h.engine.ctx, slot)),
+                                 llama.llama_memory_seq_pos_max(h.engine.memory, slot))
+        finally:
+            h.close()
+    assert resting[True] == resting[False]
 
 
 def test_a_prefix_that_lost_its_seq_id_comes_back_from_ram_with_the_same_kv(model):
