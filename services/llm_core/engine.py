@@ -117,9 +117,6 @@ class ErrorEvent:
 Event = Union[TokenEvent, FinishEvent, PreemptedEvent, ErrorEvent]
 
 
-PADDING_GAIN = 0.03  # a padded step must measure this much cheaper than a plain one to keep padding (noise aside)
-
-
 # Events with the `emit` of the sequence each is for, in order: what BatchEngine.deliver hands over.
 Delivery = list[tuple[Callable[[Event], None], Event]]
 
@@ -213,6 +210,7 @@ REPLAY_MODES = ("auto", "exact", "batched")
 # drafts, so the sequence tries again later (its output may start copying).
 DRAFT_RATE_WEIGHT = 0.3
 DRAFT_RATE_RECOVERY = 0.05
+PADDING_GAIN = 0.03  # a padded step must measure this much cheaper than a plain one to keep padding (noise aside)
 # EngineStats' times, in InfoResponse under the same names: they do not overlap (see EngineStats).
 ENGINE_TIMES = ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds")
 
