@@ -979,11 +979,13 @@ class BatchEngine:
                     # or a grammar needs each one's logits to step through it as before; greedy decoding does not
                     # (the LM head over the whole vocabulary is most of a token's cost). One decode step each (the
                     # default) keeps the KV exactly as the first run computed it.
+                    # When all of them ride, the last one's logits give the first new token in this same step.
                     stepped = seq.config.temperature > 0 or seq.constraint is not None
+                    last = len(seq.replay) - 1 if ride == len(seq.replay) else -1
                     for n, token in enumerate(list(seq.replay)[:ride]):
-                        add(token, seq.n_past + n, seq, stepped)
+                        add(token, seq.n_past + n, seq, stepped or n == last)
                     if not stepped:
-                        unsampled[seq] = ride
+                        unsampled[seq] = ride - 1 if last >= 0 else ride  # accepted as delivered, after replay[0]
                     seq.n_past += ride
         if batch.n_tokens == 0:
             return
@@ -1080,7 +1082,7 @@ class BatchEngine:
             budget -= take
             ride = 0
             if seq.replay and seq.n_past + take == len(seq.prompt) and budget > 0 and self._replays_in_batch(seq):
-                ride = min(budget, len(seq.replay) - 1)
+                ride = min(budget, len(seq.replay))
                 budget -= ride
             chunks[seq] = (take, ride)
         return chunks
