@@ -1021,7 +1021,7 @@ class BatchEngine:
         for seq in active:
             seq.kv_ready = True
         for seq, index in outputs:
-            if seq.status is SequenceStatus.FAILED:  # failed by an earlier output of this step
+            if seq.status.ended:  # ended by an earlier output of this step (a replay done, a grammar stuck) or cancelled
                 continue
             draft = drafts.get(seq, [])
             try:

@@ -574,13 +574,20 @@ def test_a_generation_whose_core_died_is_rebuilt_by_replay_and_continues_token_i
     assert harness.engine.stats.tokens_replayed == 15
 
 
-def test_a_replay_that_covers_the_whole_generation_just_finishes(harness, reference):
+@pytest.mark.parametrize("replay", ["exact", "batched"])
+def test_a_replay_that_covers_the_whole_generation_just_finishes(model, reference, replay):
+    """Batched, the last delivered token's logits are computed for a next token that must not come."""
     expected = reference.run_alone("ref", GREEDY)
-    seq, events = harness.start("all-delivered", GREEDY)
-    seq.replay.extend(expected)  # the core died after the last token, before its finish reached the kernel
-    tokens, end = harness.tokens_until(events)
-    assert tokens == [] and isinstance(end, FinishEvent) and end.reason.value == "length"
-    assert end.completion_tokens == len(expected)
+    h = Harness(model, slots=2, resident=3, replay=replay)
+    try:
+        seq, events = h.start("all-delivered", GREEDY)
+        seq.replay.extend(expected)  # the core died after the last token, before its finish reached the kernel
+        tokens, end = h.tokens_until(events)
+        assert tokens == [] and isinstance(end, FinishEvent) and end.reason.value == "length"
+        assert end.completion_tokens == len(expected)
+        assert events.empty()
+    finally:
+        h.close()
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED, CONSTRAINED_SAMPLED],
