@@ -1021,7 +1021,8 @@ class BatchEngine:
         for seq in active:
             seq.kv_ready = True
         for seq, index in outputs:
-            if seq.status.ended:  # ended by an earlier output of this step (a replay done, a grammar stuck) or cancelled
+            # Ended by an earlier output of this step: a batched replay that was the whole generation, a stuck grammar.
+            if seq.status in (SequenceStatus.FINISHED, SequenceStatus.FAILED):
                 continue
             draft = drafts.get(seq, [])
             try:
