@@ -981,11 +981,11 @@ class BatchEngine:
                     # default) keeps the KV exactly as the first run computed it.
                     # When all of them ride, the last one's logits give the first new token in this same step.
                     stepped = seq.config.temperature > 0 or seq.constraint is not None
-                    last = len(seq.replay) - 1 if ride == len(seq.replay) else -1
+                    all_ride = ride == len(seq.replay)
                     for n, token in enumerate(list(seq.replay)[:ride]):
-                        add(token, seq.n_past + n, seq, stepped or n == last)
+                        add(token, seq.n_past + n, seq, stepped or (all_ride and n == ride - 1))
                     if not stepped:
-                        unsampled[seq] = ride - 1 if last >= 0 else ride  # accepted as delivered, after replay[0]
+                        unsampled[seq] = ride - all_ride  # accepted as delivered, after replay[0]
                     seq.n_past += ride
         if batch.n_tokens == 0:
             return

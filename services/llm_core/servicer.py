@@ -133,13 +133,9 @@ class EventSink:
 
     @staticmethod
     def deliver(events: Delivery) -> None:
-        """BatchEngine.deliver: a step's events into their sinks with one wakeup of the loop, not one per token."""
-        sinks = [(emit, event) for emit, event in events if isinstance(emit, EventSink)]
-        if sinks:
-            sinks[0][0].loop.call_soon_threadsafe(EventSink._put_all, sinks)
-        for emit, event in events:
-            if not isinstance(emit, EventSink):
-                emit(event)
+        """BatchEngine.deliver: a step's events into their sinks with one wakeup of the loop, not one per token
+        (every sequence of a served core emits into the EventSink of its Generate call, all on one loop)."""
+        events[0][0].loop.call_soon_threadsafe(EventSink._put_all, events)
 
     @staticmethod
     def _put_all(events: list[tuple["EventSink", Event]]) -> None:
