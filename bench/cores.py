@@ -34,9 +34,10 @@ SYSTEM = ("You are a field agent of a research station. Answer with concrete ste
 QUESTIONS = [f"Station log {n}: list what must be checked before the winter, and why." for n in range(AGENTS)]
 LONG_CONTEXT = " ".join(f"Observation {n}: the wind turned west at dusk and the barometer fell two points."
                         for n in range(28))  # with the question: ~512 prompt tokens
+DRAIN_TOKENS = 48  # each stream of the drain under load: 16 before the drain, the rest after it
 MOVES = 3  # migrations of the 512-token generation, each in its own direction
 PAIRS = 2  # interleaved runs of each layout: this VM's speed drifts by 10-20% within minutes
-RAW_CONTEXT, RAW_STEPS, RAW_REPS = 64, 24, 2  # llama.cpp alone: the workload's context, steps per measure, measures
+RAW_CONTEXT, RAW_STEPS, RAW_REPS = 64, 16, 2  # llama.cpp alone: the workload's context, steps per measure, measures
 ONE, TWO = "one core, 2 threads", "two cores, 1 thread each"
 
 
@@ -181,8 +182,8 @@ def run_cores_bench(say: Callable[[str], None]) -> dict[str, Any]:
         result["two_vs_one_of_raw"] = result["two_vs_one"] / result["raw"]["two_vs_one"]
         say(f"  raw two/one {result['raw']['two_vs_one']:.2f}; AIOS two/one {result['two_vs_one']:.2f}")
         kernel = kernels[TWO]
-        say(f"cores: drain one core under {AGENTS} streams of {2 * TOKENS} tokens ...")
-        result["drain_under_load"] = _streams(kernel, "drain", 2 * TOKENS, drain_after=TOKENS // 2)
+        say(f"cores: drain one core under {AGENTS} streams of {DRAIN_TOKENS} tokens ...")
+        result["drain_under_load"] = _streams(kernel, "drain", DRAIN_TOKENS, drain_after=TOKENS // 2)
         say(f"  {result['drain_under_load']['migrations']} generations moved, "
             f"{result['drain_under_load']['lost_or_repeated_tokens']} tokens lost or repeated")
         say(f"cores: moving one generation with a 512-token context, {MOVES} times ...")
