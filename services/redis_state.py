@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 
 
 # Connections to Redis at most; a command finding them all busy waits up to POOL_WAIT_S for one. redis-py's own pool
@@ -14,9 +16,13 @@ POOL_WAIT_S = 10.0
 
 def connect(url: str) -> aioredis.Redis:
     """A client with short timeouts, so a dead Redis shows up fast instead of hanging calls, whose commands queue for
-    a connection rather than fail when many run at once."""
+    a connection rather than fail when many run at once. A command that finds its pooled connection broken (Redis
+    restarted since it was used) goes again once on a new one: without it each pooled connection failed one command
+    after a restart (a pool given to the client gets no retry of redis-py's; a timeout is not retried, so a hung Redis
+    still shows up within socket_timeout)."""
     return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(  # the client owns (closes) its pool
-        url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, socket_timeout=2.0, socket_connect_timeout=2.0))
+        url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, socket_timeout=2.0, socket_connect_timeout=2.0,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))))
 
 
 async def is_up(client: aioredis.Redis) -> bool:

@@ -6,28 +6,15 @@ import asyncio
 import collections
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 import pytest
 
-from deploy.cluster import Cluster, ClusterConfig
 from services import redis_state
 from services.errors import Unauthenticated
 from services.scheduler.identity import EPOCH_CHECK_S, OPERATOR, AgentRegistry
 
 OPERATOR_TOKEN = "aios_op_test"
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    """Redis alone, started as `aios up` starts it (its ACL user, which reaches aios:* keys only)."""
-    cluster = Cluster(ClusterConfig(home=tmp_path / "home"))
-    cluster.restart_service("redis")
-    try:
-        yield cluster.redis_url
-    finally:
-        cluster.stop()
 
 
 def counted(registry: AgentRegistry) -> collections.Counter:
