@@ -29,6 +29,9 @@ BATCH_BYTES = 4 * 1024 * 1024
 MESSAGE_INTERVAL_S = 0.005
 BUSY_CALLS = 4
 CODES = {code.value[0]: code for code in grpc.StatusCode}
+# grpc.aio's status for a message its core could not send: the connection under the stream is gone (a service killed
+# while a write was on its way), not an error of the service's.
+CORE_WRITE_FAILED = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 T = TypeVar("T")
 
 
@@ -73,6 +76,16 @@ class CallFailed(Exception):
                  answered: bool = True) -> None:
         super().__init__(details)
         self.code, self.details, self.retry_after, self.answered = code, details, retry_after, answered
+
+
+def stream_failure(exc: BaseException | None) -> tuple[grpc.StatusCode, str]:
+    """What the unanswered calls of a stream that ended with `exc` fail with: the service's own status for the stream
+    (e.g. UNAUTHENTICATED: it refused it), else UNAVAILABLE: the stream or its connection went (it ended without a
+    status, CANCELLED by a closing channel, or a write that gRPC's core could not send)."""
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() != grpc.StatusCode.CANCELLED \
+            and (exc.code(), exc.details()) != CORE_WRITE_FAILED:
+        return exc.code(), exc.details() or "the stream ended"
+    return grpc.StatusCode.UNAVAILABLE, "the stream ended"
 
 
 def _expire(answer: asyncio.Future) -> None:
@@ -161,9 +174,7 @@ class CallBatcher:
             if task is not asyncio.current_task():
                 task.cancel()
         self._waiting.clear()
-        code, details = grpc.StatusCode.UNAVAILABLE, "the stream ended"
-        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() != grpc.StatusCode.CANCELLED:
-            code, details = exc.code(), exc.details() or details
+        code, details = stream_failure(exc)
         for answer in self._answers.values():
             if not answer.done():
                 answer.set_exception(CallFailed(code, details, answered=False))
