@@ -69,6 +69,7 @@ class BatchedServicer(batched_pb2_grpc.BatchedServicer):
         self.prefix = f"/{service_name}/"  # a call is counted under its unary method's name (services/metrics.py)
 
     async def Calls(self, request_iterator, context):
+        await context.send_initial_metadata(())  # the stream is accepted: the caller sends its calls (aios.batched)
         ready: asyncio.Queue[batched_pb2.BatchedReply | None] = asyncio.Queue()
         running: set[asyncio.Task] = set()
         stream_metadata, peer = context.invocation_metadata(), context.peer()

@@ -2,7 +2,8 @@
 
 A unary gRPC call costs about 0.8 ms of CPU between its two processes on a
 2-core EPYC, whatever it carries. `CallBatcher` keeps one `Batched.Calls`
-stream open and sends the calls that wait together as one message; the
+stream open (its calls go once the service's initial metadata says it took
+the stream) and sends the calls that wait together as one message; the
 service runs each as its own unary method would and answers by tag. The
 asyncio SDK calls the kernel this way; the kernel calls its managers this way
 (services/manager_client.py; the serving side is services/batched.py).
@@ -143,6 +144,12 @@ class CallBatcher:
     async def _send(self, stream: Any) -> None:
         pacer = MessagePacer()
         try:
+            # No call goes before the service accepted the stream (it answers with its initial metadata at once): a
+            # stream it refuses (UNAUTHENTICATED) ends with that status, which _receive reports, where a first write
+            # racing the refusal failed on its own (the connection closed under it) and hid the service's status.
+            await stream.initial_metadata()
+            if stream.done():
+                return
             while True:
                 await self._wake.wait()
                 await pacer.ready(len(self._answers))

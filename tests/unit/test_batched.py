@@ -176,6 +176,12 @@ class CoreRefusesWrites:
     def __init__(self) -> None:
         self.ended = asyncio.Event()
 
+    async def initial_metadata(self) -> tuple:
+        return ()  # the service accepted the stream
+
+    def done(self) -> bool:
+        return self.ended.is_set()
+
     async def write(self, message: object) -> None:
         raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                    details="Internal error from Core")
