@@ -14,11 +14,11 @@ replays the same trace, so the hit ratios are side by side.
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 

@@ -683,7 +683,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                 "bound_full_batch_tok_per_s": generated / (fresh / rate + generated * costs[str(slots)] / slots),
                 "probed_bounds_tok_per_s": [workload_bound(fresh, calls, slots, rate, p)
                                             for p in run.get("probed_step_seconds", [])]}
-    bounded: list[tuple[dict[str, Any], list[list[list[Call]]], list[dict[str, Any]]]] = []  # (row, plans, runs)
+    bounded: list[tuple[str, dict[str, Any], list[list[list[Call]]], list[dict[str, Any]]]] = []  # (N, row, plans, runs)
     for number, (mode, (policy, drafting, mode_ns, peer_key)) in enumerate(plan_of.items()):
         drafts = DRAFT_TOKENS if drafting else 0
         with tempfile.TemporaryDirectory(prefix=f"aios-bench-{policy}-") as home:
@@ -711,7 +711,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                             probing = probe_costs if number == 0 and n > 1 else None
                             row, peer_row, runs = race(kernel, server, mode, n, calls, probing)
                             row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
-                            bounded.append((row, calls, runs if number == 0 else []))
+                            bounded.append((str(n), row, calls, runs if number == 0 else []))
                             if peer_row is not None:
                                 result[peer_key][str(n)] = peer_row
                             result["aios"][mode][str(n)] = row
@@ -723,9 +723,8 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                     result["snapshots"] = bench_snapshots(runner, cluster.redis_url, [128, 512, 1024])
     probe.close()
     costs = pooled_costs(probes)
-    result["probes"] = {"count": len(probes), "step_seconds": probes, "pooled_step_seconds": costs}
-    for row, calls, runs in bounded:  # the first mode's runs set each N's bound; the other modes' rows use it
-        n = str(len(calls[0]))
+    result["probes"] = {"step_seconds": probes, "pooled_step_seconds": costs}
+    for n, row, calls, runs in bounded:  # the first mode's runs set each N's bound; the other modes' rows use it
         if runs:
             for run, trial_calls in zip(runs, calls):
                 run.update(bound(trial_calls, costs, run))
