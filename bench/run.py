@@ -333,14 +333,16 @@ def engine_profile(before: Any, after: Any) -> dict[str, float]:
             "steps": steps, "decoding_per_step": (after.decode_rows - before.decode_rows) / max(steps, 1),
             "draft_tokens": after.draft_tokens - before.draft_tokens,
             "draft_tokens_accepted": after.draft_tokens_accepted - before.draft_tokens_accepted,
-            "padded_steps": after.padded_steps - before.padded_steps}
+            "padded_steps": after.padded_steps - before.padded_steps,
+            "bridged_steps": after.bridged_steps - before.bridged_steps}
 
 
 def profile_line(n: int, mode: str, profile: dict[str, float]) -> str:
     return (f"AIOS {mode} at {n} agents, LLM core engine thread: llama_decode {profile['decode_share']:.0%}, "
             f"sampling {profile['sample_share']:.0%}, scheduling {profile['schedule_share']:.0%}, KV copies "
             f"{profile['kv_copy_share']:.0%}, idle {profile['idle_share']:.0%}; {profile['steps']} steps, "
-            f"{profile['decoding_per_step']:.1f} sequences decoding per step, {profile['padded_steps']} padded")
+            f"{profile['decoding_per_step']:.1f} sequences decoding per step, {profile['padded_steps']} padded, "
+            f"{profile['bridged_steps']} bridged")
 
 
 def bench_snapshots(runner: SequentialRunner, redis_url: str, lengths: list[int], reps: int = 9) -> list[dict[str, Any]]:

@@ -211,6 +211,15 @@ REPLAY_MODES = ("auto", "exact", "batched")
 DRAFT_RATE_WEIGHT = 0.3
 DRAFT_RATE_RECOVERY = 0.05
 PADDING_GAIN = 0.03  # a padded step must measure this much cheaper than a plain one to keep padding (noise aside)
+# Steps that the seq_id a finished generation left among decoding ones waits for the next one to join there, bridged by
+# a padding row, before the decoding ones above it move down: the kernel hands a core its next generation once it has
+# heard of the last one's end, a step later, and a move then copies two sequences' KV (~30 ms per join measured in
+# `make bench` at 32 and 64 agents) where the joining one would have adopted the finished one's prefix in place.
+GAP_WAIT_STEPS = 4
+# Tokens a prompt's prefix resting where the sequence goes may be shorter than the longest prefix found elsewhere and
+# still be adopted in place: moving what rests there aside and copying the longer one in measured ~11 ms in `make
+# bench` at 32 agents (250-token sequences, 2-core EPYC), where a joining prompt's chunk prefills a token in ~3 ms.
+ADOPT_SLACK_TOKENS = 4
 # EngineStats' times, in InfoResponse under the same names: they do not overlap (see EngineStats).
 ENGINE_TIMES = ("decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds")
 
@@ -262,7 +271,8 @@ class EngineStats:
     prefix_restores_from_ram: int = 0
     draft_tokens: int = 0  # guessed tokens decoded for verification
     draft_tokens_accepted: int = 0  # of them, those the model produced too: each saved a decode step
-    padded_steps: int = 0  # decode steps given one padding row, because that made them cheaper (_padding_row)
+    padded_steps: int = 0  # decode steps given one logits row more, because that made them cheaper (_even_outputs)
+    bridged_steps: int = 0  # decode steps whose padding row bridged a seq_id left among decoding ones (_bridge_row)
 
 
 @dataclass(frozen=True)
@@ -355,6 +365,29 @@ class SeqIdTable:
         assert sorted(holders) == list(range(self.count)), holders
 
 
+def ubatches(seq_ids: list[int], n_ubatch: int) -> list[list[int]]:
+    """The rows (batch indices) of each pass over the weights that llama.cpp's split_equal makes of a batch listing
+    each sequence's rows together in seq_id order (`seq_ids`: each row's): a run of consecutive seq_ids, as many
+    rows of each as the one with fewest left has, within `n_ubatch` rows."""
+    left: dict[int, list[int]] = {}
+    for i, seq_id in enumerate(seq_ids):
+        left.setdefault(seq_id, []).append(i)
+    passes: list[list[int]] = []
+    while left:
+        run: list[int] = []
+        for seq_id in left:
+            if run and seq_id != run[-1] + 1:
+                break
+            run.append(seq_id)
+        take = max(1, min(min(len(left[s]) for s in run), n_ubatch // len(run)))
+        passes.append([i for s in run for i in left[s][:take]])
+        for s in run:
+            del left[s][:take]
+            if not left[s]:
+                del left[s]
+    return passes
+
+
 class BatchEngine:
     def __init__(
         self,
@@ -391,6 +424,7 @@ class BatchEngine:
         self.slots = SeqIdTable(self.memory, config.resident, on_drop=self._keep_in_ram)
         self.host_prefixes = HostPrefixCache(config.host_prefix_bytes)
         self._idle_since: float | None = None  # the engine thread waits for work since then
+        self._compact_at: int | None = None  # the step from which a gap among decoding seq_ids is closed by moves
         self._to_release: list[Sequence] = []
         self._to_swap: list[tuple[Sequence, Future]] = []  # parked sequences to write out (moving to another core)
         self._stopping = False
@@ -539,6 +573,7 @@ class BatchEngine:
                 "draft_tokens": self.stats.draft_tokens,
                 "draft_tokens_accepted": self.stats.draft_tokens_accepted,
                 "padded_steps": self.stats.padded_steps,
+                "bridged_steps": self.stats.bridged_steps,
                 "prefix_ram_entries": len(self.host_prefixes),
                 "prefix_ram_bytes": self.host_prefixes.used_bytes,
             }
@@ -664,14 +699,22 @@ class BatchEngine:
     def _compact_locked(self) -> None:
         """Moves decoding sequences down into the seq_ids that finished or preempted ones left, so that
         they stay one run of consecutive seq_ids: each gap would cost a pass over the weights every step
-        (measured: 15 sequences with one gap 112 ms per step, 16 without 70 ms)."""
+        (measured: 15 sequences with one gap 112 ms per step, 16 without 70 ms). A lone gap first waits
+        GAP_WAIT_STEPS steps for a joining sequence to take it, bridged by a padding row meanwhile (_bridge_row)."""
         while self._active:
             top = max(self._active, key=lambda s: s.slot)
             if top.slot < len(self._active):  # they hold seq_ids 0..n-1
+                self._compact_at = None
                 return
+            if self._bridge_row(self._active) is not None:
+                if self._compact_at is None:
+                    self._compact_at = self.stats.steps + GAP_WAIT_STEPS
+                if self.stats.steps < self._compact_at:
+                    return
             gap = self._lowest_idle_slot_locked()
             if gap > top.slot or not self._exchange_locked(gap, top):
                 return
+        self._compact_at = None
 
     def _exchange_locked(self, gap: int, top: Sequence) -> bool:
         """Swaps the KV and bookkeeping of seq_id `gap` and `top`'s seq_id: what rested at `gap`
@@ -756,12 +799,11 @@ class BatchEngine:
         want = seq.prompt_array[:-1]  # the last prompt token is always decoded, for its logits
         best, source, where = 0, -1, PrefixSource.NONE
         if self.config.prefix_cache:
-            # A tie goes to the cached prefix resting at the seq_id `seq` will take (agents sharing a system prompt
-            # share it with every cached prefix): it is adopted where it is, with no copy.
-            claimed = self._lowest_idle_slot_locked()
+            claimed, in_place = self._lowest_idle_slot_locked(), 0
             for slot, prefix in self.slots.cached.items():
                 n = common_prefix(prefix.tokens, want)
-                if n > best or (n and n == best and slot == claimed):
+                in_place = n if slot == claimed else in_place
+                if n > best:
                     best, source, where = n, slot, PrefixSource.CACHED
             for other in [*self._active, *self._parked.values()]:
                 if not other.kv_ready:  # admitted this round: its cells are not computed yet
@@ -772,6 +814,11 @@ class BatchEngine:
             n, key = self.host_prefixes.longest(seq.agent_id, want)
             if n > best + self.config.min_prefix_tokens:  # a copy from RAM must beat prefilling the difference
                 best, source, where = n, key, PrefixSource.HOST_RAM
+            # The cached prefix resting at the seq_id `seq` will take is adopted where it is, with no copy, unless
+            # another is longer by more than ADOPT_SLACK_TOKENS (agents sharing a system prompt share it with every
+            # cached prefix, and one more digit of a task's number with some).
+            if in_place >= max(best - ADOPT_SLACK_TOKENS, self.config.min_prefix_tokens, 1):
+                best, source, where = in_place, claimed, PrefixSource.CACHED
         return best, source, where
 
     def _prefix_coming_locked(self, seq: Sequence) -> bool:
@@ -937,16 +984,21 @@ class BatchEngine:
         batch.n_tokens = 0
         outputs: list[tuple[Sequence, int]] = []
         unsampled: dict[Sequence, int] = {}  # greedy sequences whose replayed tokens rode along without logits
+        seq_ids: list[int] = []  # each row's seq_id and whether its logits are computed, for _even_outputs
+        wants: list[bool] = []
 
-        def add(token: int, pos: int, seq: Sequence, want_logits: bool, output: bool = True) -> None:
+        def add(token: int, pos: int, slot: int, want_logits: bool, seq: Sequence | None = None) -> None:
+            """A row of the batch; its logits are read after the step when it is `seq`'s."""
             i = batch.n_tokens
             batch.token[i] = token
             batch.pos[i] = pos
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq.slot
+            batch.seq_id[i][0] = slot
             batch.logits[i] = want_logits
             batch.n_tokens = i + 1
-            if want_logits and output:
+            seq_ids.append(slot)
+            wants.append(want_logits)
+            if want_logits and seq is not None:
                 outputs.append((seq, i))
 
         # llama.cpp splits a multi-stream batch into one ubatch (one pass over the weights) per run of
@@ -961,17 +1013,26 @@ class BatchEngine:
         if stepping:
             budget = min(budget, self.config.prefill_chunk)
         chunks = self._prefill_chunks(active, budget)
+        pad = self._bridge_row(active)  # (seq_id, position, logits) of a padding row, listed in seq_id order
+        self.stats.bridged_steps += pad is not None
+        if pad is None and not chunks and not drafts:
+            pad = self._padding_row(active, decoding)
+        self.stats.padded_steps += pad is not None and pad[2]
+        padded = False
         for seq in active:
+            if pad is not None and pad[0] < seq.slot and not padded:
+                add(0, pad[1], pad[0], pad[2])  # any token: its logits, if computed, are never read
+                padded = True
             if seq.next_token is not None:
-                add(seq.next_token, seq.n_past, seq, True)
+                add(seq.next_token, seq.n_past, seq.slot, True, seq)
                 seq.n_past += 1
                 seq.next_token = None
                 for m, token in enumerate(drafts.get(seq, [])):
-                    add(token, seq.n_past + m, seq, True, output=False)
+                    add(token, seq.n_past + m, seq.slot, True)
             elif seq in chunks:
                 take, ride = chunks[seq]
                 for j in range(seq.n_past, seq.n_past + take):
-                    add(seq.prompt[j], j, seq, j == len(seq.prompt) - 1)
+                    add(seq.prompt[j], j, seq.slot, j == len(seq.prompt) - 1, seq)
                 seq.n_past += take
                 self.stats.prefill_tokens += take
                 if ride:
@@ -983,26 +1044,22 @@ class BatchEngine:
                     stepped = seq.config.temperature > 0 or seq.constraint is not None
                     all_ride = ride == len(seq.replay)
                     for n, token in enumerate(list(seq.replay)[:ride]):
-                        add(token, seq.n_past + n, seq, stepped or (all_ride and n == ride - 1))
+                        add(token, seq.n_past + n, seq.slot, stepped or (all_ride and n == ride - 1), seq)
                     if not stepped:
                         unsampled[seq] = ride - all_ride  # accepted as delivered, after replay[0]
                     seq.n_past += ride
         if batch.n_tokens == 0:
             return
-        pad = self._padding_row(active, decoding) if batch.n_tokens == decoding else None
-        if pad is not None:  # any token: its logits are computed (that is the point) and never read
-            i = batch.n_tokens
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = batch.token[0], pad[1], 1, True
-            batch.seq_id[i][0] = pad[0]
-            batch.n_tokens = i + 1
-            self.stats.padded_steps += 1
+        if pad is not None and not padded:  # after the decoding ones
+            add(0, pad[1], pad[0], pad[2])
+        logit_rows = self._even_outputs(seq_ids, wants)
         decode_started = time.perf_counter()
         self.stats.schedule_seconds += decode_started - started
         try:
             rc = llama.llama_decode(self.ctx, batch)
         finally:
             if pad is not None:
-                self._remove_padding(*pad)
+                self._remove_padding(pad[0], pad[1])
         decoded, copying = time.perf_counter(), self.stats.kv_copy_seconds
         self.stats.decode_seconds += decoded - decode_started
         if rc != 0:
@@ -1012,10 +1069,11 @@ class BatchEngine:
             )
             log.error("llama_decode returned %d; batch of %d tokens; sequences: %s", rc, batch.n_tokens, state)
             raise RuntimeError(f"llama_decode returned {rc}")
-        if pad is not None:
-            self.step_costs.observe(decoding + 1, 1, decoded - decode_started)
-        elif decoding and batch.n_tokens == stepping:  # decoding only: its cost, for drafts and padding
-            self.step_costs.observe(decoding, stepping // decoding, decoded - decode_started)
+        if decoding and not chunks:  # decoding rows only (a padding row, guesses): what it cost, for padding and drafts
+            if drafts:
+                self.step_costs.observe(decoding, batch.n_tokens // decoding, decoded - decode_started)
+            else:
+                self.step_costs.observe(logit_rows, 1, decoded - decode_started)
         self.stats.steps += 1
         self.stats.decode_rows += decoding
         for seq in active:
@@ -1040,27 +1098,76 @@ class BatchEngine:
                 self._accept(seq, seq.replay[0])
         self.stats.sample_seconds += time.perf_counter() - decoded - (self.stats.kv_copy_seconds - copying)
 
-    def _padding_row(self, active: list[Sequence], decoding: int) -> tuple[int, int] | None:
+    def _padding_pays(self, rows: int) -> bool:
+        """The steps measured here say that `rows` + 1 rows of logits cost at least PADDING_GAIN less than `rows`."""
+        plain, padded = self.step_costs.of(rows, 1), self.step_costs.of(rows + 1, 1)
+        return plain is not None and padded is not None and padded <= plain * (1 - PADDING_GAIN)
+
+    def _padding_row(self, active: list[Sequence], decoding: int) -> tuple[int, int, bool] | None:
         """Where a padding row goes in a decode step of an odd number of sequences (3 or more), one token each
-        (seq_id, position), when the steps measured here say one row more costs less: llama.cpp's output layer over
-        an odd number of rows costs more than over one more on a 2-core EPYC (15 rows 185 ms, 16 rows 167; 5 rows
-        116, 6 rows 83). A size not measured padded yet is tried once; then padding stays only while it measures
-        at least PADDING_GAIN cheaper. The row goes to the seq_id right after the decoding ones (one run of
-        seq_ids: no pass over the weights more), after whatever rests there, and its cell is removed after the
-        step. None when padding does not pay or has no safe place."""
-        if decoding < 3 or decoding % 2 == 0 or decoding != len(active):
-            return None
-        plain, padded = self.step_costs.of(decoding, 1), self.step_costs.of(decoding + 1, 1)
-        if plain is None or (padded is not None and padded > plain * (1 - PADDING_GAIN)):
+        (seq_id, position, with logits), when the steps measured here say one row more costs less: llama.cpp's
+        output layer over an odd number of rows costs more than over one more on a 2-core EPYC (15 rows 185 ms, 16
+        rows 167; 5 rows 116, 6 rows 83). A size not measured padded yet is tried once; then padding stays only
+        while it measures at least PADDING_GAIN cheaper. The row goes to the seq_id right after the decoding ones
+        (one run of seq_ids: no pass over the weights more), after whatever rests there, and its cell is removed
+        after the step. None when padding does not pay or has no safe place."""
+        if decoding != len(active) or not self._padding_tried(decoding):
             return None
         slot = active[-1].slot + 1  # active is in seq_id order: slot == decoding when they hold 0..decoding-1
-        if slot != decoding or slot >= self.config.resident:
+        pos = self._padding_position(slot) if slot == decoding else None
+        return None if pos is None else (slot, pos, True)
+
+    def _padding_tried(self, decoding: int) -> bool:
+        """Whether a step of `decoding` rows of logits gets a padding row with logits: an odd number (3 or more)
+        measured plain, whose padded size measured cheaper or was not measured yet (then it is tried once)."""
+        if decoding < 3 or decoding % 2 == 0 or self.step_costs.of(decoding, 1) is None:
+            return False
+        return self.step_costs.of(decoding + 1, 1) is None or self._padding_pays(decoding)
+
+    def _bridge_row(self, active: list[Sequence]) -> tuple[int, int, bool] | None:
+        """Where a padding row (seq_id, position, logits) joins the decoding sequences into one run of seq_ids over
+        the one seq_id among them that none holds, while that gap waits for a joining sequence (_compact_locked): the
+        run stays one pass over the weights. It has logits where a padding row of _padding_row would. None when
+        there is not exactly one gap (or the row has no safe place there), or with speculation, whose steps give
+        each sequence the same number of rows."""
+        if self.config.draft_tokens or not active:
+            return None
+        held = {seq.slot for seq in active}
+        top = max(held)
+        if top != len(held):  # seq_ids 0..top hold all but one of them
+            return None
+        gap = next(slot for slot in range(top) if slot not in held)
+        pos = self._padding_position(gap)
+        decoding = sum(1 for seq in active if seq.next_token is not None)
+        return None if pos is None else (gap, pos, decoding == len(active) and self._padding_tried(decoding))
+
+    def _padding_position(self, slot: int) -> int | None:
+        """The position a padding row can take in `slot`, after whatever rests there, if any."""
+        if slot >= self.config.resident:
             return None
         pos = llama.llama_memory_seq_pos_max(self.memory, slot) + 1
         # Past the sliding window, the row's cell could take the place of a cell that what rests there still needs.
         if pos >= self.config.max_sequence_tokens or (self.n_swa and pos >= self.n_swa):
             return None
-        return slot, pos
+        return pos
+
+    def _even_outputs(self, seq_ids: list[int], wants: list[bool]) -> int:
+        """Gives each pass over the weights that would compute an odd number of logits rows (3 or more) one row's
+        logits more, on a row whose logits are not read (a prompt token, a padding row), when the steps measured
+        here say that costs less (see _padding_row). A joining prompt's first token shares the pass of the decoding
+        rows: with 15 of them, that pass measured 249 ms, 227 with that token's logits too (2-core EPYC). `wants`:
+        each row's logits flag. Returns the batch's logits rows."""
+        if all(wants):  # decoding rows only: _padding_row's business
+            return len(wants)
+        total, flipped = 0, False
+        for rows in ubatches(seq_ids, self.config.n_batch):
+            wanted = sum(1 for i in rows if wants[i])
+            if wanted >= 3 and wanted % 2 and wanted < len(rows) and self._padding_pays(wanted):
+                self.batch.logits[next(i for i in rows if not wants[i])] = True
+                wanted, flipped = wanted + 1, True
+            total += wanted
+        self.stats.padded_steps += flipped
+        return total
 
     def _remove_padding(self, slot: int, pos: int) -> None:
         """Takes the padding row's cell out of `slot` again, leaving what rests there as it was."""

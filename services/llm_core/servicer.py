@@ -117,7 +117,8 @@ def core_info(core: LLMCore) -> llm_core_pb2.InfoResponse:
 INFO_COUNTERS = {"tokens_generated", "steps", "preemptions", "resumes_resident", "snapshots_saved",
                  "snapshots_restored", "snapshot_bytes_saved", "prefill_tokens_saved", "prefill_tokens",
                  "decode_seconds", "sample_seconds", "schedule_seconds", "kv_copy_seconds", "idle_seconds",
-                 "decode_rows", "prefix_restores_from_ram", "draft_tokens", "draft_tokens_accepted", "padded_steps"}
+                 "decode_rows", "prefix_restores_from_ram", "draft_tokens", "draft_tokens_accepted", "padded_steps",
+                 "bridged_steps"}
 
 
 class EventSink:

@@ -9,6 +9,7 @@ sequence decoding alone), as batched numerics differ from solo ones.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import random
 import time
@@ -31,7 +32,9 @@ from services.llm_core.engine import (
     Sequence,
     TokenEvent,
     read_sequence_state,
+    ubatches,
 )
+from services.llm_core import engine as engine_module
 from services.llm_core.model import LlamaModel, default_model_path
 from services.llm_core.sampling import SamplingConfig
 from services.llm_core.snapshot import Snapshot
@@ -489,6 +492,35 @@ def test_of_equal_prefixes_the_one_resting_where_the_sequence_goes_is_adopted_wi
         h.close()
 
 
+@pytest.mark.parametrize("c_task, copied", [("hills and lakes.", False),
+                                             ("hills and lakes of the far northern mountain valleys, then.", True)],
+                         ids=["a-few-tokens-longer-elsewhere", "many-tokens-longer-elsewhere"])
+def test_a_prefix_resting_where_the_sequence_goes_is_adopted_unless_another_is_much_longer(model, c_task, copied):
+    """c shares a few tokens more with b's prefix (seq_id 1) than with a's, resting where c goes (seq_id 0): a's is
+    adopted in place (no copy; the few tokens more are prefilled). Sharing many more with b's, c copies b's."""
+    h = Harness(model, slots=2, resident=3)
+    try:
+        system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3
+        b_prompt = system + "Task: hills and lakes of the far northern mountain valleys, now."
+        with h.engine._cond:
+            _, a_events = h.start("a", SamplingConfig(max_tokens=8, ignore_eos=True), prompt=system + "Task: rivers.")
+            _, b_events = h.start("b", SamplingConfig(max_tokens=2, ignore_eos=True), prompt=b_prompt)
+        h.tokens_until(b_events)
+        h.tokens_until(a_events)
+        with h.engine._cond:
+            assert sorted(h.engine.slots.cached) == [0, 1]
+            copying = h.engine.stats.kv_copy_seconds
+        c_prompt = system + "Task: " + c_task
+        shared_with_b = len(os.path.commonprefix([model.tokenize(c_prompt, True, True), model.tokenize(b_prompt, True, True)]))
+        _, c_events = h.start("c", SamplingConfig(max_tokens=4), prompt=c_prompt)
+        _, end = h.tokens_until(c_events)
+        assert isinstance(end, FinishEvent)
+        assert (h.engine.stats.kv_copy_seconds != copying) is copied
+        assert (end.prefix_reused == shared_with_b) is copied
+    finally:
+        h.close()
+
+
 def test_a_cached_prefix_about_to_be_copied_is_not_dropped_to_make_room(model):
     """seq_ids: c decodes on 0, b's and a's finished sequences rest on 1 and 2, nothing is free. d shares a's
     prompt: it takes seq_id 1, whose resident (b) must make room without a's prefix (on 2) being the one dropped."""
@@ -703,6 +735,99 @@ def test_a_padding_row_goes_where_it_measured_cheaper_and_leaves_what_rests_ther
         finally:
             h.close()
     assert resting[True] == resting[False]
+
+
+def test_ubatches_follow_llama_cpps_equal_split_of_runs_of_seq_ids():
+    """What _even_outputs counts on: llama.cpp's split_equal (its split for separate KV streams) makes a pass over
+    the weights of each run of consecutive seq_ids, as many rows of each as the one with fewest left has."""
+    # 3 decoding one token each and a joining prompt of 4 tokens on seq_id 3: the first pass takes a token of each.
+    assert ubatches([0, 1, 2, 3, 3, 3, 3], 512) == [[0, 1, 2, 3], [4, 5, 6]]
+    # a gap (no seq_id 2) splits the run: a pass more
+    assert ubatches([0, 1, 3, 4, 4], 512) == [[0, 1], [2, 3], [4]]
+    # equal prompts prefilled together share their passes; within n_ubatch rows
+    assert ubatches([5] * 3 + [6] * 3, 512) == [[0, 1, 2, 3, 4, 5]]
+    assert ubatches([0] * 4 + [1] * 4, 4) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+class DecodeSpy:
+    """A test double around llama_decode that records each batch's rows (seq_id, logits flag), then decodes for
+    real: what the engine asked llama.cpp for, which its outputs do not show."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, bool]]] = []
+        self.real = llama.llama_decode
+
+    def __call__(self, ctx, batch):
+        self.batches.append([(batch.seq_id[i][0], bool(batch.logits[i])) for i in range(batch.n_tokens)])
+        return self.real(ctx, batch)
+
+
+def test_a_seq_id_left_among_decoding_ones_is_bridged_until_a_joining_sequence_takes_it_in_place(model, monkeypatch):
+    """A generation finishing below others leaves a gap; the kernel sends the next one a step later. Meanwhile a
+    padding row keeps the decoding ones one run of seq_ids (one pass over the weights) without moving them, and the
+    joining one takes the gap, adopting the finished one's prefix where it rests: no KV copied at all."""
+    monkeypatch.setattr(engine_module, "GAP_WAIT_STEPS", 10_000)  # the gap waits for the joining one, however late
+    spy = DecodeSpy()
+    monkeypatch.setattr(llama, "llama_decode", spy)
+    h = Harness(model, slots=3, resident=4)
+    try:
+        prompt = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
+        with h.engine._cond:
+            _, short = h.start("short", SamplingConfig(max_tokens=4, ignore_eos=True), prompt=prompt)
+            _, b = h.start("b", GREEDY, prompt=prompt)
+            _, c = h.start("c", GREEDY, prompt=prompt)
+        assert isinstance(h.tokens_until(short)[1], FinishEvent)  # it leaves seq_id 0, keeping its KV as a prefix
+        copied_before = h.engine.stats.kv_copy_seconds
+        wait_until(lambda: h.engine.stats.bridged_steps >= 3, what="three bridged steps")
+        _, joining = h.start("joining", GREEDY, prompt=prompt + " Also check the clock in Europe/Paris and report.")
+        joined, b_events, c_events = drain(joining), drain(b), drain(c)
+        assert joined[0].slot == 0 and {e.slot for e in b_events} == {1} and {e.slot for e in c_events} == {2}
+        assert h.engine.stats.kv_copy_seconds == copied_before  # nothing moved, nothing copied
+        bridged = [rows for rows in spy.batches if [s for s, _ in rows] == [0, 1, 2] and not rows[0][1]]
+        assert len(bridged) >= 3  # the padding row on seq_id 0, without logits (two decoding: even already)
+        assert all(sorted(set(s for s, _ in rows)) == list(range(len(set(s for s, _ in rows))))
+                   for rows in spy.batches)  # every step one run of seq_ids from 0
+        assert [e.token_id for e in b_events] == [e.token_id for e in c_events]
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("pays", [True, False], ids=["even-measured-cheaper", "odd-measured-cheaper"])
+def test_a_joining_prompts_first_token_evens_out_the_logits_of_the_pass_it_shares(model, monkeypatch, pays):
+    """Three sequences decode while a fourth joins: llama.cpp's first pass takes one row of each, so it computes three
+    rows of logits. Where the learnt step costs say four rows of logits cost less than three, the joining prompt's
+    first token gets logits too (never read); where they say the opposite, it does not. Outputs are whole either way."""
+    spy = DecodeSpy()
+    h = Harness(model, slots=4, resident=5)
+    try:
+        h.engine.step_costs.observe(3, 1, 1.0 if pays else 0.001)
+        h.engine.step_costs.observe(4, 1, 0.001 if pays else 1.0)
+        joiner: list = []
+
+        def emit_and_join(event: Event) -> None:  # the joining one arrives after the three decoded a token
+            events.put(event)
+            if isinstance(event, TokenEvent) and event.completion_tokens == 1 and not joiner:
+                joiner.append(h.start("joining", SamplingConfig(max_tokens=8, ignore_eos=True),
+                                      prompt=PROMPT + " Then list three mountains in Asia and their heights."))
+
+        monkeypatch.setattr(llama, "llama_decode", spy)
+        events: queue.Queue[Event] = queue.Queue()
+        with h.engine._cond:
+            first = Sequence("a", "agent-a", model.tokenize(PROMPT, True, True), SamplingConfig(max_tokens=12,
+                             ignore_eos=True), emit_and_join)
+            h.engine.submit(first)
+            others = [h.start(name, SamplingConfig(max_tokens=12, ignore_eos=True)) for name in ("b", "c")]
+        assert h.tokens_until(events)[1].completion_tokens == 12
+        for _, other in others:
+            assert h.tokens_until(other)[1].completion_tokens == 12
+        assert h.tokens_until(joiner[0][1])[1].completion_tokens == 8
+        mixed = [rows for rows in spy.batches if len(rows) > len(set(s for s, _ in rows)) and len(set(s for s, _ in rows)) == 4]
+        assert mixed, "the joining prompt never shared a step with three decoding sequences"
+        for rows in mixed:
+            first_pass = ubatches([s for s, _ in rows], 512)[0]
+            assert sum(rows[i][1] for i in first_pass) == (4 if pays else 3)
+    finally:
+        h.close()
 
 
 def test_a_prefix_that_lost_its_seq_id_comes_back_from_ram_with_the_same_kv(model):
