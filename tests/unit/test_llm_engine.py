@@ -263,16 +263,25 @@ def test_agents_starting_together_prefill_their_shared_prompt_once(model):
         h.close()
 
 
+AGENT_PROMPT = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
+
+
+def leave_a_gap(h: Harness) -> tuple["queue.Queue[Event]", "queue.Queue[Event]"]:
+    """Three generations start together on seq_ids 0-2; the one on 0 finishes after 4 tokens, keeping its KV as a
+    prefix there: a gap below the other two (b on 1, c on 2), whose events are returned."""
+    with h.engine._cond:
+        _, short = h.start("short", SamplingConfig(max_tokens=4, ignore_eos=True), prompt=AGENT_PROMPT)
+        _, b = h.start("b", GREEDY, prompt=AGENT_PROMPT)
+        _, c = h.start("c", GREEDY, prompt=AGENT_PROMPT)
+    assert isinstance(h.tokens_until(short)[1], FinishEvent)
+    return b, c
+
+
 def test_decoding_sequences_close_the_gap_a_finished_one_leaves(model):
     """llama.cpp makes a pass over the weights per run of consecutive seq_ids, so a gap costs a pass per step."""
     h = Harness(model, slots=3, resident=4)
     try:
-        prompt = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
-        with h.engine._cond:
-            _, short = h.start("short", SamplingConfig(max_tokens=4, ignore_eos=True), prompt=prompt)
-            _, b = h.start("b", GREEDY, prompt=prompt)
-            _, c = h.start("c", GREEDY, prompt=prompt)
-        assert isinstance(h.tokens_until(short)[1], FinishEvent)  # it leaves seq_id 0, keeping its KV as a prefix
+        b, c = leave_a_gap(h)
         b_events, c_events = drain(b), drain(c)
         assert {e.slot for e in b_events} == {1}
         assert c_events[0].slot == 2 and c_events[-1].slot == 0  # c moved down into the gap ...
@@ -771,15 +780,10 @@ def test_a_seq_id_left_among_decoding_ones_is_bridged_until_a_joining_sequence_t
     monkeypatch.setattr(llama, "llama_decode", spy)
     h = Harness(model, slots=3, resident=4)
     try:
-        prompt = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
-        with h.engine._cond:
-            _, short = h.start("short", SamplingConfig(max_tokens=4, ignore_eos=True), prompt=prompt)
-            _, b = h.start("b", GREEDY, prompt=prompt)
-            _, c = h.start("c", GREEDY, prompt=prompt)
-        assert isinstance(h.tokens_until(short)[1], FinishEvent)  # it leaves seq_id 0, keeping its KV as a prefix
+        b, c = leave_a_gap(h)
         copied_before = h.engine.stats.kv_copy_seconds
         wait_until(lambda: h.engine.stats.bridged_steps >= 3, what="three bridged steps")
-        _, joining = h.start("joining", GREEDY, prompt=prompt + " Also check the clock in Europe/Paris and report.")
+        _, joining = h.start("joining", GREEDY, prompt=AGENT_PROMPT + " Also check the clock in Europe/Paris and report.")
         joined, b_events, c_events = drain(joining), drain(b), drain(c)
         assert joined[0].slot == 0 and {e.slot for e in b_events} == {1} and {e.slot for e in c_events} == {2}
         assert h.engine.stats.kv_copy_seconds == copied_before  # nothing moved, nothing copied
