@@ -490,7 +490,9 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"workload bound at {n} agents: {r['bound_tok_per_s']:.1f} tok/s (calls started as they "
                          f"arrive); {r['bound_longest_first_tok_per_s']:.1f} knowing every call's length (longest "
                          f"first); {r['bound_full_batch_tok_per_s']:.1f} if every step decoded a full batch"
-                         + (f"; at the run's own probes {', '.join(f'{b:.1f}' for b in own)}" if own else ""))
+                         + (f"; at the run's own probes {', '.join(f'{b:.1f}' for b in own)}" if own else "")
+                         + f"; it prefills {r['bound_prefill_tokens']:.0f} prompt tokens (every reusable prefix "
+                           f"reused), AIOS prefilled {r['prefill_tokens']}")
     if "probes" in result:
         full = sorted(p[max(p, key=int)] for p in result["probes"]["step_seconds"])
         lines.append(f"the bound's step costs: the median of {len(full)} probes of llama.cpp alone in this part "
@@ -518,10 +520,12 @@ def bench_prefill(runner: SequentialRunner, tokens: int = 512, reps: int = 5) ->
     return rate
 
 
-def fresh_prompt_tokens(model: LlamaModel, calls: list[list[Call]]) -> int:
-    """Prompt tokens that no earlier call's prompt began with, in the order the calls arrive (round by round):
-    what a server that reuses every reusable prefix still has to prefill."""
-    earlier: list[list[int]] = []
+def fresh_prompt_tokens(model: LlamaModel, calls: list[list[Call]], served: tuple | list[list[list[Call]]] = ()
+                        ) -> int:
+    """Prompt tokens that no earlier prompt began with, in the order the calls arrive (round by round), the earlier
+    ones including those of `served`, the plans the same server ran before (whose prefixes it may still hold: the
+    shared system prompt): what a server that reuses every reusable prefix still has to prefill."""
+    earlier = [model.tokenize(c.prompt, add_bos=True, special=True) for past in served for agent in past for c in agent]
     fresh = 0
     for round_calls in zip(*calls):
         for call in round_calls:
@@ -673,19 +677,23 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
         probes.append(probe.measure()["step_seconds"])
         return probes[-1]
 
-    def bound(calls: list[list[Call]], costs: dict[str, float], run: dict[str, Any]) -> dict[str, Any]:
-        """The workload bound of these calls at the raw step costs `costs`; beside it, the bound if the server knew
-        every call's length (longest first), the old ceiling (every token at the full batch's rate) and the bound at
-        each of the run's own probes alone (right before and right after it)."""
-        fresh = fresh_prompt_tokens(model, calls)
+    def bound(calls: list[list[Call]], costs: dict[str, float], run: dict[str, Any],
+              served: list[list[list[Call]]]) -> dict[str, Any]:
+        """The workload bound of these calls at the raw step costs `costs`, `served` having run before them, and the
+        prompt tokens it prefills; beside it, the bound if the server knew every call's length (longest first), the
+        old ceiling (every token at the full batch's rate) and the bound at each of the run's own probes alone (right
+        before and right after it)."""
+        fresh = fresh_prompt_tokens(model, calls, served)
         rate = result["prefill_tok_per_s"]
         generated = sum(c.max_tokens for agent in calls for c in agent)
-        return {"bound_tok_per_s": workload_bound(fresh, calls, slots, rate, costs),
+        return {"bound_prefill_tokens": fresh,
+                "bound_tok_per_s": workload_bound(fresh, calls, slots, rate, costs),
                 "bound_longest_first_tok_per_s": workload_bound(fresh, calls, slots, rate, costs, longest_first=True),
                 "bound_full_batch_tok_per_s": generated / (fresh / rate + generated * costs[str(slots)] / slots),
                 "probed_bounds_tok_per_s": [workload_bound(fresh, calls, slots, rate, p)
                                             for p in run.get("probed_step_seconds", [])]}
-    bounded: list[tuple[str, dict[str, Any], list[list[list[Call]]], list[dict[str, Any]]]] = []  # (N, row, plans, runs)
+    # (N, row, its plans, its runs, the plans its AIOS ran before them)
+    bounded: list[tuple[str, dict[str, Any], list[list[list[Call]]], list[dict[str, Any]], list[list[list[Call]]]]] = []
     for number, (mode, (policy, drafting, mode_ns, peer_key)) in enumerate(plan_of.items()):
         drafts = DRAFT_TOKENS if drafting else 0
         with tempfile.TemporaryDirectory(prefix=f"aios-bench-{policy}-") as home:
@@ -693,6 +701,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
             config = ClusterConfig(home=Path(home), policy=policy, slots=slots, model=default_model_path(),
                                    extra_args={"llm_core": ["--draft-tokens", str(drafts)]})
             with Cluster(config) as cluster:
+                served: list[list[list[Call]]] = []  # the plans this cluster ran, in order
                 server = None
                 if peer and peer_key:
                     say(f"starting llama-server (--parallel {slots}, {EngineConfig().max_sequence_tokens} tokens per "
@@ -713,7 +722,8 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                             probing = probe_costs if number == 0 and n > 1 else None
                             row, peer_row, runs = race(kernel, server, mode, n, calls, probing)
                             row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
-                            bounded.append((str(n), row, calls, runs if number == 0 else []))
+                            bounded.append((str(n), row, calls, runs if number == 0 else [], list(served)))
+                            served.extend(calls)
                             if peer_row is not None:
                                 result[peer_key][str(n)] = peer_row
                             result["aios"][mode][str(n)] = row
@@ -726,10 +736,10 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
     probe.close()
     costs = pooled_costs(probes)
     result["probes"] = {"step_seconds": probes, "pooled_step_seconds": costs}
-    for n, row, calls, runs in bounded:  # the first mode's runs set each N's bound; the other modes' rows use it
+    for n, row, calls, runs, before in bounded:  # the first mode's runs set each N's bound; the other modes' use it
         if runs:
-            for run, trial_calls in zip(runs, calls):
-                run.update(bound(trial_calls, costs, run))
+            for trial, (run, trial_calls) in enumerate(zip(runs, calls)):
+                run.update(bound(trial_calls, costs, run, before + calls[:trial]))
             for key in [k for k in runs[0] if k.startswith("bound_")]:
                 row[key] = statistics.median(r[key] for r in runs)
             row["probed_bounds_tok_per_s"] = [b for r in runs for b in r["probed_bounds_tok_per_s"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.run import decode_steps, workload_bound
+from bench.run import decode_steps, fresh_prompt_tokens, workload_bound
 from bench.workload import Call
 
 
@@ -38,3 +38,22 @@ def test_costs_proportional_to_sequences_give_the_full_batch_rate() -> None:
     per_token = 0.01
     costs = {"1": per_token, "16": 16 * per_token}
     assert workload_bound(0, plan, 16, 100.0, costs) == pytest.approx(1 / per_token)
+
+
+class WordTokenizer:
+    """A test double for the model's tokenizer (one token per word; no model needed to count shared prefixes)."""
+
+    @staticmethod
+    def tokenize(text: str, add_bos: bool, special: bool) -> list[str]:
+        return ["<bos>", *text.split()]
+
+
+def test_the_bound_prefills_what_no_earlier_prompt_began_with_earlier_plans_included() -> None:
+    def plan(*prompts: str) -> list[list[Call]]:
+        return [[Call(a, 0, prompt, 8, 2, 3)] for a, prompt in enumerate(prompts)]
+
+    system = "you are an agent with tools"
+    now = plan(f"{system} task one", f"{system} task two")
+    assert fresh_prompt_tokens(WordTokenizer(), now) == 9 + 1  # all of the first, "two" of the second
+    before = plan(f"{system} warm up")  # the same server ran it earlier: the system prompt is not fresh any more
+    assert fresh_prompt_tokens(WordTokenizer(), now, [before]) == 2 + 1  # "task one", then "two"
