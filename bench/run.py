@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from importlib.metadata import version
 
@@ -520,8 +520,7 @@ def bench_prefill(runner: SequentialRunner, tokens: int = 512, reps: int = 5) ->
     return rate
 
 
-def fresh_prompt_tokens(model: LlamaModel, calls: list[list[Call]], served: tuple | list[list[list[Call]]] = ()
-                        ) -> int:
+def fresh_prompt_tokens(model: LlamaModel, calls: list[list[Call]], served: Iterable[list[list[Call]]] = ()) -> int:
     """Prompt tokens that no earlier prompt began with, in the order the calls arrive (round by round), the earlier
     ones including those of `served`, the plans the same server ran before (whose prefixes it may still hold: the
     shared system prompt): what a server that reuses every reusable prefix still has to prefill."""

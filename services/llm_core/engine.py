@@ -802,7 +802,8 @@ class BatchEngine:
             claimed, in_place = self._lowest_idle_slot_locked(), 0
             for slot, prefix in self.slots.cached.items():
                 n = common_prefix(prefix.tokens, want)
-                in_place = n if slot == claimed else in_place
+                if slot == claimed:
+                    in_place = n
                 if n > best:
                     best, source, where = n, slot, PrefixSource.CACHED
             for other in [*self._active, *self._parked.values()]:

@@ -43,6 +43,8 @@ from tests.integration.waiting import wait_until
 PROMPT = "Question: Name three rivers in Europe and say where each one flows.\nAnswer:"
 GREEDY = SamplingConfig(max_tokens=40, ignore_eos=True)
 SAMPLED = SamplingConfig(max_tokens=40, temperature=0.9, top_k=40, seed=1234, ignore_eos=True)
+AGENT_SYSTEM = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). "  # agents share it
+AGENT_PROMPT = AGENT_SYSTEM * 3 + "Go:"
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +237,7 @@ def test_cancel_frees_the_slot_within_one_decode_step(harness):
 
 
 def test_a_shared_prompt_prefix_is_reused_instead_of_prefilled(harness):
-    system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 4
+    system = AGENT_SYSTEM * 4
     _, events = harness.start("first", SamplingConfig(max_tokens=4), prompt=system + "Question: What is 2+2?\nAnswer:")
     harness.tokens_until(events)
     saved_before = harness.engine.stats.prefill_tokens_saved
@@ -250,10 +252,9 @@ def test_a_shared_prompt_prefix_is_reused_instead_of_prefilled(harness):
 def test_agents_starting_together_prefill_their_shared_prompt_once(model):
     h = Harness(model, slots=3, resident=4)
     try:
-        prompt = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
-        n = len(model.tokenize(prompt, True, True))
+        n = len(model.tokenize(AGENT_PROMPT, True, True))
         with h.engine._cond:  # all three reach the same admission
-            streams = [h.start(name, SamplingConfig(max_tokens=4), prompt=prompt)[1] for name in "abc"]
+            streams = [h.start(name, SamplingConfig(max_tokens=4), prompt=AGENT_PROMPT)[1] for name in "abc"]
         ends = [h.tokens_until(events)[1] for events in streams]
         assert all(isinstance(end, FinishEvent) for end in ends)
         # a prefilled the prompt; b and c waited one step for it, copied it and decoded only its last token.
@@ -263,7 +264,17 @@ def test_agents_starting_together_prefill_their_shared_prompt_once(model):
         h.close()
 
 
-AGENT_PROMPT = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
+class DecodeSpy:
+    """A test double around llama_decode that records each batch's rows (seq_id, logits flag), then decodes for
+    real: what the engine asked llama.cpp for, which its outputs do not show."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, bool]]] = []
+        self.real = llama.llama_decode
+
+    def __call__(self, ctx, batch):
+        self.batches.append([(batch.seq_id[i][0], bool(batch.logits[i])) for i in range(batch.n_tokens)])
+        return self.real(ctx, batch)
 
 
 def leave_a_gap(h: Harness) -> tuple["queue.Queue[Event]", "queue.Queue[Event]"]:
@@ -297,27 +308,21 @@ def test_a_sequence_joining_below_decoding_ones_is_listed_in_seq_id_order(model,
     """A joining sequence takes the lowest free seq_id, often below ones decoding. llama.cpp splits a batch into a
     pass over the weights per run of consecutive seq_ids in batch order, so its prompt chunk must sit in its place:
     listed after the decoding ones it would cost every decoding sequence a pass more."""
-    orders: list[list[int]] = []
-    real_decode = llama.llama_decode
-
-    def recording(ctx, batch):  # a spy: records the batch's seq_ids in order, then decodes for real
-        orders.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
-        return real_decode(ctx, batch)
-
+    spy = DecodeSpy()
     h = Harness(model, slots=3, resident=4)
     try:
-        prompt = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3 + "Go:"
-        monkeypatch.setattr(llama, "llama_decode", recording)
+        monkeypatch.setattr(llama, "llama_decode", spy)
         with h.engine._cond:
-            _, short = h.start("short", SamplingConfig(max_tokens=4, ignore_eos=True), prompt=prompt)
-            _, b = h.start("b", GREEDY, prompt=prompt)
-            _, c = h.start("c", GREEDY, prompt=prompt)
+            _, short = h.start("short", SamplingConfig(max_tokens=4, ignore_eos=True), prompt=AGENT_PROMPT)
+            _, b = h.start("b", GREEDY, prompt=AGENT_PROMPT)
+            _, c = h.start("c", GREEDY, prompt=AGENT_PROMPT)
             # waits for a seq_id: it takes the one the short generation leaves, below b's and c's
-            _, joining = h.start("joining", GREEDY, prompt=prompt + " Also check the clock in Europe/Paris and report.")
+            _, joining = h.start("joining", GREEDY, prompt=AGENT_PROMPT + " Also check the clock in Europe/Paris and report.")
         assert isinstance(h.tokens_until(short)[1], FinishEvent)
         joined = drain(joining)
         drain(b), drain(c)
         assert joined[0].slot == 0
+        orders = [[seq_id for seq_id, _ in rows] for rows in spy.batches]
         mixed = [order for order in orders if len(set(order)) > 1 and len(order) > len(set(order))]
         assert mixed, "the joining sequence's prompt never shared a step with the decoding ones"
         assert all(order == sorted(order) for order in mixed), mixed
@@ -421,7 +426,7 @@ def test_random_preemption_resume_and_cancellation_keep_every_seq_id_accounted_f
         step(active)
 
     h.engine._step = checked_step
-    system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 2
+    system = AGENT_SYSTEM * 2
     streams: dict[str, queue.Queue[Event]] = {}
     done: set[str] = set()
     try:
@@ -478,21 +483,27 @@ def test_random_preemption_resume_and_cancellation_keep_every_seq_id_accounted_f
         h.close()
 
 
+def prefixes_cached_on_0_and_1(h: Harness, a_prompt: str, b_prompt: str) -> float:
+    """a and b start together; b finishes first (its prefix cached on seq_id 1), then a (on seq_id 0, where the next
+    sequence goes). Returns the engine's KV copy time so far."""
+    with h.engine._cond:
+        _, a_events = h.start("a", SamplingConfig(max_tokens=8, ignore_eos=True), prompt=a_prompt)
+        _, b_events = h.start("b", SamplingConfig(max_tokens=2, ignore_eos=True), prompt=b_prompt)
+    h.tokens_until(b_events)
+    h.tokens_until(a_events)
+    with h.engine._cond:
+        assert sorted(h.engine.slots.cached) == [0, 1]
+        return h.engine.stats.kv_copy_seconds
+
+
 def test_of_equal_prefixes_the_one_resting_where_the_sequence_goes_is_adopted_without_a_copy(model):
     """Agents sharing a system prompt share it with every cached prefix: the tie goes to the cached prefix on the
     seq_id the new sequence takes, adopted where it rests, rather than copying another one there (and moving the
     resting one away first)."""
     h = Harness(model, slots=2, resident=3)
     try:
-        system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3
-        with h.engine._cond:
-            _, a_events = h.start("a", SamplingConfig(max_tokens=8, ignore_eos=True), prompt=system + "Task: rivers.")
-            _, b_events = h.start("b", SamplingConfig(max_tokens=2, ignore_eos=True), prompt=system + "Task: hills.")
-        h.tokens_until(b_events)  # b finishes first: its prefix is cached first, on seq_id 1
-        h.tokens_until(a_events)  # then a's, on seq_id 0, where the next sequence goes
-        with h.engine._cond:
-            assert sorted(h.engine.slots.cached) == [0, 1]
-            copying = h.engine.stats.kv_copy_seconds
+        system = AGENT_SYSTEM * 3
+        copying = prefixes_cached_on_0_and_1(h, system + "Task: rivers.", system + "Task: hills.")
         _, c_events = h.start("c", SamplingConfig(max_tokens=4), prompt=system + "Task: lakes.")
         _, end = h.tokens_until(c_events)
         assert isinstance(end, FinishEvent) and end.prefix_reused >= len(model.tokenize(system, True, True)) - 2
@@ -509,16 +520,9 @@ def test_a_prefix_resting_where_the_sequence_goes_is_adopted_unless_another_is_m
     adopted in place (no copy; the few tokens more are prefilled). Sharing many more with b's, c copies b's."""
     h = Harness(model, slots=2, resident=3)
     try:
-        system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 3
+        system = AGENT_SYSTEM * 3
         b_prompt = system + "Task: hills and lakes of the far northern mountain valleys, now."
-        with h.engine._cond:
-            _, a_events = h.start("a", SamplingConfig(max_tokens=8, ignore_eos=True), prompt=system + "Task: rivers.")
-            _, b_events = h.start("b", SamplingConfig(max_tokens=2, ignore_eos=True), prompt=b_prompt)
-        h.tokens_until(b_events)
-        h.tokens_until(a_events)
-        with h.engine._cond:
-            assert sorted(h.engine.slots.cached) == [0, 1]
-            copying = h.engine.stats.kv_copy_seconds
+        copying = prefixes_cached_on_0_and_1(h, system + "Task: rivers.", b_prompt)
         c_prompt = system + "Task: " + c_task
         shared_with_b = len(os.path.commonprefix([model.tokenize(c_prompt, True, True), model.tokenize(b_prompt, True, True)]))
         _, c_events = h.start("c", SamplingConfig(max_tokens=4), prompt=c_prompt)
@@ -535,7 +539,7 @@ def test_a_cached_prefix_about_to_be_copied_is_not_dropped_to_make_room(model):
     prompt: it takes seq_id 1, whose resident (b) must make room without a's prefix (on 2) being the one dropped."""
     h = Harness(model, slots=2, resident=3)
     try:
-        system = "System: You are a careful agent. Tools: calculator(expr), clock(tz), search(query). " * 2
+        system = AGENT_SYSTEM * 2
         a_prompt, other = system + "Question: what is 2 + 2?\nAnswer:", "Write a long story about a dragon. " * 6
         _, a_events = h.start("a", SamplingConfig(max_tokens=2), prompt=a_prompt)
         h.tokens_until(a_events)
@@ -756,19 +760,6 @@ def test_ubatches_follow_llama_cpps_equal_split_of_runs_of_seq_ids():
     # equal prompts prefilled together share their passes; within n_ubatch rows
     assert ubatches([5] * 3 + [6] * 3, 512) == [[0, 1, 2, 3, 4, 5]]
     assert ubatches([0] * 4 + [1] * 4, 4) == [[0, 1, 4, 5], [2, 3, 6, 7]]
-
-
-class DecodeSpy:
-    """A test double around llama_decode that records each batch's rows (seq_id, logits flag), then decodes for
-    real: what the engine asked llama.cpp for, which its outputs do not show."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[tuple[int, bool]]] = []
-        self.real = llama.llama_decode
-
-    def __call__(self, ctx, batch):
-        self.batches.append([(batch.seq_id[i][0], bool(batch.logits[i])) for i in range(batch.n_tokens)])
-        return self.real(ctx, batch)
 
 
 def test_a_seq_id_left_among_decoding_ones_is_bridged_until_a_joining_sequence_takes_it_in_place(model, monkeypatch):
