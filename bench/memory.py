@@ -135,7 +135,7 @@ def fault_versus_hit(stub: Any, ids: list[list[str]], untouched: list[int], reps
     }
 
 
-def run_memory_bench(say: Callable[[str], None], agents: int = 60, entries: int = 64, references: int = 6_000) -> dict[str, Any]:
+def run_memory_bench(say: Callable[[str], None], agents: int = 60, entries: int = 64, references: int = 4_000) -> dict[str, Any]:
     data_bytes = agents * entries * NOTE_BYTES
     budget = data_bytes // 10
     trace = make_trace(agents - 10, entries, references, scan_share=0.3, seed=11)  # the last 10 agents stay cold

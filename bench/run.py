@@ -187,17 +187,19 @@ class SequentialRunner:
 class DecodeProbe:
     """llama.cpp's own gain from batching on this CPU, with no kernel in the way, measurable again at any time.
 
-    What one greedy decode step costs with 1, 2, 4, ... `slots` sequences per `llama_decode` (1 is what
+    What one greedy decode step costs with 1, 2, 3, ... `slots` sequences per `llama_decode` (1 is what
     sequential gets; the engine's steps have as many as are decoding). AIOS's ratio vs sequential follows this
     gain, plus the prefill that shared prefixes save; it differs a lot between CPUs. A step's cost is far from
     proportional to its sequences (on a 2-core EPYC: 21 ms for 1, 54 for 4, 120 for 16), which is why a batch
-    that drains decodes slower per token. The machine's speed drifts by 10-30% over a bench, so the workload
-    bound pools probes taken right before and right after each AIOS run (see pooled_costs).
+    that drains decodes slower per token; nor does it grow with them everywhere (there, 3 sequences cost more than
+    4 and 15 more than 16: an odd number of rows of logits takes a slow path through the LM head), so every size is
+    measured. The machine's speed drifts by 10-30% over a bench, so the workload bound pools every probe of the
+    part (see pooled_costs): one probe is 3 rounds over the sizes, the first a warm-up.
     """
 
-    def __init__(self, model: LlamaModel, slots: int, context: int = 384, reps: int = 6) -> None:
+    def __init__(self, model: LlamaModel, slots: int, context: int = 384, reps: int = 3) -> None:
         self.slots, self.context, self.reps = slots, context, reps
-        self.sizes = sorted(size for size in {1, 2, 4, 8, (slots * 3) // 4, slots} if 0 < size <= slots)
+        self.sizes = list(range(1, slots + 1))
         self.runner = SequentialRunner(model, n_ctx=context + 8, sequences=slots)
         self.prompt = model.tokenize(SYSTEM * 4, add_bos=True, special=False)[:context]
         self.runner.prefill_all(self.prompt, slots)
@@ -211,7 +213,7 @@ class DecodeProbe:
                 times[size].append(time.perf_counter() - t0)
                 for seq in range(size):
                     llama.llama_memory_seq_rm(self.runner.memory, seq, self.context, -1)
-        step_seconds = {size: statistics.median(t[2:]) for size, t in times.items()}
+        step_seconds = {size: statistics.median(t[1:]) for size, t in times.items()}
         one, full = 1 / step_seconds[1], self.slots / step_seconds[self.slots]
         return {"slots": self.slots, "context_tokens": self.context, "tok_per_s_1": one, "tok_per_s_slots": full,
                 "gain": full / one, "step_seconds": {str(size): s for size, s in step_seconds.items()}}
@@ -562,14 +564,18 @@ def workload_bound(fresh: int, calls: list[list[Call]], slots: int, prefill_rate
                    step_seconds: dict[str, float], longest_first: bool = False) -> float:
     """The most tok/s a server could get on this plan with this CPU's raw llama.cpp costs and no overhead of its own:
     prefill only the `fresh` prompt tokens, then decode step by step as `decode_steps` fills the batch, each step
-    costing what `llama_decode` of that many sequences measured (interpolated between the sizes measured: even ones
-    past 1; on a 2-core EPYC an odd number of rows of logits costs 10-20 ms more than the next even number, measured
-    interleaved, a slow path through the LM head that AIOS's steps pay and this bound does not; padding steps to an
-    even count did not measurably pay in the engine)."""
+    costing `step_price`."""
+    decode = sum(step_price(size, step_seconds) for size in decode_steps(calls, slots, longest_first))
+    return sum(c.max_tokens for agent in calls for c in agent) / (fresh / prefill_rate + decode)
+
+
+def step_price(sequences: int, step_seconds: dict[str, float]) -> float:
+    """What a step of `sequences` costs llama.cpp at best: its measured cost (interpolated between the sizes measured),
+    or a bigger size's where that is cheaper, since a server may add rows nobody reads (on a 2-core EPYC 15 sequences
+    cost more than 16: an odd number of rows of logits takes a slow path through the LM head)."""
     sizes = sorted(int(size) for size in step_seconds)
     costs = [step_seconds[str(size)] for size in sizes]
-    decode = sum(float(np.interp(size, sizes, costs)) for size in decode_steps(calls, slots, longest_first))
-    return sum(c.max_tokens for agent in calls for c in agent) / (fresh / prefill_rate + decode)
+    return min([float(np.interp(sequences, sizes, costs))] + [c for s, c in zip(sizes, costs) if s >= sequences])
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -638,7 +644,7 @@ def slots_line(probed: list[dict[str, float]]) -> str:
 
 
 def pooled_costs(probes: list[dict[str, float]]) -> dict[str, float]:
-    """Per step size, the median cost over every probe of the part. A probe takes ~4 s and this VM's speed swings by
+    """Per step size, the median cost over every probe of the part. A probe takes ~6 s and this VM's speed swings by
     20-60% between two probes a minute apart (measured: 107.6 then 66.8 tok/s of bound around one 64-agent run), so
     one run's own probes add more noise than they follow drift; the median of all of them is what the CPU does."""
     return {size: statistics.median(p[size] for p in probes) for size in probes[0]}
@@ -864,7 +870,7 @@ def main() -> int:
         "memory": ("memory", lambda: run_memory_bench(say)),
         "storage": ("storage_tools", lambda: run_storage_tools_bench(say)),
         # its floor is a median of per-round ratios: one round is too noisy
-        "gateway": ("gateway", lambda: run_gateway_bench(say, tokens=48, rounds=2)),
+        "gateway": ("gateway", lambda: run_gateway_bench(say, tokens=32, rounds=2)),
         "recovery": ("recovery", lambda: run_recovery_bench(say, trials=1, modes=recovery_modes)),
         "scale": ("scale", lambda: run_scale_bench(say, scale_ns, paced_ns)),
         "cores": ("cores", lambda: run_cores_bench(say)),

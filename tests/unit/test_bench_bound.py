@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.run import decode_steps, fresh_prompt_tokens, workload_bound
+from bench.run import decode_steps, fresh_prompt_tokens, step_price, workload_bound
 from bench.workload import Call
 
 
@@ -31,6 +31,14 @@ def test_the_bound_prices_each_step_by_its_sequences() -> None:
     plan = agents((2,), (1,))  # steps of 2 then 1 sequence
     costs = {"1": 0.02, "4": 0.05}  # 2 sequences: 0.03 s, interpolated
     assert workload_bound(10, plan, 4, 100.0, costs) == pytest.approx(3 / (10 / 100.0 + 0.03 + 0.02))
+
+
+def test_a_step_costs_no_more_than_a_bigger_one_measured_cheaper() -> None:
+    costs = {"1": 0.02, "2": 0.04, "3": 0.07, "4": 0.05, "8": 0.09}  # 3 rows cost more than 4 (as odd ones on an EPYC)
+    assert step_price(3, costs) == pytest.approx(0.05)  # padded to 4
+    assert step_price(2, costs) == pytest.approx(0.04)
+    assert step_price(6, costs) == pytest.approx(0.07)  # interpolated between 4 and 8
+    assert workload_bound(0, agents((2,), (2,), (2,)), 4, 100.0, costs) == pytest.approx(6 / (2 * 0.05))
 
 
 def test_costs_proportional_to_sequences_give_the_full_batch_rate() -> None:
