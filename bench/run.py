@@ -12,6 +12,10 @@ Systems, on the same workload (bench/workload.py, ReAct-shaped agent loops):
 - speculative decoding at BENCH_DRAFT_NS: AIOS fifo with `--draft-tokens`
   against llama-server with its `ngram-simple` drafts, both guessing from the
   context, both paired as above.
+At each N the modes run one after another (each mode's AIOS and peer are up
+from its first N to its last, warmed up with the workload's shared system
+prompt), so that a ratio between two of them spans a minute of the machine's
+drift, not the whole part.
 The workload bound per N is what this CPU's raw llama.cpp costs allow a server
 with no overhead of its own: only the prefixes no earlier call began with
 prefilled, then every step decoding every call that is ready (up to the
@@ -50,6 +54,7 @@ few-minute subset, see QUICK; explicit knobs still win).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import operator
 import os
@@ -601,7 +606,7 @@ def mode_runs(mode: str, first: bool, ns: list[int], policy_ns: list[int], draft
     drafting = variant == "draft"
     if first:
         return policy, drafting, ns, "peer_draft" if drafting else "peer"
-    return policy, drafting, [n for n in (draft_ns if drafting else policy_ns) if n in ns], \
+    return policy, drafting, [n for n in ns if n in (draft_ns if drafting else policy_ns)], \
         "peer_draft" if drafting else None
 
 
@@ -650,12 +655,54 @@ def pooled_costs(probes: list[dict[str, float]]) -> dict[str, float]:
     return {size: statistics.median(p[size] for p in probes) for size in probes[0]}
 
 
+# One short call on every AIOS and peer before measuring: a fresh process's first decodes allocate and fault in what
+# later ones reuse, which would weigh on the first runs only; and every one holds the workload's shared system prompt,
+# as a server in use does, whichever mode runs first at an N.
+WARM_UP = Call(0, 0, SYSTEM + "Hello", 8, 0, 0)
+
+
+class Contender:
+    """One bench mode's AIOS (a cluster with `policy`, drafting `drafts` tokens) and, given the llama-server
+    `binary`, the peer it races (drafting alike), started and warmed up; and the plans this AIOS ran, in order (the
+    bound counts the prefixes it holds from them as reusable)."""
+
+    def __init__(self, policy: str, slots: int, drafts: int, binary: Path | None) -> None:
+        from bench.peer import LlamaServer
+
+        self.served: list[list[list[Call]]] = [[[WARM_UP]]]
+        self.server: Any = None
+        self._stack = stack = contextlib.ExitStack()
+        try:
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"aios-bench-{policy}-")))
+            say(f"starting AIOS ({policy}, {slots} slots{f', drafts of {drafts} tokens' if drafts else ''}) ...")
+            config = ClusterConfig(home=home, policy=policy, slots=slots, model=default_model_path(),
+                                   extra_args={"llm_core": ["--draft-tokens", str(drafts)]})
+            self.cluster = stack.enter_context(Cluster(config))
+            self.kernel = stack.enter_context(self.cluster.connect())
+            self.kernel.register("bench-warm-up").complete(WARM_UP.prompt, max_tokens=WARM_UP.max_tokens,
+                                                           ignore_eos=True)
+            if binary is not None:
+                max_tokens = EngineConfig().max_sequence_tokens
+                say(f"starting llama-server (--parallel {slots}, {max_tokens} tokens per sequence"
+                    f"{f', ngram-simple drafts of {drafts} tokens' if drafts else ''}) ...")
+                self.server = stack.enter_context(LlamaServer(binary, default_model_path(), slots, max_tokens,
+                                                              EngineConfig().threads, home / "llama-server.log",
+                                                              draft_tokens=drafts))
+                self.server.complete(WARM_UP.prompt, WARM_UP.max_tokens)
+        except BaseException:
+            stack.close()
+            raise
+
+    def close(self) -> None:
+        self._stack.close()
+
+
 def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int,
                   policy_ns: list[int], peer: bool, repeats: int = 1, draft_ns: list[int] = ()) -> None:
-    """Sequential, then AIOS fifo interleaved with llama-server per agent count, the other policies at
-    `policy_ns`, speculative AIOS against speculative llama-server at `draft_ns`, then the snapshot
+    """Sequential; then at each agent count AIOS fifo followed by llama-server, the other policies where `policy_ns`
+    has it, speculative AIOS followed by speculative llama-server where `draft_ns` has it; then the snapshot
     microbenchmark; fills `result`."""
-    from bench.peer import LlamaServer, build
+    from bench.peer import build
 
     slots = result["config"]["slots"]
     say(f"machine: {result['config']['cpu']}, {result['config']['cpus']} CPUs")
@@ -699,45 +746,34 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                                             for p in run.get("probed_step_seconds", [])]}
     # (N, row, its plans, its runs, the plans its AIOS ran before them)
     bounded: list[tuple[str, dict[str, Any], list[list[list[Call]]], list[dict[str, Any]], list[list[list[Call]]]]] = []
-    for number, (mode, (policy, drafting, mode_ns, peer_key)) in enumerate(plan_of.items()):
-        drafts = DRAFT_TOKENS if drafting else 0
-        with tempfile.TemporaryDirectory(prefix=f"aios-bench-{policy}-") as home:
-            say(f"starting AIOS ({policy}, {slots} slots{f', drafts of {drafts} tokens' if drafts else ''}) ...")
-            config = ClusterConfig(home=Path(home), policy=policy, slots=slots, model=default_model_path(),
-                                   extra_args={"llm_core": ["--draft-tokens", str(drafts)]})
-            with Cluster(config) as cluster:
-                served: list[list[list[Call]]] = []  # the plans this cluster ran, in order
-                server = None
-                if peer and peer_key:
-                    say(f"starting llama-server (--parallel {slots}, {EngineConfig().max_sequence_tokens} tokens per "
-                        f"sequence{f', ngram-simple drafts of {drafts} tokens' if drafts else ''}) ...")
-                    server = LlamaServer(binary, default_model_path(), slots, EngineConfig().max_sequence_tokens,
-                                         EngineConfig().threads, Path(home) / "llama-server.log", draft_tokens=drafts)
-                try:
-                    with cluster.connect() as kernel:
-                        # One short call each before measuring: a fresh process's first decodes allocate and fault
-                        # in what later ones reuse, which would weigh on the smallest runs only.
-                        kernel.register("bench-warm-up").complete("Hello", max_tokens=8, ignore_eos=True)
-                        if server is not None:
-                            server.complete("Hello", 8)
-                        for n in mode_ns:
-                            calls = [plans[n]] + [plan(n, rounds, SEED + trial, f"n{n}") for trial in range(1, repeats)]
-                            # The first mode's runs are probed (one agent's steps are single-sequence ones: the
-                            # probes of the others cover them).
-                            probing = probe_costs if number == 0 and n > 1 else None
-                            row, peer_row, runs = race(kernel, server, mode, n, calls, probing)
-                            row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
-                            bounded.append((str(n), row, calls, runs if number == 0 else [], list(served)))
-                            served.extend(calls)
-                            if peer_row is not None:
-                                result[peer_key][str(n)] = peer_row
-                            result["aios"][mode][str(n)] = row
-                finally:
-                    if server is not None:
-                        server.close()
-                if mode == modes[-1]:
-                    say("snapshot save/restore ...")
-                    result["snapshots"] = bench_snapshots(runner, cluster.redis_url, [128, 512, 1024])
+    contenders: dict[str, Contender] = {}  # the modes whose AIOS is up: from their first N to their last only
+    try:
+        for n in ns:
+            for number, (mode, (policy, drafting, mode_ns, peer_key)) in enumerate(plan_of.items()):
+                if n not in mode_ns:
+                    continue
+                if mode not in contenders:
+                    contenders[mode] = Contender(policy, slots, DRAFT_TOKENS if drafting else 0,
+                                                 binary if peer_key else None)
+                contender = contenders[mode]
+                calls = [plans[n]] + [plan(n, rounds, SEED + trial, f"n{n}") for trial in range(1, repeats)]
+                # The first mode's runs are probed (one agent's steps are single-sequence ones: the probes of the
+                # others cover them).
+                probing = probe_costs if number == 0 and n > 1 else None
+                row, peer_row, runs = race(contender.kernel, contender.server, mode, n, calls, probing)
+                row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
+                bounded.append((str(n), row, calls, runs if number == 0 else [], list(contender.served)))
+                contender.served.extend(calls)
+                if peer_row is not None:
+                    result[peer_key][str(n)] = peer_row
+                result["aios"][mode][str(n)] = row
+                if n == mode_ns[-1] and mode != modes[0]:  # an idle AIOS costs ~3% of a core (journal, timers)
+                    contenders.pop(mode).close()
+        say("snapshot save/restore ...")
+        result["snapshots"] = bench_snapshots(runner, contenders[modes[0]].cluster.redis_url, [128, 512, 1024])
+    finally:
+        for contender in contenders.values():
+            contender.close()
     probe.close()
     costs = pooled_costs(probes)
     result["probes"] = {"step_seconds": probes, "pooled_step_seconds": costs}
