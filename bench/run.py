@@ -12,10 +12,12 @@ Systems, on the same workload (bench/workload.py, ReAct-shaped agent loops):
 - speculative decoding at BENCH_DRAFT_NS: AIOS fifo with `--draft-tokens`
   against llama-server with its `ngram-simple` drafts, both guessing from the
   context, both paired as above.
-At each N the modes run one after another (each mode's AIOS and peer are up
-from its first N to its last, warmed up with the workload's shared system
-prompt), so that a ratio between two of them spans a minute of the machine's
-drift, not the whole part.
+Each mode's AIOS and peer are warmed up with the workload's shared system prompt
+before its first run, as a server in use holds it (rr does not prefill what fifo
+got from its earlier runs). The modes run one after the other: run back to back
+at each N instead, the fifo run at 32 agents right after another mode's AIOS
+stopped made 0.78 and 0.84 of the bound in two runs (0.93-1.02 in this order;
+no CPU or steal time measured after the stop: cause not found).
 The workload bound per N is what this CPU's raw llama.cpp costs allow a server
 with no overhead of its own: only the prefixes no earlier call began with
 prefilled, then every step decoding every call that is ready (up to the
@@ -81,7 +83,7 @@ from bench.peer import run_peer
 from bench.memory import memory_table, run_memory_bench
 from bench.observability import observability_table, run_observability_bench
 from bench.recovery import RECOVERY_MODES, recovery_table, run_recovery_bench
-from bench.scale import run_scale_bench, scale_table
+from bench.scale import process_cpu_seconds, run_scale_bench, scale_table
 from bench.storage_tools import run_storage_tools_bench, storage_tools_table
 from bench.workload import SYSTEM, Call, plan
 from deploy.cluster import Cluster, ClusterConfig
@@ -265,14 +267,23 @@ def run_sequential(runner: SequentialRunner, calls: list[list[Call]], cap: int) 
 CLIENT_LOOP = asyncio.Runner()
 
 
-def run_aios(kernel: aios.Connection, calls: list[list[Call]]) -> dict[str, Any]:
+BENCH_PROCESS = "bench (agents)"  # this process, in a run's CPU seconds
+
+
+def run_aios(kernel: aios.Connection, calls: list[list[Call]], pids: dict[str, int] | None = None) -> dict[str, Any]:
     """The plan through AIOS, one agent per list of calls, all registered before any starts. The agents run on the
     asyncio SDK in one event loop: the synchronous SDK's blocked calls wake up ten times a second each (grpc's
     polling), which with 64 agent threads cost ~1.2 s of CPU per run, taken from llama.cpp's threads (the peer's
-    client blocks in plain socket reads and costs none of that)."""
+    client blocks in plain socket reads and costs none of that). With the cluster's `pids` (name -> pid), the CPU
+    seconds each of its processes and the bench's own (the agents) spent over the run: the model's threads share the
+    machine's cores with them."""
+    cpu = {name: process_cpu_seconds(pid) for name, pid in (pids or {}).items()}
+    cpu[BENCH_PROCESS] = sum(os.times()[:2])
     before = kernel.status()
     per_agent = CLIENT_LOOP.run(_agents(kernel.address, kernel.token, calls))
     after = kernel.status()
+    cpu = {name: (sum(os.times()[:2]) if name == BENCH_PROCESS else process_cpu_seconds(pids[name])) - seconds
+           for name, seconds in cpu.items()}
     start = min(a["start"] for a in per_agent)
     wall = max(a["end"] for a in per_agent) - start
     tokens = sum(a["tokens"] for a in per_agent)
@@ -295,6 +306,7 @@ def run_aios(kernel: aios.Connection, calls: list[list[Call]]) -> dict[str, Any]
         "prefill_tokens": after.llm.prefill_tokens - before.llm.prefill_tokens,
         "prefill_tokens_saved": after.llm.prefill_tokens_saved - before.llm.prefill_tokens_saved,
         "engine": engine_profile(before.llm, after.llm),
+        "cpu_s": cpu,
     }
 
 
@@ -344,12 +356,20 @@ def engine_profile(before: Any, after: Any) -> dict[str, float]:
             "bridged_steps": after.bridged_steps - before.bridged_steps}
 
 
-def profile_line(n: int, mode: str, profile: dict[str, float]) -> str:
-    return (f"AIOS {mode} at {n} agents, LLM core engine thread: llama_decode {profile['decode_share']:.0%}, "
+def profile_line(n: int, mode: str, row: dict[str, Any]) -> str:
+    """Where a run's time went: the LLM core's engine thread, and the CPU of every process beside the model's."""
+    profile, cpu = row["engine"], dict(row.get("cpu_s", {}))
+    line = (f"AIOS {mode} at {n} agents, LLM core engine thread: llama_decode {profile['decode_share']:.0%} "
+            f"({1000 * profile['decode_seconds'] / max(profile['steps'], 1):.0f} ms a step), "
             f"sampling {profile['sample_share']:.0%}, scheduling {profile['schedule_share']:.0%}, KV copies "
             f"{profile['kv_copy_share']:.0%}, idle {profile['idle_share']:.0%}; {profile['steps']} steps, "
             f"{profile['decoding_per_step']:.1f} sequences decoding per step, {profile['padded_steps']} padded, "
             f"{profile['bridged_steps']} bridged")
+    if cpu:
+        model = cpu.pop("llm_core", 0.0)
+        line += (f"; CPU over the run's {row['wall_s']:.1f} s: llm_core {model:.1f} s, "
+                 + ", ".join(f"{name} {seconds:.2f}" for name, seconds in sorted(cpu.items(), key=lambda x: -x[1])))
+    return line
 
 
 def bench_snapshots(runner: SequentialRunner, redis_url: str, lengths: list[int], reps: int = 9) -> list[dict[str, Any]]:
@@ -610,11 +630,12 @@ def mode_runs(mode: str, first: bool, ns: list[int], policy_ns: list[int], draft
         "peer_draft" if drafting else None
 
 
-def race(kernel: aios.Connection, server: Any, mode: str, n: int, plans: list[list[list[Call]]],
+def race(contender: "Contender", mode: str, n: int, plans: list[list[list[Call]]],
          probe: Callable[[], dict[str, float]] | None
          ) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
-    """AIOS on each plan (repeats: each its own plan of the same shape, since a repeat of the same prompts would find
-    them cached by the one before), each run followed by llama-server on the same plan if `server`, and with `probe`
+    """`contender`'s AIOS on each plan (repeats: each its own plan of the same shape, since a repeat of the same prompts
+    would find them cached by the one before), each run followed by its llama-server on the same plan if it has one,
+    and with `probe`
     the raw step costs measured right before and right after each AIOS run (in the run's "probed_step_seconds").
     Returns the median AIOS run, with the median of the paired ratios; the median peer run; and every AIOS run."""
     runs: list[dict[str, Any]] = []
@@ -622,15 +643,15 @@ def race(kernel: aios.Connection, server: Any, mode: str, n: int, plans: list[li
     for trial, calls in enumerate(plans):
         say(f"AIOS {mode}, {n} agents{f' (run {trial + 1} of {len(plans)})' if len(plans) > 1 else ''} ...")
         before = probe() if probe else {}
-        runs.append(run_aios(kernel, calls))
+        runs.append(run_aios(contender.kernel, calls, contender.pids))
         if probe:
             runs[-1]["probed_step_seconds"] = [before, probe()]
         say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
             f"jain {runs[-1]['jain_fairness']:.2f}"
             + (f"; llama.cpp alone decodes {slots_line(runs[-1]['probed_step_seconds'])}" if probe else ""))
-        if server is not None:  # interleaved: the peer right after AIOS, on the same plan
+        if contender.server is not None:  # interleaved: the peer right after AIOS, on the same plan
             say(f"llama-server, {n} agents ...")
-            peers.append(run_peer(server, calls))
+            peers.append(run_peer(contender.server, calls))
             say(f"  {peers[-1]['tok_per_s']:.1f} tok/s; AIOS {mode} is "
                 f"{runs[-1]['tok_per_s'] / peers[-1]['tok_per_s']:.2f}x llama-server")
     row = median_run(runs)
@@ -693,14 +714,18 @@ class Contender:
             stack.close()
             raise
 
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: process.pid for name, process in self.cluster.processes.items()}
+
     def close(self) -> None:
         self._stack.close()
 
 
 def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int,
                   policy_ns: list[int], peer: bool, repeats: int = 1, draft_ns: list[int] = ()) -> None:
-    """Sequential; then at each agent count AIOS fifo followed by llama-server, the other policies where `policy_ns`
-    has it, speculative AIOS followed by speculative llama-server where `draft_ns` has it; then the snapshot
+    """Sequential, then AIOS fifo interleaved with llama-server per agent count, the other policies at
+    `policy_ns`, speculative AIOS against speculative llama-server at `draft_ns`, then the snapshot
     microbenchmark; fills `result`."""
     from bench.peer import build
 
@@ -746,33 +771,25 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                                             for p in run.get("probed_step_seconds", [])]}
     # (N, row, its plans, its runs, the plans its AIOS ran before them)
     bounded: list[tuple[str, dict[str, Any], list[list[list[Call]]], list[dict[str, Any]], list[list[list[Call]]]]] = []
-    contenders: dict[str, Contender] = {}  # the modes whose AIOS is up: from their first N to their last only
-    try:
-        for n in ns:
-            for number, (mode, (policy, drafting, mode_ns, peer_key)) in enumerate(plan_of.items()):
-                if n not in mode_ns:
-                    continue
-                if mode not in contenders:
-                    contenders[mode] = Contender(policy, slots, DRAFT_TOKENS if drafting else 0,
-                                                 binary if peer_key else None)
-                contender = contenders[mode]
+    for number, (mode, (policy, drafting, mode_ns, peer_key)) in enumerate(plan_of.items()):
+        contender = Contender(policy, slots, DRAFT_TOKENS if drafting else 0, binary if peer_key else None)
+        try:
+            for n in mode_ns:
                 calls = [plans[n]] + [plan(n, rounds, SEED + trial, f"n{n}") for trial in range(1, repeats)]
                 # The first mode's runs are probed (one agent's steps are single-sequence ones: the probes of the
                 # others cover them).
                 probing = probe_costs if number == 0 and n > 1 else None
-                row, peer_row, runs = race(contender.kernel, contender.server, mode, n, calls, probing)
+                row, peer_row, runs = race(contender, mode, n, calls, probing)
                 row["ratio_vs_sequential"] = row["tok_per_s"] / result["sequential"][str(n)]["tok_per_s"]
                 bounded.append((str(n), row, calls, runs if number == 0 else [], list(contender.served)))
                 contender.served.extend(calls)
                 if peer_row is not None:
                     result[peer_key][str(n)] = peer_row
                 result["aios"][mode][str(n)] = row
-                if n == mode_ns[-1] and mode != modes[0]:  # an idle AIOS costs ~3% of a core (journal, timers)
-                    contenders.pop(mode).close()
-        say("snapshot save/restore ...")
-        result["snapshots"] = bench_snapshots(runner, contenders[modes[0]].cluster.redis_url, [128, 512, 1024])
-    finally:
-        for contender in contenders.values():
+            if mode == modes[-1]:
+                say("snapshot save/restore ...")
+                result["snapshots"] = bench_snapshots(runner, contender.cluster.redis_url, [128, 512, 1024])
+        finally:
             contender.close()
     probe.close()
     costs = pooled_costs(probes)
@@ -968,7 +985,7 @@ def main() -> int:
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     for mode, rows in result["aios"].items():
         for n, row in rows.items():
-            print(profile_line(int(n), mode, row["engine"]))
+            print(profile_line(int(n), mode, row))
     if result["floor_checks"]:
         print(f"\nfloors (same-run ratios) on {result['config']['cpu']}:")
     for check in result["floor_checks"]:
