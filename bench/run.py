@@ -270,6 +270,11 @@ CLIENT_LOOP = asyncio.Runner()
 BENCH_PROCESS = "bench (agents)"  # this process, in a run's CPU seconds
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """The CPU seconds so far of each process of `pids` (name -> pid) and of this one."""
+    return {**{name: process_cpu_seconds(pid) for name, pid in pids.items()}, BENCH_PROCESS: sum(os.times()[:2])}
+
+
 def run_aios(kernel: aios.Connection, calls: list[list[Call]], pids: dict[str, int] | None = None) -> dict[str, Any]:
     """The plan through AIOS, one agent per list of calls, all registered before any starts. The agents run on the
     asyncio SDK in one event loop: the synchronous SDK's blocked calls wake up ten times a second each (grpc's
@@ -277,13 +282,11 @@ def run_aios(kernel: aios.Connection, calls: list[list[Call]], pids: dict[str, i
     client blocks in plain socket reads and costs none of that). With the cluster's `pids` (name -> pid), the CPU
     seconds each of its processes and the bench's own (the agents) spent over the run: the model's threads share the
     machine's cores with them."""
-    cpu = {name: process_cpu_seconds(pid) for name, pid in (pids or {}).items()}
-    cpu[BENCH_PROCESS] = sum(os.times()[:2])
+    cpu_before = cpu_seconds(pids or {})
     before = kernel.status()
     per_agent = CLIENT_LOOP.run(_agents(kernel.address, kernel.token, calls))
     after = kernel.status()
-    cpu = {name: (sum(os.times()[:2]) if name == BENCH_PROCESS else process_cpu_seconds(pids[name])) - seconds
-           for name, seconds in cpu.items()}
+    cpu = {name: seconds - cpu_before[name] for name, seconds in cpu_seconds(pids or {}).items()}
     start = min(a["start"] for a in per_agent)
     wall = max(a["end"] for a in per_agent) - start
     tokens = sum(a["tokens"] for a in per_agent)
@@ -635,8 +638,8 @@ def race(contender: "Contender", mode: str, n: int, plans: list[list[list[Call]]
          ) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
     """`contender`'s AIOS on each plan (repeats: each its own plan of the same shape, since a repeat of the same prompts
     would find them cached by the one before), each run followed by its llama-server on the same plan if it has one,
-    and with `probe`
-    the raw step costs measured right before and right after each AIOS run (in the run's "probed_step_seconds").
+    and with `probe` the raw step costs measured right before and right after each AIOS run (in the run's
+    "probed_step_seconds").
     Returns the median AIOS run, with the median of the paired ratios; the median peer run; and every AIOS run."""
     runs: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
