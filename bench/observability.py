@@ -29,7 +29,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import aios
 from bench.otlp_collector import OtlpCollectorStub
-from bench.scale import process_cpu_seconds
 from bench.workload import Call, plan
 from deploy.cluster import Cluster, ClusterConfig
 
@@ -86,7 +85,8 @@ def seeing_inside_cpu(cluster: Cluster) -> dict[str, float]:
     return spent
 
 
-def run_observability_bench(say: Callable[[str], None], run_aios: Callable[[aios.Connection, list[list[Call]]], dict],
+def run_observability_bench(say: Callable[[str], None],
+                            run_aios: Callable[[aios.Connection, list[list[Call]], dict[str, int]], dict],
                             slots: int, seed: int) -> dict[str, Any]:
     result: dict[str, Any] = {"agents": AGENTS, "pairs": PAIRS, "scrape_every_s": SCRAPE_EVERY_S}
     with ExitStack() as stack:
@@ -109,11 +109,10 @@ def run_observability_bench(say: Callable[[str], None], run_aios: Callable[[aios
         for pair in range(PAIRS):
             calls = plan(AGENTS, 1, seed, f"observability-{pair}")
             for label in (PLAIN, OBSERVED) if pair % 2 == 0 else (OBSERVED, PLAIN):  # neither always goes first
-                pids = {name: p.pid for name, p in clusters[label].processes.items()}
-                before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
                 inside = seeing_inside_cpu(clusters[label])
-                run = run_aios(kernels[label], calls)
-                spent = {name: process_cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+                pids = clusters[label].pids()
+                run = run_aios(kernels[label], calls, pids)
+                spent = {name: run["cpu_s"][name] for name in pids}  # AIOS's processes, not the agents' one
                 cpu_s = sum(spent.values())
                 run["cpu_ms_per_token"] = 1000 * cpu_s / run["tokens"]
                 run["cpu_ms_per_token_by_service"] = {name: 1000 * s / run["tokens"] for name, s in spent.items()}

@@ -282,11 +282,12 @@ def run_aios(kernel: aios.Connection, calls: list[list[Call]], pids: dict[str, i
     client blocks in plain socket reads and costs none of that). With the cluster's `pids` (name -> pid), the CPU
     seconds each of its processes and the bench's own (the agents) spent over the run: the model's threads share the
     machine's cores with them."""
-    cpu_before = cpu_seconds(pids or {})
+    pids = pids or {}
+    cpu_before = cpu_seconds(pids)
     before = kernel.status()
     per_agent = CLIENT_LOOP.run(_agents(kernel.address, kernel.token, calls))
     after = kernel.status()
-    cpu = {name: seconds - cpu_before[name] for name, seconds in cpu_seconds(pids or {}).items()}
+    cpu = {name: seconds - cpu_before[name] for name, seconds in cpu_seconds(pids).items()}
     start = min(a["start"] for a in per_agent)
     wall = max(a["end"] for a in per_agent) - start
     tokens = sum(a["tokens"] for a in per_agent)
@@ -646,7 +647,7 @@ def race(contender: "Contender", mode: str, n: int, plans: list[list[list[Call]]
     for trial, calls in enumerate(plans):
         say(f"AIOS {mode}, {n} agents{f' (run {trial + 1} of {len(plans)})' if len(plans) > 1 else ''} ...")
         before = probe() if probe else {}
-        runs.append(run_aios(contender.kernel, calls, contender.pids))
+        runs.append(run_aios(contender.kernel, calls, contender.cluster.pids()))
         if probe:
             runs[-1]["probed_step_seconds"] = [before, probe()]
         say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
@@ -716,10 +717,6 @@ class Contender:
         except BaseException:
             stack.close()
             raise
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return {name: process.pid for name, process in self.cluster.processes.items()}
 
     def close(self) -> None:
         self._stack.close()

@@ -412,6 +412,10 @@ class Cluster:
     def pid_of(self, name: str) -> int:
         return self.processes[name].pid
 
+    def pids(self) -> dict[str, int]:
+        """name -> pid of every running service (Redis included when this system started it)."""
+        return {name: p.pid for name, p in self.processes.items()}
+
     def __enter__(self) -> "Cluster":
         self.start()
         return self
@@ -610,7 +614,7 @@ class Cluster:
             "redis": self.processes["redis"].address if "redis" in self.processes else "external",
             "redis_persistence": (f"append-only file, fsync every second, in {self.data / 'redis'}"
                                   if "redis" in self.processes else "external: as configured there"),
-            "pids": {**{name: p.pid for name, p in self.processes.items()},
+            "pids": {**self.pids(),
                      **{f"{name}_standby": p.pid for name, p in self.standbys.items()}},
             "started_at": self.started_at,
         }
