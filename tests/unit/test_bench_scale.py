@@ -1,0 +1,25 @@
+"""The scale part's paced repeats: which run stands for the count, and that no run's errors are dropped."""
+
+from __future__ import annotations
+
+from bench.scale import median_run
+
+
+def run(p99: float, **errors: int) -> dict:
+    return {"p50_ms": p99 / 3, "p99_ms": p99, "syscalls": 10_000, "errors": dict(errors)}
+
+
+def test_the_run_with_the_median_p99_stands_for_the_count_with_every_runs_p99_in_order() -> None:
+    row = median_run([run(61.0), run(25.0), run(38.0)])
+    assert row["p99_ms"] == 38.0 and row["p50_ms"] == 38.0 / 3
+    assert row["p99_ms_repeats"] == [61.0, 25.0, 38.0]
+
+
+def test_an_even_count_takes_the_lower_middle_and_one_run_is_itself() -> None:
+    assert median_run([run(40.0), run(10.0), run(90.0), run(20.0)])["p99_ms"] == 20.0
+    assert median_run([run(33.0)])["p99_ms_repeats"] == [33.0]
+
+
+def test_an_error_in_any_run_counts_even_when_another_run_is_kept() -> None:
+    row = median_run([run(10.0, memory_add_UNAVAILABLE=2), run(20.0), run(30.0, tool_DEADLINE_EXCEEDED=1)])
+    assert row["errors"] == {"memory_add_UNAVAILABLE": 2, "tool_DEADLINE_EXCEEDED": 1}
