@@ -271,7 +271,7 @@ class EngineStats:
     prefix_restores_from_ram: int = 0
     draft_tokens: int = 0  # guessed tokens decoded for verification
     draft_tokens_accepted: int = 0  # of them, those the model produced too: each saved a decode step
-    padded_steps: int = 0  # decode steps given one logits row more, because that made them cheaper (_even_outputs)
+    padded_steps: int = 0  # decode steps given logits rows more, because that measured cheaper (_padded_size)
     bridged_steps: int = 0  # decode steps whose padding row bridged a seq_id left among decoding ones (_bridge_row)
 
 
@@ -1014,16 +1014,19 @@ class BatchEngine:
         if stepping:
             budget = min(budget, self.config.prefill_chunk)
         chunks = self._prefill_chunks(active, budget)
-        pad = self._bridge_row(active)  # (seq_id, position, logits) of a padding row, listed in seq_id order
-        self.stats.bridged_steps += pad is not None
-        if pad is None and not chunks and not drafts:
-            pad = self._padding_row(active, decoding)
-        self.stats.padded_steps += pad is not None and pad[2]
-        padded = False
+        bridge = self._bridge_row(active)  # (seq_id, position) of a row over the one gap among the decoding ones
+        self.stats.bridged_steps += bridge is not None
+        if chunks or drafts or decoding != len(active):  # logits rows evened out, if at all, by _even_outputs
+            pads = [] if bridge is None else [(*bridge, False)]
+        else:
+            pads = self._padding_rows(active, decoding, bridge)
+        self.stats.padded_steps += len(pads) > (bridge is not None)
+        # (seq_id, position, logits) of each padding row, in seq_id order
+        listed = 0  # pads listed so far (each goes before the first sequence above its seq_id)
         for seq in active:
-            if pad is not None and pad[0] < seq.slot and not padded:
-                add(0, pad[1], pad[0], pad[2])  # any token: its logits, if computed, are never read
-                padded = True
+            while listed < len(pads) and pads[listed][0] < seq.slot:
+                add(0, pads[listed][1], pads[listed][0], pads[listed][2])  # any token: its logits are never read
+                listed += 1
             if seq.next_token is not None:
                 add(seq.next_token, seq.n_past, seq.slot, True, seq)
                 seq.n_past += 1
@@ -1051,16 +1054,16 @@ class BatchEngine:
                     seq.n_past += ride
         if batch.n_tokens == 0:
             return
-        if pad is not None and not padded:  # after the decoding ones
-            add(0, pad[1], pad[0], pad[2])
+        for slot, pos, logits in pads[listed:]:  # after the decoding ones
+            add(0, pos, slot, logits)
         logit_rows = self._even_outputs(seq_ids, wants)
         decode_started = time.perf_counter()
         self.stats.schedule_seconds += decode_started - started
         try:
             rc = llama.llama_decode(self.ctx, batch)
         finally:
-            if pad is not None:
-                self._remove_padding(pad[0], pad[1])
+            for slot, pos, _ in pads:
+                self._remove_padding(slot, pos)
         decoded, copying = time.perf_counter(), self.stats.kv_copy_seconds
         self.stats.decode_seconds += decoded - decode_started
         if rc != 0:
@@ -1099,38 +1102,51 @@ class BatchEngine:
                 self._accept(seq, seq.replay[0])
         self.stats.sample_seconds += time.perf_counter() - decoded - (self.stats.kv_copy_seconds - copying)
 
-    def _padding_pays(self, rows: int) -> bool:
-        """The steps measured here say that `rows` + 1 rows of logits cost at least PADDING_GAIN less than `rows`."""
-        plain, padded = self.step_costs.of(rows, 1), self.step_costs.of(rows + 1, 1)
-        return plain is not None and padded is not None and padded <= plain * (1 - PADDING_GAIN)
+    def _padded_size(self, rows: int, most: int, explore: bool = True) -> int:
+        """How many rows of logits (`rows` up to `most`) a pass over the weights that needs `rows` of them should
+        compute, the extra ones on rows whose logits are never read: the number the steps measured here say costs
+        least, by at least PADDING_GAIN below `rows` itself. llama.cpp's matrix products take some numbers of rows
+        faster than fewer, and which ones depends on the CPU (on one 2-core EPYC an odd number cost more than one
+        more: 15 rows 185 ms, 16 167; on another, multiples of 4 took a faster kernel: 13-15 rows 87-94 ms, 16 68).
+        With `explore` (a step of decoding rows only, whose cost is measured), a size above `rows` not measured
+        yet is chosen, the smallest first, so that each gets measured once."""
+        plain = self.step_costs.of(rows, 1)
+        if rows < 2 or plain is None:
+            return rows
+        best, best_cost = rows, plain * (1 - PADDING_GAIN)
+        for size in range(rows + 1, most + 1):
+            cost = self.step_costs.of(size, 1)
+            if cost is None:
+                if explore:
+                    return size
+            elif cost < best_cost:
+                best, best_cost = size, cost
+        return best
 
-    def _padding_row(self, active: list[Sequence], decoding: int) -> tuple[int, int, bool] | None:
-        """Where a padding row goes in a decode step of an odd number of sequences (3 or more), one token each
-        (seq_id, position, with logits), when the steps measured here say one row more costs less: llama.cpp's
-        output layer over an odd number of rows costs more than over one more on a 2-core EPYC (15 rows 185 ms, 16
-        rows 167; 5 rows 116, 6 rows 83). A size not measured padded yet is tried once; then padding stays only
-        while it measures at least PADDING_GAIN cheaper. The row goes to the seq_id right after the decoding ones
-        (one run of seq_ids: no pass over the weights more), after whatever rests there, and its cell is removed
-        after the step. None when padding does not pay or has no safe place."""
-        if decoding != len(active) or not self._padding_tried(decoding):
-            return None
-        slot = active[-1].slot + 1  # active is in seq_id order: slot == decoding when they hold 0..decoding-1
-        pos = self._padding_position(slot) if slot == decoding else None
-        return None if pos is None else (slot, pos, True)
+    def _padding_rows(self, active: list[Sequence], decoding: int, bridge: tuple[int, int] | None
+                      ) -> list[tuple[int, int, bool]]:
+        """The padding rows (seq_id, position, with logits), one token each, of a step of `decoding` sequences that
+        all decode, on seq_ids 0.. with at most the one gap that `bridge` fills: the bridge row, then rows on the
+        seq_ids right after (one run of seq_ids: no pass over the weights more), each after whatever rests there,
+        as many as bring the step to the number of rows _padded_size picks. Every row has logits, so that a step's
+        rows are what its measured cost is kept under. Their cells are removed after the step."""
+        pads = [] if bridge is None else [(*bridge, True)]
+        rows = decoding + len(pads)
+        if not active or active[-1].slot + 1 != rows:
+            return pads
+        free: list[tuple[int, int, bool]] = []  # the seq_ids above the decoding ones that can take a row, in order
+        for slot in range(rows, max(self.config.slots, rows + 1)):  # a step of `slots` rows, or one more
+            pos = self._padding_position(slot)
+            if pos is None:
+                break
+            free.append((slot, pos, True))
+        return pads + free[:self._padded_size(rows, rows + len(free)) - rows]
 
-    def _padding_tried(self, decoding: int) -> bool:
-        """Whether a step of `decoding` rows of logits gets a padding row with logits: an odd number (3 or more)
-        measured plain, whose padded size measured cheaper or was not measured yet (then it is tried once)."""
-        if decoding < 3 or decoding % 2 == 0 or self.step_costs.of(decoding, 1) is None:
-            return False
-        return self.step_costs.of(decoding + 1, 1) is None or self._padding_pays(decoding)
-
-    def _bridge_row(self, active: list[Sequence]) -> tuple[int, int, bool] | None:
-        """Where a padding row (seq_id, position, logits) joins the decoding sequences into one run of seq_ids over
-        the one seq_id among them that none holds, while that gap waits for a joining sequence (_compact_locked): the
-        run stays one pass over the weights. It has logits where a padding row of _padding_row would. None when
-        there is not exactly one gap (or the row has no safe place there), or with speculation, whose steps give
-        each sequence the same number of rows."""
+    def _bridge_row(self, active: list[Sequence]) -> tuple[int, int] | None:
+        """Where (seq_id, position) a padding row joins the decoding sequences into one run of seq_ids over the one
+        seq_id among them that none holds, while that gap waits for a joining sequence (_compact_locked): the run
+        stays one pass over the weights. None when there is not exactly one gap (or the row has no safe place
+        there), or with speculation, whose steps give each sequence the same number of rows."""
         if self.config.draft_tokens or not active:
             return None
         held = {seq.slot for seq in active}
@@ -1139,8 +1155,7 @@ class BatchEngine:
             return None
         gap = next(slot for slot in range(top) if slot not in held)
         pos = self._padding_position(gap)
-        decoding = sum(1 for seq in active if seq.next_token is not None)
-        return None if pos is None else (gap, pos, decoding == len(active) and self._padding_tried(decoding))
+        return None if pos is None else (gap, pos)
 
     def _padding_position(self, slot: int) -> int | None:
         """The position a padding row can take in `slot`, after whatever rests there, if any."""
@@ -1153,19 +1168,19 @@ class BatchEngine:
         return pos
 
     def _even_outputs(self, seq_ids: list[int], wants: list[bool]) -> int:
-        """Gives each pass over the weights that would compute an odd number of logits rows (3 or more) one row's
-        logits more, on a row whose logits are not read (a prompt token, a padding row), when the steps measured
-        here say that costs less (see _padding_row). A joining prompt's first token shares the pass of the decoding
-        rows: with 15 of them, that pass measured 249 ms, 227 with that token's logits too (2-core EPYC). `wants`:
-        each row's logits flag. Returns the batch's logits rows."""
-        if all(wants):  # decoding rows only: _padding_row's business
+        """Gives each pass over the weights as many logits rows as the steps measured here say cost least
+        (_padded_size), the extra ones on rows whose logits are not read (a prompt token, a padding row). A joining
+        prompt's first token shares the pass of the decoding rows: with 15 of them, that pass measured 249 ms, 227
+        with that token's logits too (2-core EPYC). `wants`: each row's logits flag. Returns the batch's logits rows."""
+        if all(wants):  # decoding rows only: _padding_rows' business
             return len(wants)
         total, flipped = 0, False
         for rows in ubatches(seq_ids, self.config.n_batch):
             wanted = sum(1 for i in rows if wants[i])
-            if wanted >= 3 and wanted % 2 and wanted < len(rows) and self._padding_pays(wanted):
-                self.batch.logits[next(i for i in rows if not wants[i])] = True
-                wanted, flipped = wanted + 1, True
+            extra = self._padded_size(wanted, len(rows), explore=False) - wanted if wanted else 0
+            for i in [i for i in rows if not wants[i]][:extra]:
+                self.batch.logits[i] = True
+            wanted, flipped = wanted + extra, flipped or extra > 0
             total += wanted
         self.stats.padded_steps += flipped
         return total

@@ -750,6 +750,43 @@ def test_a_padding_row_goes_where_it_measured_cheaper_and_leaves_what_rests_ther
     assert resting[True] == resting[False]
 
 
+@pytest.mark.parametrize("cheapest", [4, 2], ids=["four-rows-measured-cheapest", "two-rows-measured-cheapest"])
+def test_a_step_is_padded_to_the_row_count_measured_cheapest_and_its_outputs_stay_the_same(model, monkeypatch, cheapest):
+    """Where the learnt step costs say 4 rows of logits cost least (llama.cpp's matrix products take some row counts
+    faster than fewer: multiples of 4 on one EPYC), two decoding sequences get two padding rows, on seq_ids 2 and 3,
+    every decode step; where they say 2 rows do, none. The tokens are the same either way, and the padding rows'
+    cells are gone after each step."""
+    spy = DecodeSpy()
+    monkeypatch.setattr(llama, "llama_decode", spy)
+    h = Harness(model, slots=4, resident=5)
+    try:
+        for rows in (2, 3, 4):
+            h.engine.step_costs.observe(rows, 1, 0.001 if rows == cheapest else 1.0)
+        with h.engine._cond:  # admitted together: they decode together, every step
+            runs = [h.start(f"pad-{i}", SamplingConfig(max_tokens=10, ignore_eos=True), prompt=f"{i} rivers and")
+                    for i in range(2)]
+        tokens = [[e.token_id for e in drain(events)] for _, events in runs]
+        with h.engine._cond:
+            left = [llama.llama_memory_seq_pos_max(h.engine.memory, slot) for slot in (2, 3)]
+    finally:
+        h.close()
+    decode_steps = [rows for rows in spy.batches if all(logits for _, logits in rows) and rows[0][0] == 0
+                    and len({s for s, _ in rows}) == len(rows)]  # one token a seq_id, all with logits
+    padded = [rows for rows in decode_steps if [s for s, _ in rows] == [0, 1, 2, 3]]
+    assert len(padded) >= 8 if cheapest == 4 else padded == []
+    assert left == [-1, -1]  # nothing rests there: each padding row's cell was removed after its step
+    unpadded = Harness(model, slots=4, resident=5)
+    try:
+        for rows in (2, 3, 4):  # every size measured, 2 cheapest: no padding, none tried
+            unpadded.engine.step_costs.observe(rows, 1, 0.001 if rows == 2 else 1.0)
+        with unpadded.engine._cond:
+            alone = [unpadded.start(f"alone-{i}", SamplingConfig(max_tokens=10, ignore_eos=True),
+                                    prompt=f"{i} rivers and") for i in range(2)]
+        assert tokens == [[e.token_id for e in drain(events)] for _, events in alone]
+    finally:
+        unpadded.close()
+
+
 def test_ubatches_follow_llama_cpps_equal_split_of_runs_of_seq_ids():
     """What _even_outputs counts on: llama.cpp's split_equal (its split for separate KV streams) makes a pass over
     the weights of each run of consecutive seq_ids, as many rows of each as the one with fewest left has."""
@@ -772,14 +809,18 @@ def test_a_seq_id_left_among_decoding_ones_is_bridged_until_a_joining_sequence_t
     h = Harness(model, slots=3, resident=4)
     try:
         b, c = leave_a_gap(h)
+        gap_opened = len(spy.batches)
         copied_before = h.engine.stats.kv_copy_seconds
         wait_until(lambda: h.engine.stats.bridged_steps >= 3, what="three bridged steps")
+        bridged = spy.batches[gap_opened:]
         _, joining = h.start("joining", GREEDY, prompt=AGENT_PROMPT + " Also check the clock in Europe/Paris and report.")
         joined, b_events, c_events = drain(joining), drain(b), drain(c)
         assert joined[0].slot == 0 and {e.slot for e in b_events} == {1} and {e.slot for e in c_events} == {2}
         assert h.engine.stats.kv_copy_seconds == copied_before  # nothing moved, nothing copied
-        bridged = [rows for rows in spy.batches if [s for s, _ in rows] == [0, 1, 2] and not rows[0][1]]
-        assert len(bridged) >= 3  # the padding row on seq_id 0, without logits (two decoding: even already)
+        # while the gap waited: a padding row on seq_id 0 (and one on 3 where 4 rows measured cheaper), with logits
+        # like every row of a decode step
+        assert len(bridged) >= 3 and all([s for s, _ in rows][:3] == [0, 1, 2] and all(logits for _, logits in rows)
+                                          for rows in bridged)
         assert all(sorted(set(s for s, _ in rows)) == list(range(len(set(s for s, _ in rows))))
                    for rows in spy.batches)  # every step one run of seq_ids from 0
         assert [e.token_id for e in b_events] == [e.token_id for e in c_events]
