@@ -1016,12 +1016,12 @@ class BatchEngine:
         chunks = self._prefill_chunks(active, budget)
         bridge = self._bridge_row(active)  # (seq_id, position) of a row over the one gap among the decoding ones
         self.stats.bridged_steps += bridge is not None
+        # (seq_id, position, logits) of each padding row, in seq_id order
         if chunks or drafts or decoding != len(active):  # logits rows evened out, if at all, by _even_outputs
             pads = [] if bridge is None else [(*bridge, False)]
         else:
             pads = self._padding_rows(active, decoding, bridge)
         self.stats.padded_steps += len(pads) > (bridge is not None)
-        # (seq_id, position, logits) of each padding row, in seq_id order
         listed = 0  # pads listed so far (each goes before the first sequence above its seq_id)
         for seq in active:
             while listed < len(pads) and pads[listed][0] < seq.slot:
