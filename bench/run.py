@@ -84,6 +84,7 @@ from bench.memory import memory_table, run_memory_bench
 from bench.observability import observability_table, run_observability_bench
 from bench.recovery import RECOVERY_MODES, recovery_table, run_recovery_bench
 from bench.scale import process_cpu_seconds, run_scale_bench, scale_table
+from bench.stats import median_run
 from bench.storage_tools import run_storage_tools_bench, storage_tools_table
 from bench.workload import SYSTEM, Call, plan
 from deploy.cluster import Cluster, ClusterConfig
@@ -607,16 +608,6 @@ def step_price(sequences: int, step_seconds: dict[str, float]) -> float:
     return min([float(np.interp(sequences, sizes, costs))] + [c for s, c in zip(sizes, costs) if s >= sequences])
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median throughput (the lower middle of an even number), with every run's tok/s and their
-    spread ((max - min) / median) beside it."""
-    ranked = sorted(runs, key=lambda r: r["tok_per_s"])
-    middle = dict(ranked[(len(ranked) - 1) // 2])
-    middle["tok_per_s_runs"] = [r["tok_per_s"] for r in runs]
-    middle["spread"] = (ranked[-1]["tok_per_s"] - ranked[0]["tok_per_s"]) / middle["tok_per_s"]
-    return middle
-
-
 # Speculative runs: AIOS `--draft-tokens` and llama-server's ngram-simple draft up to this many tokens.
 DRAFT_TOKENS = 4
 
@@ -658,12 +649,12 @@ def race(contender: "Contender", mode: str, n: int, plans: list[list[list[Call]]
             peers.append(run_peer(contender.server, calls))
             say(f"  {peers[-1]['tok_per_s']:.1f} tok/s; AIOS {mode} is "
                 f"{runs[-1]['tok_per_s'] / peers[-1]['tok_per_s']:.2f}x llama-server")
-    row = median_run(runs)
+    row = median_run(runs, "tok_per_s")
     if not peers:
         return row, None, runs
     row["ratio_vs_peer_runs"] = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(runs, peers)]
     row["ratio_vs_peer"] = statistics.median(row["ratio_vs_peer_runs"])
-    return row, median_run(peers), runs
+    return row, median_run(peers, "tok_per_s"), runs
 
 
 def slots_line(probed: list[dict[str, float]]) -> str:

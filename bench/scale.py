@@ -33,6 +33,7 @@ import aios
 import aios.aio
 from bench.pacing import latency_ms, pace
 from bench.relay import relay_bench
+from bench.stats import median_run
 from deploy.cluster import Cluster, ClusterConfig
 
 KINDS = ("register", "llm", "memory_add", "memory_get", "storage_write", "storage_read", "tool")
@@ -177,14 +178,13 @@ async def paced(address: str, token: str, n: int, seconds: float, tag: str) -> d
         return summary(latencies, errors, wall)
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median p99 of `runs` (the lower middle of an even count), with every run's p99 in run order
-    and the errors of all of them (an error in any run counts)."""
-    middle = sorted(runs, key=lambda run: run["p99_ms"])[(len(runs) - 1) // 2]
+def paced_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the paced runs of one agent count report: the run with the median p99 (bench/stats.py), with the errors
+    of all of them (an error in any run counts)."""
     errors: collections.Counter = collections.Counter()
     for run in runs:
         errors.update(run["errors"])
-    return {**middle, "errors": dict(errors), "p99_ms_repeats": [run["p99_ms"] for run in runs]}
+    return {**median_run(runs, "p99_ms"), "errors": dict(errors)}
 
 
 def wave(run: Callable[[Any], Any], cluster: Cluster, n: int, tag: str) -> dict[str, Any]:
@@ -233,9 +233,9 @@ def run_scale_bench(say: Callable[[str], None], agent_counts: list[int], paced_c
                     + (f", {repeats} times" if repeats > 1 else "") + " ...")
                 runs = [loop.run(paced(cluster.kernel_address, cluster.operator_token, n, PACED_SECONDS, f"{n}-{i}"))
                         for i in range(repeats)]
-                row = paced_rows[str(n)] = median_run(runs)
+                row = paced_rows[str(n)] = paced_row(runs)
                 say(f"  p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms"
-                    + (f" (median of p99s {', '.join(f'{p:.0f}' for p in row['p99_ms_repeats'])})" if repeats > 1 else "")
+                    + (f" (median of p99s {', '.join(f'{p:.0f}' for p in row['p99_ms_runs'])})" if repeats > 1 else "")
                     + f", {sum(row['errors'].values())} errors")
         # The relay paced at the largest count only: that is where a floor compares them (the table prints the relay
         # beside each paced row it has).
@@ -289,7 +289,7 @@ def scale_table(result: dict[str, Any]) -> str:
                      f"machine: {t['relay_ceiling_calls_per_s']:.0f} calls/s (AIOS at {t['of_relay_ceiling']:.2f} of it)")
     for n, r in result.get("paced", {}).items():
         relay = r.get("relay")
-        repeats = r.get("p99_ms_repeats", [])
+        repeats = r.get("p99_ms_runs", [])
         lines.append(f"paced, {n} agents at 1 syscall/s each: {r['syscalls_per_s']:.0f} syscalls/s done, p50 "
                      f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms"
                      + (f" (the median of {len(repeats)} runs' p99s: {', '.join(f'{p:.0f}' for p in repeats)})"
