@@ -187,6 +187,12 @@ def paced_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**median_run(runs, "p99_ms"), "errors": dict(errors)}
 
 
+def p99_runs(row: dict[str, Any]) -> str:
+    """The p99 of every paced run behind `row`, when there were several, for the progress line and the table."""
+    runs = row.get("p99_ms_runs", [])
+    return f" (the median of {len(runs)} runs' p99s: {', '.join(f'{p:.0f}' for p in runs)})" if len(runs) > 1 else ""
+
+
 def wave(run: Callable[[Any], Any], cluster: Cluster, n: int, tag: str) -> dict[str, Any]:
     """`n` agents at once on `cluster`: wall time, rates, errors, the kernel's CPU and memory, latencies per kind.
     `run` runs a coroutine on the part's one event loop."""
@@ -234,9 +240,8 @@ def run_scale_bench(say: Callable[[str], None], agent_counts: list[int], paced_c
                 runs = [loop.run(paced(cluster.kernel_address, cluster.operator_token, n, PACED_SECONDS, f"{n}-{i}"))
                         for i in range(repeats)]
                 row = paced_rows[str(n)] = paced_row(runs)
-                say(f"  p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms"
-                    + (f" (median of p99s {', '.join(f'{p:.0f}' for p in row['p99_ms_runs'])})" if repeats > 1 else "")
-                    + f", {sum(row['errors'].values())} errors")
+                say(f"  p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms{p99_runs(row)}, "
+                    f"{sum(row['errors'].values())} errors")
         # The relay paced at the largest count only: that is where a floor compares them (the table prints the relay
         # beside each paced row it has).
         relay_paced = paced_counts[-1:]
@@ -289,11 +294,8 @@ def scale_table(result: dict[str, Any]) -> str:
                      f"machine: {t['relay_ceiling_calls_per_s']:.0f} calls/s (AIOS at {t['of_relay_ceiling']:.2f} of it)")
     for n, r in result.get("paced", {}).items():
         relay = r.get("relay")
-        repeats = r.get("p99_ms_runs", [])
         lines.append(f"paced, {n} agents at 1 syscall/s each: {r['syscalls_per_s']:.0f} syscalls/s done, p50 "
-                     f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms"
-                     + (f" (the median of {len(repeats)} runs' p99s: {', '.join(f'{p:.0f}' for p in repeats)})"
-                        if len(repeats) > 1 else "") + f", {sum(r['errors'].values())} errors"
+                     f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms{p99_runs(r)}, {sum(r['errors'].values())} errors"
                      + (f"; the bare relay paced alike: {relay['calls_per_s']:.0f} calls/s, p50 {relay['p50_ms']:.0f} "
                         f"ms, p99 {relay['p99_ms']:.0f} ms" if relay else ""))
     if "fit" in result:
