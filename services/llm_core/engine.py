@@ -276,6 +276,15 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class Draft:
+    """The guessed tokens one decoding sequence carries in a step: its own guesses (the first `own`), then weaker
+    ones that fill its rows up to the step's draft length."""
+
+    tokens: list[int]
+    own: int
+
+
+@dataclass(frozen=True)
 class CachedPrefix:
     """A finished sequence's KV resting in its seq_id: the tokens it holds and the agent whose they were."""
 
@@ -1009,7 +1018,7 @@ class BatchEngine:
         active = sorted(active, key=lambda s: s.slot)
         drafts = self._drafts(active)
         decoding = sum(1 for seq in active if seq.next_token is not None)  # sequences decoding this step
-        stepping = decoding + sum(len(draft) for draft in drafts.values())  # their tokens, guesses included
+        stepping = decoding + sum(len(draft.tokens) for draft in drafts.values())  # their tokens, guesses included
         budget = self.config.n_batch - stepping
         if stepping:
             budget = min(budget, self.config.prefill_chunk)
@@ -1031,7 +1040,7 @@ class BatchEngine:
                 add(seq.next_token, seq.n_past, seq.slot, True, seq)
                 seq.n_past += 1
                 seq.next_token = None
-                for m, token in enumerate(drafts.get(seq, [])):
+                for m, token in enumerate(drafts[seq].tokens if seq in drafts else []):
                     add(token, seq.n_past + m, seq.slot, True)
             elif seq in chunks:
                 take, ride = chunks[seq]
@@ -1086,9 +1095,8 @@ class BatchEngine:
             # Ended by an earlier output of this step: a batched replay that was the whole generation, a stuck grammar.
             if seq.status in (SequenceStatus.FINISHED, SequenceStatus.FAILED):
                 continue
-            draft = drafts.get(seq, [])
             try:
-                tokens = self._verify(seq, index, draft)
+                tokens = self._verify(seq, index, drafts.get(seq))
             except AiosError as exc:  # this sequence's grammar is stuck: fail it alone
                 self._fail([seq], exc)
                 continue
@@ -1211,40 +1219,45 @@ class BatchEngine:
             chunks[seq] = (take, ride)
         return chunks
 
-    def _drafts(self, active: list[Sequence]) -> dict[Sequence, list[int]]:
-        """Guesses to ride after each decoding sequence's next token this step, the same number for each: llama.cpp
-        gives every sequence of a multi-stream ubatch the same number of tokens, so a longer draft alone would cost a
-        pass over the weights of its own. None while a prompt is prefilling (it fills the step), when they would not
-        pay (speculation.draft_length), or when some sequence has nothing to guess from."""
+    def _drafts(self, active: list[Sequence]) -> dict[Sequence, Draft]:
+        """Guesses to ride after each decoding sequence's next token this step, as many for each: llama.cpp gives
+        every sequence of a multi-stream ubatch the same number of tokens (a longer draft alone would cost a pass
+        over the weights of its own), so a sequence with fewer guesses of its own, or none, carries weaker ones
+        (PromptLookup.fill) in rows the step pays for anyway. None while a prompt is prefilling (it fills the step)
+        or when guesses would not pay (speculation.draft_length) against the step without them."""
         if not self.config.draft_tokens or any(s.prefilling or s.replay for s in active):
             return {}
         decoding = [s for s in active if s.next_token is not None]
         if not decoding:
             return {}
-        limit = min(self.config.draft_tokens, min(self.config.draft_step_tokens, self.config.n_batch) // len(decoding) - 1)
-        rates = [s.draft_hit_rate for s in decoding]
-        length = draft_length(rates, limit, self.step_costs)
-        drafts = {seq: self._draft(seq, length) for seq in decoding} if length else {}
-        if drafts and all(drafts.values()):
-            # The shortest guess sets the length; that shorter step must pay on its own.
-            length = draft_length(rates, min(len(draft) for draft in drafts.values()), self.step_costs)
-            if length:
-                return {seq: draft[:length] for seq, draft in drafts.items()}
-        for seq in decoding:  # no guesses this step: let refused ones try again in a while
-            seq.draft_hit_rate += DRAFT_RATE_RECOVERY * (1.0 - seq.draft_hit_rate)
-        return {}
+        limit = min(self.config.draft_tokens, min(self.config.draft_step_tokens, self.config.n_batch) // len(decoding) - 1,
+                    *(self.config.max_sequence_tokens - seq.n_past - 2 for seq in decoding))  # every guess has a cell
+        own = {seq: self._draft(seq, limit) for seq in decoding}
+        rows = len(decoding)
+        plain = self.step_costs.of(self._padded_size(rows, max(rows, self.config.slots), explore=False), 1)
+        length = draft_length([(seq.draft_hit_rate, len(own[seq])) for seq in decoding], limit, self.step_costs, plain)
+        if not length:
+            for seq in decoding:  # no guesses this step: let refused ones try again in a while
+                seq.draft_hit_rate += DRAFT_RATE_RECOVERY * (1.0 - seq.draft_hit_rate)
+            return {}
+        return {seq: Draft(self._lookup(seq).fill(own[seq], length), min(len(own[seq]), length)) for seq in decoding}
 
     def _draft(self, seq: Sequence, limit: int) -> list[int]:
         """Up to `limit` guesses at `seq`'s next tokens from its own context (its next token ends `generated`)."""
+        return self._lookup(seq).draft(min(limit,
+                                           seq.config.max_tokens - len(seq.generated) - 1,  # the last from logits
+                                           self.config.max_sequence_tokens - seq.n_past - 2))
+
+    @staticmethod
+    def _lookup(seq: Sequence) -> PromptLookup:
+        """`seq`'s index of its context's n-grams, up to its next token (built when it first drafts)."""
         if seq.lookup is None:
             seq.lookup = PromptLookup()
             seq.lookup.extend(seq.prompt)
         seq.lookup.extend(seq.generated[len(seq.lookup.tokens) - len(seq.prompt):])
-        return seq.lookup.draft(min(limit,
-                                    seq.config.max_tokens - len(seq.generated) - 1,  # the last one comes from logits
-                                    self.config.max_sequence_tokens - seq.n_past - 2))
+        return seq.lookup
 
-    def _verify(self, seq: Sequence, index: int, draft: list[int]) -> list[int]:
+    def _verify(self, seq: Sequence, index: int, draft: Draft | None) -> list[int]:
         """The tokens this step yields for `seq`: sampled from the logits at `index`, then from each draft position
         whose guess the model produced too. Each token is drawn exactly as without speculation (the same sampler,
         RNG and grammar, in order), so a guess is kept exactly when the model picks it (with a one-token draft,
@@ -1252,15 +1265,17 @@ class BatchEngine:
         gives, up to batch numerics (the guesses' KV is computed several tokens per step). The rejected guesses' KV
         cells are removed; the kept ones join n_past as their tokens are accepted (`_step`)."""
         tokens = [seq.sampler.sample(self.model.logits_view(self.ctx, index))]
-        while len(tokens) <= len(draft) and tokens[-1] == draft[len(tokens) - 1]:
+        guessed = draft.tokens if draft else []
+        while len(tokens) <= len(guessed) and tokens[-1] == guessed[len(tokens) - 1]:
             tokens.append(seq.sampler.sample(self.model.logits_view(self.ctx, index + len(tokens))))
         if draft:
             accepted = len(tokens) - 1
-            seq.draft_hit_rate += DRAFT_RATE_WEIGHT * (accepted / len(draft) - seq.draft_hit_rate)
-            self.stats.draft_tokens += len(draft)
+            if draft.own:  # its hit rate is its own guesses' (the fillers are counted as never kept)
+                seq.draft_hit_rate += DRAFT_RATE_WEIGHT * (min(accepted, draft.own) / draft.own - seq.draft_hit_rate)
+            self.stats.draft_tokens += len(guessed)
             self.stats.draft_tokens_accepted += accepted
             kept = seq.n_past + accepted  # cells: up to the next token's and the kept guesses'
-            if accepted < len(draft) and not (
+            if accepted < len(guessed) and not (
                 llama.llama_memory_seq_rm(self.memory, seq.slot, kept, -1)
                 and llama.llama_memory_seq_pos_max(self.memory, seq.slot) == kept - 1
             ):  # a memory that cannot drop its last cells (a recurrent model): never decode on a wrong context

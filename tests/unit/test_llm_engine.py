@@ -924,6 +924,40 @@ def test_speculative_decoding_yields_the_same_tokens_in_fewer_steps(model, sampl
     assert on.engine.stats.steps == off.engine.stats.steps - on.engine.stats.draft_tokens_accepted
 
 
+def test_a_sequence_without_guesses_of_its_own_rides_a_drafting_step_on_fillers(model, monkeypatch):
+    """llama.cpp gives every sequence of a multi-stream ubatch as many rows, so a step drafts for all or none: one
+    sequence without guesses of its own carries weaker ones (PromptLookup.fill) rather than stopping the others'.
+    Every drafting step gives both sequences the same number of rows, and both outputs are the plain run's."""
+    spy = DecodeSpy()
+    monkeypatch.setattr(llama, "llama_decode", spy)
+    own_guess = BatchEngine._draft
+    # A test double for the n-gram lookup of one sequence: "free" never finds a guess of its own.
+    monkeypatch.setattr(BatchEngine, "_draft",
+                        lambda engine, seq, limit: [] if seq.request_id == "free" else own_guess(engine, seq, limit))
+    sampling = SamplingConfig(max_tokens=30, ignore_eos=True)
+    outputs = {}
+    for drafts in (0, 2):
+        h = Harness(model, slots=2, resident=3, draft_tokens=drafts)
+        for sequences in (1, 2):  # a test double for the learnt costs: every step shape costs the same (a GPU)
+            for tokens_each in (1, 2, 3):
+                h.engine.step_costs.observe(sequences, tokens_each, 0.01)
+        try:
+            spy.batches.clear()
+            with h.engine._cond:  # admitted together: they decode together, every step
+                runs = [h.start("copy", sampling, prompt=COPY_PROMPT), h.start("free", sampling, prompt=PROMPT)]
+            outputs[drafts] = [[e.token_id for e in drain(events)] for _, events in runs]
+            stats = h.engine.stats
+            assert (stats.draft_tokens > 0) == (drafts > 0)
+        finally:
+            h.close()
+    per_seq = [[sum(1 for s, _ in rows if s == seq_id) for seq_id in sorted({s for s, _ in rows})]
+               for rows in spy.batches if all(logits for _, logits in rows)]  # decode steps (a prompt has one)
+    drafting = [rows for rows in per_seq if len(rows) == 2 and max(rows) > 1]  # both decoding (one ends first)
+    assert len(drafting) >= 5
+    assert all(rows[0] == rows[1] for rows in drafting), drafting
+    assert outputs[2] == outputs[0]
+
+
 def test_a_generation_preempted_while_drafting_keeps_no_guessed_cells_and_resumes_whole(model):
     """A snapshot taken between speculative steps holds exactly the sequence's n_past cells (a leftover guess would
     make the restore fail its pos_max check), and the resumed generation ends with all its tokens."""
