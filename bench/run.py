@@ -346,10 +346,10 @@ async def _agents(address: str, token: str | None, calls: list[list[Call]]) -> l
         return await asyncio.gather(*(agent_loop(agent, c) for agent, c in zip(agents, calls)))
 
 
-def engine_profile(before: Any, after: Any) -> dict[str, float]:
+def engine_profile(before: Any, after: Any) -> dict[str, Any]:
     """Where the LLM core's engine thread spent a run (from its own counters): llama_decode, sampling, scheduling
     (admission, batch building, bookkeeping), copying KV state (snapshots, prefix copies) and waiting for work; and
-    how full its decode steps were."""
+    how full its decode steps were; and the step costs the core learnt (by shape, at the end)."""
     times = {name: getattr(after, name) - getattr(before, name) for name in ENGINE_TIMES}
     total = sum(times.values()) or 1.0
     steps = after.steps - before.steps
@@ -358,7 +358,9 @@ def engine_profile(before: Any, after: Any) -> dict[str, float]:
             "draft_tokens": after.draft_tokens - before.draft_tokens,
             "draft_tokens_accepted": after.draft_tokens_accepted - before.draft_tokens_accepted,
             "padded_steps": after.padded_steps - before.padded_steps,
-            "bridged_steps": after.bridged_steps - before.bridged_steps}
+            "bridged_steps": after.bridged_steps - before.bridged_steps,
+            # what the core learnt its steps cost, by "<sequences>x<tokens each>" (plain: "<rows>x1")
+            "step_costs": {f"{c.sequences}x{c.tokens_each}": c.seconds for c in after.step_costs}}
 
 
 def profile_line(n: int, mode: str, row: dict[str, Any]) -> str:
@@ -370,6 +372,11 @@ def profile_line(n: int, mode: str, row: dict[str, Any]) -> str:
             f"{profile['kv_copy_share']:.0%}, idle {profile['idle_share']:.0%}; {profile['steps']} steps, "
             f"{profile['decoding_per_step']:.1f} sequences decoding per step, {profile['padded_steps']} padded, "
             f"{profile['bridged_steps']} bridged")
+    plain = {int(shape.split("x")[0]): seconds for shape, seconds in profile.get("step_costs", {}).items()
+             if shape.endswith("x1")}
+    if plain:  # beside llama.cpp alone's probes: what the same shapes cost inside the LLM core
+        line += "; its own step costs after the run, ms by rows: " + ", ".join(
+            f"{rows}: {1000 * seconds:.0f}" for rows, seconds in sorted(plain.items()))
     if cpu:
         model = cpu.pop("llm_core", 0.0)
         line += (f"; CPU over the run's {row['wall_s']:.1f} s: llm_core {model:.1f} s, "

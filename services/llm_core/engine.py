@@ -558,7 +558,8 @@ class BatchEngine:
         seq.restore = snapshot
         return seq
 
-    def status(self) -> dict[str, int | float]:
+    def status(self) -> dict[str, Any]:
+        """InfoResponse's fields this engine knows (step_costs: StepCosts.table())."""
         with self._cond:
             return {
                 "slots": self.config.slots,
@@ -585,6 +586,7 @@ class BatchEngine:
                 "bridged_steps": self.stats.bridged_steps,
                 "prefix_ram_entries": len(self.host_prefixes),
                 "prefix_ram_bytes": self.host_prefixes.used_bytes,
+                "step_costs": self.step_costs.table(),
             }
 
     def start(self) -> None:

@@ -102,6 +102,9 @@ class TokenChunks:
 def core_info(core: LLMCore) -> llm_core_pb2.InfoResponse:
     """What the core reports of itself without asking Redis (Info adds that); from any thread."""
     engine, store = core.engine, core.snapshots
+    status = engine.status()
+    costs = [llm_core_pb2.StepCost(sequences=sequences, tokens_each=each, seconds=seconds)
+             for sequences, each, seconds in status.pop("step_costs")]
     return llm_core_pb2.InfoResponse(
         model_path=str(core.model.path),
         model_description=core.model.description,
@@ -109,7 +112,8 @@ def core_info(core: LLMCore) -> llm_core_pb2.InfoResponse:
         max_sequence_tokens=engine.config.max_sequence_tokens,
         snapshots_saved=store.saved,
         snapshot_bytes_saved=store.saved_bytes,
-        **engine.status(),
+        step_costs=costs,
+        **status,
     )
 
 

@@ -85,6 +85,10 @@ class StepCosts:
     def of(self, sequences: int, tokens_each: int) -> float | None:
         return self.seconds.get((sequences, tokens_each))
 
+    def table(self) -> list[tuple[int, int, float]]:
+        """(sequences, tokens each, seconds) of every shape measured, in order; from any thread (one C-level copy)."""
+        return sorted((sequences, each, seconds) for (sequences, each), seconds in list(self.seconds.items()))
+
     def estimate(self, sequences: int, tokens_each: int) -> float | None:
         """The learnt cost of this shape, or before it is measured what a plain step of as many rows costs: measured,
         interpolated between the plain sizes measured, or past the biggest one per row at ROW_DISCOUNT of its cost

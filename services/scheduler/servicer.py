@@ -43,7 +43,7 @@ ALIKE_ON_EVERY_SHARD = {"lru_k", "quota_bytes_per_agent", "hit_ratio"}
 
 def added_up(replies: list[Message | None], alike: set[str]) -> Message | None:
     """The counters of several replicas' replies of one kind summed into one (None if none answered); true only if
-    true on every one."""
+    true on every one; lists (each replica's own) left out when there are several."""
     replies = [reply for reply in replies if reply is not None]
     if not replies:
         return None
@@ -51,7 +51,9 @@ def added_up(replies: list[Message | None], alike: set[str]) -> Message | None:
     total.CopyFrom(replies[0])
     for reply in replies[1:]:
         for field in reply.DESCRIPTOR.fields:
-            if field.type == field.TYPE_BOOL:
+            if field.is_repeated:  # one replica's own (an LLM core's step costs): not a sum
+                total.ClearField(field.name)
+            elif field.type == field.TYPE_BOOL:
                 setattr(total, field.name, getattr(total, field.name) and getattr(reply, field.name))
             elif field.name not in alike:
                 setattr(total, field.name, getattr(total, field.name) + getattr(reply, field.name))

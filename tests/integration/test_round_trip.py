@@ -75,6 +75,15 @@ def test_status_reports_every_service_healthy(kernel):
     assert {q.policy for q in status.queues} == {"fifo"} and status.llm.slots == 4
 
 
+def test_status_reports_what_the_cores_decode_steps_cost(agent, kernel):
+    """The step costs the LLM core learnt (padding and drafts choose by them; `make bench` prints them beside
+    llama.cpp alone's): a one-sequence plain step at least, once a generation decoded a few tokens."""
+    agent.complete("Count: 1, 2, 3,", max_tokens=4)
+    costs = {(c.sequences, c.tokens_each): c.seconds for c in kernel.status().llm.step_costs}
+    assert costs.get((1, 1), 0) > 0
+    assert all(sequences >= 1 and each >= 1 and 0 < seconds < 60 for (sequences, each), seconds in costs.items())
+
+
 def test_services_answer_standard_health_and_reflection(cluster):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
