@@ -5,7 +5,8 @@ Systems, on the same workload (bench/workload.py, ReAct-shaped agent loops):
   this process (the paper's "without AIOS"), memory and tool work done inline;
 - llama-server: llama.cpp's own server (`--parallel` = AIOS's slots, the same
   context per sequence), built from the llama.cpp that llama-cpp-python vendors
-  (bench/peer.py), one client thread per agent, run right after AIOS at each N;
+  (bench/peer.py), one client thread per agent, run beside AIOS at each N (right
+  after it, and in every second pair of repeated runs right before it);
 - AIOS with the fifo policy at every N, rr and fair at BENCH_POLICY_NS: a real
   cluster (`aios up`'s processes, Redis, the model), every agent a coroutine
   on the asyncio SDK (the synchronous SDK's blocked calls poll: see run_aios);
@@ -47,9 +48,11 @@ BENCH_SCALE_NS (250,500,1000,2000: agents arriving at once in the scale part, be
 (500,1000,2000: agents each making one syscall a second, p50/p99),
 BENCH_PEER (1; 0 skips llama-server and its build), BENCH_SEQ_AGENTS (the
 sequential baseline runs that many agents' calls; one-at-a-time throughput does
-not depend on N), BENCH_REPEATS (1: runs per N, each AIOS run paired with a peer
-run right after it; the table shows the median run, the ratio is the median of
-the paired ratios, the JSON every run and their spread), BENCH_QUICK (1: a
+not depend on N), BENCH_REPEATS (2: runs per N of the first mode, whose runs set
+the floors against the peer and the bound; each AIOS run paired with a peer run, the peer after AIOS in the first
+pair, before it in the second (so that a drift of the machine's speed over the four runs weighs on both alike); the
+table shows the median run, the ratio is the median of the paired ratios, the JSON every run and their spread),
+BENCH_MODE_REPEATS (1: the same for the other modes), BENCH_QUICK (1: a
 few-minute subset, see QUICK; explicit knobs still win).
 """
 
@@ -636,13 +639,23 @@ def race(contender: "Contender", mode: str, n: int, plans: list[list[list[Call]]
          probe: Callable[[], dict[str, float]] | None
          ) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
     """`contender`'s AIOS on each plan (repeats: each its own plan of the same shape, since a repeat of the same prompts
-    would find them cached by the one before), each run followed by its llama-server on the same plan if it has one,
-    and with `probe` the raw step costs measured right before and right after each AIOS run (in the run's
+    would find them cached by the one before), each run paired with a run of its llama-server on the same plan if it
+    has one, and with `probe` the raw step costs measured right before and right after each AIOS run (in the run's
     "probed_step_seconds").
+    The peer goes first in every second pair (AB BA: a drift of the machine's speed over the runs weighs on both).
     Returns the median AIOS run, with the median of the paired ratios; the median peer run; and every AIOS run."""
     runs: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
+
+    def peer_run(calls: list[list[Call]]) -> None:
+        say(f"llama-server, {n} agents ...")
+        peers.append(run_peer(contender.server, calls))
+        say(f"  {peers[-1]['tok_per_s']:.1f} tok/s")
+
     for trial, calls in enumerate(plans):
+        peer_first = contender.server is not None and trial % 2 == 1
+        if peer_first:
+            peer_run(calls)
         say(f"AIOS {mode}, {n} agents{f' (run {trial + 1} of {len(plans)})' if len(plans) > 1 else ''} ...")
         before = probe() if probe else {}
         runs.append(run_aios(contender.kernel, calls, contender.cluster.pids()))
@@ -651,11 +664,10 @@ def race(contender: "Contender", mode: str, n: int, plans: list[list[list[Call]]
         say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
             f"jain {runs[-1]['jain_fairness']:.2f}"
             + (f"; llama.cpp alone decodes {slots_line(runs[-1]['probed_step_seconds'])}" if probe else ""))
-        if contender.server is not None:  # interleaved: the peer right after AIOS, on the same plan
-            say(f"llama-server, {n} agents ...")
-            peers.append(run_peer(contender.server, calls))
-            say(f"  {peers[-1]['tok_per_s']:.1f} tok/s; AIOS {mode} is "
-                f"{runs[-1]['tok_per_s'] / peers[-1]['tok_per_s']:.2f}x llama-server")
+        if contender.server is not None and not peer_first:  # interleaved: the peer right after AIOS, on the same plan
+            peer_run(calls)
+        if contender.server is not None:
+            say(f"  AIOS {mode} is {runs[-1]['tok_per_s'] / peers[-1]['tok_per_s']:.2f}x llama-server")
     row = median_run(runs, "tok_per_s")
     if not peers:
         return row, None, runs
@@ -721,7 +733,8 @@ class Contender:
 
 
 def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: list[str], seq_cap: int,
-                  policy_ns: list[int], peer: bool, repeats: int = 1, draft_ns: list[int] = ()) -> None:
+                  policy_ns: list[int], peer: bool, repeats: int = 1, draft_ns: list[int] = (),
+                  mode_repeats: int = 1) -> None:
     """Sequential, then AIOS fifo interleaved with llama-server per agent count, the other policies at
     `policy_ns`, speculative AIOS against speculative llama-server at `draft_ns`, then the snapshot
     microbenchmark; fills `result`."""
@@ -773,7 +786,8 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
         contender = Contender(policy, slots, DRAFT_TOKENS if drafting else 0, binary if peer_key else None)
         try:
             for n in mode_ns:
-                calls = [plans[n]] + [plan(n, rounds, SEED + trial, f"n{n}") for trial in range(1, repeats)]
+                runs_here = repeats if number == 0 else mode_repeats
+                calls = [plans[n]] + [plan(n, rounds, SEED + trial, f"n{n}") for trial in range(1, runs_here)]
                 # The first mode's runs are probed (one agent's steps are single-sequence ones: the probes of the
                 # others cover them).
                 probing = probe_costs if number == 0 and n > 1 else None
@@ -863,7 +877,7 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
 
 # BENCH_QUICK=1: a few-minute subset (AIOS fifo and llama-server at 1 and 16 agents, one round), for a first look.
 QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,fifo+draft",
-         "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1"}
+         "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1"}
 # The defaults keep the whole `make bench` under 15 minutes on a 2-core EPYC: one round per agent (BENCH_ROUNDS=3 is
 # the issue's full ReAct loop, where conversations grow across rounds), rr beside fifo at 32 agents (add fair with
 # BENCH_MODES=fifo,rr,fair,fifo+draft), speculative decoding at 16 agents (BENCH_DRAFT_NS=1,16 adds one agent
@@ -872,7 +886,8 @@ QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_M
 # standby adds them). The scale part releases up to the paper's 2,000 agents at once (~7 s of the ~70 s part).
 DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery,scale,cores,observability", "BENCH_NS": "1,16,32,64",
             "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,rr,fifo+draft", "BENCH_POLICY_NS": "32",
-            "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1", "BENCH_RECOVERY_MODES": "standby",
+            "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "2", "BENCH_MODE_REPEATS": "1",
+            "BENCH_RECOVERY_MODES": "standby",
             "BENCH_SCALE_NS": "250,500,1000,2000", "BENCH_SCALE_PACED": "500,1000,2000"}
 
 
@@ -893,14 +908,14 @@ def main() -> int:
     if set(recovery_modes) - set(RECOVERY_MODES):  # before anything runs, not after the other parts
         raise SystemExit(f"BENCH_RECOVERY_MODES takes {','.join(RECOVERY_MODES)}; got {','.join(recovery_modes)}")
     seq_cap = int(knob("BENCH_SEQ_AGENTS"))
-    repeats = int(knob("BENCH_REPEATS"))
+    repeats, mode_repeats = int(knob("BENCH_REPEATS")), int(knob("BENCH_MODE_REPEATS"))
     peer = os.environ.get("BENCH_PEER", "1") != "0"
     began = time.monotonic()
     result: dict[str, Any] = {
         "config": {"parts": parts, "agents": ns, "rounds": rounds, "modes": modes, "slots": ClusterConfig.slots,
                    "slice_tokens": 32, "sequential_agents_cap": seq_cap, "cpus": os.cpu_count(),
                    "cpu": cpu_model(), "policy_agents": policy_ns, "draft_agents": draft_ns, "draft_tokens": DRAFT_TOKENS,
-                   "repeats": repeats, "peer": "llama-server" if peer else None,
+                   "repeats": repeats, "mode_repeats": mode_repeats, "peer": "llama-server" if peer else None,
                    "llama_cpp_python": version("llama_cpp_python"), "python": sys.version.split()[0],
                    "command": " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("BENCH_"))
                               + " make bench"},
@@ -915,7 +930,8 @@ def main() -> int:
     # Each part in order: the key of its result, and what runs it. How long each took goes in the JSON (part_s), so
     # that whoever trims `make bench` sees where its minutes go.
     runners: dict[str, tuple[str, Callable[[], Any]]] = {
-        "llm": ("", lambda: run_llm_bench(result, ns, rounds, modes, seq_cap, policy_ns, peer, repeats, draft_ns)),
+        "llm": ("", lambda: run_llm_bench(result, ns, rounds, modes, seq_cap, policy_ns, peer, repeats, draft_ns,
+                                                      mode_repeats)),
         "fairness": ("fairness", lambda: run_fairness_bench(say)),
         "memory": ("memory", lambda: run_memory_bench(say)),
         "storage": ("storage_tools", lambda: run_storage_tools_bench(say)),

@@ -65,3 +65,30 @@ def test_the_bound_prefills_what_no_earlier_prompt_began_with_earlier_plans_incl
     assert fresh_prompt_tokens(WordTokenizer(), now) == 9 + 1  # all of the first, "two" of the second
     before = plan(f"{system} warm up")  # the same server ran it earlier: the system prompt is not fresh any more
     assert fresh_prompt_tokens(WordTokenizer(), now, [before]) == 2 + 1  # "task one", then "two"
+
+
+def test_repeated_runs_pair_aios_with_the_peer_in_ab_ba_order(monkeypatch) -> None:
+    """race's order and pairing; test doubles stand in for the two runners (an AIOS cluster and llama-server), whose
+    real runs `make bench` does: AIOS then the peer, then the peer then AIOS, each ratio from the same plan."""
+    import types
+
+    import bench.run as bench_run
+
+    order: list[tuple[str, int]] = []
+    speeds = {"aios": [150.0, 120.0, 160.0], "peer": [100.0, 80.0, 90.0]}
+
+    def runner(who: str):
+        def run(_target: object, calls: list[list[Call]], *_: object) -> dict[str, float]:
+            trial = sum(1 for w, _ in order if w == who)
+            order.append((who, len(calls)))
+            return {"tok_per_s": speeds[who][trial], "preemptions": 0, "jain_fairness": 1.0}
+        return run
+
+    monkeypatch.setattr(bench_run, "run_aios", runner("aios"))
+    monkeypatch.setattr(bench_run, "run_peer", runner("peer"))
+    contender = types.SimpleNamespace(kernel=None, server=object(), cluster=types.SimpleNamespace(pids=dict))
+    plans = [agents((1,)), agents((1,), (1,)), agents((1,), (1,), (1,))]  # their sizes tell the plans apart
+    row, peer, runs = bench_run.race(contender, "fifo", 3, plans, None)
+    assert order == [("aios", 1), ("peer", 1), ("peer", 2), ("aios", 2), ("aios", 3), ("peer", 3)]
+    assert row["ratio_vs_peer_runs"] == [1.5, 1.5, 160 / 90]
+    assert row["tok_per_s"] == 150.0 and peer["tok_per_s"] == 90.0  # the median runs
