@@ -48,11 +48,11 @@ BENCH_SCALE_NS (250,500,1000,2000: agents arriving at once in the scale part, be
 (500,1000,2000: agents each making one syscall a second, p50/p99),
 BENCH_PEER (1; 0 skips llama-server and its build), BENCH_SEQ_AGENTS (the
 sequential baseline runs that many agents' calls; one-at-a-time throughput does
-not depend on N), BENCH_REPEATS (2: runs per N of the first mode, whose runs set
-the floors against the peer and the bound; each AIOS run paired with a peer run, the peer after AIOS in the first
-pair, before it in the second (so that a drift of the machine's speed over the four runs weighs on both alike); the
-table shows the median run, the ratio is the median of the paired ratios, the JSON every run and their spread),
-BENCH_MODE_REPEATS (1: the same for the other modes), BENCH_QUICK (1: a
+not depend on N), BENCH_REPEATS (1: runs per N of the first mode, whose runs set
+the floors against the peer and the bound; each AIOS run paired with a peer run, the peer after AIOS in odd pairs,
+before it in even ones (so that a drift of the machine's speed over the runs weighs on both alike); the table
+shows the median run, the ratio is the median of the paired ratios, the JSON every run and their spread; 2 adds
+~3-5 minutes on a 2-core EPYC), BENCH_MODE_REPEATS (1: the same for the other modes), BENCH_QUICK (1: a
 few-minute subset, see QUICK; explicit knobs still win).
 """
 
@@ -877,7 +877,7 @@ def floor_checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
 
 # BENCH_QUICK=1: a few-minute subset (AIOS fifo and llama-server at 1 and 16 agents, one round), for a first look.
 QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,fifo+draft",
-         "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1"}
+         "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1"}
 # The defaults keep the whole `make bench` under 15 minutes on a 2-core EPYC: one round per agent (BENCH_ROUNDS=3 is
 # the issue's full ReAct loop, where conversations grow across rounds), rr beside fifo at 32 agents (add fair with
 # BENCH_MODES=fifo,rr,fair,fifo+draft), speculative decoding at 16 agents (BENCH_DRAFT_NS=1,16 adds one agent
@@ -886,7 +886,7 @@ QUICK = {"BENCH_PARTS": "llm", "BENCH_NS": "1,16", "BENCH_ROUNDS": "1", "BENCH_M
 # standby adds them). The scale part releases up to the paper's 2,000 agents at once (~7 s of the ~70 s part).
 DEFAULTS = {"BENCH_PARTS": "llm,fairness,memory,storage,gateway,recovery,scale,cores,observability", "BENCH_NS": "1,16,32,64",
             "BENCH_ROUNDS": "1", "BENCH_MODES": "fifo,rr,fifo+draft", "BENCH_POLICY_NS": "32",
-            "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "2", "BENCH_MODE_REPEATS": "1",
+            "BENCH_DRAFT_NS": "16", "BENCH_SEQ_AGENTS": "1", "BENCH_REPEATS": "1", "BENCH_MODE_REPEATS": "1",
             "BENCH_RECOVERY_MODES": "standby",
             "BENCH_SCALE_NS": "250,500,1000,2000", "BENCH_SCALE_PACED": "500,1000,2000"}
 
