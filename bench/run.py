@@ -362,8 +362,8 @@ def engine_profile(before: Any, after: Any) -> dict[str, Any]:
             "draft_tokens_accepted": after.draft_tokens_accepted - before.draft_tokens_accepted,
             "padded_steps": after.padded_steps - before.padded_steps,
             "bridged_steps": after.bridged_steps - before.bridged_steps,
-            # what the core learnt its steps cost, by "<sequences>x<tokens each>" (plain: "<rows>x1")
-            "step_costs": {f"{c.sequences}x{c.tokens_each}": c.seconds for c in after.step_costs}}
+            # what the core learnt its steps cost: [sequences, tokens each, seconds] (plain steps: tokens each 1)
+            "step_costs": [[c.sequences, c.tokens_each, c.seconds] for c in after.step_costs]}
 
 
 def profile_line(n: int, mode: str, row: dict[str, Any]) -> str:
@@ -375,8 +375,7 @@ def profile_line(n: int, mode: str, row: dict[str, Any]) -> str:
             f"{profile['kv_copy_share']:.0%}, idle {profile['idle_share']:.0%}; {profile['steps']} steps, "
             f"{profile['decoding_per_step']:.1f} sequences decoding per step, {profile['padded_steps']} padded, "
             f"{profile['bridged_steps']} bridged")
-    plain = {int(shape.split("x")[0]): seconds for shape, seconds in profile.get("step_costs", {}).items()
-             if shape.endswith("x1")}
+    plain = {rows: seconds for rows, each, seconds in profile.get("step_costs", []) if each == 1}
     if plain:  # beside llama.cpp alone's probes: what the same shapes cost inside the LLM core
         line += "; its own step costs after the run, ms by rows: " + ", ".join(
             f"{rows}: {1000 * seconds:.0f}" for rows, seconds in sorted(plain.items()))
@@ -664,9 +663,9 @@ def race(contender: "Contender", mode: str, n: int, plans: list[list[list[Call]]
         say(f"  {runs[-1]['tok_per_s']:.1f} tok/s, {runs[-1]['preemptions']} preemptions, "
             f"jain {runs[-1]['jain_fairness']:.2f}"
             + (f"; llama.cpp alone decodes {slots_line(runs[-1]['probed_step_seconds'])}" if probe else ""))
-        if contender.server is not None and not peer_first:  # interleaved: the peer right after AIOS, on the same plan
-            peer_run(calls)
         if contender.server is not None:
+            if not peer_first:  # interleaved: the peer right after AIOS, on the same plan
+                peer_run(calls)
             say(f"  AIOS {mode} is {runs[-1]['tok_per_s'] / peers[-1]['tok_per_s']:.2f}x llama-server")
     row = median_run(runs, "tok_per_s")
     if not peers:

@@ -1245,10 +1245,9 @@ class BatchEngine:
         return {seq: Draft(self._lookup(seq).fill(own[seq], length), min(len(own[seq]), length)) for seq in decoding}
 
     def _draft(self, seq: Sequence, limit: int) -> list[int]:
-        """Up to `limit` guesses at `seq`'s next tokens from its own context (its next token ends `generated`)."""
-        return self._lookup(seq).draft(min(limit,
-                                           seq.config.max_tokens - len(seq.generated) - 1,  # the last from logits
-                                           self.config.max_sequence_tokens - seq.n_past - 2))
+        """Up to `limit` guesses at `seq`'s next tokens from its own context (its next token ends `generated`); `limit`
+        keeps every guess within the stream's cells (_drafts)."""
+        return self._lookup(seq).draft(min(limit, seq.config.max_tokens - len(seq.generated) - 1))  # the last from logits
 
     @staticmethod
     def _lookup(seq: Sequence) -> PromptLookup:
