@@ -27,7 +27,9 @@ slots, started in the order they arrive), each step costing what
 the start and right before and right after each AIOS fifo run (each run's own
 probes are in the JSON; on a noisy VM they swing more than the runs). A batch drains as its calls end, and a step of
 8 sequences costs far more than half a step of 16, so this bound is below
-"every token at the full batch's rate", which the table prints beside it. Floors are same-run ratios, printed PASS/FAIL with the CPU.
+"every token at the full batch's rate", which the table prints beside it. Where a run's time went against its
+bound ("gap to the bound"): the LLM core's own tallies of the steps it ran (with prompt tokens, plain) priced at
+the same costs (gap_to_bound). Floors are same-run ratios, printed PASS/FAIL with the CPU.
 Plus a snapshot microbenchmark (save/restore time and size against context
 length), fair share with one heavy and many light agents (bench/fairness.py),
 the memory paging benchmark (bench/memory.py), storage throughput, tool-call
@@ -363,7 +365,19 @@ def engine_profile(before: Any, after: Any) -> dict[str, Any]:
             "padded_steps": after.padded_steps - before.padded_steps,
             "bridged_steps": after.bridged_steps - before.bridged_steps,
             # what the core learnt its steps cost: [sequences, tokens each, seconds] (plain steps: tokens each 1)
-            "step_costs": [[c.sequences, c.tokens_each, c.seconds] for c in after.step_costs]}
+            "step_costs": [[c.sequences, c.tokens_each, c.seconds] for c in after.step_costs],
+            # the steps it ran, [sequences decoding, steps, llama_decode seconds]: with prompt tokens, and plain
+            "prompt_steps": steps_between(before.prompt_steps, after.prompt_steps),
+            "plain_steps": steps_between(before.plain_steps, after.plain_steps)}
+
+
+def steps_between(before: Any, after: Any) -> list[list[float]]:
+    """The decode steps a core ran between two of its statuses' tallies (InfoResponse.prompt_steps or plain_steps):
+    [sequences decoding, steps, llama_decode seconds]."""
+    earlier = {t.sequences: (t.steps, t.seconds) for t in before}
+    ran = [[t.sequences, t.steps - earlier.get(t.sequences, (0, 0.0))[0],
+            t.seconds - earlier.get(t.sequences, (0, 0.0))[1]] for t in after]
+    return [tally for tally in ran if tally[1] > 0]
 
 
 def profile_line(n: int, mode: str, row: dict[str, Any]) -> str:
@@ -534,6 +548,8 @@ def table(result: dict[str, Any]) -> str:
                          + (f"; at the run's own probes {', '.join(f'{b:.1f}' for b in own)}" if own else "")
                          + f"; it prefills {r['bound_prefill_tokens']:.0f} prompt tokens (every reusable prefix "
                            f"reused), AIOS prefilled {r['prefill_tokens']}")
+            if "gap_to_bound" in r:
+                lines.append(gap_line(n, r["gap_to_bound"]))
     if "probes" in result:
         full = sorted(p[max(p, key=int)] for p in result["probes"]["step_seconds"])
         lines.append(f"the bound's step costs: the median of {len(full)} probes of llama.cpp alone in this part "
@@ -606,6 +622,45 @@ def workload_bound(fresh: int, calls: list[list[Call]], slots: int, prefill_rate
     costing `step_price`."""
     decode = sum(step_price(size, step_seconds) for size in decode_steps(calls, slots, longest_first))
     return sum(c.max_tokens for agent in calls for c in agent) / (fresh / prefill_rate + decode)
+
+
+def gap_to_bound(run: dict[str, Any], calls: list[list[Call]], slots: int, step_seconds: dict[str, float],
+                 fresh: int, prefill_rate: float) -> dict[str, float]:
+    """Where an AIOS run's wall time went against the bound's pricing of the same plan, in seconds, from the LLM
+    core's own tallies (run["engine"]): its steps that carried prompt tokens, against the bound's prefill plus their
+    decoding rows at llama.cpp alone's step costs (those steps also give each call its first token, a decode step
+    in the bound); its plain decode steps as they ran and at llama.cpp alone's costs for as many sequences decoding
+    (the difference: what padding and bridge rows, and the machine's drift between the run and the probes, added);
+    the bound's own decode steps (beside the two sums above: what a fuller or emptier batch changed); its steps with
+    guesses; the engine thread outside llama_decode (sampling, scheduling, KV copies); and the wall time beyond all
+    that (waiting for work: before the first step, between joins, after the last)."""
+    engine = run["engine"]
+
+    def spent(tally: list[list[float]]) -> float:
+        return sum(seconds for _, _, seconds in tally)
+
+    def priced(tally: list[list[float]]) -> float:
+        return sum(steps * step_price(sequences, step_seconds) for sequences, steps, _ in tally if sequences)
+
+    outside = engine["sample_seconds"] + engine["schedule_seconds"] + engine["kv_copy_seconds"]
+    bound_decode = sum(step_price(size, step_seconds) for size in decode_steps(calls, slots))
+    prompt, plain = engine["prompt_steps"], engine["plain_steps"]
+    return {"wall_s": run["wall_s"], "bound_s": fresh / prefill_rate + bound_decode,
+            "prompt_s": spent(prompt), "prefill_priced_s": fresh / prefill_rate, "prompt_rows_priced_s": priced(prompt),
+            "plain_s": spent(plain), "plain_priced_s": priced(plain), "bound_decode_s": bound_decode,
+            "guessing_s": engine["decode_seconds"] - spent(prompt) - spent(plain),
+            "outside_decode_s": outside, "beyond_engine_s": run["wall_s"] - engine["decode_seconds"] - outside}
+
+
+def gap_line(n: str, gap: dict[str, float]) -> str:
+    return (f"gap to the bound at {n} agents, s: wall {gap['wall_s']:.2f} against {gap['bound_s']:.2f}; steps with "
+            f"prompt tokens {gap['prompt_s']:.2f} (the bound's prefill {gap['prefill_priced_s']:.2f} + their decoding "
+            f"rows {gap['prompt_rows_priced_s']:.2f} at llama.cpp alone's costs); plain decode steps "
+            f"{gap['plain_s']:.2f} as they ran, {gap['plain_priced_s']:.2f} at llama.cpp alone's costs (the bound's "
+            f"steps {gap['bound_decode_s']:.2f})"
+            + (f"; steps with guesses {gap['guessing_s']:.2f}" if gap["guessing_s"] > 0.005 else "")
+            + f"; engine thread outside llama_decode {gap['outside_decode_s']:.2f}; beyond the engine thread's work "
+              f"{gap['beyond_engine_s']:.2f}")
 
 
 def step_price(sequences: int, step_seconds: dict[str, float]) -> float:
@@ -773,7 +828,8 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
         fresh = fresh_prompt_tokens(model, calls, served)
         rate = result["prefill_tok_per_s"]
         generated = sum(c.max_tokens for agent in calls for c in agent)
-        return {"bound_prefill_tokens": fresh,
+        return {"gap_to_bound": gap_to_bound(run, calls, slots, costs, fresh, rate),
+                "bound_prefill_tokens": fresh,
                 "bound_tok_per_s": workload_bound(fresh, calls, slots, rate, costs),
                 "bound_longest_first_tok_per_s": workload_bound(fresh, calls, slots, rate, costs, longest_first=True),
                 "bound_full_batch_tok_per_s": generated / (fresh / rate + generated * costs[str(slots)] / slots),
@@ -813,6 +869,7 @@ def run_llm_bench(result: dict[str, Any], ns: list[int], rounds: int, modes: lis
                 row[key] = statistics.median(r[key] for r in runs)
             row["probed_bounds_tok_per_s"] = [b for r in runs for b in r["probed_bounds_tok_per_s"]]
             row["ratio_vs_bound"] = statistics.median(r["tok_per_s"] / r["bound_tok_per_s"] for r in runs)
+            row["gap_to_bound"] = next(r["gap_to_bound"] for r in runs if r["tok_per_s"] == row["tok_per_s"])
             result["bound"][n] = row["bound_tok_per_s"]
         elif n in result["bound"]:
             row["ratio_vs_bound"] = row["tok_per_s"] / result["bound"][n]

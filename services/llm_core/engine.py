@@ -273,6 +273,21 @@ class EngineStats:
     draft_tokens_accepted: int = 0  # of them, those the model produced too: each saved a decode step
     padded_steps: int = 0  # decode steps given logits rows more, because that measured cheaper (_padded_size)
     bridged_steps: int = 0  # decode steps whose padding row bridged a seq_id left among decoding ones (_bridge_row)
+    # Decode steps that carried prompt tokens, and plain ones (decoding rows only, one token each), by sequences
+    # decoding in them: (steps, llama_decode seconds). Each entry is replaced in one store: read from any thread.
+    prompt_steps: dict[int, tuple[int, float]] = field(default_factory=dict)
+    plain_steps: dict[int, tuple[int, float]] = field(default_factory=dict)
+
+
+def count_step(tally: dict[int, tuple[int, float]], sequences: int, seconds: float) -> None:
+    """One more step of `sequences` decoding that took `seconds`, in an EngineStats tally."""
+    steps, total = tally.get(sequences, (0, 0.0))
+    tally[sequences] = (steps + 1, total + seconds)
+
+
+def tallies(tally: dict[int, tuple[int, float]]) -> list[tuple[int, int, float]]:
+    """An EngineStats tally as (sequences, steps, seconds) in order; from any thread (one C-level copy)."""
+    return sorted((sequences, steps, seconds) for sequences, (steps, seconds) in list(tally.items()))
 
 
 @dataclass(frozen=True)
@@ -587,6 +602,8 @@ class BatchEngine:
                 "prefix_ram_entries": len(self.host_prefixes),
                 "prefix_ram_bytes": self.host_prefixes.used_bytes,
                 "step_costs": self.step_costs.table(),
+                "prompt_steps": tallies(self.stats.prompt_steps),
+                "plain_steps": tallies(self.stats.plain_steps),
             }
 
     def start(self) -> None:
@@ -1084,11 +1101,15 @@ class BatchEngine:
             )
             log.error("llama_decode returned %d; batch of %d tokens; sequences: %s", rc, batch.n_tokens, state)
             raise RuntimeError(f"llama_decode returned {rc}")
-        if decoding and not chunks:  # decoding rows only (a padding row, guesses): what it cost, for padding and drafts
+        seconds = decoded - decode_started
+        if chunks:
+            count_step(self.stats.prompt_steps, decoding, seconds)
+        elif decoding:  # decoding rows only (a padding row, guesses): what it cost, for padding and drafts
             if drafts:
-                self.step_costs.observe(decoding, batch.n_tokens // decoding, decoded - decode_started)
+                self.step_costs.observe(decoding, batch.n_tokens // decoding, seconds)
             else:
-                self.step_costs.observe(logit_rows, 1, decoded - decode_started)
+                self.step_costs.observe(logit_rows, 1, seconds)
+                count_step(self.stats.plain_steps, decoding, seconds)
         self.stats.steps += 1
         self.stats.decode_rows += decoding
         for seq in active:

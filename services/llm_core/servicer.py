@@ -104,7 +104,9 @@ def core_info(core: LLMCore) -> llm_core_pb2.InfoResponse:
     engine, store = core.engine, core.snapshots
     status = engine.status()
     costs = [llm_core_pb2.StepCost(sequences=sequences, tokens_each=each, seconds=seconds)
-             for sequences, each, seconds in status.pop("step_costs")]
+             for sequences, each, seconds in status.pop("step_costs", ())]  # (none from the instant test double)
+    steps = {kind: [llm_core_pb2.StepTally(sequences=sequences, steps=count, seconds=seconds)
+                    for sequences, count, seconds in status.pop(kind, ())] for kind in ("prompt_steps", "plain_steps")}
     return llm_core_pb2.InfoResponse(
         model_path=str(core.model.path),
         model_description=core.model.description,
@@ -113,6 +115,7 @@ def core_info(core: LLMCore) -> llm_core_pb2.InfoResponse:
         snapshots_saved=store.saved,
         snapshot_bytes_saved=store.saved_bytes,
         step_costs=costs,
+        **steps,
         **status,
     )
 

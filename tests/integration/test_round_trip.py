@@ -77,11 +77,17 @@ def test_status_reports_every_service_healthy(kernel):
 
 def test_status_reports_what_the_cores_decode_steps_cost(agent, kernel):
     """The step costs the LLM core learnt (padding and drafts choose by them; `make bench` prints them beside
-    llama.cpp alone's): a one-sequence plain step at least, once a generation decoded a few tokens."""
+    llama.cpp alone's): a one-sequence plain step at least, once a generation decoded a few tokens; and the steps it
+    ran by kind (`make bench` prices them to show where a run's time went against its bound)."""
     agent.complete("Count: 1, 2, 3,", max_tokens=4)
-    costs = {(c.sequences, c.tokens_each): c.seconds for c in kernel.status().llm.step_costs}
+    llm = kernel.status().llm
+    costs = {(c.sequences, c.tokens_each): c.seconds for c in llm.step_costs}
     assert costs.get((1, 1), 0) > 0
     assert all(sequences >= 1 and each >= 1 and 0 < seconds < 60 for (sequences, each), seconds in costs.items())
+    # and the steps it ran: its prompt's, then plain ones of one sequence (at least the three after the first token)
+    prompt, plain = {t.sequences: t for t in llm.prompt_steps}, {t.sequences: t for t in llm.plain_steps}
+    assert prompt[0].steps >= 1 and 0 < prompt[0].seconds < llm.decode_seconds
+    assert plain[1].steps >= 3 and 0 < plain[1].seconds < llm.decode_seconds
 
 
 def test_services_answer_standard_health_and_reflection(cluster):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.run import decode_steps, fresh_prompt_tokens, step_price, workload_bound
+from bench.run import decode_steps, fresh_prompt_tokens, gap_to_bound, step_price, workload_bound
 from bench.workload import Call
 
 
@@ -46,6 +46,25 @@ def test_costs_proportional_to_sequences_give_the_full_batch_rate() -> None:
     per_token = 0.01
     costs = {"1": per_token, "16": 16 * per_token}
     assert workload_bound(0, plan, 16, 100.0, costs) == pytest.approx(1 / per_token)
+
+
+def test_the_gap_to_the_bound_prices_the_steps_the_core_ran_beside_the_bounds_own() -> None:
+    """A run's time against the bound: 3 calls of 2 tokens and one of 3 on 3 slots (the bound: two steps of 3
+    sequences, then the late call alone for 3); the core prefilled three prompts in one step (which gave each its first
+    token) and the late one beside 2 decoding, ran plain steps of 3 sequences 0.01 s dearer than llama.cpp alone's and
+    one of 1, and spent 0.02 s outside llama_decode."""
+    costs = {"1": 0.02, "2": 0.04, "3": 0.05}
+    engine = {"decode_seconds": 0.39, "prompt_steps": [[0, 1, 0.1], [2, 1, 0.08]],
+              "plain_steps": [[1, 2, 0.05], [3, 2, 0.16]],
+              "sample_seconds": 0.01, "schedule_seconds": 0.005, "kv_copy_seconds": 0.005}
+    gap = gap_to_bound({"wall_s": 0.45, "engine": engine}, agents((2,), (2,), (2,), (3,)), 3, costs, 30, 600.0)
+    assert gap["bound_decode_s"] == pytest.approx(2 * 0.05 + 3 * 0.02)
+    assert gap["bound_s"] == pytest.approx(30 / 600.0 + gap["bound_decode_s"])
+    assert gap["prompt_s"] == pytest.approx(0.18) and gap["prefill_priced_s"] == pytest.approx(0.05)
+    assert gap["prompt_rows_priced_s"] == pytest.approx(0.04)  # the 2 decoding beside the late prompt
+    assert gap["plain_s"] == pytest.approx(0.21) and gap["plain_priced_s"] == pytest.approx(2 * 0.02 + 2 * 0.05)
+    assert gap["guessing_s"] == pytest.approx(0.0)
+    assert gap["outside_decode_s"] == pytest.approx(0.02) and gap["beyond_engine_s"] == pytest.approx(0.04)
 
 
 class WordTokenizer:

@@ -693,6 +693,14 @@ def test_the_engine_accounts_for_its_time_and_how_full_its_batches_ran(model):
     assert sum(times) <= time.perf_counter() - started
     assert 2 * 11 <= status["decode_rows"] <= 2 * 12  # each sequence decodes max_tokens - 1 steps after prefill
     assert status["decode_rows"] <= 2 * status["steps"]
+    # every step either carried prompt tokens or was a plain one, tallied by sequences decoding; together their
+    # llama_decode time is decode_seconds (no guesses here)
+    prompt, plain = status["prompt_steps"], status["plain_steps"]
+    assert prompt and all(0 <= sequences <= 1 for sequences, _, _ in prompt)  # the other one's prompt beside it
+    assert plain and all(1 <= sequences <= 2 for sequences, _, _ in plain)
+    assert sum(steps for _, steps, _ in prompt + plain) == status["steps"]
+    assert sum(sequences * steps for sequences, steps, _ in prompt + plain) == status["decode_rows"]
+    assert sum(seconds for _, _, seconds in prompt + plain) == pytest.approx(status["decode_seconds"])
 
 
 def test_a_decode_steps_events_are_handed_over_together_once_the_step_is_done(model):
