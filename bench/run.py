@@ -375,9 +375,12 @@ def steps_between(before: Any, after: Any) -> list[list[float]]:
     """The decode steps a core ran between two of its statuses' tallies (InfoResponse.prompt_steps or plain_steps):
     [sequences decoding, steps, llama_decode seconds]."""
     earlier = {t.sequences: (t.steps, t.seconds) for t in before}
-    ran = [[t.sequences, t.steps - earlier.get(t.sequences, (0, 0.0))[0],
-            t.seconds - earlier.get(t.sequences, (0, 0.0))[1]] for t in after]
-    return [tally for tally in ran if tally[1] > 0]
+    ran = []
+    for t in after:
+        steps, seconds = earlier.get(t.sequences, (0, 0.0))
+        if t.steps > steps:
+            ran.append([t.sequences, t.steps - steps, t.seconds - seconds])
+    return ran
 
 
 def profile_line(n: int, mode: str, row: dict[str, Any]) -> str:
@@ -620,8 +623,14 @@ def workload_bound(fresh: int, calls: list[list[Call]], slots: int, prefill_rate
     """The most tok/s a server could get on this plan with this CPU's raw llama.cpp costs and no overhead of its own:
     prefill only the `fresh` prompt tokens, then decode step by step as `decode_steps` fills the batch, each step
     costing `step_price`."""
-    decode = sum(step_price(size, step_seconds) for size in decode_steps(calls, slots, longest_first))
+    decode = bound_decode_seconds(calls, slots, step_seconds, longest_first)
     return sum(c.max_tokens for agent in calls for c in agent) / (fresh / prefill_rate + decode)
+
+
+def bound_decode_seconds(calls: list[list[Call]], slots: int, step_seconds: dict[str, float],
+                         longest_first: bool = False) -> float:
+    """The bound's decode time for these calls: its steps (`decode_steps`), each at `step_price`."""
+    return sum(step_price(size, step_seconds) for size in decode_steps(calls, slots, longest_first))
 
 
 def gap_to_bound(run: dict[str, Any], calls: list[list[Call]], slots: int, step_seconds: dict[str, float],
@@ -643,7 +652,7 @@ def gap_to_bound(run: dict[str, Any], calls: list[list[Call]], slots: int, step_
         return sum(steps * step_price(sequences, step_seconds) for sequences, steps, _ in tally if sequences)
 
     outside = engine["sample_seconds"] + engine["schedule_seconds"] + engine["kv_copy_seconds"]
-    bound_decode = sum(step_price(size, step_seconds) for size in decode_steps(calls, slots))
+    bound_decode = bound_decode_seconds(calls, slots, step_seconds)
     prompt, plain = engine["prompt_steps"], engine["plain_steps"]
     return {"wall_s": run["wall_s"], "bound_s": fresh / prefill_rate + bound_decode,
             "prompt_s": spent(prompt), "prefill_priced_s": fresh / prefill_rate, "prompt_rows_priced_s": priced(prompt),
