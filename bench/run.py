@@ -22,8 +22,9 @@ no CPU or steal time measured after the stop: cause not found).
 The workload bound per N is what this CPU's raw llama.cpp costs allow a server
 with no overhead of its own: only the prefixes no earlier call began with
 prefilled, then every step decoding every call that is ready (up to the
-slots, started in the order they arrive), each step costing what
-`llama_decode` of that many sequences costs: the median of the probes taken at
+slots, started in the order they arrive), each step costing what a greedy
+step of that many sequences costs llama.cpp alone (`llama_decode`, then the
+argmax of each row's logits): the median of the probes taken at
 the start and right before and right after each AIOS fifo run (each run's own
 probes are in the JSON; on a noisy VM they swing more than the runs). A batch drains as its calls end, and a step of
 8 sequences costs far more than half a step of 16, so this bound is below
@@ -170,8 +171,11 @@ class SequentialRunner:
             if not write_sequence_state(self.ctx, seq, prefilled):
                 raise RuntimeError("llama.cpp refused to copy a sequence's state")
 
-    def step(self, sequences: int, token: int, pos: int) -> None:
-        """One decode step of sequences 0..n-1 together, one token each, logits for all."""
+    def step(self, sequences: int, token: int, pos: int) -> list[int]:
+        """One greedy decode step of sequences 0..n-1 together, `token` at `pos` in each: llama_decode, then each
+        sequence's next token, the argmax of its logits over the vocabulary (as the engine's greedy sampler picks it):
+        a decode step is not done before its tokens are known, and reading 262k logits a row costs ~1-2 ms a
+        16-sequence step here."""
         batch = self.batch
         batch.n_tokens = sequences
         for seq in range(sequences):
@@ -179,6 +183,7 @@ class SequentialRunner:
             batch.seq_id[seq][0] = seq
         if llama.llama_decode(self.ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
+        return [int(np.argmax(self.model.logits_view(self.ctx, seq))) for seq in range(sequences)]
 
     def generate(self, prompt: str, max_tokens: int) -> int:
         tokens = self.model.tokenize(prompt, add_bos=True, special=True)
@@ -200,9 +205,9 @@ class SequentialRunner:
 class DecodeProbe:
     """llama.cpp's own gain from batching on this CPU, with no kernel in the way, measurable again at any time.
 
-    What one greedy decode step costs with 1, 2, 3, ... `slots` sequences per `llama_decode` (1 is what
-    sequential gets; the engine's steps have as many as are decoding). AIOS's ratio vs sequential follows this
-    gain, plus the prefill that shared prefixes save; it differs a lot between CPUs. A step's cost is far from
+    What one greedy decode step (llama_decode and each sequence's next token, SequentialRunner.step) costs with 1, 2,
+    3, ... `slots` sequences (1 is what sequential gets; the engine's steps have as many as are decoding). AIOS's
+    ratio vs sequential follows this gain, plus the prefill that shared prefixes save; it differs a lot between CPUs. A step's cost is far from
     proportional to its sequences (on a 2-core EPYC: 21 ms for 1, 54 for 4, 120 for 16), which is why a batch
     that drains decodes slower per token; nor does it grow with them everywhere (there, 3 sequences cost more than
     4 and 15 more than 16: an odd number of rows of logits takes a slow path through the LM head), so every size is
@@ -665,10 +670,11 @@ def gap_line(n: str, gap: dict[str, float]) -> str:
     return (f"gap to the bound at {n} agents, s: wall {gap['wall_s']:.2f} against {gap['bound_s']:.2f}; steps with "
             f"prompt tokens {gap['prompt_s']:.2f} (the bound's prefill {gap['prefill_priced_s']:.2f} + their decoding "
             f"rows {gap['prompt_rows_priced_s']:.2f} at llama.cpp alone's costs); plain decode steps "
-            f"{gap['plain_s']:.2f} as they ran, {gap['plain_priced_s']:.2f} at llama.cpp alone's costs (the bound's "
-            f"steps {gap['bound_decode_s']:.2f})"
+            f"{gap['plain_s']:.2f} as they ran (llama_decode), {gap['plain_priced_s']:.2f} at llama.cpp alone's costs "
+            f"(llama_decode and the argmax of each row; the bound's steps {gap['bound_decode_s']:.2f})"
             + (f"; steps with guesses {gap['guessing_s']:.2f}" if gap["guessing_s"] > 0.005 else "")
-            + f"; engine thread outside llama_decode {gap['outside_decode_s']:.2f}; beyond the engine thread's work "
+            + f"; engine thread outside llama_decode (sampling, scheduling, KV copies) {gap['outside_decode_s']:.2f}; "
+              f"beyond the engine thread's work "
               f"{gap['beyond_engine_s']:.2f}")
 
 

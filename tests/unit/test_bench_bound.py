@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from bench.run import decode_steps, fresh_prompt_tokens, gap_to_bound, step_price, workload_bound
@@ -111,3 +112,25 @@ def test_repeated_runs_pair_aios_with_the_peer_in_ab_ba_order(monkeypatch) -> No
     assert order == [("aios", 1), ("peer", 1), ("peer", 2), ("aios", 2), ("aios", 3), ("peer", 3)]
     assert row["ratio_vs_peer_runs"] == [1.5, 1.5, 160 / 90]
     assert row["tok_per_s"] == 150.0 and peer["tok_per_s"] == 90.0  # the median runs
+
+
+def test_the_probes_decode_step_picks_each_sequences_greedy_token() -> None:
+    """The bound's step costs come from llama.cpp alone's greedy decode steps (DecodeProbe): a step is done when each
+    sequence's next token is known, so the probe's step picks them, and they are the greedy continuation."""
+    from bench.run import SequentialRunner
+    from services.llm_core.model import LlamaModel, default_model_path
+
+    model = LlamaModel(default_model_path())
+    prompt = "Question: Name three rivers in Europe and say where each one flows.\nAnswer:"
+    tokens = model.tokenize(prompt, add_bos=True, special=True)
+    alone, together = SequentialRunner(model, n_ctx=256), SequentialRunner(model, n_ctx=256, sequences=2)
+    try:
+        alone.prefill(tokens)
+        first = int(np.argmax(model.logits_view(alone.ctx, len(tokens) - 1)))
+        alone._decode([first], len(tokens))
+        second = int(np.argmax(model.logits_view(alone.ctx, 0)))
+        together.prefill_all(tokens, 2)
+        assert together.step(2, first, len(tokens)) == [second, second]
+    finally:
+        alone.close(), together.close()
+        model.close()
