@@ -146,6 +146,10 @@ class LlamaModel:
         """Zero-copy view of the logits of batch output `index` (valid until the next decode)."""
         return np.ctypeslib.as_array(llama.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
 
+    def logits_rows(self, ctx: llama.llama_context_p, index: int, rows: int) -> np.ndarray:
+        """Zero-copy view of `rows` output rows of logits from batch output `index`'s (valid until the next decode)."""
+        return np.ctypeslib.as_array(llama.llama_get_logits_ith(ctx, index), shape=(rows, self.n_vocab))
+
     def close(self) -> None:
         if self.model:
             llama.llama_model_free(self.model)

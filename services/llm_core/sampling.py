@@ -73,6 +73,12 @@ class TokenSampler:
         self.rng = np.random.Generator(np.random.PCG64(config.seed))
         self.constraint = constraint
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with no grammar: the token is the argmax of the logits, which the engine may take for many rows at
+        once (BatchEngine._argmax_rows) instead of calling `sample`."""
+        return self.config.temperature <= 0.0 and self.constraint is None
+
     def sample(self, logits: np.ndarray) -> int:
         token = self._draw(logits)
         constraint = self.constraint

@@ -926,6 +926,39 @@ def test_a_joining_prompts_last_token_waits_to_ride_in_the_decoding_rows_pass(mo
         h.close()
 
 
+def test_greedy_sequences_take_their_tokens_from_one_argmax_over_the_steps_rows(model, monkeypatch):
+    """The engine takes every greedy (grammar-free) sequence's token from one argmax over the step's rows of logits
+    (one NumPy call: one GIL release, not one per row); a sequence that samples or has a grammar still draws from its
+    own row. The tokens are the ones drawing row by row gives."""
+    from services.llm_core.sampling import TokenSampler
+
+    draws: dict[int, int] = {}  # id(sampler) -> calls of sample
+    real_sample = TokenSampler.sample
+
+    def counting(self: TokenSampler, logits):
+        draws[id(self)] = draws.get(id(self), 0) + 1
+        return real_sample(self, logits)
+
+    monkeypatch.setattr(TokenSampler, "sample", counting)
+    prompts = [PROMPT, AGENT_PROMPT, PROMPT + " Be brief."]
+
+    def run() -> tuple[list[list[int]], list[Sequence]]:
+        h = Harness(model, slots=4, resident=5)
+        try:
+            with h.engine._cond:  # admitted together: the same steps in both runs
+                started = [h.start(f"g{i}", GREEDY, prompt=p) for i, p in enumerate(prompts)]
+                started.append(h.start("sampled", SAMPLED))
+            return [h.tokens_until(events)[0] for _, events in started], [seq for seq, _ in started]
+        finally:
+            h.close()
+
+    at_once, seqs = run()
+    assert all(draws.get(id(seq.sampler), 0) == 0 for seq in seqs[:3])  # no row-by-row draw for greedy ones
+    assert draws[id(seqs[3].sampler)] == SAMPLED.max_tokens
+    monkeypatch.setattr(BatchEngine, "_argmax_rows", lambda self, outputs: {})  # every row drawn by its sampler
+    assert run()[0] == at_once
+
+
 def test_a_prefix_that_lost_its_seq_id_comes_back_from_ram_with_the_same_kv(model):
     """An agent's next call extends its last one. With one seq_id, another call takes it and the finished
     sequence's KV goes to host RAM; the next call restores it from there instead of prefilling it, and continues
