@@ -843,6 +843,30 @@ def test_a_seq_id_left_among_decoding_ones_is_bridged_until_a_joining_sequence_t
         h.close()
 
 
+def three_decode_then_one_joins(h: Harness, model: LlamaModel, after: int) -> Sequence:
+    """Sequences a, b and c (12 tokens each) start together; once a has `after` tokens, a fourth (8 tokens, a longer
+    prompt) joins them. Waits for all four to finish; returns a."""
+    joiner: list = []
+    events: queue.Queue[Event] = queue.Queue()
+
+    def emit_and_join(event: Event) -> None:
+        events.put(event)
+        if isinstance(event, TokenEvent) and event.completion_tokens == after and not joiner:
+            joiner.append(h.start("joining", SamplingConfig(max_tokens=8, ignore_eos=True),
+                                  prompt=PROMPT + " Then list three mountains in Asia and their heights."))
+
+    with h.engine._cond:
+        first = Sequence("a", "agent-a", model.tokenize(PROMPT, True, True), SamplingConfig(max_tokens=12,
+                         ignore_eos=True), emit_and_join)
+        h.engine.submit(first)
+        others = [h.start(name, SamplingConfig(max_tokens=12, ignore_eos=True)) for name in ("b", "c")]
+    assert h.tokens_until(events)[1].completion_tokens == 12
+    for _, other in others:
+        assert h.tokens_until(other)[1].completion_tokens == 12
+    assert h.tokens_until(joiner[0][1])[1].completion_tokens == 8
+    return first
+
+
 @pytest.mark.parametrize("pays", [True, False], ids=["even-measured-cheaper", "odd-measured-cheaper"])
 def test_a_joining_prompts_first_token_evens_out_the_logits_of_the_pass_it_shares(model, monkeypatch, pays):
     """Three sequences decode while a fourth joins: llama.cpp's first pass takes one row of each, so it computes three
@@ -853,25 +877,8 @@ def test_a_joining_prompts_first_token_evens_out_the_logits_of_the_pass_it_share
     try:
         h.engine.step_costs.observe(3, 1, 1.0 if pays else 0.001)
         h.engine.step_costs.observe(4, 1, 0.001 if pays else 1.0)
-        joiner: list = []
-
-        def emit_and_join(event: Event) -> None:  # the joining one arrives after the three decoded a token
-            events.put(event)
-            if isinstance(event, TokenEvent) and event.completion_tokens == 1 and not joiner:
-                joiner.append(h.start("joining", SamplingConfig(max_tokens=8, ignore_eos=True),
-                                      prompt=PROMPT + " Then list three mountains in Asia and their heights."))
-
         monkeypatch.setattr(llama, "llama_decode", spy)
-        events: queue.Queue[Event] = queue.Queue()
-        with h.engine._cond:
-            first = Sequence("a", "agent-a", model.tokenize(PROMPT, True, True), SamplingConfig(max_tokens=12,
-                             ignore_eos=True), emit_and_join)
-            h.engine.submit(first)
-            others = [h.start(name, SamplingConfig(max_tokens=12, ignore_eos=True)) for name in ("b", "c")]
-        assert h.tokens_until(events)[1].completion_tokens == 12
-        for _, other in others:
-            assert h.tokens_until(other)[1].completion_tokens == 12
-        assert h.tokens_until(joiner[0][1])[1].completion_tokens == 8
+        three_decode_then_one_joins(h, model, after=1)
         mixed = [rows for rows in spy.batches if len(rows) > len(set(s for s, _ in rows)) and len(set(s for s, _ in rows)) == 4]
         assert mixed, "the joining prompt never shared a step with three decoding sequences"
         for rows in mixed:
@@ -889,25 +896,8 @@ def test_a_joining_prompts_last_token_waits_to_ride_in_the_decoding_rows_pass(mo
     spy = DecodeSpy()
     h = Harness(model, slots=4, resident=5)
     try:
-        joiner: list = []
-
-        def emit_and_join(event: Event) -> None:  # the joining one arrives once the three decode
-            events.put(event)
-            if isinstance(event, TokenEvent) and event.completion_tokens == 2 and not joiner:
-                joiner.append(h.start("joining", SamplingConfig(max_tokens=8, ignore_eos=True),
-                                      prompt=PROMPT + " Then list three mountains in Asia and their heights."))
-
         monkeypatch.setattr(llama, "llama_decode", spy)
-        events: queue.Queue[Event] = queue.Queue()
-        with h.engine._cond:
-            first = Sequence("a", "agent-a", model.tokenize(PROMPT, True, True), SamplingConfig(max_tokens=12,
-                             ignore_eos=True), emit_and_join)
-            h.engine.submit(first)
-            others = [h.start(name, SamplingConfig(max_tokens=12, ignore_eos=True)) for name in ("b", "c")]
-        assert h.tokens_until(events)[1].completion_tokens == 12
-        for _, other in others:
-            assert h.tokens_until(other)[1].completion_tokens == 12
-        assert h.tokens_until(joiner[0][1])[1].completion_tokens == 8
+        first = three_decode_then_one_joins(h, model, after=2)
 
         together = spy.batches[0]  # a's, b's and c's prompts (too short to share as a prefix), nothing decoding
         for seq_id in (0, 1, 2):
