@@ -173,9 +173,9 @@ class SequentialRunner:
 
     def step(self, sequences: int, token: int, pos: int) -> list[int]:
         """One greedy decode step of sequences 0..n-1 together, `token` at `pos` in each: llama_decode, then each
-        sequence's next token, the argmax of its logits over the vocabulary (as the engine's greedy sampler picks it):
-        a decode step is not done before its tokens are known, and reading 262k logits a row costs ~1-2 ms a
-        16-sequence step here."""
+        sequence's next token, the argmax of its logits over the vocabulary, in one call over the rows (as the engine
+        takes greedy tokens, BatchEngine._argmax_rows): a decode step is not done before its tokens are known, and
+        reading 262k logits a row costs ~1-2 ms a 16-sequence step here."""
         batch = self.batch
         batch.n_tokens = sequences
         for seq in range(sequences):
@@ -183,7 +183,7 @@ class SequentialRunner:
             batch.seq_id[seq][0] = seq
         if llama.llama_decode(self.ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
-        return [int(np.argmax(self.model.logits_view(self.ctx, seq))) for seq in range(sequences)]
+        return self.model.logits_rows(self.ctx, 0, sequences).argmax(axis=1).tolist()
 
     def generate(self, prompt: str, max_tokens: int) -> int:
         tokens = self.model.tokenize(prompt, add_bos=True, special=True)
@@ -207,8 +207,8 @@ class DecodeProbe:
 
     What one greedy decode step (llama_decode and each sequence's next token, SequentialRunner.step) costs with 1, 2,
     3, ... `slots` sequences (1 is what sequential gets; the engine's steps have as many as are decoding). AIOS's
-    ratio vs sequential follows this gain, plus the prefill that shared prefixes save; it differs a lot between CPUs. A step's cost is far from
-    proportional to its sequences (on a 2-core EPYC: 21 ms for 1, 54 for 4, 120 for 16), which is why a batch
+    ratio vs sequential follows this gain, plus the prefill that shared prefixes save; it differs a lot between
+    CPUs. A step's cost is far from proportional to its sequences (on a 2-core EPYC: 21 ms for 1, 54 for 4, 120 for 16), which is why a batch
     that drains decodes slower per token; nor does it grow with them everywhere (there, 3 sequences cost more than
     4 and 15 more than 16: an odd number of rows of logits takes a slow path through the LM head), so every size is
     measured. The machine's speed drifts by 10-30% over a bench, so the workload bound pools every probe of the

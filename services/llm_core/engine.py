@@ -1302,7 +1302,8 @@ class BatchEngine:
         indices = [i for i in range(batch.n_tokens) if batch.logits[i]]
         first = ctypes.cast(llama.llama_get_logits_ith(self.ctx, indices[0]), ctypes.c_void_p).value
         last = ctypes.cast(llama.llama_get_logits_ith(self.ctx, indices[-1]), ctypes.c_void_p).value
-        if last - first != (len(indices) - 1) * self.model.n_vocab * 4:  # not one row each in batch order: row by row
+        row_bytes = self.model.n_vocab * ctypes.sizeof(ctypes.c_float)
+        if last - first != (len(indices) - 1) * row_bytes:  # not one row each in batch order: drawn row by row
             return {}
         rows = self.model.logits_rows(self.ctx, indices[0], len(indices))
         return dict(zip(indices, rows.argmax(axis=1).tolist()))

@@ -144,7 +144,7 @@ class LlamaModel:
 
     def logits_view(self, ctx: llama.llama_context_p, index: int) -> np.ndarray:
         """Zero-copy view of the logits of batch output `index` (valid until the next decode)."""
-        return np.ctypeslib.as_array(llama.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+        return self.logits_rows(ctx, index, 1)[0]
 
     def logits_rows(self, ctx: llama.llama_context_p, index: int, rows: int) -> np.ndarray:
         """Zero-copy view of `rows` output rows of logits from batch output `index`'s (valid until the next decode)."""
